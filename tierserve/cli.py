@@ -1,0 +1,204 @@
+"""The `tierserve` command: run a pool, talk to it, prepare the model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+
+from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate
+from tierserve.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
+from tierserve.render import print_token, summary_table, workers_table
+from tierserve.v1 import generate_pb2
+
+DEMO_PROMPT = "The capital of France is"
+
+
+def _load(path: str | None) -> TierserveConfig:
+    if path:
+        return load_config(Path(path))
+    return default_config(sorted(os.sched_getaffinity(0)))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_up(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.launcher import LaunchError, PoolLauncher, install_stop_signals
+
+    config = _load(args.config)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="tierserve-run-"))
+    if args.dry_run:
+        console.print(config_to_toml(config))
+        return 0
+    install_stop_signals()
+    launcher = PoolLauncher(config, run_dir, console)
+    try:
+        address = launcher.start()
+        console.print(workers_table(list(list_workers(address).workers)))
+        if args.demo:
+            console.print(f"\n[bold]demo request[/] to the router at {address}: {args.demo!r}")
+            _generate(console, address, generate_pb2.GenerateRequest(prompt=args.demo, max_new_tokens=32))
+        console.print(f"\n[green]serving[/] on {address} (run dir {run_dir}); press Ctrl-C to stop")
+        launcher.watch()
+    except KeyboardInterrupt:
+        console.print("stopping")
+    except LaunchError as error:
+        console.print(f"[red]error:[/] {error}")
+        return 1
+    finally:
+        launcher.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, console: Console) -> int:
+    from worker.server import serve_worker
+
+    asyncio.run(serve_worker(_load(args.config), args.name, Path(args.port_file) if args.port_file else None))
+    return 0
+
+
+def cmd_router(args: argparse.Namespace, console: Console) -> int:
+    from router.server import serve_router
+
+    asyncio.run(serve_router(_load(args.config), Path(args.port_file) if args.port_file else None))
+    return 0
+
+
+def _generate(console: Console, address: str, request: generate_pb2.GenerateRequest, plain: bool = False) -> None:
+    for response in stream_generate(address, request):
+        if response.HasField("token"):
+            if plain:
+                console.print(response.token.text, end="", soft_wrap=True, highlight=False, markup=False)
+            else:
+                print_token(console, response.token)
+        else:
+            text = response.summary.text
+            console.print(f"\n[bold]text:[/] {request.prompt}[green]{text}[/]", highlight=False)
+            console.print(summary_table(response.summary))
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    request = generate_pb2.GenerateRequest(
+        prompt=args.prompt,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+        tier=args.tier or "",
+    )
+    if args.max_new_tokens is not None:
+        request.max_new_tokens = args.max_new_tokens
+    if args.top_p is not None:
+        request.top_p = args.top_p
+    _generate(console, args.address, request, plain=args.plain)
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace, console: Console) -> int:
+    console.print(workers_table(list(list_workers(args.address).workers)))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, console: Console) -> int:
+    serving = is_serving(args.address, args.service)
+    console.print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
+    return 0 if serving else 1
+
+
+def cmd_model_prepare(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.modelprep import prepare_model
+
+    console.print(str(prepare_model(_load(args.config).model, console)))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, console: Console) -> int:
+    print(config_to_toml(_load(args.config)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="TOML config file (default: a pool that fits this machine)")
+        return p
+
+    up = with_config(commands.add_parser("up", help="start the router and the workers; Ctrl-C stops them"))
+    up.add_argument("--run-dir", help="where logs, port files and resolved configs go (default: a temp dir)")
+    up.add_argument("--demo", nargs="?", const=DEMO_PROMPT, help="send one demo request once serving")
+    up.add_argument("--dry-run", action="store_true", help="print the pool's config and exit")
+    up.set_defaults(run=cmd_up)
+
+    worker = with_config(commands.add_parser("worker", help="run one worker in the foreground"))
+    worker.add_argument("--name", required=True, help="the worker's name in the config")
+    worker.add_argument("--port-file", help="write the bound port here once listening")
+    worker.set_defaults(run=cmd_worker)
+
+    router = with_config(commands.add_parser("router", help="run the router in the foreground"))
+    router.add_argument("--port-file", help="write the bound port here once listening")
+    router.set_defaults(run=cmd_router)
+
+    generate = commands.add_parser("generate", help="stream a generation from the router")
+    generate.add_argument("prompt")
+    generate.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
+    generate.add_argument("--tier", help="pin a tier (fp32, bf16, ...)")
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--plain", action="store_true", help="print only the text as it streams")
+    generate.set_defaults(run=cmd_generate)
+
+    workers = commands.add_parser("workers", help="print the router's worker table")
+    workers.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
+    workers.set_defaults(run=cmd_workers)
+
+    health = commands.add_parser("health", help="exit 0 if a server reports SERVING (grpc.health.v1)")
+    health.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
+    health.add_argument("--service", default="", help="service name; empty = the whole server")
+    health.set_defaults(run=cmd_health)
+
+    model = commands.add_parser("model", help="manage the served model")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    prepare = with_config(model_commands.add_parser("prepare", help="convert the default model into the cache"))
+    prepare.set_defaults(run=cmd_model_prepare)
+
+    config = with_config(commands.add_parser("config", help="print the effective config as TOML"))
+    config.set_defaults(run=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    console = Console(stderr=args.command not in ("generate", "workers", "config", "model"))
+    try:
+        return int(args.run(args, console))
+    except ConfigError as error:
+        console.print(f"[red]config error:[/] {error}")
+        return 2
+    except grpc.RpcError as error:
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else str(error)
+        console.print(f"[red]error:[/] {code.name if code else 'RPC'}: {details}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

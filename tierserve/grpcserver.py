@@ -1,0 +1,106 @@
+"""The skeleton every tierserve server shares: grpc.aio, health, reflection, graceful stop.
+
+A server binds first (port 0 picks a free port, written to a port file so a
+launcher or test can find it), reports NOT_SERVING until its owner says it is
+ready, and on SIGTERM or SIGINT turns NOT_SERVING and stops with a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Explicit message limits: prompts are capped well below this by validation.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+STOP_GRACE_S = 5.0
+
+
+class ServerHandle:
+    """A started server and its health servicer; `mark_serving` flips every service to SERVING."""
+
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, services: list[str], port: int):
+        self.server = server
+        self.health = health
+        self.services = services
+        self.port = port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ["", *self.services]:
+            await self.health.set(service, status)
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write atomically, so a reader never sees a half-written port."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{port}\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+async def start_server(
+    host: str,
+    port: int,
+    register: Callable[[grpc.aio.Server], list[str]],
+    port_file: Path | None = None,
+) -> ServerHandle:
+    """Create, register, bind and start a server; `register` adds servicers and returns their full names."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    services = register(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not listen on {host}:{port} (address in use?)")
+    await server.start()
+    handle = ServerHandle(server, health, services, bound)
+    await handle.set_serving(False)
+    if port_file is not None:
+        write_port_file(port_file, bound)
+    log.info("listening on %s:%d", host, bound)
+    return handle
+
+
+async def serve_until_signalled(
+    handle: ServerHandle, on_stop: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully: NOT_SERVING first, so balancers drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server_done = asyncio.ensure_future(handle.server.wait_for_termination())
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping (grace %.0f s)", STOP_GRACE_S)
+    await handle.health.enter_graceful_shutdown()
+    if on_stop is not None:
+        await on_stop()
+    await handle.server.stop(STOP_GRACE_S)
+    stop_wait.cancel()
+    server_done.cancel()

@@ -1,0 +1,91 @@
+"""Run one worker process: pin, listen (NOT_SERVING), load and warm up the tier, then serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+
+from tierserve.config import TierserveConfig
+from tierserve.grpcserver import serve_until_signalled, start_server
+from tierserve.latency import LatencyWindow
+from tierserve.modelprep import prepare_model
+from tierserve.requests import GenerationParams, SamplingParams
+from tierserve.v1 import worker_pb2, worker_pb2_grpc
+from worker.engine import Engine
+from worker.pinning import pin_process
+from worker.service import WorkerServicer
+from worker.state import LoadReport, WorkerState
+from worker.tiers import make_tier
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = (
+    "The history of computing is a story of machines that grew smaller and faster every decade, "
+    "from rooms full of vacuum tubes to chips that fit in a pocket."
+)
+WARMUP_NEW_TOKENS = 16
+
+
+def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engine, LoadReport]:
+    """Load the tier, then run greedy and sampled generations so traced graphs are compiled
+    before the first client arrives; the last run's latencies are the worker's self-measurement."""
+    started = time.perf_counter()
+    model_dir = prepare_model(config.model, Console(stderr=True))
+    loaded = make_tier(state.config.tier).load(model_dir)
+    engine = Engine(loaded, config.limits.max_context_tokens)
+    load_ms = (time.perf_counter() - started) * 1e3
+    log.info("loaded %s tier from %s in %.0f ms (%s)", state.config.tier, model_dir, load_ms, loaded.kernel)
+
+    warm_started = time.perf_counter()
+    window = LatencyWindow()
+    for run in range(state.config.warmup_runs):
+        for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=1)):
+            params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, sampling, (), f"warmup-{run}")
+            outcome = engine.generate(engine.prepare(params), params, emit=lambda _: None)
+            if run == state.config.warmup_runs - 1:
+                window.record_first_token(outcome.ttft_us)
+                for latency in outcome.tpot_us:
+                    window.record_token(latency)
+    warmup_ms = (time.perf_counter() - warm_started) * 1e3
+    log.info("warmed up in %.0f ms: %s", warmup_ms, window.to_proto())
+    return engine, LoadReport(str(model_dir), load_ms, warmup_ms, window)
+
+
+async def serve_worker(config: TierserveConfig, name: str, port_file: Path | None = None) -> None:
+    worker_config = config.worker(name)
+    make_tier(worker_config.tier)  # an unknown tier fails here, before anything starts
+    pinning = pin_process(worker_config.cores)
+    for notice in pinning.notices:
+        log.warning("%s", notice)
+    state = WorkerState(
+        config=worker_config,
+        model=config.model,
+        pinning=pinning,
+        max_new_tokens_limit=config.limits.max_new_tokens,
+    )
+    # One thread runs the model: loading, warm-up, then every generation in turn.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+    servicer = WorkerServicer(state, config.limits, executor)
+
+    def register(server: object) -> list[str]:
+        worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+        return [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+
+    handle = await start_server(worker_config.host, worker_config.port, register, port_file)
+    loop = asyncio.get_running_loop()
+    try:
+        engine, report = await loop.run_in_executor(executor, load_and_warm_up, config, state)
+    except Exception:
+        log.exception("worker %s failed to load its model", name)
+        await handle.server.stop(0)
+        raise
+    state.ready(engine, report)
+    await handle.set_serving(True)
+    log.info("worker %s (%s) serving on port %d, cores %s", name, worker_config.tier, handle.port, pinning.cpus)
+    await serve_until_signalled(handle)
+    executor.shutdown(wait=False, cancel_futures=True)

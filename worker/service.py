@@ -1,0 +1,130 @@
+"""The Worker gRPC service: validate, queue for the model, stream tokens, end with a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from tierserve.config import LimitsConfig
+from tierserve.errors import TierserveError, status_for
+from tierserve.latency import percentile
+from tierserve.requests import validate_generate_request
+from tierserve.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from worker.engine import FinishReason, GenerationOutcome, TokenEvent
+from worker.state import WorkerState
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: generate_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
+    FinishReason.CONTEXT: generate_pb2.FINISH_REASON_CONTEXT,
+    FinishReason.CANCELLED: generate_pb2.FINISH_REASON_UNSPECIFIED,
+}
+
+
+def budget_met(request: generate_pb2.GenerateRequest, outcome: GenerationOutcome) -> bool:
+    ttft_ok = not request.max_first_token_latency_ms or outcome.ttft_us <= request.max_first_token_latency_ms * 1e3
+    tpot_ok = not request.max_token_latency_ms or outcome.tpot_mean_us() <= request.max_token_latency_ms * 1e3
+    return ttft_ok and tpot_ok
+
+
+def build_summary(
+    request: generate_pb2.GenerateRequest,
+    state: WorkerState,
+    outcome: GenerationOutcome,
+    queue_s: float,
+    total_s: float,
+) -> generate_pb2.Summary:
+    tpot = outcome.tpot_us
+    return generate_pb2.Summary(
+        request_id=request.request_id,
+        worker_id=state.config.name,
+        tier=state.config.tier,
+        prompt_tokens=outcome.prompt_tokens,
+        generated_tokens=outcome.generated_tokens,
+        queue_time_us=int(queue_s * 1e6),
+        ttft_us=outcome.ttft_us,
+        tpot_mean_us=int(statistics.fmean(tpot)) if tpot else 0,
+        tpot_p50_us=int(percentile(tpot, 0.5)),
+        tpot_p95_us=int(percentile(tpot, 0.95)),
+        budget_met=budget_met(request, outcome),
+        finish_reason=FINISH_REASONS[outcome.finish_reason],
+        routing_reason="sent directly to the worker",
+        seed=outcome.seed,
+        total_time_us=int(total_s * 1e6),
+        text=outcome.text,
+    )
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, state: WorkerState, limits: LimitsConfig, executor: ThreadPoolExecutor) -> None:
+        self._state = state
+        self._limits = limits
+        self._executor = executor
+
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        return self._state.describe()
+
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        arrival = time.perf_counter()
+        try:
+            params = validate_generate_request(request, self._limits)
+            engine = self._state.require_engine()
+            prompt = engine.prepare(params)
+        except TierserveError as error:
+            await context.abort(*status_for(error))
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(event: TokenEvent) -> None:  # called from the generation thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        async with self._state.model_slot() as queue_s:
+            if context.cancelled():
+                return
+            generation = loop.run_in_executor(self._executor, engine.generate, prompt, params, emit, cancel.is_set)
+            generation.add_done_callback(lambda _: events.put_nowait(None))
+            try:
+                while (event := await events.get()) is not None:
+                    self._record_live(event)
+                    yield generate_pb2.GenerateResponse(
+                        token=generate_pb2.Token(
+                            text=event.text, id=event.token_id, index=event.index, latency_us=event.latency_us
+                        )
+                    )
+                outcome = await generation
+            except Exception as error:
+                log.exception("generation failed for request %s", request.request_id)
+                await context.abort(*status_for(error))
+            finally:
+                # The client left or the stream failed: stop the model within one step, and keep the
+                # slot until it has, so the next request never shares the cores with this one.
+                cancel.set()
+                await asyncio.wait([generation])
+        yield generate_pb2.GenerateResponse(
+            summary=build_summary(request, self._state, outcome, queue_s, time.perf_counter() - arrival)
+        )
+
+    def _record_live(self, event: TokenEvent) -> None:
+        if event.index == 0:
+            self._state.live.record_first_token(event.latency_us)
+        else:
+            self._state.live.record_token(event.latency_us)

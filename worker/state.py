@@ -1,0 +1,101 @@
+"""What a running worker knows about itself: its engine once loaded, its pinning, its live figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import intel_extension_for_pytorch  # noqa: F401  # imported here so its version is reported
+import psutil
+import torch
+import transformers
+
+from tierserve.config import ModelConfig, WorkerConfig
+from tierserve.errors import NoWorkerAvailable
+from tierserve.latency import LatencyWindow
+from tierserve.v1 import worker_pb2
+from worker.engine import Engine
+from worker.pinning import Pinning
+
+
+@dataclass
+class LoadReport:
+    model_path: str
+    load_time_ms: float
+    warmup_time_ms: float
+    warmup_latency: LatencyWindow
+
+
+@dataclass
+class WorkerState:
+    config: WorkerConfig
+    model: ModelConfig
+    pinning: Pinning
+    max_new_tokens_limit: int
+    live: LatencyWindow = field(default_factory=LatencyWindow)
+    engine: Engine | None = None
+    load_report: LoadReport | None = None
+    in_flight: int = 0
+    queued: int = 0
+    notices: list[str] = field(default_factory=list)
+    # FIFO: the model serves one request at a time with all of the worker's cores.
+    _model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def ready(self, engine: Engine, report: LoadReport) -> None:
+        self.engine, self.load_report = engine, report
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise NoWorkerAvailable(f"worker {self.config.name} is still loading its model; retry shortly")
+        return self.engine
+
+    @contextlib.asynccontextmanager
+    async def model_slot(self) -> AsyncIterator[float]:
+        """Wait for the model; yields the time spent waiting, in seconds."""
+        started = time.perf_counter()
+        self.queued += 1
+        try:
+            await self._model_lock.acquire()
+        finally:
+            self.queued -= 1
+        self.in_flight += 1
+        try:
+            yield time.perf_counter() - started
+        finally:
+            self.in_flight -= 1
+            self._model_lock.release()
+
+    def describe(self) -> worker_pb2.WorkerInfo:
+        info = worker_pb2.WorkerInfo(
+            worker_id=self.config.name,
+            tier=self.config.tier,
+            model=self.model.name,
+            cores=self.pinning.cpus,
+            numa_node=-1,
+            threads=torch.get_num_threads(),
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            rss_mb=psutil.Process().memory_info().rss / 2**20,
+            live_latency=self.live.to_proto(),
+            in_flight=self.in_flight,
+            queued=self.queued,
+            notices=[*self.pinning.notices, *self.notices],
+            versions={
+                "torch": torch.__version__,
+                "intel-extension-for-pytorch": intel_extension_for_pytorch.__version__,
+                "transformers": transformers.__version__,
+            },
+        )
+        if self.engine is not None:
+            loaded = self.engine.loaded
+            info.backend, info.kernel = loaded.backend, loaded.kernel
+            info.dtype = str(loaded.dtype).removeprefix("torch.")
+            info.max_context_tokens = self.engine.context_tokens
+        if self.load_report is not None:
+            info.model_path = self.load_report.model_path
+            info.load_time_ms = self.load_report.load_time_ms
+            info.warmup_time_ms = self.load_report.warmup_time_ms
+            info.warmup_latency.CopyFrom(self.load_report.warmup_latency.to_proto())
+        return info

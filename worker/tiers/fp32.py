@@ -1,0 +1,18 @@
+"""Tier fp32: the full-precision IPEX model, the reference every accuracy card compares against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from worker.tiers.base import LoadedModel, Tier, register_tier
+from worker.tiers.ipex_common import ipex_optimize
+
+
+@register_tier
+class Fp32Tier(Tier):
+    name = "fp32"
+
+    def load(self, model_dir: Path) -> LoadedModel:
+        return ipex_optimize(model_dir, torch.float32)
