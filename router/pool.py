@@ -136,13 +136,19 @@ class WorkerPool:
         try:
             reply = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            worker.health = router_pb2.WORKER_HEALTH_SERVING if serving else router_pb2.WORKER_HEALTH_NOT_SERVING
+            worker.health = (
+                router_pb2.WORKER_HEALTH_SERVING if serving else router_pb2.WORKER_HEALTH_NOT_SERVING
+            )
             if serving and (not was_healthy or worker.info is None or worker._rounds % DESCRIBE_EVERY == 0):
-                worker.info = await worker.stub.Describe(worker_pb2.DescribeRequest(), timeout=HEALTH_TIMEOUT_S)
+                worker.info = await worker.stub.Describe(
+                    worker_pb2.DescribeRequest(), timeout=HEALTH_TIMEOUT_S
+                )
         except grpc.aio.AioRpcError as error:
             worker.health = router_pb2.WORKER_HEALTH_UNREACHABLE
             if was_healthy:
-                log.warning("worker %s at %s unreachable: %s", worker.worker_id, worker.address, error.details())
+                log.warning(
+                    "worker %s at %s unreachable: %s", worker.worker_id, worker.address, error.details()
+                )
         if worker.healthy != was_healthy:
             log.info("worker %s is now %s", worker.worker_id, router_pb2.WorkerHealth.Name(worker.health))
         worker._rounds += 1

@@ -19,7 +19,11 @@ from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 DEFAULT_WATCH_INTERVAL_MS = 1000
 MIN_WATCH_INTERVAL_MS = 100
 # Worker statuses caused by the request itself: relayed with the worker's message unchanged.
-CLIENT_FAULT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+CLIENT_FAULT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -85,7 +89,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[router_pb2.PoolStats]:
         interval_ms = request.interval_ms or DEFAULT_WATCH_INTERVAL_MS
         if interval_ms < MIN_WATCH_INTERVAL_MS:
-            error = InvalidRequest("interval_ms", f"must be at least {MIN_WATCH_INTERVAL_MS}, got {interval_ms}")
+            error = InvalidRequest(
+                "interval_ms", f"must be at least {MIN_WATCH_INTERVAL_MS}, got {interval_ms}"
+            )
             await context.abort(*status_for(error))
         while True:
             yield router_pb2.PoolStats(timestamp_us=int(time.time() * 1e6), workers=self._pool.snapshot())

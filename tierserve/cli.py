@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate
 from tierserve.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
-from tierserve.render import print_token, summary_table, workers_table
+from tierserve.render import kernels_table, print_token, summary_table, workers_table
 from tierserve.v1 import generate_pb2
 
 DEMO_PROMPT = "The capital of France is"
@@ -43,7 +43,7 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     launcher = PoolLauncher(config, run_dir, console)
     try:
         address = launcher.start()
-        console.print(workers_table(list(list_workers(address).workers)))
+        _print_workers(console, address)
         if args.demo:
             console.print(f"\n[bold]demo request[/] to the router at {address}: {args.demo!r}")
             _generate(console, address, generate_pb2.GenerateRequest(prompt=args.demo, max_new_tokens=32))
@@ -73,7 +73,9 @@ def cmd_router(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _generate(console: Console, address: str, request: generate_pb2.GenerateRequest, plain: bool = False) -> None:
+def _generate(
+    console: Console, address: str, request: generate_pb2.GenerateRequest, plain: bool = False
+) -> None:
     for response in stream_generate(address, request):
         if response.HasField("token"):
             if plain:
@@ -103,8 +105,14 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _print_workers(console: Console, address: str) -> None:
+    workers = list(list_workers(address).workers)
+    console.print(workers_table(workers))
+    console.print(kernels_table(workers))
+
+
 def cmd_workers(args: argparse.Namespace, console: Console) -> int:
-    console.print(workers_table(list(list_workers(args.address).workers)))
+    _print_workers(console, args.address)
     return 0
 
 
@@ -174,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="manage the served model")
     model_commands = model.add_subparsers(dest="model_command", required=True)
-    prepare = with_config(model_commands.add_parser("prepare", help="convert the default model into the cache"))
+    prepare = with_config(
+        model_commands.add_parser("prepare", help="convert the default model into the cache")
+    )
     prepare.set_defaults(run=cmd_model_prepare)
 
     config = with_config(commands.add_parser("config", help="print the effective config as TOML"))

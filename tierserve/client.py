@@ -24,7 +24,10 @@ def stream_generate(
 
 def list_workers(address: str, timeout_s: float = 5.0) -> router_pb2.ListWorkersResponse:
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        return router_pb2_grpc.RouterStub(channel).ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
+        reply: router_pb2.ListWorkersResponse = router_pb2_grpc.RouterStub(channel).ListWorkers(
+            router_pb2.ListWorkersRequest(), timeout=timeout_s
+        )
+    return reply
 
 
 def is_serving(address: str, service: str = "", timeout_s: float = 2.0) -> bool:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 
 from tierserve.client import list_workers
@@ -56,7 +57,9 @@ class ManagedProcess:
     def check_alive(self) -> None:
         code = self.process.poll()
         if code is not None:
-            raise LaunchError(f"{self.name} exited with code {code}; end of {self.log_path}:\n{self.log_tail()}")
+            raise LaunchError(
+                f"{self.name} exited with code {code}; end of {self.log_path}:\n{self.log_tail()}"
+            )
 
 
 class PoolLauncher:
@@ -77,7 +80,9 @@ class PoolLauncher:
         pool_file.write_text(config_to_toml(self.config), encoding="utf-8")
         local = [w for w in self.config.workers if not w.address]
         for worker in local:
-            self.workers.append(self._spawn(f"worker {worker.name}", ["worker", "--name", worker.name], pool_file))
+            self.workers.append(
+                self._spawn(f"worker {worker.name}", ["worker", "--name", worker.name], pool_file)
+            )
         resolved = self._resolve_worker_ports(deadline=time.monotonic() + 120)
         router_file = self.run_dir / "router.toml"
         router_file.write_text(config_to_toml(resolved), encoding="utf-8")
@@ -113,7 +118,9 @@ class PoolLauncher:
         while (port := managed.port()) is None:
             managed.check_alive()
             if time.monotonic() > deadline:
-                raise LaunchError(f"{managed.name} did not start listening in time; log:\n{managed.log_tail()}")
+                raise LaunchError(
+                    f"{managed.name} did not start listening in time; log:\n{managed.log_tail()}"
+                )
             time.sleep(0.1)
         return port
 
@@ -135,11 +142,7 @@ class PoolLauncher:
             while True:
                 for managed in [self.router, *self.workers]:
                     managed.check_alive()
-                try:
-                    listed = list_workers(self.router_address, timeout_s=2.0).workers
-                except Exception:
-                    listed = []
-                serving = {w.worker_id for w in listed if w.health == router_pb2.WORKER_HEALTH_SERVING}
+                serving = self._serving_workers()
                 waiting = sorted(expected - serving)
                 if not waiting:
                     return
@@ -147,6 +150,13 @@ class PoolLauncher:
                 if time.monotonic() > deadline:
                     raise LaunchError(f"workers not serving in time: {', '.join(waiting)}")
                 time.sleep(0.5)
+
+    def _serving_workers(self) -> set[str]:
+        try:
+            listed = list_workers(self.router_address, timeout_s=2.0).workers
+        except grpc.RpcError:
+            return set()  # the router is still starting
+        return {w.worker_id for w in listed if w.health == router_pb2.WORKER_HEALTH_SERVING}
 
     def watch(self) -> None:
         """Block while the pool runs; a dead router ends it, a dead worker is reported."""

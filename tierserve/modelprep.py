@@ -68,7 +68,9 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
     if config.path:
         folder = Path(config.path).expanduser()
         if not (folder / "config.json").is_file():
-            raise ModelPreparationError(f"[model] path {folder} is not a Hugging Face model folder (no config.json)")
+            raise ModelPreparationError(
+                f"[model] path {folder} is not a Hugging Face model folder (no config.json)"
+            )
         return folder
     console = console or Console(stderr=True)
     gguf = default_gguf_file()
@@ -89,9 +91,8 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path, console: Console) -> None:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     import torch
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -103,7 +104,9 @@ def _convert_gguf(gguf: Path, target: Path, console: Console) -> None:
             task = progress.add_task(f"preparing the default model: {steps[0]}", total=len(steps))
 
             def step(index: int) -> None:
-                progress.update(task, completed=index, description=f"preparing the default model: {steps[index]}")
+                progress.update(
+                    task, completed=index, description=f"preparing the default model: {steps[index]}"
+                )
 
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             step(1)

@@ -29,7 +29,10 @@ def summary_table(summary: generate_pb2.Summary) -> Table:
         ("worker / tier", f"{summary.worker_id} / {summary.tier}"),
         ("routing", summary.routing_reason),
         ("tokens", f"{summary.prompt_tokens} prompt, {summary.generated_tokens} generated"),
-        ("finish", generate_pb2.FinishReason.Name(summary.finish_reason).removeprefix("FINISH_REASON_").lower()),
+        (
+            "finish",
+            generate_pb2.FinishReason.Name(summary.finish_reason).removeprefix("FINISH_REASON_").lower(),
+        ),
         ("queue", f"{ms(summary.queue_time_us)} ms"),
         ("TTFT", f"{ms(summary.ttft_us)} ms"),
         (
@@ -46,6 +49,16 @@ def summary_table(summary: generate_pb2.Summary) -> Table:
     return table
 
 
+def kernels_table(workers: list[router_pb2.WorkerStatus]) -> Table:
+    table = Table(title="kernels", title_justify="left")
+    for column in ("worker", "backend", "dtype", "kernel path", "notices"):
+        table.add_column(column, overflow="fold")
+    for worker in workers:
+        info = worker.info
+        table.add_row(worker.worker_id, info.backend, info.dtype, info.kernel, "; ".join(info.notices))
+    return table
+
+
 def _latency(stats: worker_pb2.LatencyStats) -> str:
     if not stats.samples:
         return "-"
@@ -59,10 +72,14 @@ def _accuracy(card: worker_pb2.AccuracyCard) -> str:
 
 
 def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
-    table = Table(title="workers", title_justify="left")
+    table = Table(
+        title="workers",
+        title_justify="left",
+        caption="latency: TTFT p50 / TPOT p50 / TPOT p95 in ms, measured at warm-up and on relayed tokens",
+        caption_justify="left",
+    )
     for column in (
-        "worker", "tier", "address", "health", "cores", "threads", "kernel", "accuracy",
-        "warm-up TTFT / TPOT p50 / p95 ms", "relayed TTFT / TPOT p50 / p95 ms", "in flight", "load s",
+        "worker", "tier", "address", "health", "cores", "thr", "accuracy", "warm-up", "relayed", "busy", "load s",
     ):  # fmt: skip
         table.add_column(column, overflow="fold")
     for worker in workers:
@@ -75,7 +92,6 @@ def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
             health,
             format_cpu_list(info.cores) or "-",
             str(info.threads or "-"),
-            info.kernel or "-",
             _accuracy(info.accuracy),
             _latency(info.warmup_latency),
             _latency(worker.relayed_latency),

@@ -80,7 +80,9 @@ def validate_generate_request(
         raise InvalidRequest("top_k", f"must not be negative, got {request.top_k}")
 
     if len(request.stop) > limits.max_stop_strings:
-        raise InvalidRequest("stop", f"at most {limits.max_stop_strings} stop strings, got {len(request.stop)}")
+        raise InvalidRequest(
+            "stop", f"at most {limits.max_stop_strings} stop strings, got {len(request.stop)}"
+        )
     for stop in request.stop:
         if not stop:
             raise InvalidRequest("stop", "stop strings must not be empty")
@@ -97,9 +99,7 @@ def validate_generate_request(
     return GenerationParams(
         prompt=request.prompt,
         max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(
-            temperature=temperature, top_p=top_p, top_k=request.top_k, seed=request.seed
-        ),
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=request.seed),
         stop=tuple(request.stop),
         request_id=request.request_id,
     )

@@ -152,9 +152,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, max_context_tokens: int = 0) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.context_tokens = min(
-            loaded.context_tokens, max_context_tokens or loaded.context_tokens
-        )
+        self.context_tokens = min(loaded.context_tokens, max_context_tokens or loaded.context_tokens)
         eos = loaded.tokenizer.eos_token_id
         self._eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos

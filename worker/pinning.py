@@ -42,7 +42,9 @@ def plan_pinning(requested: list[int], allowed: set[int]) -> Pinning:
         raise PinningError("this process may run on no CPU at all")
     if not requested:
         cpus = sorted(allowed)
-        return Pinning(cpus, len(cpus), [f"no cores configured; using every allowed CPU ({format_cpu_list(cpus)})"])
+        return Pinning(
+            cpus, len(cpus), [f"no cores configured; using every allowed CPU ({format_cpu_list(cpus)})"]
+        )
     usable = sorted(set(requested) & allowed)
     if not usable:
         raise PinningError(

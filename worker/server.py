@@ -86,6 +86,8 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         raise
     state.ready(engine, report)
     await handle.set_serving(True)
-    log.info("worker %s (%s) serving on port %d, cores %s", name, worker_config.tier, handle.port, pinning.cpus)
+    log.info(
+        "worker %s (%s) serving on port %d, cores %s", name, worker_config.tier, handle.port, pinning.cpus
+    )
     await serve_until_signalled(handle)
     executor.shutdown(wait=False, cancel_futures=True)

@@ -33,7 +33,9 @@ FINISH_REASONS = {
 
 
 def budget_met(request: generate_pb2.GenerateRequest, outcome: GenerationOutcome) -> bool:
-    ttft_ok = not request.max_first_token_latency_ms or outcome.ttft_us <= request.max_first_token_latency_ms * 1e3
+    ttft_ok = (
+        not request.max_first_token_latency_ms or outcome.ttft_us <= request.max_first_token_latency_ms * 1e3
+    )
     tpot_ok = not request.max_token_latency_ms or outcome.tpot_mean_us() <= request.max_token_latency_ms * 1e3
     return ttft_ok and tpot_ok
 
@@ -100,7 +102,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         async with self._state.model_slot() as queue_s:
             if context.cancelled():
                 return
-            generation = loop.run_in_executor(self._executor, engine.generate, prompt, params, emit, cancel.is_set)
+            generation = loop.run_in_executor(
+                self._executor, engine.generate, prompt, params, emit, cancel.is_set
+            )
             generation.add_done_callback(lambda _: events.put_nowait(None))
             try:
                 while (event := await events.get()) is not None:

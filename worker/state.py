@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import intel_extension_for_pytorch  # noqa: F401  # imported here so its version is reported
+import intel_extension_for_pytorch
 import psutil
 import torch
 import transformers
