@@ -79,7 +79,8 @@ def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
         caption_justify="left",
     )
     for column in (
-        "worker", "tier", "address", "health", "cores", "thr", "accuracy", "warm-up", "relayed", "busy", "load s",
+        "worker", "tier", "address", "health", "cores", "thr", "accuracy",
+        "warm-up", "relayed", "busy", "load s",
     ):  # fmt: skip
         table.add_column(column, overflow="fold")
     for worker in workers:
