@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 from rich.console import Console
 
 from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate
@@ -19,6 +20,7 @@ from tierserve.render import kernels_table, print_token, summary_table, workers_
 from tierserve.v1 import generate_pb2
 
 DEMO_PROMPT = "The capital of France is"
+NON_TTY_WIDTH = 200
 
 
 def _load(path: str | None) -> TierserveConfig:
@@ -112,7 +114,10 @@ def _print_workers(console: Console, address: str) -> None:
 
 
 def cmd_workers(args: argparse.Namespace, console: Console) -> int:
-    _print_workers(console, args.address)
+    if args.json:
+        print(json_format.MessageToJson(list_workers(args.address), indent=2))
+    else:
+        _print_workers(console, args.address)
     return 0
 
 
@@ -173,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = commands.add_parser("workers", help="print the router's worker table")
     workers.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
+    workers.add_argument("--json", action="store_true", help="print the ListWorkers reply as JSON")
     workers.set_defaults(run=cmd_workers)
 
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING (grpc.health.v1)")
@@ -195,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    console = Console(stderr=args.command not in ("generate", "workers", "config", "model"))
+    to_stderr = args.command not in ("generate", "workers", "config", "model")
+    stream = sys.stderr if to_stderr else sys.stdout
+    # Logs and pipes get wide tables rather than columns folded at 80 characters.
+    console = Console(stderr=to_stderr, width=None if stream.isatty() else NON_TTY_WIDTH)
     try:
         return int(args.run(args, console))
     except ConfigError as error:

@@ -186,7 +186,11 @@ class Engine:
     ) -> GenerationOutcome:
         seed = self._seed_for(params.sampling)
         stream = _TimedTokenStream(
-            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            # No clean-up of "tokenization spaces": it rewrites " 'm" to "'m" depending on the
+            # window decoded, so streamed pieces would lose characters.
+            decode=lambda ids: self.tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ),
             stops=params.stop,
             eos_ids=self._eos_ids,
             max_new_tokens=prompt.max_new_tokens,

@@ -1,0 +1,91 @@
+"""The config: defaults that fit the machine, TOML round trips, and errors that say what to change."""
+
+from pathlib import Path
+
+import pytest
+
+from tierserve.config import (
+    ConfigError,
+    config_to_toml,
+    default_config,
+    load_config,
+    parse_config,
+)
+from tierserve.cores import format_cpu_list, parse_cpu_list
+
+
+def test_default_config_splits_two_cores_between_fp32_and_bf16() -> None:
+    config = default_config([0, 1])
+    assert [(w.tier, w.cores) for w in config.workers] == [("fp32", [0]), ("bf16", [1])]
+    assert len({w.port for w in config.workers} | {config.router.port}) == 3
+
+
+def test_default_config_on_one_cpu_lets_workers_share_it() -> None:
+    config = default_config([3])
+    assert [w.cores for w in config.workers] == [[3], [3]]
+
+
+def test_default_config_on_many_cores_gives_contiguous_halves() -> None:
+    config = default_config(list(range(8)))
+    assert [w.cores for w in config.workers] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    config = default_config(list(range(6)))
+    path = tmp_path / "pool.toml"
+    path.write_text(config_to_toml(config))
+    assert load_config(path) == config
+
+
+def test_cores_accept_kernel_cpu_list_notation() -> None:
+    config = parse_config({"workers": [{"name": "w", "tier": "bf16", "cores": "0-3,8"}]})
+    assert config.workers[0].cores == [0, 1, 2, 3, 8]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"workers": []}, "workers"),
+        ({"workers": [{"name": "w", "tier": "int9"}]}, "unknown tier 'int9'"),
+        ({"workers": [{"name": "w", "tier": "fp32"}, {"name": "w", "tier": "bf16"}]}, "repeated: w"),
+        ({"workers": [{"name": "a", "tier": "fp32", "port": 7000},
+                      {"name": "b", "tier": "bf16", "port": 7000}]}, "same address"),
+        ({"workers": [{"name": "w", "tier": "fp32", "cores": "3-1"}]}, "bad CPU range"),
+        ({"workers": [{"name": "w", "tier": "fp32", "colour": "red"}]}, "colour"),
+        ({"limits": {"max_new_tokens": 8, "default_max_new_tokens": 16},
+          "workers": [{"name": "w", "tier": "fp32"}]}, "default_max_new_tokens"),
+    ],
+)  # fmt: skip
+def test_bad_configs_are_refused_with_the_reason(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[router\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_worker_lookup_names_the_configured_workers() -> None:
+    config = default_config([0, 1])
+    assert config.worker("bf16-0").tier == "bf16"
+    with pytest.raises(ConfigError, match="fp32-0, bf16-0"):
+        config.worker("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus", "canonical"),
+    [("0", [0], "0"), ("0-3,8", [0, 1, 2, 3, 8], "0-3,8"), ("5,1,2", [1, 2, 5], "1-2,5"), ("", [], "")],
+)
+def test_cpu_list_parse_and_format(text: str, cpus: list[int], canonical: str) -> None:
+    assert parse_cpu_list(text) == cpus
+    assert format_cpu_list(cpus) == canonical
+
+
+def test_cpu_list_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="bad CPU list item 'x'"):
+        parse_cpu_list("0,x")
