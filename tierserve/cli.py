@@ -13,9 +13,12 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 
 from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate
 from tierserve.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
+from tierserve.errors import StartupError
+from tierserve.modelprep import ModelPreparationError, prepare_model
 from tierserve.render import kernels_table, print_token, summary_table, workers_table
 from tierserve.v1 import generate_pb2
 
@@ -54,7 +57,7 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         console.print("stopping")
     except LaunchError as error:
-        console.print(f"[red]error:[/] {error}")
+        console.print(f"[red]error:[/] {escape(str(error))}")
         return 1
     finally:
         launcher.stop()
@@ -128,8 +131,6 @@ def cmd_health(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_model_prepare(args: argparse.Namespace, console: Console) -> int:
-    from tierserve.modelprep import prepare_model
-
     console.print(str(prepare_model(_load(args.config).model, console)))
     return 0
 
@@ -207,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=to_stderr, width=None if stream.isatty() else NON_TTY_WIDTH)
     try:
         return int(args.run(args, console))
-    except ConfigError as error:
-        console.print(f"[red]config error:[/] {error}")
+    except (ConfigError, ModelPreparationError, StartupError) as error:
+        console.print(f"[red]error:[/] {escape(str(error))}")
         return 2
     except grpc.RpcError as error:
         code = error.code() if hasattr(error, "code") else None
         details = error.details() if hasattr(error, "details") else str(error)
-        console.print(f"[red]error:[/] {code.name if code else 'RPC'}: {details}")
+        console.print(f"[red]error:[/] {code.name if code else 'RPC'}: {escape(str(details))}")
         return 1
     except KeyboardInterrupt:
         return 130

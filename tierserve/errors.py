@@ -10,6 +10,10 @@ from __future__ import annotations
 import grpc
 
 
+class StartupError(RuntimeError):
+    """A process cannot start as configured (e.g. its cores are unusable); the message says what to change."""
+
+
 class TierserveError(Exception):
     """Base of every error a client may see as a status."""
 

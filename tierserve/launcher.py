@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 
 from tierserve.client import list_workers
 from tierserve.config import TierserveConfig, config_to_toml
@@ -170,7 +171,7 @@ class PoolLauncher:
                     reported.add(managed.name)
                     self.console.print(
                         f"[red]{managed.name} exited with code {code}[/]; the router routes around it. "
-                        f"End of {managed.log_path}:\n{managed.log_tail()}"
+                        f"End of {managed.log_path}:\n{escape(managed.log_tail())}"
                     )
             time.sleep(1.0)
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tierserve.cores import format_cpu_list
+from tierserve.errors import StartupError
 
 
-class PinningError(RuntimeError):
+class PinningError(StartupError):
     """The configured cores cannot be used here; the message says which can."""
 
 
