@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tierserve-installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model run test test-quick lint format proto
+.PHONY: help setup model run test test-quick lint format proto bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -45,3 +45,6 @@ format: setup ## apply ruff's formatting and import order
 
 proto: setup ## regenerate the gRPC stubs from protos/
 	$(PY) -m tierserve.protogen
+
+bench: model ## latency of each tier through the router vs transformers eager fp32, same run (JSON in bench-results/)
+	$(PY) -m bench.skeleton_latency --out bench-results/skeleton.json

@@ -1,0 +1,1 @@
+"""Benchmarks for tierserve; run each as `python -m bench.<name>`."""
