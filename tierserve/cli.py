@@ -42,7 +42,7 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     config = _load(args.config)
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="tierserve-run-"))
     if args.dry_run:
-        console.print(config_to_toml(config))
+        print(config_to_toml(config))
         return 0
     install_stop_signals()
     launcher = PoolLauncher(config, run_dir, console)
@@ -65,6 +65,9 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
+    # Before torch loads: compile in-process instead of forking a pool of compile workers per
+    # worker (IPEX's traced graphs never use them; they only cost memory and processes).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     from worker.server import serve_worker
 
     asyncio.run(serve_worker(_load(args.config), args.name, Path(args.port_file) if args.port_file else None))

@@ -4,7 +4,6 @@ and stop them all cleanly (router first, so no request reaches a stopping worker
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -203,5 +202,5 @@ def install_stop_signals() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, raise_interrupt)
-    if os.getpid() == os.getpgrp():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Also when started in the background, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)

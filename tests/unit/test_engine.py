@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.unit.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
+from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
 from tierserve.errors import InvalidRequest
 from tierserve.requests import GenerationParams, SamplingParams
 from worker.engine import Engine, FinishReason, GenerationOutcome, TokenEvent

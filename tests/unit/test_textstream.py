@@ -153,7 +153,7 @@ def test_flush_twice_returns_nothing_more() -> None:
 def real_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    from tests.unit.tiny_model import default_model_dir
+    from tests.tiny_model import default_model_dir
 
     return AutoTokenizer.from_pretrained(default_model_dir())
 
