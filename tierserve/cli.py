@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import TaskID
 
 from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate
 from tierserve.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
@@ -138,6 +139,38 @@ def cmd_model_prepare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from worker.preparation import prepare_tier
+
+    config = _load(args.config)
+    tiers = list(config.served_tiers()) if args.tier == "all" else [args.tier]
+    for tier in tiers:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task(tier, total=1)
+
+            def report(stage: str, done: int, total: int, task: TaskID = task, name: str = tier) -> None:
+                bar.update(task, description=f"{name}: {stage}", completed=done, total=max(total, 1))
+
+            prepared = prepare_tier(config, tier, report, console)
+        card = prepared.card
+        console.print(
+            f"{tier}: artifact {prepared.artifact_dir}\n  {prepared.loaded.kernel}\n"
+            f"  perplexity {card.perplexity:.3f} ({card.perplexity_delta_pct:+.2f}% vs fp32), "
+            f"KL {card.kl_divergence:.5f}, top-1 agreement {card.top1_agreement:.1%}, "
+            f"{card.eval_tokens} tokens",
+            highlight=False,
+        )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     print(config_to_toml(_load(args.config)))
     return 0
@@ -197,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.set_defaults(run=cmd_model_prepare)
 
+    quantize = with_config(
+        commands.add_parser("quantize", help="build a tier's cached artifact and accuracy card ahead of time")
+    )
+    quantize.add_argument(
+        "--tier", required=True, help="a tier name, or `all` for every tier the config serves"
+    )
+    quantize.set_defaults(run=cmd_quantize)
+
     config = with_config(commands.add_parser("config", help="print the effective config as TOML"))
     config.set_defaults(run=cmd_config)
     return parser
@@ -205,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    to_stderr = args.command not in ("generate", "workers", "config", "model")
+    to_stderr = args.command not in ("generate", "workers", "config", "model", "quantize")
     stream = sys.stderr if to_stderr else sys.stdout
     # Logs and pipes get wide tables rather than columns folded at 80 characters.
     console = Console(stderr=to_stderr, width=None if stream.isatty() else NON_TTY_WIDTH)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -85,6 +85,33 @@ class RouterConfig(_Strict):
     latency_window: int = Field(default=512, ge=8)
 
 
+class TierRecipe(_Strict):
+    """How a tier is built. Each tier reads only the fields that concern it; those fields
+    (and nothing else) key its cached artifact."""
+
+    # int8-sq: SmoothQuant migration strength, and how many calibration texts to run.
+    alpha: float = Field(default=0.5, gt=0, lt=1)
+    calibration_samples: int = Field(default=8, ge=1)
+    # int8-woq / int4-woq: weights quantized in groups of this many input channels (0: one
+    # group per output channel); IPEX's low-precision compute mode; an optional pre-quantized
+    # checkpoint for IPEX.
+    group_size: int = Field(default=128, ge=0)
+    lowp_mode: Literal["AUTO", "BF16", "FP32", "INT8"] = "AUTO"
+    low_precision_checkpoint: str = ""
+    # Which kernel path: "auto" picks by the CPU's ISA; "ipex" or "native" force one.
+    kernel: Literal["auto", "ipex", "native"] = "auto"
+
+
+class DataConfig(_Strict):
+    """Texts for calibration (int8-sq) and for measuring accuracy cards; empty: the bundled ones."""
+
+    calibration_file: str = ""
+    eval_file: str = ""
+    # Evaluation tokens scored per card (more is steadier, and slower to build).
+    eval_tokens: int = Field(default=1024, ge=64)
+    eval_chunk_tokens: int = Field(default=256, ge=16)
+
+
 class WorkerConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     tier: str
@@ -111,7 +138,22 @@ class TierserveConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    # Per-tier recipes by tier name, e.g. [tiers.int4-woq] group_size = 64.
+    tiers: dict[str, TierRecipe] = Field(default_factory=dict)
     workers: list[WorkerConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _recipes_for_known_tiers(self) -> TierserveConfig:
+        unknown = sorted(name for name in self.tiers if not is_known_tier(name))
+        if unknown:
+            raise ValueError(
+                f"[tiers] names unknown tiers {', '.join(unknown)}; known: {', '.join(TIER_NAMES)}"
+            )
+        return self
+
+    def recipe(self, tier: str) -> TierRecipe:
+        return self.tiers.get(tier, TierRecipe())
 
     @model_validator(mode="after")
     def _workers_distinct(self) -> TierserveConfig:
@@ -186,6 +228,9 @@ def config_to_toml(config: TierserveConfig) -> str:
     emit("[model]", config.model.model_dump())
     emit("[limits]", config.limits.model_dump())
     emit("[router]", config.router.model_dump())
+    emit("[data]", config.data.model_dump())
+    for tier, recipe in config.tiers.items():
+        emit(f'[tiers."{tier}"]', recipe.model_dump())
     for worker in config.workers:
         emit("[[workers]]", worker.model_dump())
     return "\n".join(lines)

@@ -6,7 +6,7 @@ tier) and the worker (whose tier registry implements exactly these names).
 
 from typing import Final
 
-TIER_NAMES: Final[tuple[str, ...]] = ("fp32", "bf16")
+TIER_NAMES: Final[tuple[str, ...]] = ("fp32", "bf16", "int8-sq", "int8-woq", "int4-woq")
 
 # The tier every accuracy card is measured against.
 REFERENCE_TIER: Final = "fp32"

@@ -8,19 +8,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rich.console import Console
-
 from tierserve.config import TierserveConfig
 from tierserve.grpcserver import serve_until_signalled, start_server
 from tierserve.latency import LatencyWindow
-from tierserve.modelprep import prepare_model
 from tierserve.requests import GenerationParams, SamplingParams
 from tierserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.engine import Engine
 from worker.pinning import pin_process
+from worker.preparation import prepare_tier
 from worker.service import WorkerServicer
 from worker.state import LoadReport, WorkerState
-from worker.tiers import make_tier
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +32,22 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
     """Load the tier, then run greedy and sampled generations so traced graphs are compiled
     before the first client arrives; the last run's latencies are the worker's self-measurement."""
     started = time.perf_counter()
-    model_dir = prepare_model(config.model, Console(stderr=True))
-    loaded = make_tier(state.config.tier).load(model_dir)
+
+    def report(stage: str, done: int, total: int) -> None:
+        log.info("%s%s", stage, f" ({done}/{total})" if total > 1 else "")
+
+    prepared = prepare_tier(config, state.config.tier, report)
+    loaded = prepared.loaded
     engine = Engine(loaded, config.limits.max_context_tokens)
     load_ms = (time.perf_counter() - started) * 1e3
-    log.info("loaded %s tier from %s in %.0f ms (%s)", state.config.tier, model_dir, load_ms, loaded.kernel)
+    log.info(
+        "loaded %s tier from %s in %.0f ms (%s)",
+        state.config.tier,
+        prepared.model_dir,
+        load_ms,
+        loaded.kernel,
+    )
+    log.info("accuracy card: %s", prepared.card)
 
     warm_started = time.perf_counter()
     # Greedy and sampled decoding trace different graphs; run both before any client arrives.
@@ -56,12 +64,11 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
         window.record_token(latency)
     warmup_ms = (time.perf_counter() - warm_started) * 1e3
     log.info("warmed up in %.0f ms: %s", warmup_ms, window.to_proto())
-    return engine, LoadReport(str(model_dir), load_ms, warmup_ms, window)
+    return engine, LoadReport(str(prepared.model_dir), load_ms, warmup_ms, window, prepared.card)
 
 
 async def serve_worker(config: TierserveConfig, name: str, port_file: Path | None = None) -> None:
     worker_config = config.worker(name)
-    make_tier(worker_config.tier)  # an unknown tier fails here, before anything starts
     pinning = pin_process(worker_config.cores)
     for notice in pinning.notices:
         log.warning("%s", notice)

@@ -17,6 +17,7 @@ from tierserve.config import ModelConfig, WorkerConfig
 from tierserve.errors import NoWorkerAvailable
 from tierserve.latency import LatencyWindow
 from tierserve.v1 import worker_pb2
+from worker.accuracy import AccuracyCard
 from worker.engine import Engine
 from worker.pinning import Pinning
 
@@ -27,6 +28,7 @@ class LoadReport:
     load_time_ms: float
     warmup_time_ms: float
     warmup_latency: LatencyWindow
+    card: AccuracyCard
 
 
 @dataclass
@@ -98,4 +100,5 @@ class WorkerState:
             info.load_time_ms = self.load_report.load_time_ms
             info.warmup_time_ms = self.load_report.warmup_time_ms
             info.warmup_latency.CopyFrom(self.load_report.warmup_latency.to_proto())
+            info.accuracy.CopyFrom(self.load_report.card.to_proto())
         return info

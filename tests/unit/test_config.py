@@ -89,3 +89,33 @@ def test_cpu_list_parse_and_format(text: str, cpus: list[int], canonical: str) -
 def test_cpu_list_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="bad CPU list item 'x'"):
         parse_cpu_list("0,x")
+
+
+def test_tier_recipes_round_trip_and_default(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "tiers": {"int4-woq": {"group_size": 64, "lowp_mode": "INT8"}, "int8-sq": {"alpha": 0.7}},
+            "data": {"eval_tokens": 512},
+            "workers": [{"name": "w", "tier": "int4-woq"}],
+        }
+    )
+    assert config.recipe("int4-woq").group_size == 64
+    assert config.recipe("int8-sq").alpha == pytest.approx(0.7)
+    assert config.recipe("bf16") == config.recipe("fp32")  # defaults when not configured
+    path = tmp_path / "pool.toml"
+    path.write_text(config_to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("tiers", "message"),
+    [
+        ({"int9": {}}, "unknown tiers int9"),
+        ({"int8-sq": {"alpha": 1.5}}, "alpha"),
+        ({"int4-woq": {"lowp_mode": "FP8"}}, "lowp_mode"),
+        ({"int4-woq": {"kernel": "cuda"}}, "kernel"),
+    ],
+)
+def test_bad_recipes_are_refused(tiers: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"tiers": tiers, "workers": [{"name": "w", "tier": "fp32"}]})

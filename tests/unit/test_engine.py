@@ -99,7 +99,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", params=TIERS)
 def engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[Engine]:
-    loaded = make_tier(request.param).load(tiny_model_dir)
+    loaded = make_tier(request.param).load(tiny_model_dir, tiny_model_dir)
     assert loaded.context_tokens == TINY_CONTEXT_TOKENS
     yield Engine(loaded)
 

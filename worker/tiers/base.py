@@ -1,6 +1,9 @@
-"""What a tier is: a recipe that turns a model folder into a ready-to-generate model.
+"""What a tier is: a recipe that turns a model folder (and its cached artifact) into a
+ready-to-generate model.
 
-A new tier is one class in one file, registered by name with `@register_tier`.
+A new tier is one class in one file, registered by name with `@register_tier`. Tiers
+with an offline step (calibration, packing weights) implement `build`, which writes
+into the artifact folder; `load` then rebuilds the model from it quickly.
 """
 
 from __future__ import annotations
@@ -8,14 +11,18 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from tierserve.config import ConfigError
+from tierserve.config import ConfigError, TierRecipe
+from tierserve.textsets import BUNDLED
 from tierserve.tiers import TIER_NAMES
+from worker.isa import CpuIsa
+
+Progress = Callable[[str], None]
 
 
 @dataclass
@@ -32,14 +39,49 @@ class LoadedModel:
     run_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
 
+@dataclass(frozen=True)
+class TierContext:
+    """What a tier may use besides the model: its recipe, the CPU's ISA, the calibration texts."""
+
+    recipe: TierRecipe = field(default_factory=TierRecipe)
+    isa: CpuIsa = field(default_factory=CpuIsa.detect)
+    calibration_file: Path = field(default_factory=lambda: BUNDLED / "calibration.txt")
+
+
 class Tier(ABC):
-    """A quantization recipe. Subclasses set `name` and implement `load`."""
+    """A quantization recipe. Subclasses set `name` and implement `load` (and `build` if needed)."""
 
     name: ClassVar[str]
+    # The TierRecipe fields this tier reads; they key its cached artifact.
+    recipe_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, context: TierContext) -> None:
+        self.context = context
+
+    @property
+    def recipe(self) -> TierRecipe:
+        return self.context.recipe
+
+    def kernel_path(self) -> str:
+        """The kernel path this tier will take on this CPU; part of the artifact key."""
+        return "ipex"
+
+    def recipe_key(self) -> dict[str, Any]:
+        return {
+            "tier": self.name,
+            "kernel_path": self.kernel_path(),
+            **{name: getattr(self.recipe, name) for name in self.recipe_fields},
+        }
+
+    def check(self, model_config: Any) -> None:  # noqa: B027  # optional hook
+        """Refuse recipe settings that cannot work with this model (raise ConfigError)."""
+
+    def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:  # noqa: B027
+        """Write what `load` needs into artifact_dir (nothing, for tiers without an offline step)."""
 
     @abstractmethod
-    def load(self, model_dir: Path) -> LoadedModel:
-        """Load the model from a Hugging Face folder and apply this tier's recipe."""
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        """Load the model and apply this tier's recipe, using what `build` wrote."""
 
 
 _REGISTRY: dict[str, type[Tier]] = {}
@@ -56,8 +98,9 @@ def registered_tiers() -> list[str]:
     return sorted(_REGISTRY, key=TIER_NAMES.index)
 
 
-def make_tier(name: str) -> Tier:
+def make_tier(name: str, context: TierContext | None = None) -> Tier:
     try:
-        return _REGISTRY[name]()
+        tier_class = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown tier {name!r}; known tiers: {', '.join(registered_tiers())}") from None
+    return tier_class(context or TierContext())

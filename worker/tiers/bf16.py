@@ -20,7 +20,7 @@ def _bf16_autocast() -> contextlib.AbstractContextManager[Any]:
 class Bf16Tier(Tier):
     name = "bf16"
 
-    def load(self, model_dir: Path) -> LoadedModel:
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         loaded = ipex_optimize(model_dir, torch.bfloat16)
         loaded.run_context = _bf16_autocast
         return loaded

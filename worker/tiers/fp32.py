@@ -14,5 +14,5 @@ from worker.tiers.ipex_common import ipex_optimize
 class Fp32Tier(Tier):
     name = "fp32"
 
-    def load(self, model_dir: Path) -> LoadedModel:
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         return ipex_optimize(model_dir, torch.float32)

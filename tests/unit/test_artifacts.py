@@ -1,0 +1,104 @@
+"""The artifact store: build once, reuse, rebuild with a warning when corrupt or stale."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from tierserve.config import TierRecipe
+from worker.accuracy import AccuracyCard
+from worker.artifacts import CARD, MANIFEST, ArtifactStore, model_fingerprint
+from worker.isa import CpuIsa
+from worker.tiers.base import LoadedModel, Progress, Tier, TierContext
+
+CARD_VALUE = AccuracyCard(10.0, 1.5, 0.01, 0.97, 100, 9.85)
+
+
+class CountingTier(Tier):
+    """A tier whose build writes one file; counts builds and loads."""
+
+    name: ClassVar[str] = "int8-woq"
+    recipe_fields = ("group_size",)
+
+    def __init__(self, context: TierContext) -> None:
+        super().__init__(context)
+        self.builds = self.loads = 0
+
+    def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
+        self.builds += 1
+        (artifact_dir / "weights.bin").write_bytes(b"packed" * 100)
+
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        self.loads += 1
+        assert (artifact_dir / "weights.bin").read_bytes().startswith(b"packed")
+        return LoadedModel(
+            model=None, tokenizer=None, backend="test", kernel="test", dtype=torch.float32, context_tokens=8
+        )
+
+
+def measure(loaded: LoadedModel, report: Callable[[int, int], None]) -> AccuracyCard:
+    report(1, 1)
+    return CARD_VALUE
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def tier(group_size: int = 128) -> CountingTier:
+    return CountingTier(TierContext(recipe=TierRecipe(group_size=group_size), isa=CpuIsa.from_flags(set())))
+
+
+def test_builds_once_then_reuses(tmp_path: Path, model_dir: Path) -> None:
+    store, first = ArtifactStore(tmp_path / "artifacts"), tier()
+    built = store.ensure(first, model_dir, "eval", measure)
+    assert built.loaded is not None and built.card == CARD_VALUE and first.builds == 1
+    second = tier()
+    reused = store.ensure(second, model_dir, "eval", measure)
+    assert reused.path == built.path and reused.loaded is None and reused.card == CARD_VALUE
+    assert second.builds == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: (folder / "weights.bin").write_bytes(b"truncated"),
+        lambda folder: (folder / "weights.bin").unlink(),
+        lambda folder: (folder / MANIFEST).write_text("{not json"),
+        lambda folder: (folder / CARD).write_text('{"perplexity": "x"}'),
+    ],
+    ids=["corrupt-file", "missing-file", "corrupt-manifest", "corrupt-card"],
+)
+def test_a_damaged_artifact_is_rebuilt_with_a_warning(
+    tmp_path: Path, model_dir: Path, damage: Callable[[Path], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    folder = store.ensure(tier(), model_dir, "eval", measure).path
+    damage(folder)
+    again = tier()
+    with caplog.at_level(logging.WARNING):
+        rebuilt = store.ensure(again, model_dir, "eval", measure)
+    assert again.builds == 1 and rebuilt.card == CARD_VALUE
+    assert "rebuilding" in caplog.text
+    assert store.ensure(tier(), model_dir, "eval", measure).loaded is None  # intact again
+
+
+def test_key_follows_model_recipe_and_eval_texts(tmp_path: Path, model_dir: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    base = store.ensure(tier(), model_dir, "eval", measure).path
+    assert store.ensure(tier(group_size=64), model_dir, "eval", measure).path != base
+    assert store.ensure(tier(), model_dir, "other-eval", measure).path != base
+    before = model_fingerprint(model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"other weights")
+    assert model_fingerprint(model_dir) != before
+    assert store.ensure(tier(), model_dir, "eval", measure).path != base

@@ -1,0 +1,176 @@
+"""Cached tier artifacts: what a tier's offline step wrote, and the accuracy card measured on it.
+
+An artifact folder is keyed by the model's content, the tier's recipe and kernel path,
+the evaluation texts and the library versions. A manifest lists every file with its
+SHA-256; a folder whose manifest is missing, unreadable or does not match its files is
+rebuilt with a warning, never trusted and never a crash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from worker.accuracy import AccuracyCard
+from worker.tiers.base import LoadedModel, Tier
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = 1
+MANIFEST = "manifest.json"
+CARD = "card.json"
+VERSIONED_PACKAGES = ("torch", "intel-extension-for-pytorch", "transformers", "torchao")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
+
+
+class StaleArtifact(Exception):
+    """An artifact folder that must not be used; the message says why."""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Content hash of a model folder: its weights, config and tokenizer files."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        digest.update(path.name.encode())
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    card: AccuracyCard
+    # The model as built, when it was built just now (saves loading it a second time).
+    loaded: LoadedModel | None = None
+
+
+# Measures a card for a freshly loaded tier; reports (stage, done, total) as it goes.
+CardMeasurer = Callable[[LoadedModel, Callable[[int, int], None]], AccuracyCard]
+ProgressSink = Callable[[str, int, int], None]
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def key_inputs(self, tier: Tier, model_digest: str, eval_digest: str) -> dict[str, Any]:
+        return {
+            "format": ARTIFACT_FORMAT,
+            "model": model_digest,
+            "recipe": tier.recipe_key(),
+            "eval_texts": eval_digest,
+            "versions": library_versions(),
+        }
+
+    def folder_for(self, tier: Tier, inputs: dict[str, Any]) -> Path:
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / f"{tier.name}-{key}"
+
+    def ensure(
+        self,
+        tier: Tier,
+        model_dir: Path,
+        eval_digest: str,
+        measure: CardMeasurer,
+        progress: ProgressSink = lambda stage, done, total: None,
+    ) -> Artifact:
+        """The tier's artifact and card: reused when intact, built (and measured) otherwise."""
+        progress("fingerprinting the model", 0, 1)
+        inputs = self.key_inputs(tier, model_fingerprint(model_dir), eval_digest)
+        folder = self.folder_for(tier, inputs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.root / f".{folder.name}.lock"):
+            try:
+                return Artifact(folder, self._verified_card(folder, inputs))
+            except FileNotFoundError:
+                pass  # never built
+            except StaleArtifact as why:
+                log.warning("artifact %s is unusable (%s); rebuilding it", folder, why)
+                shutil.rmtree(folder, ignore_errors=True)
+            return self._build(tier, model_dir, folder, inputs, measure, progress)
+
+    def _verified_card(self, folder: Path, inputs: dict[str, Any]) -> AccuracyCard:
+        manifest_path = folder / MANIFEST
+        if not folder.exists():
+            raise FileNotFoundError(folder)
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise StaleArtifact(f"manifest unreadable: {error}") from None
+        if manifest.get("inputs") != inputs:
+            raise StaleArtifact("built from other inputs")
+        for name, digest in manifest.get("files", {}).items():
+            path = folder / name
+            if not path.is_file() or file_digest(path) != digest:
+                raise StaleArtifact(f"{name} is missing or does not match its checksum")
+        try:
+            return AccuracyCard.load(folder / CARD)
+        except (OSError, ValueError, TypeError) as error:
+            raise StaleArtifact(f"accuracy card unreadable: {error}") from None
+
+    def _build(
+        self,
+        tier: Tier,
+        model_dir: Path,
+        folder: Path,
+        inputs: dict[str, Any],
+        measure: CardMeasurer,
+        progress: ProgressSink,
+    ) -> Artifact:
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.root))
+        try:
+            started = time.perf_counter()
+            progress(f"building {tier.name}", 0, 1)
+            tier.build(model_dir, staging, lambda message: progress(f"building {tier.name}: {message}", 0, 1))
+            progress(f"loading {tier.name}", 0, 1)
+            loaded = tier.load(model_dir, staging)
+            card = measure(loaded, lambda done, total: progress("measuring accuracy", done, total))
+            card.save(staging / CARD)
+            files = {p.name: file_digest(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            manifest = {"inputs": inputs, "files": files, "build_seconds": time.perf_counter() - started}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("built %s artifact %s: %s", tier.name, folder, card)
+        return Artifact(folder, card, loaded)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Two workers of one tier on one host build its artifact once."""
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,59 @@
+"""From config to a ready tier: the prepared model, the tier's cached artifact, its accuracy card."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from tierserve.config import TierserveConfig
+from tierserve.modelprep import prepare_model
+from tierserve.textsets import calibration_path, eval_path, fingerprint, read_paragraphs
+from worker.accuracy import AccuracyCard, eval_chunks, measure_card, reference_log_probs
+from worker.artifacts import ArtifactStore, ProgressSink
+from worker.isa import CpuIsa
+from worker.tiers import LoadedModel, TierContext, make_tier
+
+
+@dataclass(frozen=True)
+class PreparedTier:
+    loaded: LoadedModel
+    card: AccuracyCard
+    model_dir: Path
+    artifact_dir: Path
+
+
+def prepare_tier(
+    config: TierserveConfig,
+    tier_name: str,
+    progress: ProgressSink = lambda stage, done, total: None,
+    console: Console | None = None,
+) -> PreparedTier:
+    """Load `tier_name` ready to serve: reuse its cached artifact and card, or build and measure them."""
+    from transformers import AutoConfig
+
+    model_dir = prepare_model(config.model, console or Console(stderr=True))
+    context = TierContext(
+        recipe=config.recipe(tier_name), isa=CpuIsa.detect(), calibration_file=calibration_path(config.data)
+    )
+    tier = make_tier(tier_name, context)
+    tier.check(AutoConfig.from_pretrained(model_dir))  # bad recipe settings fail here, before any work
+    eval_texts = read_paragraphs(eval_path(config.data))
+
+    def measure(loaded: LoadedModel, report: Callable[[int, int], None]) -> AccuracyCard:
+        chunks = eval_chunks(
+            loaded.tokenizer, eval_texts, config.data.eval_tokens, config.data.eval_chunk_tokens
+        )
+        progress("scoring the fp32 reference", 0, 1)
+        reference = reference_log_probs(model_dir, chunks)
+        return measure_card(loaded, chunks, reference, report)
+
+    store = ArtifactStore(config.model.resolved_cache_dir() / "artifacts")
+    artifact = store.ensure(tier, model_dir, fingerprint(eval_texts), measure, progress)
+    loaded = artifact.loaded
+    if loaded is None:
+        progress(f"loading {tier_name}", 0, 1)
+        loaded = tier.load(model_dir, artifact.path)
+    return PreparedTier(loaded, artifact.card, model_dir, artifact.path)
