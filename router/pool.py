@@ -45,6 +45,12 @@ class WorkerHandle:
     def healthy(self) -> bool:
         return self.health == router_pb2.WORKER_HEALTH_SERVING
 
+    @property
+    def quality_loss_pct(self) -> float | None:
+        if self.info is None or not self.info.accuracy.measured:
+            return None
+        return float(self.info.accuracy.perplexity_delta_pct)
+
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
         """Count a relayed request; a failure is recorded by the caller via `record_failure`."""

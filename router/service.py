@@ -37,7 +37,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
             validate_generate_request(request, self._limits)
-            decision = self._policy.choose(RouteRequest(tier=request.tier), self._pool.workers)
+            route = RouteRequest(
+                tier=request.tier,
+                max_quality_loss_pct=(
+                    request.max_quality_loss_pct if request.HasField("max_quality_loss_pct") else None
+                ),
+            )
+            decision = self._policy.choose(route, self._pool.workers)
         except TierserveError as error:
             await context.abort(*status_for(error))
         if not request.request_id:

@@ -126,7 +126,9 @@ def measure_card(
     perplexity, reference_perplexity = math.exp(nll / total), math.exp(ref_nll / total)
     return AccuracyCard(
         perplexity=perplexity,
-        perplexity_delta_pct=100.0 * (perplexity - reference_perplexity) / reference_perplexity,
+        # Rounded to what the measurement resolves: fp32 against itself differs by float noise
+        # (~1e-5 %), and a zero-tolerance request must still find it within tolerance.
+        perplexity_delta_pct=round(100.0 * (perplexity - reference_perplexity) / reference_perplexity, 4),
         kl_divergence=max(0.0, kl / total),  # float error can make a true zero slightly negative
         top1_agreement=agree / total,
         eval_tokens=total,

@@ -51,7 +51,9 @@ def prepare_tier(
         return measure_card(loaded, chunks, reference, report)
 
     store = ArtifactStore(config.model.resolved_cache_dir() / "artifacts")
-    artifact = store.ensure(tier, model_dir, fingerprint(eval_texts), measure, progress)
+    # The card depends on how much of the text is scored, and in what chunks, as well as on the text.
+    eval_digest = f"{fingerprint(eval_texts)}:{config.data.eval_tokens}:{config.data.eval_chunk_tokens}"
+    artifact = store.ensure(tier, model_dir, eval_digest, measure, progress)
     loaded = artifact.loaded
     if loaded is None:
         progress(f"loading {tier_name}", 0, 1)

@@ -6,7 +6,7 @@ import pytest
 
 from router.policy import POLICIES, FirstHealthyPolicy, RouteRequest, make_policy
 from tierserve.config import ConfigError
-from tierserve.errors import InvalidRequest, NoWorkerAvailable
+from tierserve.errors import InvalidRequest, NoWorkerAvailable, Unsatisfiable
 
 
 @dataclass
@@ -14,6 +14,7 @@ class FakeWorker:
     worker_id: str
     tier: str
     healthy: bool = True
+    quality_loss_pct: float | None = 0.0
 
 
 POOL = [FakeWorker("a", "fp32", healthy=False), FakeWorker("b", "fp32"), FakeWorker("c", "bf16")]
@@ -51,3 +52,26 @@ def test_policies_are_registered_by_name() -> None:
     assert set(POLICIES) >= {"first_healthy"}
     with pytest.raises(ConfigError, match="known: first_healthy"):
         make_policy("random")
+
+
+TIERED = [
+    FakeWorker("q4", "int4-woq", quality_loss_pct=6.0),
+    FakeWorker("h", "bf16", quality_loss_pct=0.2),
+    FakeWorker("new", "int8-sq", quality_loss_pct=None),
+]
+
+
+def test_tolerance_keeps_only_workers_within_their_measured_loss() -> None:
+    assert FirstHealthyPolicy().choose(RouteRequest(max_quality_loss_pct=1.0), TIERED).worker_id == "h"
+    assert FirstHealthyPolicy().choose(RouteRequest(max_quality_loss_pct=10.0), TIERED).worker_id == "q4"
+    assert FirstHealthyPolicy().choose(RouteRequest(), TIERED).worker_id == "q4"
+
+
+def test_no_worker_within_tolerance_is_unsatisfiable_and_lists_the_losses() -> None:
+    with pytest.raises(Unsatisfiable, match=r"max_quality_loss_pct=0.1%.*q4 \+6.00%.*new unknown"):
+        FirstHealthyPolicy().choose(RouteRequest(max_quality_loss_pct=0.1), TIERED)
+
+
+def test_pinned_tier_beyond_tolerance_is_unsatisfiable() -> None:
+    with pytest.raises(Unsatisfiable):
+        FirstHealthyPolicy().choose(RouteRequest(tier="int4-woq", max_quality_loss_pct=1.0), TIERED)
