@@ -176,6 +176,14 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_bench_tiers(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.tiers import run_tiers_benchmark
+
+    return run_tiers_benchmark(
+        Path(args.out), args.config, args.tiers, args.runs, args.new_tokens, not args.no_llamacpp, console
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -240,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = with_config(commands.add_parser("config", help="print the effective config as TOML"))
     config.set_defaults(run=cmd_config)
+
+    bench = commands.add_parser("bench", help="run a benchmark")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_tiers = with_config(
+        bench_commands.add_parser(
+            "tiers", help="every tier, HF eager fp32 and llama.cpp on this machine: speed against accuracy"
+        )
+    )
+    bench_tiers.add_argument("--out", required=True, help="results JSON (also writes .meta.json, .md, .png)")
+    bench_tiers.add_argument("--tiers", help="comma-separated tiers (default: every registered tier)")
+    bench_tiers.add_argument("--runs", type=int, default=5, help="measured runs per path (after warm-up)")
+    bench_tiers.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per measured run")
+    bench_tiers.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
+    bench_tiers.set_defaults(run=cmd_bench_tiers)
     return parser
 
 

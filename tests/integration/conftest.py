@@ -17,9 +17,10 @@ import pytest
 
 from tierserve.client import list_workers
 from tierserve.config import config_to_toml, parse_config
+from tierserve.tiers import TIER_NAMES
 from tierserve.v1 import router_pb2
 
-POOL_START_TIMEOUT_S = 600
+POOL_START_TIMEOUT_S = 1200
 
 
 @dataclass
@@ -41,15 +42,18 @@ class LivePool:
 
 
 def pool_config_data() -> dict[str, object]:
+    """Every tier, one worker each, alternating over the usable CPUs (on 2 cores: fp32 and bf16 apart)."""
     cpus = sorted(os.sched_getaffinity(0))
-    fp32_cores, bf16_cores = ([cpus[0]], [cpus[1]]) if len(cpus) >= 2 else (cpus, cpus)
+    workers = [
+        {"name": f"{tier}-0", "tier": tier, "cores": [cpus[index % len(cpus)]], "warmup_runs": 1}
+        for index, tier in enumerate(TIER_NAMES)
+    ]
     return {
         "limits": {"max_new_tokens": 256, "default_max_new_tokens": 16},
         "router": {"port": 0, "health_interval_s": 0.5},
-        "workers": [
-            {"name": "fp32-0", "tier": "fp32", "cores": fp32_cores, "warmup_runs": 1},
-            {"name": "bf16-0", "tier": "bf16", "cores": bf16_cores, "warmup_runs": 1},
-        ],
+        # A shorter card than the default keeps a fresh machine's first start quick.
+        "data": {"eval_tokens": 384, "eval_chunk_tokens": 128},
+        "workers": workers,
     }
 
 

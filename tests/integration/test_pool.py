@@ -137,15 +137,18 @@ def test_four_concurrent_requests_all_complete(live_pool: LivePool) -> None:
 
 def test_list_workers_reports_descriptions_and_health(live_pool: LivePool) -> None:
     workers = {w.worker_id: w for w in router(live_pool).ListWorkers(router_pb2.ListWorkersRequest()).workers}
-    assert set(workers) == {"fp32-0", "bf16-0"}
+    assert set(workers) == set(live_pool.worker_cores)
     for name, status in workers.items():
         assert status.health == router_pb2.WORKER_HEALTH_SERVING
         info = status.info
         assert info.tier == name.removesuffix("-0")
         assert list(info.cores) == live_pool.worker_cores[name]
         assert info.threads == len(info.cores)
-        assert info.backend.startswith("ipex") and "ipex.llm.optimize" in info.kernel
-        assert info.dtype == {"fp32": "float32", "bf16": "bfloat16"}[info.tier]
+        assert info.backend and info.kernel and info.dtype
+        if info.tier in ("fp32", "bf16"):
+            assert info.backend.startswith("ipex") and "ipex.llm.optimize" in info.kernel
+            assert info.dtype == {"fp32": "float32", "bf16": "bfloat16"}[info.tier]
+        assert info.accuracy.measured and info.accuracy.eval_tokens > 0
         assert info.warmup_latency.samples > 0 and info.warmup_latency.tpot_p50_us > 0
         assert info.load_time_ms > 0 and info.rss_mb > 0 and info.max_context_tokens == 8192
         assert info.versions["torch"].startswith("2.8")
@@ -195,7 +198,7 @@ def test_watch_stats_pushes_live_figures(live_pool: LivePool) -> None:
     first, second = next(stream), next(stream)
     stream.cancel()
     assert second.timestamp_us - first.timestamp_us >= 150_000
-    assert {w.worker_id for w in second.workers} == {"fp32-0", "bf16-0"}
+    assert {w.worker_id for w in second.workers} == set(live_pool.worker_cores)
     assert any(w.relayed_latency.samples > 0 for w in second.workers)
     with pytest.raises(grpc.RpcError) as caught:
         next(router(live_pool).WatchStats(router_pb2.WatchStatsRequest(interval_ms=10)))
@@ -242,7 +245,7 @@ def test_cli_generate_and_workers_print_tokens_and_summary(live_pool: LivePool) 
         [*cli, "workers", *address, "--json"], capture_output=True, text=True, timeout=60, check=True
     )
     reply = json_format.Parse(listed.stdout, router_pb2.ListWorkersResponse())
-    assert {w.worker_id for w in reply.workers} == {"fp32-0", "bf16-0"}
+    assert {w.worker_id for w in reply.workers} == set(live_pool.worker_cores)
     bad = subprocess.run(
         [*cli, "generate", "", "--address", live_pool.router_address],
         capture_output=True,

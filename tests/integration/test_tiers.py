@@ -1,0 +1,64 @@
+"""Every tier on the default model, over real sockets: coherent text and measured accuracy cards."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from tests.integration.conftest import LivePool
+from tierserve.tiers import REFERENCE_TIER, TIER_NAMES
+from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2
+
+pytestmark = pytest.mark.integration
+
+
+def cards(pool: LivePool) -> dict[str, worker_pb2.AccuracyCard]:
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(pool.router_address))
+    return {w.info.tier: w.info.accuracy for w in stub.ListWorkers(router_pb2.ListWorkersRequest()).workers}
+
+
+@pytest.mark.parametrize("tier", TIER_NAMES)
+def test_every_tier_continues_coherently(live_pool: LivePool, tier: str) -> None:
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(live_pool.router_address))
+    request = generate_pb2.GenerateRequest(prompt="The capital of France is", max_new_tokens=8, tier=tier)
+    summary = list(stub.Generate(request, timeout=300))[-1].summary
+    assert summary.tier == tier
+    assert "Paris" in summary.text, f"{tier} wrote {summary.text!r}"
+
+
+def test_reference_card_shows_zero_loss(live_pool: LivePool) -> None:
+    reference = cards(live_pool)[REFERENCE_TIER]
+    assert reference.measured
+    assert abs(reference.perplexity_delta_pct) < 0.01
+    assert reference.kl_divergence < 1e-4 and reference.top1_agreement > 0.999
+
+
+def test_cards_are_ordered_as_measured(live_pool: LivePool) -> None:
+    measured = cards(live_pool)
+    assert set(measured) == set(TIER_NAMES)
+    assert len({card.eval_tokens for card in measured.values()}) == 1, "every card scores the same tokens"
+    divergence = {tier: card.kl_divergence for tier, card in measured.items()}
+    # Full precision is the reference; 4-bit weights lose the most; 8-bit sits in between.
+    assert min(divergence, key=divergence.__getitem__) == REFERENCE_TIER
+    assert max(divergence, key=divergence.__getitem__) == "int4-woq"
+    for tier in ("bf16", "int8-sq", "int8-woq"):
+        assert divergence[REFERENCE_TIER] < divergence[tier] < divergence["int4-woq"], tier
+    for tier, card in measured.items():
+        assert card.perplexity > 1 and 0 < card.top1_agreement <= 1, tier
+
+
+def test_accuracy_tolerance_is_compared_with_the_measured_perplexity_change(live_pool: LivePool) -> None:
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(live_pool.router_address))
+    measured = cards(live_pool)
+    request = generate_pb2.GenerateRequest(prompt="The capital of France is", max_new_tokens=4)
+    request.max_quality_loss_pct = 0.0
+    summary = list(stub.Generate(request, timeout=300))[-1].summary
+    assert measured[summary.tier].perplexity_delta_pct <= 0.0
+    # 4-bit weights lose measurably; a tolerance below that loss refuses the pinned tier.
+    int4_loss = measured["int4-woq"].perplexity_delta_pct
+    assert int4_loss > 0
+    request.tier, request.max_quality_loss_pct = "int4-woq", int4_loss / 2
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(request, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "max_quality_loss_pct" in caught.value.details()

@@ -1,0 +1,262 @@
+"""Tiers int8-woq and int4-woq: kernel choice by ISA and recipe, recipe checks, the quantizers,
+and the native path end to end on the tiny random model (build, reuse the artifact, generate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
+from tierserve.config import ConfigError, TierRecipe
+from tierserve.requests import GenerationParams, SamplingParams
+from worker.engine import Engine, TokenEvent
+from worker.isa import CpuIsa
+from worker.tiers import LoadedModel, TierContext, make_tier, native_woq
+from worker.tiers.woq import IPEX_SETTINGS_FILE
+
+TIERS = ("int8-woq", "int4-woq")
+FAST_WOQ_CPU = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", "avx512f", "avx2"})
+ZEN4 = CpuIsa.from_flags({"avx512f", "avx512_bf16", "avx512_vnni", "avx2"})
+# The tiny model is 64 wide with a 128-wide MLP.
+TINY_RECIPE = TierRecipe(group_size=32, kernel="native")
+
+
+def smollm_like_config(**overrides: Any) -> Any:
+    settings: dict[str, Any] = {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "architectures": ["LlamaForCausalLM"],
+        **overrides,
+    }
+    return LlamaConfig(**settings)
+
+
+def tier_for(name: str, recipe: TierRecipe = TINY_RECIPE, isa: CpuIsa = ZEN4) -> Any:
+    return make_tier(name, TierContext(recipe=recipe, isa=isa))
+
+
+# ------------------------------------------------------------------ kernel choice
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_auto_takes_ipex_only_where_its_woq_kernels_are_fast(name: str) -> None:
+    assert tier_for(name, TierRecipe(), FAST_WOQ_CPU).kernel_path() == "ipex"
+    assert tier_for(name, TierRecipe(), ZEN4).kernel_path() == "native"
+    amx_without_fp16 = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512f"})
+    assert tier_for(name, TierRecipe(), amx_without_fp16).kernel_path() == "native"
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_recipe_kernel_forces_either_path(name: str) -> None:
+    for isa in (FAST_WOQ_CPU, ZEN4):
+        assert tier_for(name, TierRecipe(kernel="ipex"), isa).kernel_path() == "ipex"
+        assert tier_for(name, TierRecipe(kernel="native"), isa).kernel_path() == "native"
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_kernel_path_keys_the_artifact(name: str) -> None:
+    fast = tier_for(name, TierRecipe(), FAST_WOQ_CPU).recipe_key()
+    slow = tier_for(name, TierRecipe(), ZEN4).recipe_key()
+    assert fast["kernel_path"] == "ipex"
+    assert slow["kernel_path"] == "native"
+    assert fast != slow
+
+
+# ------------------------------------------------------------------ recipe checks
+
+
+@pytest.mark.parametrize("group_size", [100, 256, 40])
+def test_group_size_that_does_not_divide_the_model_is_refused(group_size: int) -> None:
+    tier = tier_for("int4-woq", TierRecipe(group_size=group_size))
+    with pytest.raises(
+        ConfigError, match=rf"group_size {group_size}.*hidden size 576.*intermediate size 1536"
+    ):
+        tier.check(smollm_like_config())
+
+
+def test_explicit_group_size_128_is_refused_on_a_576_wide_model() -> None:
+    with pytest.raises(ConfigError, match="group_size 128"):
+        tier_for("int4-woq", TierRecipe(group_size=128)).check(smollm_like_config())
+
+
+def test_unset_group_size_is_32_and_fits_the_default_model() -> None:
+    tier = tier_for("int4-woq", TierRecipe())
+    assert tier.group_size(smollm_like_config()) == 32
+    tier.check(smollm_like_config())
+    with pytest.raises(ConfigError, match="group_size 32 does not divide"):
+        tier.check(smollm_like_config(hidden_size=600))
+
+
+def test_native_int4_needs_a_kernel_group_size() -> None:
+    with pytest.raises(ConfigError, match="native int4 kernel"):
+        tier_for("int4-woq", TierRecipe(group_size=16)).check(smollm_like_config())
+    with pytest.raises(ConfigError, match="per output channel"):
+        tier_for("int4-woq", TierRecipe(group_size=0)).check(smollm_like_config())
+    # IPEX takes per-channel int4.
+    tier_for("int4-woq", TierRecipe(group_size=0, kernel="ipex")).check(smollm_like_config())
+
+
+def test_int8_is_per_channel_and_ignores_group_size() -> None:
+    tier = tier_for("int8-woq", TierRecipe(group_size=48))
+    assert tier.group_size(smollm_like_config()) == 0
+    tier.check(smollm_like_config())
+    assert "group_size" not in tier.recipe_key()
+    assert "group_size" in tier_for("int4-woq").recipe_key()
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_native_refuses_what_only_ipex_does(name: str) -> None:
+    with pytest.raises(ConfigError, match="lowp_mode INT8"):
+        tier_for(name, TierRecipe(lowp_mode="INT8")).check(smollm_like_config())
+    with pytest.raises(ConfigError, match="low_precision_checkpoint"):
+        tier_for(name, TierRecipe(low_precision_checkpoint="/x.safetensors")).check(smollm_like_config())
+    with pytest.raises(ConfigError, match="native WOQ kernel path supports"):
+        tier_for(name, TierRecipe()).check(smollm_like_config(architectures=["GPT2LMHeadModel"]))
+    tier_for(name, TierRecipe(lowp_mode="INT8", kernel="ipex")).check(smollm_like_config())
+
+
+def test_ipex_path_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
+    tier = tier_for("int4-woq", TierRecipe(kernel="ipex", low_precision_checkpoint=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        tier.check(smollm_like_config())
+
+
+# ------------------------------------------------------------------ quantizers and kernels
+
+
+def test_int4_recovers_weights_on_a_16_level_grid_per_group() -> None:
+    torch.manual_seed(0)
+    n, k, group = 96, 128, 32
+    levels = torch.randint(0, 16, (n, k)).float()
+    levels[:, ::group] = 0  # every group spans the full grid, as a Q4_1 block does
+    levels[:, 1::group] = 15
+    scale = torch.rand(n, k // group) * 0.01 + 0.001
+    low = torch.randn(n, k // group) * 0.05
+    weight = levels * scale.repeat_interleave(group, 1) + low.repeat_interleave(group, 1)
+    packed = native_woq.quantize_int4(weight, group)
+    linear = native_woq.Int4WoqLinear(packed["qweight"], packed["scales_and_zeros"], group, torch.float32)
+    x = torch.randn(3, k)
+    torch.testing.assert_close(linear(x), x @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+def test_int8_and_int4_linears_match_their_float_weights(activations: torch.dtype) -> None:
+    torch.manual_seed(1)
+    weight = torch.randn(64, 128) * 0.05
+    x = torch.randn(2, 5, 128)
+    expected = x @ weight.T
+    q8 = native_woq.quantize_int8(weight)
+    int8 = native_woq.Int8WoqLinear(q8["qweight"], q8["scales"], activations)
+    q4 = native_woq.quantize_int4(weight, 32)
+    int4 = native_woq.Int4WoqLinear(q4["qweight"], q4["scales_and_zeros"], 32, activations)
+    scale = expected.abs().mean().item()
+    assert int8(x).shape == expected.shape
+    assert (int8(x).float() - expected).abs().mean().item() < 0.02 * scale
+    assert (int4(x).float() - expected).abs().mean().item() < 0.15 * scale
+
+
+# ------------------------------------------------------------------ native path end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def artifact_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    dirs = {}
+    for name in TIERS:
+        folder = tmp_path_factory.mktemp(name)
+        messages: list[str] = []
+        tier_for(name).build(tiny_model_dir, folder, messages.append)
+        assert (folder / native_woq.ARTIFACT_FILE).is_file()
+        assert messages
+        dirs[name] = folder
+    return dirs
+
+
+@pytest.fixture(scope="module", params=TIERS)
+def loaded(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, artifact_dirs: dict[str, Path]
+) -> LoadedModel:
+    name: str = request.param
+    result: LoadedModel = tier_for(name).load(tiny_model_dir, artifact_dirs[name])
+    return result
+
+
+def generate(loaded: LoadedModel, sampling: SamplingParams, tokens: int = 6) -> list[TokenEvent]:
+    engine = Engine(loaded)
+    request = GenerationParams(
+        prompt="Once upon a time", max_new_tokens=tokens, sampling=sampling, stop=(), request_id="woq"
+    )
+    events: list[TokenEvent] = []
+    engine.generate(engine.prepare(request), request, events.append)
+    return events
+
+
+def test_loaded_model_says_what_runs(loaded: LoadedModel) -> None:
+    assert loaded.kernel.startswith("native:")
+    assert "_weight_int8pack_mm" in loaded.kernel  # int8 layers, or the int4 tier's int8 lm_head
+    assert loaded.backend.startswith(f"torch {torch.__version__} native")
+    assert loaded.context_tokens == TINY_CONTEXT_TOKENS
+    assert loaded.dtype == torch.bfloat16
+
+
+def test_int4_kernel_names_its_group() -> None:
+    scheme = native_woq.NativeScheme(bits=4, group_size=32, head_bits=8, activations=torch.bfloat16)
+    assert "_weight_int4pack_mm_for_cpu int4 group 32" in scheme.describe()
+
+
+def test_generates_greedy_and_sampled(loaded: LoadedModel) -> None:
+    greedy = generate(loaded, SamplingParams())
+    assert 1 <= len(greedy) <= 6
+    assert [e.token_id for e in generate(loaded, SamplingParams())] == [e.token_id for e in greedy]
+    sampled = generate(loaded, SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7))
+    assert 1 <= len(sampled) <= 6
+
+
+def test_second_load_reuses_the_artifact(
+    tiny_model_dir: Path, artifact_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_quantizing(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("load quantized again although the artifact exists")
+
+    monkeypatch.setattr(native_woq, "quantize_model", no_quantizing)
+    for name in TIERS:
+        again = tier_for(name).load(tiny_model_dir, artifact_dirs[name])
+        assert generate(again, SamplingParams(), tokens=2)
+
+
+def test_load_without_artifact_quantizes(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = native_woq.quantize_model
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native_woq, "quantize_model", counting)
+    tier_for("int4-woq").load(tiny_model_dir, tmp_path)
+    assert calls == [1]
+
+
+def test_artifact_for_another_group_size_is_not_used(
+    tiny_model_dir: Path, artifact_dirs: dict[str, Path]
+) -> None:
+    scheme = tier_for("int4-woq", TierRecipe(group_size=64, kernel="native")).native_scheme(
+        LlamaConfig(hidden_size=64, intermediate_size=128)
+    )
+    assert native_woq.read_artifact(artifact_dirs["int4-woq"], scheme) is None
+
+
+def test_ipex_path_build_records_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tier = tier_for("int4-woq", TierRecipe(group_size=32, kernel="ipex"))
+    tier.build(tiny_model_dir, tmp_path, lambda message: None)
+    assert (tmp_path / IPEX_SETTINGS_FILE).read_text(encoding="utf-8").count('"group_size": 32') == 1

@@ -1,0 +1,129 @@
+"""Tier int8-sq: SmoothQuant static int8 through IPEX.
+
+SmoothQuant moves part of each linear layer's activation outliers into its weights
+(per input channel, by a factor set by `alpha`), so that both can be quantized to int8:
+activations statically (one scale per tensor, found by calibration), weights per output
+channel. `build` runs the calibration texts through IPEX's prepared model and saves the
+observed ranges as a qconfig summary; `load` quantizes a fresh model from that summary
+and traces it, which takes seconds and needs no calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tierserve.textsets import fingerprint, read_paragraphs
+from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
+from worker.tiers.ipex_common import cpu_capability, load_hf_model
+
+log = logging.getLogger(__name__)
+
+QCONFIG_SUMMARY = "qconfig_summary.json"
+# Calibration texts are cut to this many tokens (and to the model's context window).
+CALIBRATION_MAX_TOKENS = 512
+# Position of input ids, attention mask and position ids in IPEX's example-input tuple
+# for decoder-only models (`get_dummy_input(model)`): (ids, mask, past_key_values[, position_ids]).
+_IDS, _MASK, _POSITIONS = 0, 1, 3
+
+
+def _smooth_quant_qconfig(alpha: float) -> Any:
+    import intel_extension_for_pytorch as ipex
+
+    return ipex.quantization.get_smooth_quant_qconfig_mapping(alpha=alpha)
+
+
+@register_tier
+class Int8SqTier(Tier):
+    name = "int8-sq"
+    recipe_fields = ("alpha", "calibration_samples")
+
+    def calibration_texts(self) -> list[str]:
+        """The calibration paragraphs this tier uses: at most `calibration_samples` of them."""
+        return read_paragraphs(self.context.calibration_file)[: self.recipe.calibration_samples]
+
+    def recipe_key(self) -> dict[str, Any]:
+        return {**super().recipe_key(), "calibration": fingerprint(self.calibration_texts())}
+
+    def check(self, model_config: Any) -> None:
+        available = len(read_paragraphs(self.context.calibration_file))  # ConfigError if empty/missing
+        wanted = self.recipe.calibration_samples
+        if available < wanted:
+            log.warning(
+                "calibration file %s has %d paragraphs; int8-sq asked for %d and uses the %d there are",
+                self.context.calibration_file,
+                available,
+                wanted,
+                available,
+            )
+
+    def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
+        import intel_extension_for_pytorch as ipex
+        from intel_extension_for_pytorch.quantization import prepare
+        from intel_extension_for_pytorch.transformers.optimize import get_dummy_input
+
+        texts = self.calibration_texts()
+        model, tokenizer = load_hf_model(model_dir)
+        max_tokens = min(CALIBRATION_MAX_TOKENS, int(model.config.max_position_embeddings))
+        qconfig = _smooth_quant_qconfig(self.recipe.alpha)
+        progress("preparing the model for calibration")
+        model = ipex.llm.optimize(
+            model, dtype=torch.float32, quantization_config=qconfig, inplace=True, deployment_mode=False
+        )
+        example = get_dummy_input(model)
+        if len(example) != 4:
+            raise RuntimeError(
+                f"int8-sq expects IPEX example inputs (ids, mask, past_key_values, position_ids) for "
+                f"{model.config.architectures[0]}; got {len(example)} inputs"
+            )
+        prepared = prepare(model, qconfig, example_inputs=example, inplace=True)
+        with torch.no_grad():
+            for done, text in enumerate(texts, start=1):
+                progress(f"calibrating {done}/{len(texts)}")
+                ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+                inputs = list(example)
+                inputs[_IDS] = ids
+                inputs[_MASK] = torch.ones_like(ids)
+                inputs[_POSITIONS] = torch.arange(ids.shape[1]).unsqueeze(0)
+                prepared(*inputs)
+        prepared.save_qconf_summary(qconf_summary=str(artifact_dir / QCONFIG_SUMMARY))
+
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        import intel_extension_for_pytorch as ipex
+
+        summary = artifact_dir / QCONFIG_SUMMARY
+        if not summary.is_file():
+            raise FileNotFoundError(f"int8-sq artifact has no {QCONFIG_SUMMARY}: {artifact_dir}")
+        model, tokenizer = load_hf_model(model_dir)
+        context_tokens = int(model.config.max_position_embeddings)
+        alpha = self.recipe.alpha
+        with torch.inference_mode():
+            optimized = ipex.llm.optimize(
+                model,
+                dtype=torch.float32,
+                quantization_config=_smooth_quant_qconfig(alpha),
+                qconfig_summary_file=str(summary),
+                inplace=True,
+                deployment_mode=True,
+            )
+        traced = getattr(optimized, "trace_graph", None) is not None
+        kernel = (
+            f"IPEX SmoothQuant static int8 (alpha={alpha:g}): uint8 activations with one static "
+            "scale per tensor, int8 weights per output channel (symmetric), fp32 between "
+            f"quantized ops, {'TorchScript graph' if traced else 'eager (tracing fell back)'}, "
+            f"CPU ISA {cpu_capability()}"
+        )
+        return LoadedModel(
+            model=optimized,
+            tokenizer=tokenizer,
+            backend=f"ipex {ipex.__version__}",
+            kernel=kernel,
+            # The matmuls run in int8, but what the model computes between them (norms,
+            # softmax, residuals, logits) and hands back is fp32; int8 names the tier's
+            # numeric format, which is what clients compare tiers by.
+            dtype=torch.int8,
+            context_tokens=context_tokens,
+        )

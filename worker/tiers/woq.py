@@ -1,0 +1,305 @@
+"""Tiers int8-woq and int4-woq: weight-only quantization (activations stay bf16 or fp32).
+
+Two kernel paths, chosen by `kernel_path()`:
+
+- "ipex": `ipex.llm.optimize` with `get_weight_only_quant_qconfig_mapping` (and the
+  recipe's `low_precision_checkpoint`, if any). Fast only on CPUs with AMX and
+  AVX512_FP16; elsewhere IPEX dequantizes every weight at every step (~15x slower than
+  IPEX bf16 on this project's development machine). Taken when `kernel = "ipex"`, or
+  `kernel = "auto"` on a CPU where `CpuIsa.ipex_woq_fast`. IPEX quantizes at load time;
+  `build` only records the settings.
+- "native": PyTorch's own weight-only kernels inside IPEX's traced decoder graph (see
+  `worker.tiers.native_woq`). `build` quantizes once and writes the packed weights;
+  `load` only reads and repacks them.
+
+Recipe fields:
+
+- `group_size` (int4 only): input channels per quantization group. Left unset, the tier
+  takes 32 (the smallest the native kernel accepts; check() refuses models it does not
+  fit). 32 because it is both the most accurate and, measured here, no slower: the default
+  model's weights are dequantized GGUF Q4_1 (blocks of 32 along the input, min/max), so
+  group 32 recovers them almost exactly (perplexity +0.3% vs fp32) while group 64 costs
+  +50%; and TierRecipe's own default, 128, does not divide SmolLM2's hidden size 576. Set
+  explicitly, a size that does not divide both is refused. 0 means one group per output
+  channel (IPEX only).
+  int8-woq is always per output channel (one scale per row) on both paths and ignores it.
+- `lowp_mode`: IPEX's lowest compute precision. AUTO means BF16. On the native path
+  AUTO/BF16 run bf16 activations, FP32 runs fp32 activations (much slower kernels), INT8
+  (dynamically quantized activations) exists only on the IPEX path.
+- `low_precision_checkpoint`: a GPTQ/AWQ-style checkpoint (a .safetensors/.pt/.bin file,
+  or a folder of them with a config.json carrying `quantization_config`) handed to IPEX;
+  IPEX path only.
+- `kernel`: auto | ipex | native.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from tierserve.config import ConfigError
+from worker.tiers import native_woq
+from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
+from worker.tiers.ipex_common import cpu_capability, load_hf_model
+
+log = logging.getLogger(__name__)
+
+IPEX_SETTINGS_FILE = "woq-ipex.json"
+# int4 group size when the recipe leaves group_size unset (see the module doc).
+DEFAULT_GROUP_SIZE = 32
+
+
+def _bf16_autocast() -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def read_low_precision_checkpoint(path: Path) -> Any:
+    """A state dict, or (state dict, quantization_config) when a config.json says how it was made."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted([*path.glob("*.bin"), *path.glob("*.pt")])
+        config_file = path / "config.json"
+    else:
+        files = [path]
+        config_file = path.parent / "config.json"
+    if not files:
+        raise ConfigError(f"low_precision_checkpoint {path}: no .safetensors, .bin or .pt files in it")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(file)))
+        else:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+    quant_config = None
+    if config_file.is_file():
+        quant_config = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
+    return (state, quant_config) if quant_config else state
+
+
+class _WoqTier(Tier):
+    """Shared by int8-woq and int4-woq; subclasses set the weight width."""
+
+    bits: ClassVar[Literal[4, 8]]
+    # The lm_head (tied to the embeddings here, 49152 x 576: a fifth of all weights) on the
+    # native path.
+    native_head_bits: ClassVar[native_woq.Bits]
+
+    # --- recipe -----------------------------------------------------------------------------
+
+    def kernel_path(self) -> str:
+        kernel = self.recipe.kernel
+        if kernel == "ipex" or (kernel == "auto" and self.context.isa.ipex_woq_fast):
+            return "ipex"
+        return "native"
+
+    def group_size(self, model_config: Any) -> int:
+        """Input channels per quantization group; 0 means one group per output channel."""
+        if self.bits == 8:
+            return 0
+        if "group_size" in self.recipe.model_fields_set:
+            return self.recipe.group_size
+        return DEFAULT_GROUP_SIZE
+
+    def check(self, model_config: Any) -> None:
+        path = self.kernel_path()
+        if self.bits == 4:
+            self._check_group_size(model_config, path)
+        if path == "native":
+            self._check_native(model_config)
+        elif self.recipe.low_precision_checkpoint:
+            checkpoint = Path(self.recipe.low_precision_checkpoint).expanduser()
+            if not checkpoint.exists():
+                raise ConfigError(f"{self.name}: low_precision_checkpoint {checkpoint} does not exist")
+
+    def _check_group_size(self, model_config: Any, path: str) -> None:
+        group = self.group_size(model_config)
+        sizes = _grouped_sizes(model_config)
+        if group == 0:
+            if path == "native":
+                raise ConfigError(
+                    f'{self.name}: group_size 0 (per output channel) needs kernel = "ipex"; the native '
+                    f"int4 kernel takes group_size {', '.join(map(str, native_woq.INT4_GROUP_SIZES))}"
+                )
+            return
+        fitting = [g for g in (256, 128, 64, 32, 16) if all(s % g == 0 for s in sizes)]
+        if any(s % group for s in sizes):
+            raise ConfigError(
+                f"{self.name}: group_size {group} does not divide the model's hidden size {sizes[0]} "
+                f"and intermediate size {sizes[1]}; choose one that divides both"
+                + (f" (e.g. {', '.join(map(str, fitting))})" if fitting else "")
+            )
+        if path == "native" and group not in native_woq.INT4_GROUP_SIZES:
+            raise ConfigError(
+                f"{self.name}: group_size {group} is not supported by the native int4 kernel "
+                f"(aten._weight_int4pack_mm_for_cpu takes {', '.join(map(str, native_woq.INT4_GROUP_SIZES))})"
+            )
+        if path == "ipex" and group & (group - 1):
+            raise ConfigError(f"{self.name}: IPEX needs group_size to be a power of two, got {group}")
+
+    def _check_native(self, model_config: Any) -> None:
+        architecture = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
+        if architecture not in native_woq.SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{self.name}: the native WOQ kernel path supports "
+                f'{", ".join(native_woq.SUPPORTED_ARCHITECTURES)}, not {architecture}; set kernel = "ipex"'
+            )
+        if getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False):
+            raise ConfigError(f"{self.name}: the native WOQ kernel path needs linear layers without bias")
+        if self.recipe.lowp_mode == "INT8":
+            raise ConfigError(
+                f'{self.name}: lowp_mode INT8 (dynamically quantized activations) needs kernel = "ipex"; '
+                "the native path runs BF16 or FP32 activations"
+            )
+        if self.recipe.low_precision_checkpoint:
+            raise ConfigError(f'{self.name}: low_precision_checkpoint is read only with kernel = "ipex"')
+
+    def native_scheme(self, model_config: Any) -> native_woq.NativeScheme:
+        return native_woq.NativeScheme(
+            bits=self.bits,
+            group_size=self.group_size(model_config),
+            head_bits=self.native_head_bits,
+            activations=torch.float32 if self.recipe.lowp_mode == "FP32" else torch.bfloat16,
+        )
+
+    # --- build and load -----------------------------------------------------------------------
+
+    def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
+        if self.kernel_path() == "ipex":
+            # IPEX quantizes while optimizing, at load; record what it will be asked for.
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(model_dir)
+            self.check(model_config)
+            (artifact_dir / IPEX_SETTINGS_FILE).write_text(
+                json.dumps(self._ipex_settings(model_config), indent=2) + "\n", encoding="utf-8"
+            )
+            return
+        progress("loading the float model")
+        model, _ = load_hf_model(model_dir)
+        self.check(model.config)
+        scheme = self.native_scheme(model.config)
+        progress(f"quantizing: {scheme.describe()}")
+        tensors = native_woq.quantize_model(model, scheme, progress)
+        native_woq.save_artifact(artifact_dir, tensors, scheme)
+
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        if self.kernel_path() == "ipex":
+            return self._load_ipex(model_dir)
+        return self._load_native(model_dir, artifact_dir)
+
+    def _load_native(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        model, tokenizer = load_hf_model(model_dir)
+        self.check(model.config)
+        context_tokens = int(model.config.max_position_embeddings)
+        scheme = self.native_scheme(model.config)
+        tensors = native_woq.read_artifact(artifact_dir, scheme)
+        if tensors is None:
+            log.warning("%s: no packed weights in %s; quantizing now", self.name, artifact_dir)
+            tensors = native_woq.quantize_model(model, scheme, lambda message: None)
+        model = native_woq.build_native_model(model, tensors, scheme)
+        import intel_extension_for_pytorch as ipex
+
+        kernel = (
+            f"native: {scheme.describe()}; in IPEX's TorchScript decoder graph (RoPE, attention, RMSNorm); "
+            f"CPU ISA {cpu_capability()}"
+        )
+        return LoadedModel(
+            model=model,
+            tokenizer=tokenizer,
+            backend=f"torch {torch.__version__} native kernels + ipex {ipex.__version__} graph",
+            kernel=kernel,
+            dtype=scheme.activations,
+            context_tokens=context_tokens,
+            run_context=_bf16_autocast if scheme.activations == torch.bfloat16 else contextlib.nullcontext,
+        )
+
+    def _ipex_settings(self, model_config: Any) -> dict[str, Any]:
+        group = self.group_size(model_config)
+        lowp = "BF16" if self.recipe.lowp_mode == "AUTO" else self.recipe.lowp_mode
+        return {
+            "weight_dtype": f"INT{self.bits}",
+            "group_size": group if group else -1,
+            "lowp_mode": lowp,
+            "dtype": "float32" if lowp == "FP32" else "bfloat16",
+            "low_precision_checkpoint": self.recipe.low_precision_checkpoint,
+        }
+
+    def _load_ipex(self, model_dir: Path) -> LoadedModel:
+        import intel_extension_for_pytorch as ipex
+        from intel_extension_for_pytorch.quantization import (
+            WoqLowpMode,
+            WoqWeightDtype,
+            get_weight_only_quant_qconfig_mapping,
+        )
+
+        model, tokenizer = load_hf_model(model_dir)
+        self.check(model.config)
+        context_tokens = int(model.config.max_position_embeddings)
+        settings = self._ipex_settings(model.config)
+        # IPEX's NONE: compute at the activation dtype, which is fp32 for lowp FP32.
+        lowp_modes = {"BF16": WoqLowpMode.BF16, "FP32": WoqLowpMode.NONE, "INT8": WoqLowpMode.INT8}
+        qconfig = get_weight_only_quant_qconfig_mapping(
+            weight_dtype=WoqWeightDtype.INT4 if self.bits == 4 else WoqWeightDtype.INT8,
+            lowp_mode=lowp_modes[settings["lowp_mode"]],
+            group_size=settings["group_size"],
+        )
+        dtype = torch.float32 if settings["dtype"] == "float32" else torch.bfloat16
+        extra: dict[str, Any] = {}
+        if self.recipe.low_precision_checkpoint:
+            checkpoint = Path(self.recipe.low_precision_checkpoint).expanduser()
+            extra["low_precision_checkpoint"] = read_low_precision_checkpoint(checkpoint)
+        with torch.inference_mode():
+            optimized = ipex.llm.optimize(
+                model, dtype=dtype, inplace=True, quantization_config=qconfig, deployment_mode=True, **extra
+            )
+        traced = getattr(optimized, "trace_graph", None) is not None
+        group = settings["group_size"]
+        speed = (
+            "AMX fast kernels"
+            if self.context.isa.ipex_woq_fast
+            else "reference kernels: every weight dequantized at every step (no AMX+AVX512_FP16)"
+        )
+        kernel = (
+            f"ipex WOQ INT{self.bits} {'per-channel' if group == -1 else f'group {group}'} "
+            f"lowp {settings['lowp_mode']}, {settings['dtype']} activations"
+            f"{', low_precision_checkpoint' if extra else ''}, "
+            f"{'TorchScript graph' if traced else 'eager (tracing fell back)'}; {speed}; "
+            f"CPU ISA {cpu_capability()}"
+        )
+        return LoadedModel(
+            model=optimized,
+            tokenizer=tokenizer,
+            backend=f"ipex {ipex.__version__}",
+            kernel=kernel,
+            dtype=dtype,
+            context_tokens=context_tokens,
+            run_context=_bf16_autocast if dtype == torch.bfloat16 else contextlib.nullcontext,
+        )
+
+
+def _grouped_sizes(model_config: Any) -> tuple[int, int]:
+    """The input widths every quantized matrix has: hidden size (q/k/v, gate/up, o, lm_head) and
+    intermediate size (down)."""
+    return int(model_config.hidden_size), int(model_config.intermediate_size)
+
+
+@register_tier
+class Int8WoqTier(_WoqTier):
+    name = "int8-woq"
+    bits = 8
+    native_head_bits = 8
+    recipe_fields = ("lowp_mode", "low_precision_checkpoint", "kernel")
+
+
+@register_tier
+class Int4WoqTier(_WoqTier):
+    name = "int4-woq"
+    bits = 4
+    native_head_bits = 8
+    recipe_fields = ("group_size", "lowp_mode", "low_precision_checkpoint", "kernel")
