@@ -14,14 +14,12 @@ Two kernel paths, chosen by `kernel_path()`:
 
 Recipe fields:
 
-- `group_size` (int4 only): input channels per quantization group. Left unset, the tier
-  takes 32 (the smallest the native kernel accepts; check() refuses models it does not
-  fit). 32 because it is both the most accurate and, measured here, no slower: the default
-  model's weights are dequantized GGUF Q4_1 (blocks of 32 along the input, min/max), so
-  group 32 recovers them almost exactly (perplexity +0.3% vs fp32) while group 64 costs
-  +50%; and TierRecipe's own default, 128, does not divide SmolLM2's hidden size 576. Set
-  explicitly, a size that does not divide both is refused. 0 means one group per output
-  channel (IPEX only).
+- `group_size` (int4 only): input channels per quantization group, default 32 (the smallest
+  the native kernel accepts). 32 because it is both the most accurate and, measured here, no
+  slower: the default model's weights are dequantized GGUF Q4_1 (blocks of 32 along the
+  input, min/max), so group 32 recovers them almost exactly (perplexity +0.3% vs fp32) while
+  group 64 costs +50%. A size that does not divide the hidden and intermediate sizes is
+  refused. 0 means one group per output channel (IPEX only).
   int8-woq is always per output channel (one scale per row) on both paths and ignores it.
 - `lowp_mode`: IPEX's lowest compute precision. AUTO means BF16. On the native path
   AUTO/BF16 run bf16 activations, FP32 runs fp32 activations (much slower kernels), INT8
@@ -50,8 +48,6 @@ from worker.tiers.ipex_common import cpu_capability, load_hf_model
 log = logging.getLogger(__name__)
 
 IPEX_SETTINGS_FILE = "woq-ipex.json"
-# int4 group size when the recipe leaves group_size unset (see the module doc).
-DEFAULT_GROUP_SIZE = 32
 
 
 def _bf16_autocast() -> Any:
@@ -102,9 +98,7 @@ class _WoqTier(Tier):
         """Input channels per quantization group; 0 means one group per output channel."""
         if self.bits == 8:
             return 0
-        if "group_size" in self.recipe.model_fields_set:
-            return self.recipe.group_size
-        return DEFAULT_GROUP_SIZE
+        return self.recipe.group_size
 
     def check(self, model_config: Any) -> None:
         path = self.kernel_path()
