@@ -17,7 +17,7 @@ from tierserve.requests import GenerationParams, SamplingParams
 from worker.accuracy import tier_log_probs
 from worker.engine import Engine, TokenEvent
 from worker.tiers import LoadedModel, TierContext, make_tier
-from worker.tiers.int8_sq import QCONFIG_SUMMARY
+from worker.tiers.int8_sq import QCONFIG_SUMMARY, Int8SqTier, keep_in_fp32
 
 PARAGRAPHS = [
     "Rivers carve valleys over thousands of years, carrying sand and stones towards the sea.",
@@ -40,6 +40,8 @@ def context(calibration_file: Path, alpha: float = 0.5, samples: int = SAMPLES) 
 
 @dataclass
 class Built:
+    model_dir: Path
+    calibration_file: Path
     artifact_dir: Path
     progress: list[str]
     loaded: LoadedModel
@@ -49,12 +51,13 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     root = tmp_path_factory.mktemp("int8-sq")
     model_dir = build_tiny_model_dir(root / "model")
-    tier = make_tier("int8-sq", context(write_texts(root / "calibration.txt", PARAGRAPHS)))
+    calibration_file = write_texts(root / "calibration.txt", PARAGRAPHS)
+    tier = make_tier("int8-sq", context(calibration_file))
     artifact_dir = root / "artifact"
     artifact_dir.mkdir()
     progress: list[str] = []
     tier.build(model_dir, artifact_dir, progress.append)
-    return Built(artifact_dir, progress, tier.load(model_dir, artifact_dir))
+    return Built(model_dir, calibration_file, artifact_dir, progress, tier.load(model_dir, artifact_dir))
 
 
 def test_build_calibrates_on_the_samples_and_writes_the_qconfig_summary(built: Built) -> None:
@@ -91,6 +94,31 @@ def test_teacher_forcing_scores_every_step(built: Built) -> None:
     log_probs = tier_log_probs(built.loaded, chunk)
     assert log_probs.shape[0] == len(chunk) - 1
     assert torch.isfinite(log_probs).all()
+
+
+def generate_greedy(loaded: LoadedModel, tokens: int) -> list[TokenEvent]:
+    engine = Engine(loaded)
+    request = GenerationParams(
+        prompt="Once upon a time,", max_new_tokens=tokens, sampling=SamplingParams(), stop=(), request_id="t"
+    )
+    events: list[TokenEvent] = []
+    engine.generate(engine.prepare(request), request, events.append)
+    return events
+
+
+class _HeadInFp32(Int8SqTier):
+    fp32_ops = ("^lm_head$",)
+
+
+def test_ops_kept_in_fp32_load_and_generate(built: Built, tmp_path: Path) -> None:
+    summary = json.loads((built.artifact_dir / QCONFIG_SUMMARY).read_text(encoding="utf-8"))
+    assert keep_in_fp32(summary, _HeadInFp32.fp32_ops) == ["lm_head"]
+    (tmp_path / QCONFIG_SUMMARY).write_text(json.dumps(summary), encoding="utf-8")
+    tier = _HeadInFp32(context(built.calibration_file))
+    assert tier.recipe_key()["fp32_ops"] == ["^lm_head$"]
+    loaded = tier.load(built.model_dir, tmp_path)
+    assert "kept in fp32: ^lm_head$" in loaded.kernel
+    assert 1 <= len(generate_greedy(loaded, 3)) <= 3
 
 
 def test_empty_or_missing_calibration_file_is_a_config_error(tmp_path: Path) -> None:

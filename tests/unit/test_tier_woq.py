@@ -91,6 +91,15 @@ def test_unset_group_size_is_32_and_fits_the_default_model() -> None:
         tier.check(smollm_like_config(hidden_size=600))
 
 
+def test_artifact_key_names_the_group_size_and_the_native_format() -> None:
+    unset = tier_for("int4-woq", TierRecipe()).recipe_key()
+    explicit = tier_for("int4-woq", TierRecipe(group_size=64)).recipe_key()
+    assert unset["group_size"] == 32
+    assert explicit["group_size"] == 64
+    assert "native_format" in unset
+    assert "native_format" not in tier_for("int4-woq", TierRecipe(), FAST_WOQ_CPU).recipe_key()
+
+
 def test_native_int4_needs_a_kernel_group_size() -> None:
     with pytest.raises(ConfigError, match="native int4 kernel"):
         tier_for("int4-woq", TierRecipe(group_size=16)).check(smollm_like_config())

@@ -10,9 +10,12 @@ and traces it, which takes seconds and needs no calibration.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,17 +39,44 @@ def _smooth_quant_qconfig(alpha: float) -> Any:
     return ipex.quantization.get_smooth_quant_qconfig_mapping(alpha=alpha)
 
 
+def keep_in_fp32(summary: dict[str, Any], patterns: Sequence[str]) -> list[str]:
+    """Mark the quantized ops of an IPEX qconfig summary whose name matches one of `patterns`
+    (regular expressions searched in IPEX's op names, e.g. `mlp_linear_add\\.linear$` for every
+    down_proj, `^lm_head$`) to run in fp32: their input and weight stay unquantized.
+    Returns the names of the ops changed."""
+    changed = []
+    for layer in summary.values():
+        for op in layer.get("q_op_infos", {}).values():
+            if not any(re.search(pattern, op["fqn"]) for pattern in patterns):
+                continue
+            for tensor in op["input_tensor_infos"]:
+                if tensor and tensor.get("inf_dtype") in ("torch.quint8", "torch.qint8"):
+                    tensor["inf_dtype"] = tensor["force_dtype"] = "torch.float32"
+            for tensor in op["weight_tensor_infos"]:
+                if tensor:
+                    tensor["inf_dtype"] = "torch.float32"
+            changed.append(op["fqn"])
+    return changed
+
+
 @register_tier
 class Int8SqTier(Tier):
     name = "int8-sq"
     recipe_fields = ("alpha", "calibration_samples")
+    # Quantized ops left in fp32 (patterns for `keep_in_fp32`). Empty: every linear layer,
+    # lm_head included, runs in int8. See the accuracy/speed trade-off in the module notes.
+    fp32_ops: ClassVar[tuple[str, ...]] = ()
 
     def calibration_texts(self) -> list[str]:
         """The calibration paragraphs this tier uses: at most `calibration_samples` of them."""
         return read_paragraphs(self.context.calibration_file)[: self.recipe.calibration_samples]
 
     def recipe_key(self) -> dict[str, Any]:
-        return {**super().recipe_key(), "calibration": fingerprint(self.calibration_texts())}
+        return {
+            **super().recipe_key(),
+            "calibration": fingerprint(self.calibration_texts()),
+            "fp32_ops": list(self.fp32_ops),
+        }
 
     def check(self, model_config: Any) -> None:
         available = len(read_paragraphs(self.context.calibration_file))  # ConfigError if empty/missing
@@ -89,7 +119,13 @@ class Int8SqTier(Tier):
                 inputs[_MASK] = torch.ones_like(ids)
                 inputs[_POSITIONS] = torch.arange(ids.shape[1]).unsqueeze(0)
                 prepared(*inputs)
-        prepared.save_qconf_summary(qconf_summary=str(artifact_dir / QCONFIG_SUMMARY))
+        summary_path = artifact_dir / QCONFIG_SUMMARY
+        prepared.save_qconf_summary(qconf_summary=str(summary_path))
+        if self.fp32_ops:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            kept = keep_in_fp32(summary, self.fp32_ops)
+            log.info("int8-sq keeps %d ops in fp32: %s", len(kept), ", ".join(kept))
+            summary_path.write_text(json.dumps(summary), encoding="utf-8")
 
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         import intel_extension_for_pytorch as ipex
@@ -110,10 +146,11 @@ class Int8SqTier(Tier):
                 deployment_mode=True,
             )
         traced = getattr(optimized, "trace_graph", None) is not None
+        fp32 = f", ops kept in fp32: {' '.join(self.fp32_ops)}" if self.fp32_ops else ""
         kernel = (
             f"IPEX SmoothQuant static int8 (alpha={alpha:g}): uint8 activations with one static "
             "scale per tensor, int8 weights per output channel (symmetric), fp32 between "
-            f"quantized ops, {'TorchScript graph' if traced else 'eager (tracing fell back)'}, "
+            f"quantized ops{fp32}, {'TorchScript graph' if traced else 'eager (tracing fell back)'}, "
             f"CPU ISA {cpu_capability()}"
         )
         return LoadedModel(

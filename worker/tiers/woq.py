@@ -15,11 +15,12 @@ Two kernel paths, chosen by `kernel_path()`:
 Recipe fields:
 
 - `group_size` (int4 only): input channels per quantization group, default 32 (the smallest
-  the native kernel accepts). 32 because it is both the most accurate and, measured here, no
-  slower: the default model's weights are dequantized GGUF Q4_1 (blocks of 32 along the
-  input, min/max), so group 32 recovers them almost exactly (perplexity +0.3% vs fp32) while
-  group 64 costs +50%. A size that does not divide the hidden and intermediate sizes is
-  refused. 0 means one group per output channel (IPEX only).
+  the native kernel accepts). 32 because it is the most accurate and was not measurably
+  slower than 64 here (on a heavily shared machine, so within noise): the default model's
+  weights are dequantized GGUF Q4_1 (blocks of 32 along the input, min/max), so group 32
+  recovers them almost exactly (perplexity +0.3% vs fp32) while group 64 costs +50%. A size
+  that does not divide the hidden and intermediate sizes is refused. 0 means one group per
+  output channel (IPEX only).
   int8-woq is always per output channel (one scale per row) on both paths and ignores it.
 - `lowp_mode`: IPEX's lowest compute precision. AUTO means BF16. On the native path
   AUTO/BF16 run bf16 activations, FP32 runs fp32 activations (much slower kernels), INT8
@@ -93,6 +94,13 @@ class _WoqTier(Tier):
         if kernel == "ipex" or (kernel == "auto" and self.context.isa.ipex_woq_fast):
             return "ipex"
         return "native"
+
+    def recipe_key(self) -> dict[str, Any]:
+        key = super().recipe_key()
+        if self.kernel_path() == "native":
+            # The packed layout and the lm_head width, so a change to either rebuilds the artifact.
+            key["native_format"] = f"{native_woq.ARTIFACT_FORMAT} lm_head {self.native_head_bits} bits"
+        return key
 
     def group_size(self, model_config: Any) -> int:
         """Input channels per quantization group; 0 means one group per output channel."""
