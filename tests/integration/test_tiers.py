@@ -38,11 +38,13 @@ def test_cards_are_ordered_as_measured(live_pool: LivePool) -> None:
     assert set(measured) == set(TIER_NAMES)
     assert len({card.eval_tokens for card in measured.values()}) == 1, "every card scores the same tokens"
     divergence = {tier: card.kl_divergence for tier, card in measured.items()}
-    # Full precision is the reference; 4-bit weights lose the most; 8-bit sits in between.
+    agreement = {tier: card.top1_agreement for tier, card in measured.items()}
+    # Full precision is the reference: nothing diverges less or agrees more. The quantized
+    # tiers' order among themselves is what the cards measure, not something assumed here.
     assert min(divergence, key=divergence.__getitem__) == REFERENCE_TIER
-    assert max(divergence, key=divergence.__getitem__) == "int4-woq"
-    for tier in ("bf16", "int8-sq", "int8-woq"):
-        assert divergence[REFERENCE_TIER] < divergence[tier] < divergence["int4-woq"], tier
+    assert max(agreement, key=agreement.__getitem__) == REFERENCE_TIER
+    for tier in ("int8-sq", "int8-woq", "int4-woq"):
+        assert measured[tier].perplexity_delta_pct > 0 and divergence[tier] > 0, tier
     for tier, card in measured.items():
         assert card.perplexity > 1 and 0 < card.top1_agreement <= 1, tier
 
