@@ -35,13 +35,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import psutil
 from rich.console import Console
 
+from tierserve.benchmarks.tiers import cpu_model, package_version
 from tierserve.config import TierserveConfig, default_config, parse_config
 from tierserve.cores import format_cpu_list, parse_cpu_list
 from tierserve.latency import percentile
@@ -342,23 +342,6 @@ def bench_hf_baseline(
 # --- report -------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| path | cores | TTFT ms | TPOT median ms | TPOT p95 ms | tokens/s | speed-up vs HF eager fp32 |",
@@ -395,9 +378,9 @@ def run_benchmark(out: Path, runs: int, new_tokens: int, run_dir: Path | None) -
             "cpu_isa": cpu_isa,
             "usable_cpus": sorted(os.sched_getaffinity(0)),
             "python": platform.python_version(),
-            "torch": _version("torch"),
-            "intel_extension_for_pytorch": _version("intel-extension-for-pytorch"),
-            "transformers": _version("transformers"),
+            "torch": package_version("torch"),
+            "intel_extension_for_pytorch": package_version("intel-extension-for-pytorch"),
+            "transformers": package_version("transformers"),
             "worker_reported_versions": worker_versions,
         },
         "prompt": PROMPT,

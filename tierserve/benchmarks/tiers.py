@@ -815,7 +815,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(distribution: str) -> str:
+def package_version(distribution: str) -> str:
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
@@ -997,7 +997,7 @@ def run_tiers_benchmark(
             "usable_cpus": cpus,
             "python": platform.python_version(),
             **{
-                name: _version(name)
+                name: package_version(name)
                 for name in ("torch", "intel-extension-for-pytorch", "transformers", "llama_cpp_python")
             },
         },
