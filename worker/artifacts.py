@@ -8,20 +8,19 @@ rebuilt with a warning, never trusted and never a crash.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tierserve.files import exclusive, file_sha256
 from worker.accuracy import AccuracyCard
 from worker.tiers.base import LoadedModel, Tier
 
@@ -48,20 +47,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_dir: Path) -> str:
     """Content hash of a model folder: its weights, config and tokenizer files."""
     digest = hashlib.sha256()
     for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
         digest.update(path.name.encode())
-        digest.update(file_digest(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -108,7 +99,7 @@ class ArtifactStore:
         inputs = self.key_inputs(tier, model_fingerprint(model_dir), eval_digest)
         folder = self.folder_for(tier, inputs)
         self.root.mkdir(parents=True, exist_ok=True)
-        with _exclusive(self.root / f".{folder.name}.lock"):
+        with exclusive(self.root / f".{folder.name}.lock"):
             try:
                 return Artifact(folder, self._verified_card(folder, inputs))
             except FileNotFoundError:
@@ -130,7 +121,7 @@ class ArtifactStore:
             raise StaleArtifact("built from other inputs")
         for name, digest in manifest.get("files", {}).items():
             path = folder / name
-            if not path.is_file() or file_digest(path) != digest:
+            if not path.is_file() or file_sha256(path) != digest:
                 raise StaleArtifact(f"{name} is missing or does not match its checksum")
         try:
             return AccuracyCard.load(folder / CARD)
@@ -155,7 +146,7 @@ class ArtifactStore:
             loaded = tier.load(model_dir, staging)
             card = measure(loaded, lambda done, total: progress("measuring accuracy", done, total))
             card.save(staging / CARD)
-            files = {p.name: file_digest(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
             manifest = {"inputs": inputs, "files": files, "build_seconds": time.perf_counter() - started}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             staging.rename(folder)
@@ -163,14 +154,3 @@ class ArtifactStore:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("built %s artifact %s: %s", tier.name, folder, card)
         return Artifact(folder, card, loaded)
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Two workers of one tier on one host build its artifact once."""
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -388,6 +388,7 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> str
         )
     axes.axhline(0.0, color="black", linewidth=0.6)
     axes.set_xscale("log")
+    axes.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
     axes.set_xlabel("TPOT, median ms per token (log scale; lower is faster)")
     axes.set_ylabel("perplexity delta vs fp32 reference, % (lower is more accurate)")
     axes.set_title(title, fontsize=10)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from worker.tiers.base import LoadedModel, Tier, register_tier
-from worker.tiers.ipex_common import ipex_optimize
-
-
-def _bf16_autocast() -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+from worker.tiers.ipex_common import bf16_autocast, ipex_optimize
 
 
 @register_tier
@@ -22,5 +16,5 @@ class Bf16Tier(Tier):
 
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         loaded = ipex_optimize(model_dir, torch.bfloat16)
-        loaded.run_context = _bf16_autocast
+        loaded.run_context = bf16_autocast
         return loaded

@@ -33,7 +33,7 @@ import torch
 
 from tierserve.textsets import fingerprint, read_paragraphs
 from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
-from worker.tiers.ipex_common import cpu_capability, load_hf_model
+from worker.tiers.ipex_common import cpu_capability, graph_mode, load_hf_model
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,11 @@ class Int8SqTier(Tier):
                 inplace=True,
                 deployment_mode=True,
             )
-        traced = getattr(optimized, "trace_graph", None) is not None
         fp32 = f", ops kept in fp32: {' '.join(self.fp32_ops)}" if self.fp32_ops else ""
         kernel = (
             f"IPEX SmoothQuant static int8 (alpha={alpha:g}): uint8 activations with one static "
             "scale per tensor, int8 weights per output channel (symmetric), fp32 between "
-            f"quantized ops{fp32}, {'TorchScript graph' if traced else 'eager (tracing fell back)'}, "
+            f"quantized ops{fp32}, {graph_mode(optimized)}, "
             f"CPU ISA {cpu_capability()}"
         )
         return LoadedModel(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,16 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def graph_mode(optimized: Any) -> str:
+    """Whether IPEX's deployment mode really traced the model, in words for the kernel string."""
+    traced = getattr(optimized, "trace_graph", None) is not None
+    return "TorchScript graph" if traced else "eager (tracing fell back)"
+
+
+def bf16_autocast() -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def ipex_optimize(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     """Apply the IPEX LLM recipe at `dtype`, with TorchScript tracing (deployment mode)."""
     import intel_extension_for_pytorch as ipex
@@ -34,12 +45,8 @@ def ipex_optimize(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     context_tokens = int(model.config.max_position_embeddings)
     with torch.inference_mode():
         optimized = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True)
-    traced = getattr(optimized, "trace_graph", None) is not None
     dtype_name = str(dtype).removeprefix("torch.")
-    kernel = (
-        f"ipex.llm.optimize dtype={dtype_name}, "
-        f"{'TorchScript graph' if traced else 'eager (tracing fell back)'}, CPU ISA {cpu_capability()}"
-    )
+    kernel = f"ipex.llm.optimize dtype={dtype_name}, {graph_mode(optimized)}, CPU ISA {cpu_capability()}"
     return LoadedModel(
         model=optimized,
         tokenizer=tokenizer,

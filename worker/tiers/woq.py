@@ -44,15 +44,11 @@ import torch
 from tierserve.config import ConfigError
 from worker.tiers import native_woq
 from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
-from worker.tiers.ipex_common import cpu_capability, load_hf_model
+from worker.tiers.ipex_common import bf16_autocast, cpu_capability, graph_mode, load_hf_model
 
 log = logging.getLogger(__name__)
 
 IPEX_SETTINGS_FILE = "woq-ipex.json"
-
-
-def _bf16_autocast() -> Any:
-    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def read_low_precision_checkpoint(path: Path) -> Any:
@@ -218,7 +214,7 @@ class _WoqTier(Tier):
             kernel=kernel,
             dtype=scheme.activations,
             context_tokens=context_tokens,
-            run_context=_bf16_autocast if scheme.activations == torch.bfloat16 else contextlib.nullcontext,
+            run_context=bf16_autocast if scheme.activations == torch.bfloat16 else contextlib.nullcontext,
         )
 
     def _ipex_settings(self, model_config: Any) -> dict[str, Any]:
@@ -260,7 +256,6 @@ class _WoqTier(Tier):
             optimized = ipex.llm.optimize(
                 model, dtype=dtype, inplace=True, quantization_config=qconfig, deployment_mode=True, **extra
             )
-        traced = getattr(optimized, "trace_graph", None) is not None
         group = settings["group_size"]
         speed = (
             "AMX fast kernels"
@@ -271,7 +266,7 @@ class _WoqTier(Tier):
             f"ipex WOQ INT{self.bits} {'per-channel' if group == -1 else f'group {group}'} "
             f"lowp {settings['lowp_mode']}, {settings['dtype']} activations"
             f"{', low_precision_checkpoint' if extra else ''}, "
-            f"{'TorchScript graph' if traced else 'eager (tracing fell back)'}; {speed}; "
+            f"{graph_mode(optimized)}; {speed}; "
             f"CPU ISA {cpu_capability()}"
         )
         return LoadedModel(
@@ -281,7 +276,7 @@ class _WoqTier(Tier):
             kernel=kernel,
             dtype=dtype,
             context_tokens=context_tokens,
-            run_context=_bf16_autocast if dtype == torch.bfloat16 else contextlib.nullcontext,
+            run_context=bf16_autocast if dtype == torch.bfloat16 else contextlib.nullcontext,
         )
 
 
