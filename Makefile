@@ -7,10 +7,10 @@ STAMP := $(VENV)/.tierserve-installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model run test test-quick lint format proto bench
+.PHONY: help setup model run test test-quick lint format proto bench bench-routing bench-overhead
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,3 +48,9 @@ proto: setup ## regenerate the gRPC stubs from protos/
 
 bench: model ## latency of each tier through the router vs transformers eager fp32, same run (JSON in bench-results/)
 	$(PY) -m bench.skeleton_latency --out bench-results/skeleton.json
+
+bench-routing: model ## every routing policy on one seeded Poisson trace at several loads (JSON, .md, .png in bench-results/)
+	$(TIERSERVE) bench routing --out bench-results/routing.json
+
+bench-overhead: model ## the same requests through the router and straight to a worker, interleaved (bench-results/)
+	$(TIERSERVE) bench overhead --out bench-results/overhead.json

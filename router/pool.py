@@ -1,20 +1,21 @@
-"""The router's view of its workers: channels, health, descriptions and relayed latency."""
+"""The router's view of its workers: channels, health, descriptions, live figures and load."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router.live import LiveStats, PromptTokenEstimator
+from router.prediction import Prediction, Ticket, WorkerLoad, next_free_us, predict
 from tierserve.config import TierserveConfig
 from tierserve.grpcserver import CHANNEL_OPTIONS
-from tierserve.latency import LatencyWindow
-from tierserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
+from tierserve.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +24,22 @@ HEALTH_TIMEOUT_S = 2.0
 DESCRIBE_EVERY = 5
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerHandle:
-    """One worker: how to reach it and what the router has seen of it."""
+    """One worker: how to reach it, what the router has measured of it, and what it has in flight."""
 
     worker_id: str
     tier: str
     address: str
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerStub
-    relayed: LatencyWindow
+    live: LiveStats
+    queue_limit: int
     health: router_pb2.WorkerHealth.ValueType = router_pb2.WORKER_HEALTH_UNSPECIFIED
     info: worker_pb2.WorkerInfo | None = None
-    in_flight: int = 0
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    # Workers sharing at least one core with this one (their streams slow this one's tokens).
+    peers: list[WorkerHandle] = field(default_factory=list, repr=False)
     requests_total: int = 0
     requests_failed: int = 0
     last_error: str = ""
@@ -51,36 +55,84 @@ class WorkerHandle:
             return None
         return float(self.info.accuracy.perplexity_delta_pct)
 
-    @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        """Count a relayed request; a failure is recorded by the caller via `record_failure`."""
-        self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        return self.load.outstanding
+
+    @property
+    def outstanding(self) -> int:
+        return self.load.outstanding
+
+    @property
+    def has_room(self) -> bool:
+        # One request generates; up to queue_limit wait behind it.
+        return self.load.outstanding <= self.queue_limit
+
+    def streams_on_cores(self) -> int:
+        """Streams that would generate on this worker's cores with one running here."""
+        return 1 + sum(1 for peer in self.peers if peer.load.busy)
+
+    @property
+    def next_free_ms(self) -> float:
+        return next_free_us(self.live, self.load, self.streams_on_cores()) / 1e3
+
+    def predict(self, prompt_tokens: int) -> Prediction:
+        return predict(self.live, self.load, self.streams_on_cores(), prompt_tokens)
+
+    def begin(self, prompt_tokens: int, new_tokens: int) -> Ticket:
+        """Reserve a place: call right after routing, before any await, so admission is not raced."""
         self.requests_total += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+        return self.load.begin(prompt_tokens, new_tokens)
+
+    def end(self, ticket: Ticket) -> None:
+        self.load.end(ticket)
+
+    def record_token(self, ticket: Ticket, token: generate_pb2.Token) -> None:
+        ticket.tokens += 1
+        if token.index == 0:
+            self.live.record_first_token(token.latency_us)
+        else:
+            self.live.record_token(token.latency_us, self.streams_on_cores())
 
     def record_failure(self, message: str) -> None:
         self.requests_failed += 1
         self.last_error = message
 
     def to_proto(self) -> router_pb2.WorkerStatus:
+        live = self.live.to_proto()
+        now = self.predict(1)
+        live.predicted_wait_us = now.wait_us if now.known else 0.0
         status = router_pb2.WorkerStatus(
             worker_id=self.worker_id,
             address=self.address,
             health=self.health,
-            relayed_latency=self.relayed.to_proto(),
+            relayed_latency=self.live.window.to_proto(),
             in_flight=self.in_flight,
             requests_total=self.requests_total,
             requests_failed=self.requests_failed,
             last_error=self.last_error,
+            queued=self.load.queued,
+            queue_limit=self.queue_limit,
+            live=live,
         )
         if self.info is not None:
             status.info.CopyFrom(self.info)
         else:
             status.info.worker_id, status.info.tier = self.worker_id, self.tier
         return status
+
+
+def link_peers(workers: list[WorkerHandle]) -> None:
+    """Workers whose cores overlap slow each other down; no cores listed means every CPU."""
+    for worker in workers:
+        mine = set(worker.info.cores) if worker.info is not None else set()
+        worker.peers = []
+        for other in workers:
+            if other is worker or other.info is None or worker.info is None:
+                continue
+            theirs = set(other.info.cores)
+            if not mine or not theirs or mine & theirs:
+                worker.peers.append(other)
 
 
 class WorkerPool:
@@ -91,6 +143,7 @@ class WorkerPool:
     ) -> None:
         self.workers: list[WorkerHandle] = []
         self._on_round = on_round
+        self.prompt_tokens = PromptTokenEstimator(config.router.ewma_alpha)
         for worker in config.workers:
             channel = grpc.aio.insecure_channel(worker.dial_address(), options=CHANNEL_OPTIONS)
             self.workers.append(
@@ -100,7 +153,8 @@ class WorkerPool:
                     address=worker.dial_address(),
                     channel=channel,
                     stub=worker_pb2_grpc.WorkerStub(channel),
-                    relayed=LatencyWindow(config.router.latency_window),
+                    live=LiveStats(config.router.latency_window, config.router.ewma_alpha),
+                    queue_limit=config.router.max_queue_per_worker,
                 )
             )
         self._interval_s = config.router.health_interval_s
@@ -127,6 +181,14 @@ class WorkerPool:
     def snapshot(self) -> list[router_pb2.WorkerStatus]:
         return [w.to_proto() for w in self.workers]
 
+    def _described(self, worker: WorkerHandle, info: worker_pb2.WorkerInfo) -> None:
+        cores_changed = worker.info is None or list(worker.info.cores) != list(info.cores)
+        worker.info = info
+        worker.live.seed(info)
+        self.prompt_tokens.report(info.chars_per_token)
+        if cores_changed:
+            link_peers(self.workers)
+
     async def _health_loop(self) -> None:
         while True:
             await asyncio.gather(*(self.check(worker) for worker in self.workers))
@@ -146,9 +208,8 @@ class WorkerPool:
                 router_pb2.WORKER_HEALTH_SERVING if serving else router_pb2.WORKER_HEALTH_NOT_SERVING
             )
             if serving and (not was_healthy or worker.info is None or worker._rounds % DESCRIBE_EVERY == 0):
-                worker.info = await worker.stub.Describe(
-                    worker_pb2.DescribeRequest(), timeout=HEALTH_TIMEOUT_S
-                )
+                info = await worker.stub.Describe(worker_pb2.DescribeRequest(), timeout=HEALTH_TIMEOUT_S)
+                self._described(worker, info)
         except grpc.aio.AioRpcError as error:
             worker.health = router_pb2.WORKER_HEALTH_UNREACHABLE
             if was_healthy:

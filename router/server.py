@@ -27,7 +27,7 @@ async def serve_router(config: TierserveConfig, port_file: Path | None = None) -
             await handle.set_serving(pool.any_healthy())
 
     pool = WorkerPool(config, on_round=follow_pool_health)
-    servicer = RouterServicer(pool, policy, config.limits)
+    servicer = RouterServicer(pool, policy, config.limits, config.service_level)
 
     def register(server: grpc.aio.Server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

@@ -1,4 +1,5 @@
-"""The Router gRPC service: validate, choose a worker, relay its stream, report the pool."""
+"""The Router gRPC service: validate, apply the service level, choose a worker, relay its
+stream while measuring every token, report the pool."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from router.policy import RouteRequest, RoutingPolicy
+from router.policy import RouteRequest, RoutingDecision, RoutingPolicy
 from router.pool import WorkerHandle, WorkerPool
-from tierserve.config import LimitsConfig
-from tierserve.errors import InvalidRequest, TierserveError, status_for
-from tierserve.requests import validate_generate_request
+from router.prediction import Ticket
+from tierserve.config import LimitsConfig, ServiceLevelConfig
+from tierserve.errors import InvalidRequest, Overloaded, TierserveError, status_for
+from tierserve.requests import apply_service_level, validate_generate_request, within_budget
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_WATCH_INTERVAL_MS = 1000
 MIN_WATCH_INTERVAL_MS = 100
+# Trailing metadata key of the retry hint sent with RESOURCE_EXHAUSTED, in milliseconds.
+RETRY_AFTER_KEY = "retry-after-ms"
 # Worker statuses caused by the request itself: relayed with the worker's message unchanged.
 CLIENT_FAULT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -26,69 +30,122 @@ CLIENT_FAULT_CODES = {
 }
 
 
+def route_request(request: generate_pb2.GenerateRequest, prompt_tokens: int, new_tokens: int) -> RouteRequest:
+    """The policy's view of a request whose service level has been applied."""
+    return RouteRequest(
+        tier=request.tier,
+        max_quality_loss_pct=(
+            request.max_quality_loss_pct if request.HasField("max_quality_loss_pct") else None
+        ),
+        max_first_token_latency_ms=request.max_first_token_latency_ms,
+        max_token_latency_ms=request.max_token_latency_ms,
+        strict=request.strict,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+    )
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: WorkerPool, policy: RoutingPolicy, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        policy: RoutingPolicy,
+        limits: LimitsConfig,
+        service_level: ServiceLevelConfig | None = None,
+    ) -> None:
         self._pool = pool
         self._policy = policy
         self._limits = limits
+        self._service_level = service_level or ServiceLevelConfig()
 
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        arrival = time.perf_counter()
         try:
-            validate_generate_request(request, self._limits)
-            route = RouteRequest(
-                tier=request.tier,
-                max_quality_loss_pct=(
-                    request.max_quality_loss_pct if request.HasField("max_quality_loss_pct") else None
-                ),
-            )
+            params = validate_generate_request(request, self._limits)
+            apply_service_level(request, self._service_level)
+            prompt_tokens = self._pool.prompt_tokens.estimate(request.prompt)
+            route = route_request(request, prompt_tokens, params.max_new_tokens)
             decision = self._policy.choose(route, self._pool.workers)
+        except Overloaded as error:
+            await context.abort(
+                *status_for(error), trailing_metadata=((RETRY_AFTER_KEY, str(error.retry_after_ms)),)
+            )
         except TierserveError as error:
             await context.abort(*status_for(error))
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         worker = self._pool.by_id(decision.worker_id)
-        async for response in self._relay(worker, request, decision.reason, context):
-            yield response
+        # Reserved before the first await: the next request's admission already counts this one.
+        ticket = worker.begin(route.prompt_tokens, route.new_tokens)
+        try:
+            async for response in self._relay(worker, ticket, request, decision, arrival, context):
+                yield response
+        finally:
+            worker.end(ticket)
 
     async def _relay(
         self,
         worker: WorkerHandle,
+        ticket: Ticket,
         request: generate_pb2.GenerateRequest,
-        reason: str,
+        decision: RoutingDecision,
+        arrival: float,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         call = worker.stub.Generate(request, timeout=context.time_remaining())
-        with worker.request():
-            try:
-                async for response in call:
-                    if response.HasField("token"):
-                        self._record(worker, response.token)
-                    else:
-                        response.summary.routing_reason = reason
-                    yield response
-            except grpc.aio.AioRpcError as error:
-                code, details = error.code(), error.details() or ""
-                if code not in CLIENT_FAULT_CODES:
-                    worker.record_failure(f"{code.name}: {details}")
-                    details = f"worker {worker.worker_id} failed: {details}"
-                await context.abort(code, details)
-            finally:
-                # Reached also when our client leaves: cancel upstream so the worker stops generating.
-                call.cancel()
+        first_token_at: float | None = None
+        try:
+            async for response in call:
+                if response.HasField("token"):
+                    worker.record_token(ticket, response.token)
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                else:
+                    seen_ttft_us = (
+                        (first_token_at - arrival) * 1e6
+                        if first_token_at is not None
+                        else response.summary.queue_time_us + response.summary.ttft_us
+                    )
+                    self._complete(worker, request, decision, response.summary, seen_ttft_us)
+                yield response
+        except grpc.aio.AioRpcError as error:
+            code, details = error.code(), error.details() or ""
+            if code not in CLIENT_FAULT_CODES:
+                worker.record_failure(f"{code.name}: {details}")
+                details = f"worker {worker.worker_id} failed: {details}"
+            await context.abort(code, details)
+        finally:
+            # Reached also when our client leaves: cancel upstream so the worker stops generating.
+            call.cancel()
 
-    @staticmethod
-    def _record(worker: WorkerHandle, token: generate_pb2.Token) -> None:
-        if token.index == 0:
-            worker.relayed.record_first_token(token.latency_us)
-        else:
-            worker.relayed.record_token(token.latency_us)
+    def _complete(
+        self,
+        worker: WorkerHandle,
+        request: generate_pb2.GenerateRequest,
+        decision: RoutingDecision,
+        summary: generate_pb2.Summary,
+        seen_ttft_us: float,
+    ) -> None:
+        """Add the routing decision to the summary, judge the budget as the client saw it, and learn
+        prefill cost and characters per token from the worker's counts."""
+        summary.routing_reason = decision.reason
+        summary.policy = self._policy.name
+        summary.best_effort = decision.best_effort
+        prediction = decision.prediction
+        if prediction is not None and prediction.known:
+            summary.predicted_queue_us = int(prediction.wait_us)
+            summary.predicted_ttft_us = int(prediction.ttft_us)
+            summary.predicted_tpot_us = int(prediction.tpot_us)
+        summary.budget_met = within_budget(request, seen_ttft_us, summary.tpot_mean_us)
+        worker.live.record_prefill(summary.prompt_tokens, summary.ttft_us)
+        self._pool.prompt_tokens.learn(len(request.prompt), summary.prompt_tokens)
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListWorkersResponse:
-        return router_pb2.ListWorkersResponse(workers=self._pool.snapshot())
+        return router_pb2.ListWorkersResponse(workers=self._pool.snapshot(), policy=self._policy.name)
 
     async def WatchStats(
         self, request: router_pb2.WatchStatsRequest, context: grpc.aio.ServicerContext
@@ -100,5 +157,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             )
             await context.abort(*status_for(error))
         while True:
-            yield router_pb2.PoolStats(timestamp_us=int(time.time() * 1e6), workers=self._pool.snapshot())
+            yield router_pb2.PoolStats(
+                timestamp_us=int(time.time() * 1e6), workers=self._pool.snapshot(), policy=self._policy.name
+            )
             await asyncio.sleep(interval_ms / 1e3)

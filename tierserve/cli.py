@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import TaskID
 
-from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate
+from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate, watch_stats
 from tierserve.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
 from tierserve.errors import StartupError
 from tierserve.modelprep import ModelPreparationError, prepare_model
-from tierserve.render import kernels_table, print_token, summary_table, workers_table
+from tierserve.planning import PlanningError
+from tierserve.render import kernels_table, print_token, summary_table, top_table, workers_table
 from tierserve.v1 import generate_pb2
 
 DEMO_PROMPT = "The capital of France is"
@@ -105,7 +106,12 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         stop=args.stop or [],
         tier=args.tier or "",
+        max_token_latency_ms=args.max_token_latency_ms,
+        max_first_token_latency_ms=args.max_first_token_latency_ms,
+        strict=args.strict,
     )
+    if args.max_quality_loss_pct is not None:
+        request.max_quality_loss_pct = args.max_quality_loss_pct
     if args.max_new_tokens is not None:
         request.max_new_tokens = args.max_new_tokens
     if args.top_p is not None:
@@ -125,6 +131,25 @@ def cmd_workers(args: argparse.Namespace, console: Console) -> int:
         print(json_format.MessageToJson(list_workers(args.address), indent=2))
     else:
         _print_workers(console, args.address)
+    return 0
+
+
+def cmd_top(args: argparse.Namespace, console: Console) -> int:
+    """A live dashboard over WatchStats until Ctrl-C (or --once / --iterations N)."""
+    from rich.live import Live
+
+    limit = 1 if args.once else args.iterations
+    updates = watch_stats(args.router, args.interval_ms)
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            for count, stats in enumerate(updates, start=1):
+                live.update(top_table(stats), refresh=True)
+                if limit and count >= limit:
+                    break
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a dashboard ends: not an error
+    finally:
+        updates.close()  # closes the channel, which cancels the stream on the router
     return 0
 
 
@@ -184,6 +209,82 @@ def cmd_bench_tiers(args: argparse.Namespace, console: Console) -> int:
     )
 
 
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from tierserve.planning import (
+        Requirements,
+        TierFigures,
+        figures_from_bench,
+        figures_from_workers,
+        load_bench_file,
+        make_plan,
+    )
+    from tierserve.planning_report import print_plan
+
+    requirements = Requirements(
+        sessions_per_hour=args.sessions_per_hour,
+        requests_per_session=args.requests_per_session,
+        tokens_per_request=args.tokens_per_request,
+        prompt_tokens=args.prompt_tokens,
+        session_overhead_s=args.overhead_s,
+        think_time_s=args.think_time_s,
+        session_length_s=args.session_length_s,
+        target_utilization=args.utilization,
+        max_quality_loss_pct=args.max_quality_loss_pct,
+    )
+    figures: list[TierFigures] = []
+    notes: list[str] = []
+    if args.from_bench:
+        figures, notes = figures_from_bench(load_bench_file(Path(args.from_bench)), args.from_bench)
+    elif args.router:
+        figures, notes = figures_from_workers(list(list_workers(args.router).workers))
+    plan = make_plan(requirements, figures)
+    plan.notes[:0] = notes
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print_plan(console, plan)
+    return 0 if plan.budget.feasible else 1
+
+
+def cmd_bench_routing(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.routing import run_routing_benchmark
+
+    return run_routing_benchmark(
+        Path(args.out),
+        args.config,
+        policies=args.policies,
+        tiers=args.tiers,
+        loads=args.loads,
+        rates=args.rates,
+        requests=args.requests,
+        seed=args.seed,
+        prompt_words_mix=args.prompt_words,
+        new_tokens_mix=args.new_tokens,
+        budgets=args.budgets,
+        timeout_s=args.timeout_s,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        console=console,
+    )
+
+
+def cmd_bench_overhead(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.overhead import run_overhead_benchmark
+
+    return run_overhead_benchmark(
+        Path(args.out),
+        args.config,
+        router=args.router,
+        tier=args.tier,
+        requests=args.requests,
+        new_tokens=args.new_tokens,
+        timeout_s=args.timeout_s,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        console=console,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -219,12 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--plain", action="store_true", help="print only the text as it streams")
+    generate.add_argument("--max-token-latency-ms", type=float, default=0.0, help="TPOT budget (0: default)")
+    generate.add_argument(
+        "--max-first-token-latency-ms", type=float, default=0.0, help="TTFT budget incl. waiting (0: default)"
+    )
+    generate.add_argument("--max-quality-loss-pct", type=float, help="accuracy tolerance (default: config)")
+    generate.add_argument("--strict", action="store_true", help="refuse rather than serve best effort")
     generate.set_defaults(run=cmd_generate)
 
     workers = commands.add_parser("workers", help="print the router's worker table")
     workers.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
     workers.add_argument("--json", action="store_true", help="print the ListWorkers reply as JSON")
     workers.set_defaults(run=cmd_workers)
+
+    top = commands.add_parser("top", help="live dashboard of every worker's latency, load and throughput")
+    top.add_argument("--router", "--address", dest="router", default=DEFAULT_ROUTER_ADDRESS)
+    top.add_argument("--interval-ms", type=int, default=1000, help="update interval (at least 100)")
+    top.add_argument("--iterations", type=int, default=0, help="stop after N updates (0: Ctrl-C)")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.set_defaults(run=cmd_top)
 
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING (grpc.health.v1)")
     health.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
@@ -249,6 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
     config = with_config(commands.add_parser("config", help="print the effective config as TOML"))
     config.set_defaults(run=cmd_config)
 
+    plan = commands.add_parser(
+        "plan",
+        help="capacity planning: the per-token budget your application implies, the tiers that meet it, "
+        "and the workers each needs",
+    )
+    plan.add_argument("--sessions-per-hour", type=float, default=1000.0, help="user sessions per hour")
+    plan.add_argument("--requests-per-session", type=float, default=5.0, help="requests per session")
+    plan.add_argument("--tokens-per-request", type=float, default=128.0, help="output tokens per request")
+    plan.add_argument("--prompt-tokens", type=float, help="prompt tokens per request (informational)")
+    plan.add_argument("--overhead-s", type=float, default=10.0, help="per-session overhead, seconds")
+    plan.add_argument("--think-time-s", type=float, default=20.0, help="user think time between requests")
+    plan.add_argument("--session-length-s", type=float, default=150.0, help="target session length")
+    plan.add_argument(
+        "--utilization", type=float, default=0.7, help="target worker utilization in (0, 1] (default 0.7)"
+    )
+    plan.add_argument("--max-quality-loss-pct", type=float, help="only recommend tiers within this loss")
+    measured = plan.add_mutually_exclusive_group()
+    measured.add_argument("--router", help="measured figures from a live pool's ListWorkers (host:port)")
+    measured.add_argument("--from-bench", help="measured figures from a `tierserve bench tiers` JSON file")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=cmd_plan)
+
     bench = commands.add_parser("bench", help="run a benchmark")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     bench_tiers = with_config(
@@ -262,19 +398,56 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tiers.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per measured run")
     bench_tiers.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
     bench_tiers.set_defaults(run=cmd_bench_tiers)
+
+    routing = with_config(
+        bench_commands.add_parser(
+            "routing", help="every routing policy on the same open-loop Poisson trace at several loads"
+        )
+    )
+    routing.add_argument("--out", required=True, help="results JSON (also writes .md and .png)")
+    routing.add_argument("--policies", help="comma-separated policies (default: every registered one)")
+    routing.add_argument("--tiers", help="comma-separated tiers of the started pool (default: all)")
+    routing.add_argument(
+        "--loads", help="offered loads as fractions of the estimated capacity (default 0.25,0.5,0.75,1,1.25)"
+    )
+    routing.add_argument("--rates", help="offered loads in requests/s instead of --loads")
+    routing.add_argument("--requests", type=int, default=120, help="requests per policy and load")
+    routing.add_argument("--seed", type=int, default=7, help="seed of the arrival trace and request mix")
+    routing.add_argument("--prompt-words", default="8,48,160", help="prompt lengths in words to mix")
+    routing.add_argument("--new-tokens", default="16,32,64", help="output lengths in tokens to mix")
+    routing.add_argument(
+        "--budgets", help="TIGHT_TTFT,TIGHT_TPOT,LOOSE_TTFT,LOOSE_TPOT in ms (default: from measured figures)"
+    )
+    routing.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
+    routing.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
+    routing.set_defaults(run=cmd_bench_routing)
+
+    overhead = with_config(
+        bench_commands.add_parser(
+            "overhead", help="the same requests through the router and straight to a worker"
+        )
+    )
+    overhead.add_argument("--out", required=True, help="results JSON (also writes .md)")
+    overhead.add_argument("--router", help="an existing pool's router (default: start a one-worker pool)")
+    overhead.add_argument("--tier", default="fp32", help="the worker's tier (default fp32)")
+    overhead.add_argument("--requests", type=int, default=40, help="router/direct pairs measured")
+    overhead.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per request")
+    overhead.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
+    overhead.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
+    overhead.set_defaults(run=cmd_bench_overhead)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    to_stderr = args.command not in ("generate", "workers", "config", "model", "quantize")
+    to_stderr = args.command not in ("generate", "workers", "config", "model", "quantize", "plan", "top")
     stream = sys.stderr if to_stderr else sys.stdout
     # Logs and pipes get wide tables rather than columns folded at 80 characters.
     console = Console(stderr=to_stderr, width=None if stream.isatty() else NON_TTY_WIDTH)
     try:
         return int(args.run(args, console))
-    except (ConfigError, ModelPreparationError, StartupError) as error:
+    except (ConfigError, ModelPreparationError, PlanningError, StartupError) as error:
         console.print(f"[red]error:[/] {escape(str(error))}")
         return 2
     except grpc.RpcError as error:

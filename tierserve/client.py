@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,3 +40,10 @@ def is_serving(address: str, service: str = "", timeout_s: float = 2.0) -> bool:
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def watch_stats(address: str, interval_ms: int = 1000) -> Generator[router_pb2.PoolStats, None, None]:
+    """Yield the router's pool snapshots as it pushes them; closing the iterator ends the stream."""
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        yield from stub.WatchStats(router_pb2.WatchStatsRequest(interval_ms=interval_ms))

@@ -79,10 +79,32 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     # 0 lets the OS choose a free port (tests); the chosen port is written to the run dir.
     port: int = Field(default=DEFAULT_ROUTER_PORT, ge=0, le=65535)
-    policy: str = "first_healthy"
+    # Routing policy by name: slo (budgets and accuracy), round_robin, least_loaded,
+    # power_of_two (accuracy-blind baselines), first_healthy.
+    policy: str = "slo"
     health_interval_s: float = Field(default=1.0, gt=0)
     # Window of relayed tokens kept per worker for live latency figures.
     latency_window: int = Field(default=512, ge=8)
+    # Weight of the newest sample in the TTFT/TPOT moving averages.
+    ewma_alpha: float = Field(default=0.2, gt=0, le=1)
+    # Requests allowed to wait per worker behind the one it is generating; past that the
+    # router answers RESOURCE_EXHAUSTED with a retry hint, so queues (and memory) stay bounded.
+    max_queue_per_worker: int = Field(default=8, ge=0)
+
+
+class ServiceLevelConfig(_Strict):
+    """Defaults for a request's service level, applied where the request leaves a field
+    unset (budgets 0, tolerance absent, strict false)."""
+
+    # TPOT and TTFT budgets in milliseconds; 0 means no budget.
+    max_token_latency_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    max_first_token_latency_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Largest accepted perplexity change against fp32, percent. 1% keeps the default
+    # request on tiers that are measurably close to full precision. Not applied to a request
+    # that pins a tier (the pin is its accuracy choice).
+    max_quality_loss_pct: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    # Reject instead of serving best effort when no worker is predicted to meet the budgets.
+    strict: bool = False
 
 
 class TierRecipe(_Strict):
@@ -140,6 +162,7 @@ class TierserveConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    service_level: ServiceLevelConfig = Field(default_factory=ServiceLevelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     # Per-tier recipes by tier name, e.g. [tiers.int4-woq] group_size = 64.
     tiers: dict[str, TierRecipe] = Field(default_factory=dict)
@@ -230,6 +253,7 @@ def config_to_toml(config: TierserveConfig) -> str:
     emit("[model]", config.model.model_dump())
     emit("[limits]", config.limits.model_dump())
     emit("[router]", config.router.model_dump())
+    emit("[service_level]", config.service_level.model_dump())
     emit("[data]", config.data.model_dump())
     for tier, recipe in config.tiers.items():
         emit(f'[tiers."{tier}"]', recipe.model_dump())

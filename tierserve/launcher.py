@@ -70,6 +70,9 @@ class PoolLauncher:
         self.workers: list[ManagedProcess] = []
         self.router: ManagedProcess | None = None
         self.router_address = ""
+        # The config as routers see it (every local worker at its bound port), once started.
+        self.resolved: TierserveConfig | None = None
+        self.extra_routers: list[ManagedProcess] = []
 
     def start(self, ready_timeout_s: float = 900.0) -> str:
         """Start everything and wait until every local worker serves; returns the router's address."""
@@ -83,7 +86,7 @@ class PoolLauncher:
             self.workers.append(
                 self._spawn(f"worker {worker.name}", ["worker", "--name", worker.name], pool_file)
             )
-        resolved = self._resolve_worker_ports(deadline=time.monotonic() + 120)
+        resolved = self.resolved = self._resolve_worker_ports(deadline=time.monotonic() + 120)
         router_file = self.run_dir / "router.toml"
         router_file.write_text(config_to_toml(resolved), encoding="utf-8")
         self.router = self._spawn("router", ["router"], router_file)
@@ -92,6 +95,30 @@ class PoolLauncher:
         (self.run_dir / "router.address").write_text(self.router_address + "\n", encoding="utf-8")
         self._wait_until_serving(time.monotonic() + ready_timeout_s)
         return self.router_address
+
+    def add_router(self, name: str, policy: str, timeout_s: float = 60.0) -> str:
+        """Start one more router, with another policy, in front of the same running workers (benchmarks
+        compare policies this way); it stops with the pool. Returns its address once it sees every
+        local worker serving."""
+        if self.resolved is None:
+            raise LaunchError("start the pool before adding routers")
+        router = self.resolved.router.model_copy(update={"policy": policy, "port": 0})
+        config = self.resolved.model_copy(update={"router": router})
+        config_file = self.run_dir / f"{name}.toml"
+        config_file.write_text(config_to_toml(config), encoding="utf-8")
+        managed = self._spawn(name, ["router"], config_file)
+        self.extra_routers.append(managed)
+        address = (
+            f"{_dial_host(config.router.host)}:{self._wait_for_port(managed, time.monotonic() + timeout_s)}"
+        )
+        expected = {w.name for w in config.workers if not w.address}
+        deadline = time.monotonic() + timeout_s
+        while expected - self._serving_workers(address):
+            managed.check_alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} does not see every worker serving; log:\n{managed.log_tail()}")
+            time.sleep(0.2)
+        return address
 
     def _spawn(self, name: str, args: list[str], config_file: Path) -> ManagedProcess:
         slug = name.replace(" ", "-")
@@ -142,7 +169,7 @@ class PoolLauncher:
             while True:
                 for managed in [self.router, *self.workers]:
                     managed.check_alive()
-                serving = self._serving_workers()
+                serving = self._serving_workers(self.router_address)
                 waiting = sorted(expected - serving)
                 if not waiting:
                     return
@@ -151,9 +178,9 @@ class PoolLauncher:
                     raise LaunchError(f"workers not serving in time: {', '.join(waiting)}")
                 time.sleep(0.5)
 
-    def _serving_workers(self) -> set[str]:
+    def _serving_workers(self, router_address: str) -> set[str]:
         try:
-            listed = list_workers(self.router_address, timeout_s=2.0).workers
+            listed = list_workers(router_address, timeout_s=2.0).workers
         except grpc.RpcError:
             return set()  # the router is still starting
         return {w.worker_id for w in listed if w.health == router_pb2.WORKER_HEALTH_SERVING}
@@ -176,8 +203,8 @@ class PoolLauncher:
 
     def stop(self) -> None:
         """SIGTERM the router, then the workers; SIGKILL whatever has not exited in time."""
-        ordered = ([self.router] if self.router else []) + self.workers
-        for group in ([p for p in ordered if p is self.router], [p for p in ordered if p is not self.router]):
+        routers = ([self.router] if self.router else []) + self.extra_routers
+        for group in (routers, self.workers):
             for managed in group:
                 if managed.process.poll() is None:
                     managed.process.send_signal(signal.SIGTERM)

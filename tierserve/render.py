@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -40,8 +42,16 @@ def summary_table(summary: generate_pb2.Summary) -> Table:
             f"{ms(summary.tpot_mean_us)} / {ms(summary.tpot_p50_us)} / {ms(summary.tpot_p95_us)} ms",
         ),
         ("total", f"{ms(summary.total_time_us)} ms"),
-        ("budget met", "yes" if summary.budget_met else "no"),
+        ("budget met", ("yes" if summary.budget_met else "no") + (" (best effort)" * summary.best_effort)),
     ]
+    if summary.predicted_ttft_us or summary.predicted_tpot_us:
+        rows.append(
+            (
+                "predicted",
+                f"wait {ms(summary.predicted_queue_us)}, TTFT {ms(summary.predicted_ttft_us)}, "
+                f"TPOT {ms(summary.predicted_tpot_us)} ms (policy {summary.policy})",
+            )
+        )
     if summary.seed:
         rows.append(("seed", str(summary.seed)))
     for field, value in rows:
@@ -98,5 +108,56 @@ def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
             _latency(worker.relayed_latency),
             str(worker.in_flight),
             f"{info.load_time_ms / 1e3:.1f}" if info.load_time_ms else "-",
+        )
+    return table
+
+
+def _ewma_p50_p95(ewma_us: float, p50_us: int, p95_us: int) -> str:
+    if not ewma_us and not p50_us:
+        return "-"
+    return f"{ms(ewma_us)} / {ms(p50_us)} / {ms(p95_us)}"
+
+
+def _concurrency(figures: router_pb2.LiveFigures) -> str:
+    return " ".join(f"{c.streams}:{ms(c.tpot_us)}" for c in figures.tpot_by_concurrency) or "-"
+
+
+def top_table(stats: router_pb2.PoolStats) -> Table:
+    """The `tierserve top` dashboard: every worker's live latency, load and throughput."""
+    when = time.strftime("%H:%M:%S", time.localtime(stats.timestamp_us / 1e6))
+    table = Table(
+        title=f"tierserve top — policy {stats.policy or '?'} — {when}",
+        title_justify="left",
+        caption=(
+            "ms; TTFT/TPOT: moving average / p50 / p95 of relayed tokens; prefill: fixed + per prompt token; "
+            "TPOT@n: by streams on the worker's cores; wait: predicted for a request now; "
+            "basis: warm-up (worker's self-measurement) until traffic, then live"
+        ),
+        caption_justify="left",
+    )
+    for column in (
+        "worker", "tier", "health", "loss %", "busy", "queued", "TTFT", "TPOT", "TPOT@n",
+        "prefill", "tok/s", "wait", "basis",
+    ):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for worker in stats.workers:
+        live, relayed, card = worker.live, worker.relayed_latency, worker.info.accuracy
+        health = router_pb2.WorkerHealth.Name(worker.health).removeprefix("WORKER_HEALTH_").lower()
+        table.add_row(
+            worker.worker_id,
+            worker.info.tier,
+            Text(health, style="green" if worker.health == router_pb2.WORKER_HEALTH_SERVING else "red"),
+            f"{card.perplexity_delta_pct:+.2f}" if card.measured else "-",
+            str(worker.in_flight - worker.queued),
+            f"{worker.queued}/{worker.queue_limit}",
+            _ewma_p50_p95(live.ttft_ewma_us, relayed.ttft_p50_us, relayed.ttft_p95_us),
+            _ewma_p50_p95(live.tpot_ewma_us, relayed.tpot_p50_us, relayed.tpot_p95_us),
+            _concurrency(live),
+            f"{ms(live.prefill_base_us)} + {live.prefill_per_token_us / 1e3:.2f}/tok"
+            if live.prefill_per_token_us or live.prefill_base_us
+            else "-",
+            f"{relayed.tokens_per_second:.1f}",
+            ms(live.predicted_wait_us),
+            live.basis or "-",
         )
     return table

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tierserve.config import LimitsConfig
+from tierserve.config import LimitsConfig, ServiceLevelConfig
 from tierserve.errors import InvalidRequest
 from tierserve.tiers import TIER_NAMES, is_known_tier
 from tierserve.v1 import generate_pb2
@@ -103,3 +103,24 @@ def validate_generate_request(
         stop=tuple(request.stop),
         request_id=request.request_id,
     )
+
+
+def within_budget(request: generate_pb2.GenerateRequest, ttft_us: float, tpot_mean_us: float) -> bool:
+    """Whether measured latencies meet the request's budgets (a budget of 0 is none)."""
+    ttft_ok = not request.max_first_token_latency_ms or ttft_us <= request.max_first_token_latency_ms * 1e3
+    tpot_ok = not request.max_token_latency_ms or tpot_mean_us <= request.max_token_latency_ms * 1e3
+    return ttft_ok and tpot_ok
+
+
+def apply_service_level(request: generate_pb2.GenerateRequest, defaults: ServiceLevelConfig) -> None:
+    """Fill the fields a request left unset from the configured defaults, in place, so the
+    worker and the summary see the service level that was applied."""
+    if not request.max_token_latency_ms:
+        request.max_token_latency_ms = defaults.max_token_latency_ms
+    if not request.max_first_token_latency_ms:
+        request.max_first_token_latency_ms = defaults.max_first_token_latency_ms
+    # A pinned tier is the caller's own accuracy choice: the default tolerance does not override
+    # it (an explicit tolerance still does).
+    if not request.HasField("max_quality_loss_pct") and not request.tier:
+        request.max_quality_loss_pct = defaults.max_quality_loss_pct
+    request.strict = request.strict or defaults.strict

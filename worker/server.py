@@ -26,6 +26,18 @@ WARMUP_PROMPT = (
     "from rooms full of vacuum tubes to chips that fit in a pocket."
 )
 WARMUP_NEW_TOKENS = 16
+# The self-measurement also times prefill of the warm-up prompt repeated this many times: two
+# prompt lengths give the router a prefill line (fixed cost + per token) before any traffic.
+WARMUP_PREFILL_REPEAT = 4
+
+
+def _long_prefill_params(engine: Engine) -> GenerationParams | None:
+    """The warm-up prompt repeated, within half the context window; None when not even twice fits."""
+    short = GenerationParams(WARMUP_PROMPT, 1, SamplingParams(), (), "warmup-length")
+    repeat = min(WARMUP_PREFILL_REPEAT, engine.context_tokens // (2 * engine.prepare(short).prompt_tokens))
+    if repeat < 2:
+        return None
+    return GenerationParams(" ".join([WARMUP_PROMPT] * repeat), 2, SamplingParams(), (), "warmup-prefill")
 
 
 def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engine, LoadReport]:
@@ -50,21 +62,39 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
     log.info("accuracy card: %s", prepared.card)
 
     warm_started = time.perf_counter()
-    # Greedy and sampled decoding trace different graphs; run both before any client arrives.
+    long_params = _long_prefill_params(engine)
+    # Greedy and sampled decoding trace different graphs; run both (and the long prompt's
+    # prefill) before any client arrives.
     for run in range(state.config.warmup_runs):
         for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=1)):
             params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, sampling, (), f"warmup-{run}")
             engine.generate(engine.prepare(params), params, emit=lambda _: None)
+        if long_params is not None:
+            engine.generate(engine.prepare(long_params), long_params, emit=lambda _: None)
     # Then one measured run, warm, as the worker's self-measurement before any traffic.
     params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, SamplingParams(), (), "self-measurement")
     outcome = engine.generate(engine.prepare(params), params, emit=lambda _: None)
+    prompt_tokens = outcome.prompt_tokens
+    prefill = [(prompt_tokens, outcome.ttft_us)]
+    if long_params is not None:
+        long_outcome = engine.generate(engine.prepare(long_params), long_params, emit=lambda _: None)
+        prefill.append((long_outcome.prompt_tokens, long_outcome.ttft_us))
     window = LatencyWindow()
     window.record_first_token(outcome.ttft_us)
     for latency in outcome.tpot_us:
         window.record_token(latency)
     warmup_ms = (time.perf_counter() - warm_started) * 1e3
     log.info("warmed up in %.0f ms: %s", warmup_ms, window.to_proto())
-    return engine, LoadReport(str(prepared.model_dir), load_ms, warmup_ms, window, prepared.card)
+    return engine, LoadReport(
+        str(prepared.model_dir),
+        load_ms,
+        warmup_ms,
+        window,
+        prepared.card,
+        warmup_prompt_tokens=prompt_tokens,
+        chars_per_token=len(WARMUP_PROMPT) / max(prompt_tokens, 1),
+        warmup_prefill=prefill,
+    )
 
 
 async def serve_worker(config: TierserveConfig, name: str, port_file: Path | None = None) -> None:

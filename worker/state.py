@@ -29,6 +29,12 @@ class LoadReport:
     warmup_time_ms: float
     warmup_latency: LatencyWindow
     card: AccuracyCard
+    # The self-measurement's prompt length (its TTFT is for this many tokens), and the
+    # tokenizer's characters per token on it: the router estimates prompt tokens from these.
+    warmup_prompt_tokens: int = 0
+    chars_per_token: float = 0.0
+    # (prompt tokens, TTFT in microseconds) at the self-measurement's prompt lengths.
+    warmup_prefill: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -100,5 +106,9 @@ class WorkerState:
             info.load_time_ms = self.load_report.load_time_ms
             info.warmup_time_ms = self.load_report.warmup_time_ms
             info.warmup_latency.CopyFrom(self.load_report.warmup_latency.to_proto())
+            info.warmup_prompt_tokens = self.load_report.warmup_prompt_tokens
+            info.chars_per_token = self.load_report.chars_per_token
+            for tokens, ttft_us in self.load_report.warmup_prefill:
+                info.warmup_prefill.add(prompt_tokens=tokens, ttft_us=ttft_us)
             info.accuracy.CopyFrom(self.load_report.card.to_proto())
         return info

@@ -1,21 +1,11 @@
 """The routing interface with fake workers: pinned tiers, health, and clear refusals."""
 
-from dataclasses import dataclass
-
 import pytest
 
 from router.policy import POLICIES, FirstHealthyPolicy, RouteRequest, make_policy
+from tests.unit.fake_workers import FakeWorker
 from tierserve.config import ConfigError
 from tierserve.errors import InvalidRequest, NoWorkerAvailable, Unsatisfiable
-
-
-@dataclass
-class FakeWorker:
-    worker_id: str
-    tier: str
-    healthy: bool = True
-    quality_loss_pct: float | None = 0.0
-
 
 POOL = [FakeWorker("a", "fp32", healthy=False), FakeWorker("b", "fp32"), FakeWorker("c", "bf16")]
 
@@ -49,8 +39,8 @@ def test_no_healthy_worker_is_unavailable() -> None:
 
 def test_policies_are_registered_by_name() -> None:
     assert isinstance(make_policy("first_healthy"), FirstHealthyPolicy)
-    assert set(POLICIES) >= {"first_healthy"}
-    with pytest.raises(ConfigError, match="known: first_healthy"):
+    assert set(POLICIES) >= {"first_healthy", "slo", "round_robin", "least_loaded", "power_of_two"}
+    with pytest.raises(ConfigError, match="known: first_healthy, least_loaded"):
         make_policy("random")
 
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tierserve.config import LimitsConfig
+from tierserve.config import LimitsConfig, ServiceLevelConfig
 from tierserve.errors import InvalidRequest, NoWorkerAvailable, Overloaded, status_for
-from tierserve.requests import validate_generate_request
+from tierserve.requests import apply_service_level, validate_generate_request
 from tierserve.v1 import generate_pb2
 
 LIMITS = LimitsConfig(
@@ -99,3 +99,20 @@ def test_status_table() -> None:
     code, message = status_for(KeyError("secret detail"))
     assert code == grpc.StatusCode.INTERNAL
     assert "secret detail" not in message
+
+
+def test_service_level_defaults_fill_only_what_the_request_left_unset() -> None:
+    defaults = ServiceLevelConfig(
+        max_token_latency_ms=50, max_first_token_latency_ms=500, max_quality_loss_pct=2.0, strict=True
+    )
+    request = generate_pb2.GenerateRequest(prompt="x", max_token_latency_ms=20)
+    apply_service_level(request, defaults)
+    assert request.max_token_latency_ms == 20 and request.max_first_token_latency_ms == 500
+    assert request.max_quality_loss_pct == 2.0 and request.strict
+    explicit_zero = generate_pb2.GenerateRequest(prompt="x", max_quality_loss_pct=0.0)
+    apply_service_level(explicit_zero, defaults)
+    assert explicit_zero.max_quality_loss_pct == 0.0
+    # A pinned tier is the caller's accuracy choice: no default tolerance is imposed on it.
+    pinned = generate_pb2.GenerateRequest(prompt="x", tier="int4-woq")
+    apply_service_level(pinned, defaults)
+    assert not pinned.HasField("max_quality_loss_pct")

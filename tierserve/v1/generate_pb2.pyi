@@ -89,19 +89,25 @@ class GenerateRequest(_message.Message):
     max_token_latency_ms: _builtins.float
     """Service level. Fields 9-13 are read by the routing policy.
 
-    / Per-token latency budget (time per output token, TPOT) in milliseconds. 0: none.
+    / Per-token latency budget (time per output token, TPOT) in milliseconds.
+    / 0: the server's default ([service_level] in its config; none unless configured).
+    / Negative or NaN is INVALID_ARGUMENT.
     """
     max_first_token_latency_ms: _builtins.float
-    """/ First-token latency budget (TTFT) in milliseconds. 0: none."""
+    """/ First-token latency budget (TTFT, waiting for the worker included) in
+    / milliseconds. 0: the server's default, as above.
+    """
     max_quality_loss_pct: _builtins.float
     """/ Largest measured quality loss against full precision (perplexity change,
-    / percent) the caller accepts. Unset: the server's default.
+    / percent) the caller accepts. Unset: the server's default, except when
+    / `tier` is pinned (then the pinned tier's accuracy is accepted).
     """
     tier: _builtins.str
     """/ Pin a tier by name ("fp32", "bf16", ...). Empty: let the router choose."""
     strict: _builtins.bool
     """/ Reject with a status instead of serving best effort when no worker can
-    / meet the service level.
+    / meet the service level (RESOURCE_EXHAUSTED when the budgets cannot be
+    / met now). False: the server's default.
     """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -207,6 +213,11 @@ class Summary(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     TOTAL_TIME_US_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    PREDICTED_QUEUE_US_FIELD_NUMBER: _builtins.int
+    PREDICTED_TTFT_US_FIELD_NUMBER: _builtins.int
+    PREDICTED_TPOT_US_FIELD_NUMBER: _builtins.int
+    BEST_EFFORT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     worker_id: _builtins.str
     """/ Id of the worker that served the request."""
@@ -223,7 +234,10 @@ class Summary(_message.Message):
     tpot_p50_us: _builtins.int
     tpot_p95_us: _builtins.int
     budget_met: _builtins.bool
-    """/ Whether the request's latency budgets were met (true when it set none)."""
+    """/ Whether the request's latency budgets were met, as measured: the TTFT
+    / budget against waiting plus TTFT, the TPOT budget against the mean TPOT
+    / (true when it set none). A best-effort request may still meet them.
+    """
     finish_reason: Global___FinishReason.ValueType
     routing_reason: _builtins.str
     """/ Why the router chose this worker, in words."""
@@ -233,6 +247,18 @@ class Summary(_message.Message):
     """/ Total time from the request's arrival to the last token, microseconds."""
     text: _builtins.str
     """/ The complete generated text (stop string excluded)."""
+    predicted_queue_us: _builtins.int
+    """/ The router's prediction when it chose the worker, microseconds: waiting
+    / for the worker, TTFT (waiting included) and TPOT. 0 when sent directly.
+    """
+    predicted_ttft_us: _builtins.int
+    predicted_tpot_us: _builtins.int
+    best_effort: _builtins.bool
+    """/ True when no worker was predicted to meet the budgets and the request
+    / was served best effort (not strict).
+    """
+    policy: _builtins.str
+    """/ The routing policy that chose the worker, e.g. "slo"."""
     def __init__(
         self,
         *,
@@ -252,10 +278,15 @@ class Summary(_message.Message):
         seed: _builtins.int = ...,
         total_time_us: _builtins.int = ...,
         text: _builtins.str = ...,
+        predicted_queue_us: _builtins.int = ...,
+        predicted_ttft_us: _builtins.int = ...,
+        predicted_tpot_us: _builtins.int = ...,
+        best_effort: _builtins.bool = ...,
+        policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_met", b"budget_met", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "prompt_tokens", b"prompt_tokens", "queue_time_us", b"queue_time_us", "request_id", b"request_id", "routing_reason", b"routing_reason", "seed", b"seed", "text", b"text", "tier", b"tier", "total_time_us", b"total_time_us", "tpot_mean_us", b"tpot_mean_us", "tpot_p50_us", b"tpot_p50_us", "tpot_p95_us", b"tpot_p95_us", "ttft_us", b"ttft_us", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_effort", b"best_effort", "budget_met", b"budget_met", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "policy", b"policy", "predicted_queue_us", b"predicted_queue_us", "predicted_tpot_us", b"predicted_tpot_us", "predicted_ttft_us", b"predicted_ttft_us", "prompt_tokens", b"prompt_tokens", "queue_time_us", b"queue_time_us", "request_id", b"request_id", "routing_reason", b"routing_reason", "seed", b"seed", "text", b"text", "tier", b"tier", "total_time_us", b"total_time_us", "tpot_mean_us", b"tpot_mean_us", "tpot_p50_us", b"tpot_p50_us", "tpot_p95_us", b"tpot_p95_us", "ttft_us", b"ttft_us", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

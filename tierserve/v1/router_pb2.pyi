@@ -72,6 +72,9 @@ class WorkerStatus(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _builtins.int
     REQUESTS_FAILED_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    QUEUE_LIMIT_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """/ Name from the router's configuration."""
     address: _builtins.str
@@ -83,6 +86,11 @@ class WorkerStatus(_message.Message):
     requests_failed: _builtins.int
     last_error: _builtins.str
     """/ The last error seen talking to this worker, if any."""
+    queued: _builtins.int
+    """/ Of in_flight, requests waiting behind the one generating (the worker
+    / serves one stream at a time), and the most the router lets wait.
+    """
+    queue_limit: _builtins.int
     @_builtins.property
     def info(self) -> _worker_pb2.WorkerInfo:
         """/ The worker's own description (empty until it has answered once)."""
@@ -90,6 +98,12 @@ class WorkerStatus(_message.Message):
     @_builtins.property
     def relayed_latency(self) -> _worker_pb2.LatencyStats:
         """/ Latency of the tokens the router relayed from this worker."""
+
+    @_builtins.property
+    def live(self) -> Global___LiveFigures:
+        """/ What the router predicts from: live figures and the prediction for a
+        / short request arriving now.
+        """
 
     def __init__(
         self,
@@ -103,30 +117,124 @@ class WorkerStatus(_message.Message):
         requests_total: _builtins.int = ...,
         requests_failed: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        queue_limit: _builtins.int = ...,
+        live: Global___LiveFigures | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "relayed_latency", b"relayed_latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "live", b"live", "relayed_latency", b"relayed_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "health", b"health", "in_flight", b"in_flight", "info", b"info", "last_error", b"last_error", "relayed_latency", b"relayed_latency", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "health", b"health", "in_flight", b"in_flight", "info", b"info", "last_error", b"last_error", "live", b"live", "queue_limit", b"queue_limit", "queued", b"queued", "relayed_latency", b"relayed_latency", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
 
 @_typing.final
+class ConcurrencyTpot(_message.Message):
+    """/ Measured TPOT while this many streams generate on the worker's cores."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAMS_FIELD_NUMBER: _builtins.int
+    TPOT_US_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    streams: _builtins.int
+    """/ Streams generating on the cores this worker runs on (its own included)."""
+    tpot_us: _builtins.float
+    """/ Moving average of TPOT at that concurrency, microseconds."""
+    samples: _builtins.int
+    def __init__(
+        self,
+        *,
+        streams: _builtins.int = ...,
+        tpot_us: _builtins.float = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["samples", b"samples", "streams", b"streams", "tpot_us", b"tpot_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConcurrencyTpot: _TypeAlias = ConcurrencyTpot  # noqa: Y015
+
+@_typing.final
+class LiveFigures(_message.Message):
+    """/ The router's live model of one worker, from every relayed token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTFT_EWMA_US_FIELD_NUMBER: _builtins.int
+    TPOT_EWMA_US_FIELD_NUMBER: _builtins.int
+    PREFILL_BASE_US_FIELD_NUMBER: _builtins.int
+    PREFILL_PER_TOKEN_US_FIELD_NUMBER: _builtins.int
+    TPOT_BY_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    PREDICTED_WAIT_US_FIELD_NUMBER: _builtins.int
+    TOKENS_RELAYED_FIELD_NUMBER: _builtins.int
+    ttft_ewma_us: _builtins.float
+    """/ Exponentially weighted moving averages of TTFT (from generation start)
+    / and TPOT, microseconds.
+    """
+    tpot_ewma_us: _builtins.float
+    prefill_base_us: _builtins.float
+    """/ Prefill as a line fitted to (prompt tokens, TTFT): fixed cost plus a
+    / cost per prompt token, microseconds.
+    """
+    prefill_per_token_us: _builtins.float
+    basis: _builtins.str
+    """/ Where the figures come from: "warm-up" (the worker's self-measurement,
+    / before any relayed traffic) or "live".
+    """
+    predicted_wait_us: _builtins.float
+    """/ Predicted wait for the worker now (remaining work of the requests
+    / ahead), microseconds.
+    """
+    tokens_relayed: _builtins.int
+    """/ Tokens relayed from this worker so far."""
+    @_builtins.property
+    def tpot_by_concurrency(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConcurrencyTpot]:
+        """/ TPOT by concurrent streams on the worker's cores."""
+
+    def __init__(
+        self,
+        *,
+        ttft_ewma_us: _builtins.float = ...,
+        tpot_ewma_us: _builtins.float = ...,
+        prefill_base_us: _builtins.float = ...,
+        prefill_per_token_us: _builtins.float = ...,
+        tpot_by_concurrency: _abc.Iterable[Global___ConcurrencyTpot] | None = ...,
+        basis: _builtins.str = ...,
+        predicted_wait_us: _builtins.float = ...,
+        tokens_relayed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "predicted_wait_us", b"predicted_wait_us", "prefill_base_us", b"prefill_base_us", "prefill_per_token_us", b"prefill_per_token_us", "tokens_relayed", b"tokens_relayed", "tpot_by_concurrency", b"tpot_by_concurrency", "tpot_ewma_us", b"tpot_ewma_us", "ttft_ewma_us", b"ttft_ewma_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveFigures: _TypeAlias = LiveFigures  # noqa: Y015
+
+@_typing.final
 class ListWorkersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    """/ The router's routing policy."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
     def __init__(
         self,
         *,
         workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
+        policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,8 +268,11 @@ class PoolStats(_message.Message):
 
     TIMESTAMP_US_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     timestamp_us: _builtins.int
     """/ Unix time of the snapshot, microseconds."""
+    policy: _builtins.str
+    """/ The router's routing policy."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
     def __init__(
@@ -169,10 +280,11 @@ class PoolStats(_message.Message):
         *,
         timestamp_us: _builtins.int = ...,
         workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
+        policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["timestamp_us", b"timestamp_us", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "timestamp_us", b"timestamp_us", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -161,6 +161,9 @@ class WorkerInfo(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     NOTICES_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    WARMUP_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CHARS_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    WARMUP_PREFILL_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     tier: _builtins.str
     model: _builtins.str
@@ -187,6 +190,12 @@ class WorkerInfo(_message.Message):
     in_flight: _builtins.int
     """/ Requests generating now, and waiting for the model."""
     queued: _builtins.int
+    warmup_prompt_tokens: _builtins.int
+    """/ Prompt tokens of the warm-up self-measurement (its TTFT is for this many)."""
+    chars_per_token: _builtins.float
+    """/ Characters per prompt token of this worker's tokenizer, measured on the
+    / warm-up prompt; lets the router estimate prompt tokens without a tokenizer.
+    """
     @_builtins.property
     def cores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """/ CPUs the worker process is allowed to run on."""
@@ -208,6 +217,12 @@ class WorkerInfo(_message.Message):
     @_builtins.property
     def versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """/ Library versions: torch, intel-extension-for-pytorch, transformers."""
+
+    @_builtins.property
+    def warmup_prefill(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefillSample]:
+        """/ Warm-up TTFT at two prompt lengths, so the router can fit prefill as a
+        / fixed cost plus a cost per prompt token before any traffic.
+        """
 
     def __init__(
         self,
@@ -234,11 +249,38 @@ class WorkerInfo(_message.Message):
         queued: _builtins.int = ...,
         notices: _abc.Iterable[_builtins.str] | None = ...,
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        warmup_prompt_tokens: _builtins.int = ...,
+        chars_per_token: _builtins.float = ...,
+        warmup_prefill: _abc.Iterable[Global___PrefillSample] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "live_latency", b"live_latency", "warmup_latency", b"warmup_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "backend", b"backend", "cores", b"cores", "dtype", b"dtype", "in_flight", b"in_flight", "kernel", b"kernel", "live_latency", b"live_latency", "load_time_ms", b"load_time_ms", "max_context_tokens", b"max_context_tokens", "max_new_tokens_limit", b"max_new_tokens_limit", "model", b"model", "model_path", b"model_path", "notices", b"notices", "numa_node", b"numa_node", "queued", b"queued", "rss_mb", b"rss_mb", "threads", b"threads", "tier", b"tier", "versions", b"versions", "warmup_latency", b"warmup_latency", "warmup_time_ms", b"warmup_time_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "backend", b"backend", "chars_per_token", b"chars_per_token", "cores", b"cores", "dtype", b"dtype", "in_flight", b"in_flight", "kernel", b"kernel", "live_latency", b"live_latency", "load_time_ms", b"load_time_ms", "max_context_tokens", b"max_context_tokens", "max_new_tokens_limit", b"max_new_tokens_limit", "model", b"model", "model_path", b"model_path", "notices", b"notices", "numa_node", b"numa_node", "queued", b"queued", "rss_mb", b"rss_mb", "threads", b"threads", "tier", b"tier", "versions", b"versions", "warmup_latency", b"warmup_latency", "warmup_prefill", b"warmup_prefill", "warmup_prompt_tokens", b"warmup_prompt_tokens", "warmup_time_ms", b"warmup_time_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class PrefillSample(_message.Message):
+    """/ One measured prefill: TTFT (from generation start) for a prompt length."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    TTFT_US_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    ttft_us: _builtins.int
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        ttft_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_tokens", b"prompt_tokens", "ttft_us", b"ttft_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefillSample: _TypeAlias = PrefillSample  # noqa: Y015

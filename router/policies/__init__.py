@@ -1,0 +1,1 @@
+"""Routing policies, one class per module; `router.policy` registers them by name."""

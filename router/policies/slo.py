@@ -1,0 +1,125 @@
+"""slo: the most accurate worker predicted to meet the request's latency budgets.
+
+Filter (pinned tier, accuracy tolerance, health, room in the queue) → predict each
+worker's wait, TTFT and TPOT now → keep those that fit the budgets → pick the most
+accurate, ties by lowest predicted latency. When none fits: strict requests are
+refused with RESOURCE_EXHAUSTED naming the budget that failed; others are served
+best effort by the fastest worker within the tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from router.policies.base import (
+    RouteRequest,
+    RoutingDecision,
+    WorkerView,
+    accuracy_rank,
+    admitting,
+    effective_loss,
+    healthy,
+    ms,
+    pinned,
+    retry_hint_ms,
+    tolerable,
+)
+from router.prediction import Prediction
+from tierserve.errors import Overloaded
+from tierserve.tiers import REFERENCE_TIER
+
+
+def fits(request: RouteRequest, prediction: Prediction) -> bool:
+    ttft_ok = not request.max_first_token_latency_ms or (
+        prediction.ttft_us <= request.max_first_token_latency_ms * 1e3
+    )
+    tpot_ok = not request.max_token_latency_ms or prediction.tpot_us <= request.max_token_latency_ms * 1e3
+    return ttft_ok and tpot_ok
+
+
+def _budget(value_us: float, budget_ms: float, sign: str = "≤") -> str:
+    return f"{ms(value_us)} {sign} {budget_ms:g}ms" if budget_ms else ms(value_us)
+
+
+def describe(request: RouteRequest, worker: WorkerView, prediction: Prediction) -> str:
+    """'int8-sq predicted TTFT 40ms ≤ 200ms, TPOT 12ms ≤ 20ms, loss +0.90% ≤ 1%'."""
+    if not prediction.known:
+        latency = "no latency figures yet"
+    else:
+        wait = f" (wait {ms(prediction.wait_us)})" if prediction.wait_us else ""
+        ttft_sign = "≤" if prediction.ttft_us <= request.max_first_token_latency_ms * 1e3 else ">"
+        tpot_sign = "≤" if prediction.tpot_us <= request.max_token_latency_ms * 1e3 else ">"
+        latency = (
+            f"TTFT {_budget(prediction.ttft_us, request.max_first_token_latency_ms, ttft_sign)}{wait}, "
+            f"TPOT {_budget(prediction.tpot_us, request.max_token_latency_ms, tpot_sign)}"
+        )
+    if worker.tier == REFERENCE_TIER:
+        loss = "loss 0 (reference)"
+    else:
+        loss = f"loss {worker.quality_loss_pct or 0.0:+.2f}%"
+    if request.max_quality_loss_pct is not None:
+        loss += f" ≤ {request.max_quality_loss_pct:g}%"
+    return f"{worker.tier} ({worker.worker_id}) predicted {latency}, {loss}"
+
+
+def shortfall(
+    request: RouteRequest, workers: Sequence[WorkerView], predictions: dict[str, Prediction]
+) -> str:
+    """Which budget no worker within the tolerance is predicted to meet, with the best on offer."""
+    parts = []
+    if request.max_first_token_latency_ms:
+        best = min(workers, key=lambda w: predictions[w.worker_id].ttft_us)
+        parts.append(
+            f"TTFT ≤ {request.max_first_token_latency_ms:g}ms "
+            f"(best: {best.worker_id} {ms(predictions[best.worker_id].ttft_us)})"
+        )
+    if request.max_token_latency_ms:
+        best = min(workers, key=lambda w: predictions[w.worker_id].tpot_us)
+        parts.append(
+            f"TPOT ≤ {request.max_token_latency_ms:g}ms "
+            f"(best: {best.worker_id} {ms(predictions[best.worker_id].tpot_us)})"
+        )
+    scope = (
+        f"within max_quality_loss_pct={request.max_quality_loss_pct:g}% "
+        if request.max_quality_loss_pct is not None
+        else ""
+    )
+    return f"no worker {scope}is predicted to meet {' and '.join(parts)}"
+
+
+class SloPolicy:
+    name = "slo"
+
+    def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> RoutingDecision:
+        within = healthy(request, tolerable(request, pinned(request, workers)))
+        full = [w.worker_id for w in within if not w.has_room]
+        open_workers = admitting(within)
+        predictions = {w.worker_id: w.predict(request.prompt_tokens) for w in open_workers}
+
+        def latency(worker: WorkerView) -> float:
+            return predictions[worker.worker_id].total_us(request.new_tokens)
+
+        prefix = f"slo (tier {request.tier} pinned)" if request.tier else "slo"
+        notes = f"; queue full: {', '.join(full)}" if full else ""
+        eligible = [w for w in open_workers if fits(request, predictions[w.worker_id])]
+        if eligible:
+            best = min(eligible, key=lambda w: (accuracy_rank(w), latency(w)))
+            ties = [
+                w.worker_id for w in eligible if w is not best and accuracy_rank(w) == accuracy_rank(best)
+            ]
+            why = "most accurate eligible"
+            if ties:
+                why += f"; tied on loss with {', '.join(ties)}, lowest predicted latency"
+            reason = f"{prefix}: {describe(request, best, predictions[best.worker_id])}; {why}{notes}"
+            return RoutingDecision(best.worker_id, reason, predictions[best.worker_id])
+
+        missing = shortfall(request, open_workers, predictions)
+        if request.strict:
+            raise Overloaded(f"strict request refused: {missing}{notes}", retry_hint_ms(open_workers))
+        # Fastest first; among equally fast, the more accurate.
+        fastest = min(open_workers, key=lambda w: (latency(w), effective_loss(w)))
+        reason = (
+            f"{prefix} best effort: {missing}; fastest within tolerance: "
+            f"{describe(request, fastest, predictions[fastest.worker_id])}{notes}"
+        )
+        return RoutingDecision(fastest.worker_id, reason, predictions[fastest.worker_id], best_effort=True)

@@ -1,0 +1,106 @@
+"""Prediction: what a request would get on a worker now — wait, TTFT and TPOT.
+
+A worker serves one stream at a time, first come first served, so a new request
+waits for the remaining work of every request the router has relayed to it:
+each one's prefill if it has not started, plus its remaining tokens at the
+worker's TPOT. Remaining tokens count up to max_new_tokens (an upper bound:
+a stream may end earlier at end of sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from router.live import LiveStats
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request relayed to a worker and not yet finished."""
+
+    prompt_tokens: int
+    new_tokens: int
+    tokens: int = 0
+
+
+@dataclass
+class WorkerLoad:
+    """The requests the router has in flight on one worker, in arrival order (the worker's order)."""
+
+    tickets: list[Ticket] = field(default_factory=list)
+
+    def begin(self, prompt_tokens: int, new_tokens: int) -> Ticket:
+        ticket = Ticket(prompt_tokens, new_tokens)
+        self.tickets.append(ticket)
+        return ticket
+
+    def end(self, ticket: Ticket) -> None:
+        self.tickets.remove(ticket)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.tickets)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting behind the one generating."""
+        return max(0, len(self.tickets) - 1)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tickets)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Microseconds; TTFT includes the wait. Infinite when the worker has no figures yet."""
+
+    wait_us: float
+    ttft_us: float
+    tpot_us: float
+    # Streams expected on the worker's cores, and where the TPOT figure comes from.
+    streams: int = 1
+    basis: str = ""
+
+    @property
+    def known(self) -> bool:
+        return math.isfinite(self.ttft_us) and math.isfinite(self.tpot_us)
+
+    def total_us(self, new_tokens: int) -> float:
+        """Until the last token: what 'fastest' and 'lowest predicted latency' compare."""
+        return self.ttft_us + max(new_tokens - 1, 0) * self.tpot_us
+
+
+UNKNOWN = Prediction(math.inf, math.inf, math.inf, basis="no measurement yet")
+
+
+def remaining_us(ticket: Ticket, stats: LiveStats, tpot_us: float) -> float:
+    """Work left on a relayed request: its prefill if not started, then its remaining tokens."""
+    left = max(ticket.new_tokens - ticket.tokens, 0)
+    if ticket.tokens == 0:
+        fit = stats.prefill()
+        prefill = fit.ttft_us(ticket.prompt_tokens) if fit else tpot_us
+        return prefill + max(left - 1, 0) * tpot_us
+    return left * tpot_us
+
+
+def predict(stats: LiveStats, load: WorkerLoad, streams: int, prompt_tokens: int) -> Prediction:
+    """Wait, TTFT and TPOT for a request of `prompt_tokens` arriving at this worker now, with
+    `streams` generating on its cores once it runs (itself included)."""
+    tpot_us, basis = stats.tpot_us(streams)
+    fit = stats.prefill()
+    if tpot_us is None or fit is None:
+        return UNKNOWN
+    wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.tickets)
+    return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, streams, basis)
+
+
+def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:
+    """When the request generating now should finish, freeing a place in the queue."""
+    if not load.tickets:
+        return 0.0
+    tpot_us, _ = stats.tpot_us(streams)
+    if tpot_us is None:
+        return math.inf
+    return remaining_us(load.tickets[0], stats, tpot_us)

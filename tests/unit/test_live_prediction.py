@@ -1,0 +1,107 @@
+"""Live figures and prediction on synthetic token streams: warm-up first, then live; prefill
+fits; TPOT by concurrency measured, with a named fallback; queue wait from the work ahead."""
+
+import pytest
+
+from router.live import LiveStats, PromptTokenEstimator, fit_prefill
+from router.prediction import WorkerLoad, next_free_us, predict
+from tierserve.v1 import worker_pb2
+
+
+def warm_info(ttft_us: int = 40_000, tpot_us: int = 10_000, prompt_tokens: int = 40) -> worker_pb2.WorkerInfo:
+    return worker_pb2.WorkerInfo(
+        warmup_latency=worker_pb2.LatencyStats(ttft_p50_us=ttft_us, tpot_p50_us=tpot_us, samples=16),
+        warmup_prompt_tokens=prompt_tokens,
+        chars_per_token=3.5,
+    )
+
+
+def test_prefill_fit_is_a_line_when_lengths_vary_and_through_the_origin_otherwise() -> None:
+    # 20 ms fixed plus 1.5 ms per prompt token, with a little noise.
+    fit = fit_prefill([(32, 68_500.0), (256, 404_000.0), (128, 211_500.0)])
+    assert fit is not None
+    assert fit.per_token_us == pytest.approx(1500, rel=0.02) and fit.base_us == pytest.approx(20_000, rel=0.1)
+    single = fit_prefill([(40, 40_000.0)])
+    assert single is not None and (single.base_us, single.per_token_us) == (0.0, 1000.0)
+    # A noisy negative slope is no model of prefill: fall back to a ratio.
+    falling = fit_prefill([(10, 50_000.0), (20, 40_000.0)])
+    assert falling is not None and falling.base_us == 0.0 and falling.per_token_us > 0
+    assert fit_prefill([]) is None
+
+
+def test_before_traffic_the_workers_warm_up_figures_stand_in() -> None:
+    stats = LiveStats()
+    assert stats.basis == "none" and predict(stats, WorkerLoad(), 1, 10).known is False
+    stats.seed(warm_info())
+    assert stats.basis == "warm-up"
+    prediction = predict(stats, WorkerLoad(), 1, 80)
+    assert prediction.ttft_us == pytest.approx(80_000)  # 1 ms per prompt token, from 40 tokens in 40 ms
+    assert prediction.tpot_us == 10_000 and prediction.wait_us == 0
+    assert prediction.basis == "worker's warm-up figure"
+
+
+def test_live_tokens_replace_warm_up_and_tpot_is_kept_per_concurrency() -> None:
+    stats = LiveStats(alpha=0.5)
+    stats.seed(warm_info())
+    stats.record_first_token(30_000)
+    for latency in (8_000, 8_000, 8_000):
+        stats.record_token(latency, streams=1)
+    assert stats.basis == "live"
+    assert stats.tpot_us(1) == (8_000, "measured at 1 stream")
+    # Two streams on the cores not yet seen: the one-stream figure, and the prediction says so.
+    tpot, note = stats.tpot_us(2)
+    assert tpot == 8_000 and "2 streams unmeasured" in note
+    for latency in (16_000, 16_000):
+        stats.record_token(latency, streams=2)
+    assert stats.tpot_us(2) == (16_000, "measured at 2 streams")
+    figures = stats.to_proto()
+    assert [(c.streams, c.samples) for c in figures.tpot_by_concurrency] == [(1, 3), (2, 2)]
+    assert figures.ttft_ewma_us == 30_000 and figures.basis == "live" and figures.tokens_relayed == 6
+    assert 8_000 < figures.tpot_ewma_us < 16_000
+
+
+def test_queue_wait_is_the_remaining_work_of_the_requests_ahead() -> None:
+    stats = LiveStats()
+    stats.seed(warm_info(ttft_us=20_000, tpot_us=10_000, prompt_tokens=20))  # 1 ms per prompt token
+    load = WorkerLoad()
+    running = load.begin(prompt_tokens=50, new_tokens=30)
+    running.tokens = 10  # 20 tokens to go: 200 ms
+    load.begin(prompt_tokens=100, new_tokens=5)  # waiting: 100 ms prefill + 4 tokens = 140 ms
+    prediction = predict(stats, load, 1, prompt_tokens=30)
+    assert prediction.wait_us == pytest.approx(340_000)
+    assert prediction.ttft_us == pytest.approx(370_000)
+    assert prediction.total_us(new_tokens=11) == pytest.approx(470_000)
+    assert next_free_us(stats, load, 1) == pytest.approx(200_000)
+    assert load.outstanding == 2 and load.queued == 1
+    load.end(running)
+    assert load.queued == 0 and predict(stats, load, 1, 30).wait_us == pytest.approx(140_000)
+
+
+def test_prompt_tokens_are_estimated_from_characters_then_learned() -> None:
+    estimator = PromptTokenEstimator(alpha=1.0)
+    assert estimator.estimate("x" * 40) == 10  # 4 characters per token until told
+    estimator.report(5.0)
+    assert estimator.estimate("x" * 40) == 8
+    estimator.learn(prompt_chars=60, prompt_tokens=20)
+    assert estimator.chars_per_token == 3.0 and estimator.estimate("x" * 30) == 10
+    assert estimator.estimate("") == 1
+
+
+def test_prefill_before_varied_traffic_keeps_the_warm_up_slope_at_the_live_level() -> None:
+    info = warm_info()
+    info.warmup_prefill.add(prompt_tokens=32, ttft_us=60_000)  # 20 ms + 1.25 ms per token
+    info.warmup_prefill.add(prompt_tokens=128, ttft_us=180_000)
+    stats = LiveStats()
+    stats.seed(info)
+    fit = stats.prefill()
+    assert fit is not None and (fit.base_us, fit.per_token_us) == pytest.approx((20_000, 1_250))
+    # Live prompts of one length (6 tokens, 40 ms): the level moves, the warm-up slope stays.
+    for _ in range(3):
+        stats.record_prefill(6, 40_000)
+    fit = stats.prefill()
+    assert fit is not None and fit.per_token_us == pytest.approx(1_250)
+    assert fit.ttft_us(6) == pytest.approx(40_000)
+    # Lengths a factor of two apart: the live line alone.
+    stats.record_prefill(60, 100_000)
+    fit = stats.prefill()
+    assert fit is not None and fit.per_token_us == pytest.approx(60_000 / 54, rel=0.01)

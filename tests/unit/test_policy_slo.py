@@ -1,0 +1,116 @@
+"""The slo policy on synthetic worker states: every branch of filter → predict → pick."""
+
+import pytest
+
+from router.policies.base import MIN_RETRY_MS
+from router.policy import RouteRequest, SloPolicy
+from tests.unit.fake_workers import FakeWorker, tiered_pool
+from tierserve.errors import NoWorkerAvailable, Overloaded, Unsatisfiable
+
+
+def choose(request: RouteRequest, workers: list[FakeWorker] | None = None) -> tuple[str, str, bool]:
+    decision = SloPolicy().choose(request, workers if workers is not None else tiered_pool())
+    return decision.worker_id, decision.reason, decision.best_effort
+
+
+def test_without_budgets_the_most_accurate_tier_serves() -> None:
+    worker, reason, best_effort = choose(RouteRequest(max_quality_loss_pct=1.0))
+    assert worker == "fp32-0" and not best_effort
+    assert reason.startswith("slo: fp32 (fp32-0) predicted TTFT 70ms, TPOT 29ms, loss 0 (reference) ≤ 1%")
+    assert "most accurate eligible" in reason
+
+
+def test_tight_budget_goes_to_the_most_accurate_tier_predicted_to_meet_it() -> None:
+    worker, reason, best_effort = choose(RouteRequest(max_quality_loss_pct=1.0, max_token_latency_ms=20))
+    # fp32 (29 ms) misses the budget; bf16's -0.00% counts as 0 and beats int4's +0.25%.
+    assert worker == "bf16-0" and not best_effort
+    assert "TPOT 13ms ≤ 20ms" in reason and "loss -0.00% ≤ 1%" in reason
+    worker, reason, _ = choose(RouteRequest(max_quality_loss_pct=1.0, max_token_latency_ms=10))
+    assert worker == "int4-woq-0"
+    assert "TPOT 9.4ms ≤ 10ms" in reason and "loss +0.25% ≤ 1%" in reason
+
+
+def test_zero_tolerance_goes_to_the_reference_not_a_tier_measured_at_minus_zero() -> None:
+    assert choose(RouteRequest(max_quality_loss_pct=0.0))[0] == "fp32-0"
+    # Measured no loss: bf16 meets a zero tolerance when fp32 cannot meet the budget...
+    assert choose(RouteRequest(max_quality_loss_pct=0.0, max_token_latency_ms=20))[0] == "bf16-0"
+    # ... but a tier with any measured loss never does.
+    with pytest.raises(Unsatisfiable):
+        choose(RouteRequest(max_quality_loss_pct=0.0), [w for w in tiered_pool() if w.tier.startswith("int")])
+
+
+def test_ties_on_loss_go_to_the_lowest_predicted_latency() -> None:
+    pool = [
+        FakeWorker("bf16-0", "bf16", quality_loss_pct=0.1, ttft_ms=90, tpot_ms=12),
+        FakeWorker("bf16-1", "bf16", quality_loss_pct=0.1, ttft_ms=30, tpot_ms=12),
+        FakeWorker("int4-0", "int4-woq", quality_loss_pct=0.3, ttft_ms=5, tpot_ms=5),
+    ]
+    worker, reason, _ = choose(RouteRequest(max_quality_loss_pct=1.0, new_tokens=32), pool)
+    assert worker == "bf16-1"
+    assert "tied on loss with bf16-0, lowest predicted latency" in reason
+
+
+def test_a_saturated_worker_loses_to_one_that_meets_the_ttft_budget() -> None:
+    pool = tiered_pool()
+    request = RouteRequest(max_quality_loss_pct=1.0, max_first_token_latency_ms=500)
+    assert choose(request, pool)[0] == "fp32-0"
+    pool[0].wait_ms, pool[0].ttft_ms, pool[0].outstanding = 4000, 4070, 3
+    worker, reason, _ = choose(request, pool)
+    assert worker == "bf16-0"
+    assert "TTFT 38ms ≤ 500ms" in reason
+
+
+def test_nothing_meets_the_budget_best_effort_on_the_fastest_worker_within_tolerance() -> None:
+    worker, reason, best_effort = choose(RouteRequest(max_quality_loss_pct=1.0, max_token_latency_ms=5))
+    # int8-sq would be faster at TTFT but is beyond the tolerance; int4 has the lowest total latency.
+    assert worker == "int4-woq-0" and best_effort
+    assert reason.startswith("slo best effort: no worker within max_quality_loss_pct=1% is predicted to meet")
+    assert "TPOT ≤ 5ms (best: int4-woq-0 9.4ms)" in reason
+    assert "fastest within tolerance: int4-woq (int4-woq-0)" in reason
+
+
+def test_strict_request_that_nothing_can_meet_is_resource_exhausted_naming_the_budget() -> None:
+    request = RouteRequest(max_quality_loss_pct=1.0, max_first_token_latency_ms=10, strict=True)
+    with pytest.raises(
+        Overloaded, match=r"strict request refused: .*TTFT ≤ 10ms \(best: bf16-0 38ms\)"
+    ) as caught:
+        choose(request)
+    assert caught.value.retry_after_ms >= MIN_RETRY_MS
+
+
+def test_no_tier_within_the_tolerance_is_failed_precondition_even_when_not_strict() -> None:
+    pool = [w for w in tiered_pool() if w.tier in ("int8-sq", "int8-woq")]
+    with pytest.raises(Unsatisfiable, match=r"max_quality_loss_pct=0.5%.*int8-sq-0 \+24.50%"):
+        choose(RouteRequest(max_quality_loss_pct=0.5, max_token_latency_ms=100), pool)
+
+
+def test_pinned_tier_is_honoured_and_named() -> None:
+    worker, reason, best_effort = choose(RouteRequest(tier="fp32", max_token_latency_ms=20))
+    assert worker == "fp32-0" and best_effort
+    assert reason.startswith("slo (tier fp32 pinned) best effort")
+
+
+def test_full_queues_are_skipped_and_all_full_is_resource_exhausted_with_a_hint() -> None:
+    pool = tiered_pool()
+    pool[0].outstanding = 9  # one generating, eight waiting: the limit
+    worker, reason, _ = choose(RouteRequest(max_quality_loss_pct=1.0), pool)
+    assert worker == "bf16-0" and "queue full: fp32-0" in reason
+    for w in pool:
+        w.outstanding, w.next_free_ms = 9, 250.0 if w.tier == "int8-sq" else 900.0
+    with pytest.raises(Overloaded, match="queue is full") as caught:
+        choose(RouteRequest(max_quality_loss_pct=1.0), pool)
+    # The soonest a place frees: the worker closest to finishing its request (only those eligible).
+    assert caught.value.retry_after_ms == 900
+    with pytest.raises(Overloaded) as caught:
+        choose(RouteRequest(max_quality_loss_pct=100.0), pool)
+    assert caught.value.retry_after_ms == 250
+
+
+def test_workers_without_figures_never_meet_a_budget_and_unhealthy_ones_never_serve() -> None:
+    pool = tiered_pool()
+    pool[1].ttft_ms = pool[1].tpot_ms = float("inf")
+    assert choose(RouteRequest(max_quality_loss_pct=0.0, max_token_latency_ms=20), pool)[2]
+    for w in pool:
+        w.healthy = False
+    with pytest.raises(NoWorkerAvailable):
+        choose(RouteRequest(), pool)

@@ -1,0 +1,256 @@
+"""`tierserve bench overhead`: what the router costs. The same requests go through the router and
+straight to one worker, in the same run, one at a time, interleaved (router first on even pairs,
+direct first on odd ones, so drift hits both alike).
+
+    tierserve bench overhead --out bench-results/overhead.json [--router ADDR] [--tier fp32] [--requests 40]
+
+Without --router it starts a pool with one worker of --tier on every CPU (or --config's pool).
+Requests through the router pin the worker's tier. Everything is timed by the client:
+
+- per token: the gaps between arriving tokens, paired by token index across each router/direct pair;
+  the figure is the p50 of (router gap - direct gap). Target: <= 0.3 ms.
+- per request: TTFT (send to first token) p50 and p99 on each path; the figures are the differences.
+  Target: p99 difference <= 2 ms.
+- token rate: streamed tokens over the summed stream times (send to last token) on each path; the
+  figure is router / direct. Target: >= 0.97.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tierserve.benchmarks.livepool import (
+    bench_pool_config,
+    prompt_words,
+    running_pool,
+    usable_cpus,
+    worker_facts,
+)
+from tierserve.benchmarks.streamcall import CallResult, timed_generate
+from tierserve.config import ConfigError, TierserveConfig, default_config, load_config
+from tierserve.grpcserver import CHANNEL_OPTIONS
+from tierserve.latency import percentile
+from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
+
+WARMUP_PAIRS = 2
+PER_TOKEN_TARGET_MS = 0.3
+TTFT_P99_TARGET_MS = 2.0
+RATE_TARGET = 0.97
+PROMPT_WORDS = 24
+
+
+def _p(values: Sequence[float], fraction: float) -> float | None:
+    return percentile(values, fraction) if values else None
+
+
+def _rate(calls: Sequence[CallResult]) -> float | None:
+    tokens = sum(len(c.token_times_s) for c in calls)
+    seconds = sum(c.token_times_s[-1] - c.sent_s for c in calls if c.token_times_s)
+    return tokens / seconds if seconds > 0 else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def overhead_figures(pairs: Sequence[tuple[CallResult, CallResult]]) -> dict[str, Any]:
+    """The figures from (router, direct) pairs of the same request (see the module docstring)."""
+    routed = [r for r, _ in pairs if r.status == "OK"]
+    direct = [d for _, d in pairs if d.status == "OK"]
+    token_diffs = [
+        gr - gd
+        for r, d in pairs
+        if r.status == d.status == "OK"
+        for gr, gd in zip(r.token_gaps_ms(), d.token_gaps_ms(), strict=False)
+    ]
+    ttft_r = [t for c in routed if (t := c.ttft_ms()) is not None]
+    ttft_d = [t for c in direct if (t := c.ttft_ms()) is not None]
+    gaps_r = [g for c in routed for g in c.token_gaps_ms()]
+    gaps_d = [g for c in direct for g in c.token_gaps_ms()]
+    rate_r, rate_d = _rate(routed), _rate(direct)
+    figures: dict[str, Any] = {
+        "pairs": len(pairs),
+        "failed": {"router": len(pairs) - len(routed), "direct": len(pairs) - len(direct)},
+        "per_token_diff_p50_ms": _p(token_diffs, 0.50),
+        "per_token_diff_p99_ms": _p(token_diffs, 0.99),
+        "token_gap_p50_ms": {"router": _p(gaps_r, 0.50), "direct": _p(gaps_d, 0.50)},
+        "ttft_p50_ms": {"router": _p(ttft_r, 0.50), "direct": _p(ttft_d, 0.50)},
+        "ttft_p99_ms": {"router": _p(ttft_r, 0.99), "direct": _p(ttft_d, 0.99)},
+        "ttft_p50_diff_ms": _diff(_p(ttft_r, 0.50), _p(ttft_d, 0.50)),
+        "ttft_p99_diff_ms": _diff(_p(ttft_r, 0.99), _p(ttft_d, 0.99)),
+        "tokens_per_s": {"router": rate_r, "direct": rate_d},
+        "rate_ratio": rate_r / rate_d if rate_r and rate_d else None,
+        "tokens_compared": len(token_diffs),
+    }
+    figures["targets"] = check_targets(figures)
+    return figures
+
+
+def check_targets(figures: Mapping[str, Any]) -> dict[str, Any]:
+    def within(value: float | None, ok: bool) -> bool | None:
+        return None if value is None else ok
+
+    per_token, ttft, ratio = (
+        figures["per_token_diff_p50_ms"],
+        figures["ttft_p99_diff_ms"],
+        figures["rate_ratio"],
+    )
+    return {
+        "per_token_p50_le_0.3ms": within(
+            per_token, per_token is not None and per_token <= PER_TOKEN_TARGET_MS
+        ),
+        "ttft_p99_le_2ms": within(ttft, ttft is not None and ttft <= TTFT_P99_TARGET_MS),
+        "token_rate_ge_0.97x": within(ratio, ratio is not None and ratio >= RATE_TARGET),
+    }
+
+
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def markdown_report(figures: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    t, gap = figures["targets"], figures["token_gap_p50_ms"]
+    ttft50, ttft99, rate = figures["ttft_p50_ms"], figures["ttft_p99_ms"], figures["tokens_per_s"]
+    lines = [
+        "# tierserve router overhead",
+        "",
+        f"{figures['pairs']} interleaved router/direct pairs of the same greedy request "
+        f"({meta['new_tokens']} new tokens, worker {meta['worker_id']}, tier {meta['tier']}), "
+        "timed by the client.",
+        "",
+        "| figure | router | direct | router - direct | target | verdict |",
+        "|---|---:|---:|---:|---|---|",
+        f"| per-token gap p50 ms | {_f(gap['router'])} | {_f(gap['direct'])} "
+        f"| {_f(figures['per_token_diff_p50_ms'])} (paired p50) | <= {PER_TOKEN_TARGET_MS} ms "
+        f"| {_verdict(t['per_token_p50_le_0.3ms'])} |",
+        f"| TTFT p50 ms | {_f(ttft50['router'])} | {_f(ttft50['direct'])} "
+        f"| {_f(figures['ttft_p50_diff_ms'])} | | |",
+        f"| TTFT p99 ms | {_f(ttft99['router'])} | {_f(ttft99['direct'])} "
+        f"| {_f(figures['ttft_p99_diff_ms'])} | <= {TTFT_P99_TARGET_MS} ms "
+        f"| {_verdict(t['ttft_p99_le_2ms'])} |",
+        f"| streamed tokens/s | {_f(rate['router'], '.1f')} | {_f(rate['direct'], '.1f')} "
+        f"| ratio {_f(figures['rate_ratio'])} | >= {RATE_TARGET}x | {_verdict(t['token_rate_ge_0.97x'])} |",
+    ]
+    if any(figures["failed"].values()):
+        lines += ["", f"Failed calls: {figures['failed']}"]
+    lines += [f"- note: {n}" for n in meta.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+async def _measure_pairs(
+    router_address: str,
+    worker_address: str,
+    request: generate_pb2.GenerateRequest,
+    count: int,
+    timeout_s: float,
+    console: Console,
+) -> list[tuple[CallResult, CallResult]]:
+    pairs: list[tuple[CallResult, CallResult]] = []
+    async with (
+        grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS) as to_router,
+        grpc.aio.insecure_channel(worker_address, options=CHANNEL_OPTIONS) as to_worker,
+    ):
+        router, worker = router_pb2_grpc.RouterStub(to_router), worker_pb2_grpc.WorkerStub(to_worker)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("router/direct pairs", total=count + WARMUP_PAIRS)
+            for index in range(count + WARMUP_PAIRS):
+                if index % 2 == 0:
+                    routed = await timed_generate(router, request, timeout_s)
+                    direct = await timed_generate(worker, request, timeout_s)
+                else:
+                    direct = await timed_generate(worker, request, timeout_s)
+                    routed = await timed_generate(router, request, timeout_s)
+                if index >= WARMUP_PAIRS:
+                    pairs.append((routed, direct))
+                progress.advance(task)
+    return pairs
+
+
+def _measure(
+    router_address: str,
+    tier: str,
+    words: Sequence[str],
+    requests: int,
+    new_tokens: int,
+    timeout_s: float,
+    console: Console,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    facts = [f for f in worker_facts(router_address) if f.tier == tier]
+    if not facts:
+        raise ConfigError(f"no serving worker of tier {tier!r} behind {router_address}")
+    target = facts[0]
+    request = generate_pb2.GenerateRequest(
+        prompt=" ".join(words[:PROMPT_WORDS]), max_new_tokens=new_tokens, temperature=0.0, tier=tier
+    )
+    console.print(f"router {router_address} vs worker {target.worker_id} at {target.address} directly")
+    pairs = asyncio.run(_measure_pairs(router_address, target.address, request, requests, timeout_s, console))
+    notes = []
+    others = sorted({r.worker_id for r, _ in pairs if r.status == "OK" and r.worker_id != target.worker_id})
+    if others:
+        notes.append(
+            f"the router also sent some requests to {', '.join(others)} (another worker of tier {tier}); "
+            "pairs are then not the same worker"
+        )
+    meta = {"worker_id": target.worker_id, "tier": tier, "router": router_address, "worker": target.address}
+    return overhead_figures(pairs), {**meta, "notes": notes}
+
+
+def run_overhead_benchmark(
+    out: Path,
+    config_path: str | None,
+    *,
+    router: str | None,
+    tier: str,
+    requests: int,
+    new_tokens: int,
+    timeout_s: float,
+    run_dir: Path | None,
+    console: Console,
+) -> int:
+    if requests < 1 or new_tokens < 2:
+        raise ConfigError("--requests must be at least 1 and --new-tokens at least 2")
+    started = time.perf_counter()
+    if router:
+        config: TierserveConfig = load_or_default(config_path)
+        figures, meta = _measure(router, tier, prompt_words(config), requests, new_tokens, timeout_s, console)
+    else:
+        config = bench_pool_config(config_path, [tier], usable_cpus(), new_tokens)
+        with running_pool(config, run_dir, console) as launcher:
+            figures, meta = _measure(
+                launcher.router_address, tier, prompt_words(config), requests, new_tokens, timeout_s, console
+            )
+    meta.update(
+        requests=requests,
+        new_tokens=new_tokens,
+        warmup_pairs=WARMUP_PAIRS,
+        usable_cpus=usable_cpus(),
+        elapsed_s=round(time.perf_counter() - started, 1),
+    )
+    stem = out.with_suffix("") if out.suffix == ".json" else out
+    md_path = stem.with_name(stem.name + ".md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "figures": figures}, indent=2) + "\n", encoding="utf-8")
+    report = markdown_report(figures, meta)
+    md_path.write_text(report, encoding="utf-8")
+    print(report)
+    console.print(f"wrote {out}, {md_path}", highlight=False, markup=False)
+    return 0 if not any(figures["failed"].values()) else 1
+
+
+def load_or_default(config_path: str | None) -> TierserveConfig:
+    """Only the text set matters for an existing pool: the config's, or the bundled one."""
+    return load_config(Path(config_path)) if config_path else default_config(usable_cpus())
