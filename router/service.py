@@ -138,7 +138,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             summary.predicted_queue_us = int(prediction.wait_us)
             summary.predicted_ttft_us = int(prediction.ttft_us)
             summary.predicted_tpot_us = int(prediction.tpot_us)
-        summary.budget_met = within_budget(request, seen_ttft_us, summary.tpot_mean_us)
+        # Best effort means the router already knew it could not promise the budget: reported as
+        # not met (the contract), whatever the stream then happened to achieve.
+        summary.budget_met = not decision.best_effort and within_budget(
+            request, seen_ttft_us, summary.tpot_mean_us
+        )
         worker.live.record_prefill(summary.prompt_tokens, summary.ttft_us)
         self._pool.prompt_tokens.learn(len(request.prompt), summary.prompt_tokens)
 

@@ -43,8 +43,10 @@ def test_cards_are_ordered_as_measured(live_pool: LivePool) -> None:
     # tiers' order among themselves is what the cards measure, not something assumed here.
     assert min(divergence, key=divergence.__getitem__) == REFERENCE_TIER
     assert max(agreement, key=agreement.__getitem__) == REFERENCE_TIER
+    # Quantized tiers diverge measurably. Their perplexity change may be negative: int4-woq's
+    # groups of 32 recover the default model's own 4-bit weights almost exactly.
     for tier in ("int8-sq", "int8-woq", "int4-woq"):
-        assert measured[tier].perplexity_delta_pct > 0 and divergence[tier] > 0, tier
+        assert divergence[tier] > 0, tier
     for tier, card in measured.items():
         assert card.perplexity > 1 and 0 < card.top1_agreement <= 1, tier
 
@@ -56,10 +58,11 @@ def test_accuracy_tolerance_is_compared_with_the_measured_perplexity_change(live
     request.max_quality_loss_pct = 0.0
     summary = list(stub.Generate(request, timeout=300))[-1].summary
     assert measured[summary.tier].perplexity_delta_pct <= 0.0
-    # 4-bit weights lose measurably; a tolerance below that loss refuses the pinned tier.
-    int4_loss = measured["int4-woq"].perplexity_delta_pct
-    assert int4_loss > 0
-    request.tier, request.max_quality_loss_pct = "int4-woq", int4_loss / 2
+    # A tolerance below the largest measured loss refuses that tier when pinned.
+    lossiest = max(measured, key=lambda tier: measured[tier].perplexity_delta_pct)
+    loss = measured[lossiest].perplexity_delta_pct
+    assert loss > 0
+    request.tier, request.max_quality_loss_pct = lossiest, loss / 2
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Generate(request, timeout=60))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -156,6 +156,14 @@ def test_dominated_means_slower_and_less_accurate_than_another_path() -> None:
     assert LLAMACPP not in dominators
 
 
+def test_a_measured_perplexity_gain_counts_as_no_loss() -> None:
+    rows = [row("fp32", 29.0, 0.0), row("bf16", 13.0, -0.01), row("int4-woq", 8.0, -0.2)]
+    dominators = find_dominators(rows)
+    assert dominators == {"fp32": [], "bf16": [], "int4-woq": []}
+    rows.append(row("int8-woq", 12.0, 0.9))
+    assert find_dominators(rows)["int8-woq"] == ["int4-woq"]
+
+
 def test_dominance_notes_explain_the_slow_woq_path() -> None:
     rows = [
         row("fp32", 29.0, 0.0),

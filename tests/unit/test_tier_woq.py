@@ -16,6 +16,7 @@ from tierserve.requests import GenerationParams, SamplingParams
 from worker.engine import Engine, TokenEvent
 from worker.isa import CpuIsa
 from worker.tiers import LoadedModel, TierContext, make_tier, native_woq
+from worker.tiers.ipex_common import load_hf_model
 from worker.tiers.woq import IPEX_SETTINGS_FILE
 
 TIERS = ("int8-woq", "int4-woq")
@@ -119,8 +120,9 @@ def test_int8_is_per_channel_and_ignores_group_size() -> None:
 
 @pytest.mark.parametrize("name", TIERS)
 def test_native_refuses_what_only_ipex_does(name: str) -> None:
-    with pytest.raises(ConfigError, match="lowp_mode INT8"):
-        tier_for(name, TierRecipe(lowp_mode="INT8")).check(smollm_like_config())
+    if name == "int4-woq":  # no native int4 kernel with int8 activations
+        with pytest.raises(ConfigError, match="lowp_mode INT8"):
+            tier_for(name, TierRecipe(lowp_mode="INT8")).check(smollm_like_config())
     with pytest.raises(ConfigError, match="low_precision_checkpoint"):
         tier_for(name, TierRecipe(low_precision_checkpoint="/x.safetensors")).check(smollm_like_config())
     with pytest.raises(ConfigError, match="native WOQ kernel path supports"):
@@ -168,6 +170,38 @@ def test_int8_and_int4_linears_match_their_float_weights(activations: torch.dtyp
     assert (int4(x).float() - expected).abs().mean().item() < 0.15 * scale
 
 
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_dynamic_int8_head_matches_its_float_weights(reduce_range: bool) -> None:
+    torch.manual_seed(2)
+    weight = torch.randn(96, 64) * 0.05
+    x = torch.randn(1, 3, 64).to(torch.bfloat16)
+    expected = x.float() @ weight.T
+    q8 = native_woq.quantize_int8(weight)
+    head = native_woq.DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range)
+    y = head(x)
+    assert y.shape == expected.shape and y.dtype == torch.bfloat16
+    assert (y.float() - expected).abs().mean().item() < 0.03 * expected.abs().mean().item()
+
+
+def test_native_int8_lowp_int8_runs_every_layer_with_dynamic_activations(tiny_model_dir: Path) -> None:
+    tier = tier_for("int8-woq", TierRecipe(lowp_mode="INT8"))
+    tier.check(smollm_like_config())
+    scheme = tier.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128))
+    assert scheme.dynamic_layers and scheme.describe().startswith("layers fbgemm quantized::linear_dynamic")
+    assert tier.recipe_key() != tier_for("int8-woq").recipe_key()
+    tensors = native_woq.quantize_model(load_hf_model(tiny_model_dir)[0], scheme, lambda message: None)
+    linear = native_woq.make_linear(tensors, "layers.0.o", 8, scheme)
+    assert isinstance(linear, native_woq.DynamicInt8Linear)
+
+
+@pytest.mark.parametrize(("lowp_mode", "dynamic"), [("AUTO", True), ("BF16", False), ("FP32", False)])
+def test_lm_head_runs_dynamic_int8_only_by_default(lowp_mode: str, dynamic: bool) -> None:
+    tier = tier_for("int8-woq", TierRecipe(lowp_mode=lowp_mode))  # type: ignore[arg-type]
+    scheme = tier.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128))
+    assert scheme.head_dynamic is dynamic
+    assert ("quantized::linear_dynamic" in scheme.describe()) is dynamic
+
+
 # ------------------------------------------------------------------ native path end to end
 
 
@@ -210,7 +244,8 @@ def generate(loaded: LoadedModel, sampling: SamplingParams, tokens: int = 6) -> 
 
 def test_loaded_model_says_what_runs(loaded: LoadedModel) -> None:
     assert loaded.kernel.startswith("native:")
-    assert "_weight_int8pack_mm" in loaded.kernel  # int8 layers, or the int4 tier's int8 lm_head
+    # Default lowp_mode AUTO: the lm_head runs fbgemm's dynamic int8 linear on both tiers.
+    assert "lm_head fbgemm quantized::linear_dynamic" in loaded.kernel
     assert loaded.backend.startswith(f"torch {torch.__version__} native")
     assert loaded.context_tokens == TINY_CONTEXT_TOKENS
     assert loaded.dtype == torch.bfloat16

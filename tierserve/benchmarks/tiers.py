@@ -32,8 +32,8 @@ Figures:
 - ppl, ppl_delta_pct, kld, top1_agree: the path's accuracy card against the fp32 reference.
 - cpu_share: CPU time used during the measured runs over wall time x CPUs; well below 1, something else
   competed for the CPUs and the latencies are inflated.
-- dominated_by: the paths that are both faster (lower tpot_ms) and more accurate (ppl_delta_pct lower by
-  more than ACCURACY_TIE_PCT points), or null.
+- dominated_by: the paths that are both faster (lower tpot_ms) and more accurate (ppl_delta_pct, a
+  gain counted as zero, lower by more than ACCURACY_TIE_PCT points), or null.
 
 Besides the JSON list (one object per path) it writes `<out>.meta.json` (machine, settings, notes),
 `<out>.md` (the table) and `<out>.png` (TPOT against perplexity delta), where <out> is --out without
@@ -245,11 +245,17 @@ def result_row(measurement: PathMeasurement, baseline_tpot_ms: float | None) -> 
     }
 
 
+def _loss(row: Mapping[str, Any]) -> float:
+    """Perplexity change as a loss: a measured gain counts as none, as the router counts it (a
+    quantized model scoring below its reference is noise or luck, not better fidelity)."""
+    return max(float(row["ppl_delta_pct"]), 0.0)
+
+
 def find_dominators(
     rows: Sequence[Mapping[str, Any]], tie_pct: float = ACCURACY_TIE_PCT
 ) -> dict[str, list[str]]:
-    """For each path, the paths both faster (lower tpot_ms) and more accurate (ppl_delta_pct lower by
-    more than tie_pct points). Paths missing either figure neither dominate nor are dominated."""
+    """For each path, the paths both faster (lower tpot_ms) and more accurate (loss lower by more
+    than tie_pct points). Paths missing either figure neither dominate nor are dominated."""
     scored = [r for r in rows if r.get("tpot_ms") is not None and r.get("ppl_delta_pct") is not None]
     return {
         str(row["tier"]): [
@@ -257,7 +263,7 @@ def find_dominators(
             for other in scored
             if other is not row
             and other["tpot_ms"] < row["tpot_ms"]
-            and other["ppl_delta_pct"] < row["ppl_delta_pct"] - tie_pct
+            and _loss(other) < _loss(row) - tie_pct
         ]
         for row in scored
     }

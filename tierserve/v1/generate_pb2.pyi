@@ -236,7 +236,8 @@ class Summary(_message.Message):
     budget_met: _builtins.bool
     """/ Whether the request's latency budgets were met, as measured: the TTFT
     / budget against waiting plus TTFT, the TPOT budget against the mean TPOT
-    / (true when it set none). A best-effort request may still meet them.
+    / (true when it set none). Always false when the router served the request
+    / best effort (`best_effort`: no worker was predicted to meet the budget).
     """
     finish_reason: Global___FinishReason.ValueType
     routing_reason: _builtins.str

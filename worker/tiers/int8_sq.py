@@ -11,9 +11,14 @@ Measured on the default model (SmolLM2-135M, 2 threads of an AVX-512 VNNI EPYC, 
 alpha 0.5, 8 calibration texts, 1020 evaluation tokens:
 
 - every linear in int8 (the default): about 11.5 ms per token (IPEX bf16: 11.8), perplexity
-  +24.6% against fp32. Per-tensor static activation scales cannot cover the down_proj inputs,
-  whose ranges reach 25-140 in a few layers (about 5 elsewhere). No alpha fixes that
-  (0.2: +191%, 0.35: +59%, 0.65: +22.5%, 0.8: +33%).
+  +24.6% against fp32. Per-tensor static activation scales cannot cover the down_proj inputs:
+  the model has "massive activations" at the first position (the attention sink), e.g. layer
+  11's down_proj input reaches ~3000 at position 0 against <= 10 at every other position
+  (layer 28: ~2400 against ~60), so one scale per tensor leaves the ordinary tokens a handful
+  of quantization steps. No alpha fixes that (0.2: +191%, 0.35: +59%, 0.65: +22.5%, 0.8: +33%).
+- every down_proj as PyTorch's weight-only int8 kernel (bf16 activations) and the lm_head as
+  fbgemm's dynamic int8 linear, the rest SmoothQuant static int8: +1.5%, and slower (the
+  weight-only down_proj costs about twice IPEX's fused int8 linear).
 - `fp32_ops` = every down_proj: +3.5%; every down_proj and lm_head: +0.9%, but then about
   26 ms per token, slower than bf16.
 - bf16 autocast between the int8 ops (IPEX's `--quant-with-amp`): slower (about 13 ms) and

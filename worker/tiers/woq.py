@@ -23,8 +23,17 @@ Recipe fields:
   output channel (IPEX only).
   int8-woq is always per output channel (one scale per row) on both paths and ignores it.
 - `lowp_mode`: IPEX's lowest compute precision. AUTO means BF16. On the native path
-  AUTO/BF16 run bf16 activations, FP32 runs fp32 activations (much slower kernels), INT8
-  (dynamically quantized activations) exists only on the IPEX path.
+  AUTO/BF16 run bf16 activations, FP32 runs fp32 activations (much slower kernels); AUTO
+  also runs the lm_head as fbgemm's dynamic int8 linear (activations quantized per token at
+  run time; same stored weights; about 1.7-2 ms per token faster here, perplexity within
+  measurement noise of the weight-only head), BF16 keeps it weight-only. INT8
+  quantizes every layer's activations per token at run time: on the IPEX path IPEX's
+  own mode; on the native path int8-woq runs every layer as fbgemm's dynamic int8 linear.
+  Measured side by side on the default model (2 threads, AVX512-VNNI, no AMX): 8.3 ms per
+  token against 11.9 for BF16 activations, perplexity +0.63% against +0.86%, but KL 0.021
+  against 0.008 and top-1 agreement 90.8% against 92.9%, and greedy text that drifts (no
+  "Paris" after "The capital of France is"), so BF16 stays the default. int4-woq has no
+  native int8-activation kernel and refuses INT8 on the native path.
 - `low_precision_checkpoint`: a GPTQ/AWQ-style checkpoint (a .safetensors/.pt/.bin file,
   or a folder of them with a config.json carrying `quantization_config`) handed to IPEX;
   IPEX path only.
@@ -96,6 +105,9 @@ class _WoqTier(Tier):
         if self.kernel_path() == "native":
             # The packed layout and the lm_head width, so a change to either rebuilds the artifact.
             key["native_format"] = f"{native_woq.ARTIFACT_FORMAT} lm_head {self.native_head_bits} bits"
+            # The card depends on how the head runs, though its stored weights do not.
+            key["native_head"] = self.native_scheme_head()
+            key["native_dynamic_layers"] = self.recipe.lowp_mode == "INT8"
         return key
 
     def group_size(self, model_config: Any) -> int:
@@ -149,13 +161,18 @@ class _WoqTier(Tier):
             )
         if getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False):
             raise ConfigError(f"{self.name}: the native WOQ kernel path needs linear layers without bias")
-        if self.recipe.lowp_mode == "INT8":
+        if self.recipe.lowp_mode == "INT8" and self.bits == 4:
             raise ConfigError(
-                f'{self.name}: lowp_mode INT8 (dynamically quantized activations) needs kernel = "ipex"; '
-                "the native path runs BF16 or FP32 activations"
+                f"{self.name}: lowp_mode INT8 (dynamically quantized activations) with int4 weights needs "
+                'kernel = "ipex"; the native int4 kernel takes BF16 or FP32 activations'
             )
         if self.recipe.low_precision_checkpoint:
             raise ConfigError(f'{self.name}: low_precision_checkpoint is read only with kernel = "ipex"')
+
+    def native_scheme_head(self) -> str:
+        """How the native path runs the lm_head. AUTO: int8 dynamic (the fastest measured);
+        an explicit BF16 or FP32 lowp_mode keeps float activations everywhere."""
+        return "dynamic-int8" if self.recipe.lowp_mode in ("AUTO", "INT8") else "weight-only"
 
     def native_scheme(self, model_config: Any) -> native_woq.NativeScheme:
         return native_woq.NativeScheme(
@@ -163,6 +180,9 @@ class _WoqTier(Tier):
             group_size=self.group_size(model_config),
             head_bits=self.native_head_bits,
             activations=torch.float32 if self.recipe.lowp_mode == "FP32" else torch.bfloat16,
+            head_dynamic=self.native_scheme_head() == "dynamic-int8",
+            dynamic_layers=self.recipe.lowp_mode == "INT8",
+            reduce_range=not self.context.isa.avx512_vnni,
         )
 
     # --- build and load -----------------------------------------------------------------------
