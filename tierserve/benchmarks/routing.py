@@ -266,13 +266,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def target_text(target: Mapping[str, Any]) -> str:
     if target.get("ratio") is None:
-        return f"target: not computed: {target.get('note', 'no comparison point')}. Rule: {target['rule']}."
+        note = target.get("note", "no comparison point")
+        verdict = "NOT MET" if target.get("met") is False else "not computed"
+        return f"target: {verdict}: {note}. Rule: {target['rule']}."
     verdict = "MET" if target["met"] else "NOT MET"
     return (
-        f"target (slo >= {target['goal_ratio']}x the goodput of the best other policy at that policy's "
-        f"90% load, zero accuracy violations): {verdict}. At load {target['load']:g}, slo "
-        f"{target['reference_goodput_rps']:.3f}/s vs {target['best_other_policy']} "
-        f"{target['other_goodput_rps']:.3f}/s = {target['ratio']:.2f}x; slo accuracy violations "
+        f"target (slo's goodput at 90% attainment >= {target['goal_ratio']}x the best other policy's, zero "
+        f"accuracy violations): {verdict}. slo {target['reference_goodput_rps']:.3f}/s at load "
+        f"{target['load']:g} vs {target['best_other_policy']} {target['other_goodput_rps']:.3f}/s at load "
+        f"{target['other_load']:g} = {target['ratio']:.2f}x; slo accuracy violations "
         f"{target['reference_accuracy_violations']}. Rule: {target['rule']}."
     )
 
@@ -363,6 +365,7 @@ def run_routing_benchmark(
     new_tokens_mix: str,
     budgets: str | None,
     timeout_s: float,
+    tight_share: float = 0.5,
     run_dir: Path | None,
     console: Console,
 ) -> int:
@@ -374,7 +377,10 @@ def run_routing_benchmark(
     notes: list[str] = []
     if REFERENCE_POLICY not in chosen:
         notes.append(f"policy {REFERENCE_POLICY!r} is not among {', '.join(chosen)}: no target computed")
+    if not 0.0 <= tight_share <= 1.0:
+        raise ConfigError(f"--tight-share must be in [0, 1], got {tight_share:g}")
     mix = RequestMix(
+        tight_share=tight_share,
         prompt_words=_ints(prompt_words_mix, "--prompt-words"),
         new_tokens=_ints(new_tokens_mix, "--new-tokens"),
     )

@@ -22,10 +22,12 @@ from tierserve.latency import percentile
 
 ATTAINMENT_GOAL = 0.90
 GOODPUT_TARGET = 1.3
+# Goodput as serving papers define it (e.g. DistServe): the most SLO-meeting work a policy sustains
+# while still attaining 90%. Comparing two policies at one load cannot show 1.3x: at a load where the
+# other attains 90%, slo's goodput is at most 1/0.9 of it.
 TARGET_RULE = (
-    "for every other policy, its 90% load is the highest offered load at which its SLO attainment is "
-    ">= 90%; the best other policy is the one with the highest goodput at its 90% load; the target "
-    "compares slo's goodput with that policy's at that same load (>= 1.3x), with zero accuracy "
+    "each policy's goodput is its SLO-meeting requests per second at the highest offered load at which "
+    "it still attains >= 90%; slo's must be >= 1.3x the best other policy's, with zero accuracy "
     "violations by slo at every load"
 )
 
@@ -116,6 +118,13 @@ def _row(rows: Sequence[Mapping[str, Any]], policy: str, load: float) -> Mapping
     return next((r for r in rows if r["policy"] == policy and float(r["load"]) == load), None)
 
 
+def goodput_at_goal(rows: Sequence[Mapping[str, Any]], policy: str) -> tuple[float, float] | None:
+    """(goodput, load) of `policy` at its highest load attaining 90%; None if it never does."""
+    load = ninety_percent_load(rows, policy)
+    row = None if load is None else _row(rows, policy, load)
+    return None if row is None or load is None else (float(row["goodput_rps"]), load)
+
+
 def goodput_target(rows: Sequence[Mapping[str, Any]], reference: str = "slo") -> dict[str, Any]:
     """The issue's target, by TARGET_RULE. Rows carry policy, load, attainment, goodput_rps and
     accuracy_violations."""
@@ -125,29 +134,32 @@ def goodput_target(rows: Sequence[Mapping[str, Any]], reference: str = "slo") ->
         return {**result, "note": f"policy {reference!r} did not run; no target to compute"}
     violations = sum(int(r["accuracy_violations"]) for r in rows if r["policy"] == reference)
     result["reference_accuracy_violations"] = violations
-    candidates = []
-    for policy in policies:
-        if policy == reference:
-            continue
-        load = ninety_percent_load(rows, policy)
-        row = None if load is None else _row(rows, policy, load)
-        if row is not None and load is not None:
-            candidates.append((float(row["goodput_rps"]), policy, load))
-    result["ninety_percent_loads"] = {
-        policy: ninety_percent_load(rows, policy) for policy in policies if policy != reference
-    }
-    if not candidates:
+    result["ninety_percent_loads"] = {policy: ninety_percent_load(rows, policy) for policy in policies}
+    others = [
+        (found[0], policy, found[1])
+        for policy in policies
+        if policy != reference and (found := goodput_at_goal(rows, policy)) is not None
+    ]
+    if not others:
         return {**result, "note": "no other policy attains 90% at any offered load; no comparison point"}
-    other_goodput, best, load = max(candidates)
-    mine = _row(rows, reference, load)
+    other_goodput, best, other_load = max(others)
+    mine = goodput_at_goal(rows, reference)
     if mine is None:
-        return {**result, "note": f"{reference} did not run at load {load:g}"}
-    ratio = float(mine["goodput_rps"]) / other_goodput if other_goodput > 0 else None
+        return {
+            **result,
+            "best_other_policy": best,
+            "other_goodput_rps": other_goodput,
+            "other_load": other_load,
+            "met": False,
+            "note": f"{reference} attains 90% at no offered load",
+        }
+    ratio = mine[0] / other_goodput if other_goodput > 0 else None
     return {
         **result,
         "best_other_policy": best,
-        "load": load,
-        "reference_goodput_rps": float(mine["goodput_rps"]),
+        "load": mine[1],
+        "other_load": other_load,
+        "reference_goodput_rps": mine[0],
         "other_goodput_rps": other_goodput,
         "ratio": ratio,
         "met": ratio is not None and ratio >= GOODPUT_TARGET and violations == 0,
