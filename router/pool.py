@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router.discovery import is_dns_target, resolve
 from router.live import LiveStats, PromptTokenEstimator
-from router.prediction import Prediction, Ticket, WorkerLoad, next_free_us, predict
+from router.prediction import Prediction, PredictionErrors, Ticket, WorkerLoad, next_free_us, predict
 from tierserve.config import TierserveConfig
 from tierserve.grpcserver import CHANNEL_OPTIONS
 from tierserve.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
@@ -38,6 +39,7 @@ class WorkerHandle:
     health: router_pb2.WorkerHealth.ValueType = router_pb2.WORKER_HEALTH_UNSPECIFIED
     info: worker_pb2.WorkerInfo | None = None
     load: WorkerLoad = field(default_factory=WorkerLoad)
+    errors: PredictionErrors = field(default_factory=PredictionErrors)
     # Workers sharing at least one core with this one (their streams slow this one's tokens).
     peers: list[WorkerHandle] = field(default_factory=list, repr=False)
     requests_total: int = 0
@@ -77,7 +79,8 @@ class WorkerHandle:
         return next_free_us(self.live, self.load, self.streams_on_cores()) / 1e3
 
     def predict(self, prompt_tokens: int) -> Prediction:
-        return predict(self.live, self.load, self.streams_on_cores(), prompt_tokens)
+        raw = predict(self.live, self.load, self.streams_on_cores(), prompt_tokens)
+        return self.errors.correct(raw)
 
     def begin(self, prompt_tokens: int, new_tokens: int) -> Ticket:
         """Reserve a place: call right after routing, before any await, so admission is not raced."""
@@ -144,22 +147,43 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
         self._on_round = on_round
         self.prompt_tokens = PromptTokenEstimator(config.router.ewma_alpha)
+        self._router_config = config.router
+        # dns:/// workers: (config name, tier, target), expanded to one handle per address each round.
+        self._dns_targets = [(w.name, w.tier, w.address) for w in config.workers if is_dns_target(w.address)]
         for worker in config.workers:
-            channel = grpc.aio.insecure_channel(worker.dial_address(), options=CHANNEL_OPTIONS)
-            self.workers.append(
-                WorkerHandle(
-                    worker_id=worker.name,
-                    tier=worker.tier,
-                    address=worker.dial_address(),
-                    channel=channel,
-                    stub=worker_pb2_grpc.WorkerStub(channel),
-                    live=LiveStats(config.router.latency_window, config.router.ewma_alpha),
-                    queue_limit=config.router.max_queue_per_worker,
-                )
-            )
+            if not is_dns_target(worker.address):
+                self.workers.append(self._handle(worker.name, worker.tier, worker.dial_address()))
         self._interval_s = config.router.health_interval_s
         self._task: asyncio.Task[None] | None = None
         self.first_round_done = asyncio.Event()
+
+    def _handle(self, worker_id: str, tier: str, address: str) -> WorkerHandle:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return WorkerHandle(
+            worker_id=worker_id,
+            tier=tier,
+            address=address,
+            channel=channel,
+            stub=worker_pb2_grpc.WorkerStub(channel),
+            live=LiveStats(self._router_config.latency_window, self._router_config.ewma_alpha),
+            queue_limit=self._router_config.max_queue_per_worker,
+        )
+
+    async def discover(self) -> None:
+        """Follow every dns:/// target: a handle per address it resolves to now ("name@ip:port");
+        handles of vanished addresses leave once their requests have finished."""
+        for name, tier, target in self._dns_targets:
+            current = set(await resolve(target))
+            mine = [w for w in self.workers if w.worker_id.startswith(f"{name}@")]
+            known = {w.address for w in mine}
+            for address in sorted(current - known):
+                log.info("worker %s: found %s", name, address)
+                self.workers.append(self._handle(f"{name}@{address}", tier, address))
+            for gone in (w for w in mine if w.address not in current and w.load.outstanding == 0):
+                log.info("worker %s: %s no longer resolves; dropped", name, gone.address)
+                self.workers.remove(gone)
+                await gone.channel.close()
+                link_peers(self.workers)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._health_loop(), name="worker-health")
@@ -191,6 +215,7 @@ class WorkerPool:
 
     async def _health_loop(self) -> None:
         while True:
+            await self.discover()
             await asyncio.gather(*(self.check(worker) for worker in self.workers))
             self.first_round_done.set()
             if self._on_round is not None:

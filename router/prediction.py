@@ -10,9 +10,11 @@ a stream may end earlier at end of sequence).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 from router.live import LiveStats
+from tierserve.latency import percentile
 
 
 @dataclass(eq=False)
@@ -104,3 +106,60 @@ def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:
     if tpot_us is None:
         return math.inf
     return remaining_us(load.tickets[0], stats, tpot_us)
+
+
+# Completed requests whose prediction error is remembered, per worker.
+ERROR_SAMPLES = 32
+# Fewer than this many: no correction yet.
+MIN_ERROR_SAMPLES = 4
+# The correction is the 90th percentile of actual/predicted: most requests then land within their
+# prediction, which is what a budget check needs (an average would miss every other one).
+ERROR_QUANTILE = 0.9
+# Bounds on the correction, so one pathological request cannot lock a worker out or in.
+MIN_CORRECTION, MAX_CORRECTION = 0.5, 4.0
+
+
+class PredictionErrors:
+    """How far a worker's predictions have been off: actual over predicted TTFT and TPOT of its
+    completed requests. The model behind `predict` ignores what it cannot see (other processes on
+    the cores, requests that end early, arrivals after the decision); this learns its bias."""
+
+    def __init__(self) -> None:
+        self._ttft: deque[float] = deque(maxlen=ERROR_SAMPLES)
+        self._tpot: deque[float] = deque(maxlen=ERROR_SAMPLES)
+
+    def record(self, predicted: Prediction, ttft_us: float, tpot_us: float) -> None:
+        if not predicted.known:
+            return
+        if predicted.ttft_us > 0 and ttft_us > 0:
+            self._ttft.append(ttft_us / predicted.ttft_us)
+        if predicted.tpot_us > 0 and tpot_us > 0:
+            self._tpot.append(tpot_us / predicted.tpot_us)
+
+    @staticmethod
+    def _factor(ratios: deque[float]) -> float:
+        if len(ratios) < MIN_ERROR_SAMPLES:
+            return 1.0
+        return min(max(percentile(list(ratios), ERROR_QUANTILE), MIN_CORRECTION), MAX_CORRECTION)
+
+    @property
+    def ttft_factor(self) -> float:
+        return self._factor(self._ttft)
+
+    @property
+    def tpot_factor(self) -> float:
+        return self._factor(self._tpot)
+
+    def correct(self, prediction: Prediction) -> Prediction:
+        if not prediction.known:
+            return prediction
+        ttft, tpot = self.ttft_factor, self.tpot_factor
+        if ttft == 1.0 and tpot == 1.0:
+            return prediction
+        return replace(
+            prediction,
+            wait_us=prediction.wait_us * ttft,
+            ttft_us=prediction.ttft_us * ttft,
+            tpot_us=prediction.tpot_us * tpot,
+            basis=f"{prediction.basis}; corrected by measured error x{ttft:.2f} TTFT, x{tpot:.2f} TPOT",
+        )

@@ -7,17 +7,21 @@ from pathlib import Path
 
 import grpc
 
+from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.pool import WorkerPool
 from router.service import RouterServicer
 from tierserve.config import TierserveConfig
 from tierserve.grpcserver import ServerHandle, serve_until_signalled, start_server
+from tierserve.metrics import serve_metrics
+from tierserve.tracing import configure_tracing
 from tierserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
 async def serve_router(config: TierserveConfig, port_file: Path | None = None) -> None:
+    configure_tracing(config.tracing, "tierserve-router")
     policy = make_policy(config.router.policy)
     handle: ServerHandle | None = None
 
@@ -27,13 +31,19 @@ async def serve_router(config: TierserveConfig, port_file: Path | None = None) -
             await handle.set_serving(pool.any_healthy())
 
     pool = WorkerPool(config, on_round=follow_pool_health)
-    servicer = RouterServicer(pool, policy, config.limits, config.service_level)
+    metrics = RouterMetrics()
+    servicer = RouterServicer(pool, policy, config.limits, config.service_level, metrics)
 
     def register(server: grpc.aio.Server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
     handle = await start_server(config.router.host, config.router.port, register, port_file)
+    endpoint = (
+        serve_metrics(metrics.registry, config.metrics.host, config.router.metrics_port, port_file)
+        if config.metrics.enabled
+        else None
+    )
     pool.start()
     log.info(
         "router on port %d, policy %s, workers: %s",
@@ -41,4 +51,8 @@ async def serve_router(config: TierserveConfig, port_file: Path | None = None) -
         policy.name,
         ", ".join(f"{w.worker_id}={w.address}" for w in pool.workers),
     )
-    await serve_until_signalled(handle, on_stop=pool.close)
+    try:
+        await serve_until_signalled(handle, on_stop=pool.close)
+    finally:
+        if endpoint is not None:
+            endpoint.close()

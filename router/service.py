@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from router.metrics import RouterMetrics
 from router.policy import RouteRequest, RoutingDecision, RoutingPolicy
 from router.pool import WorkerHandle, WorkerPool
 from router.prediction import Ticket
 from tierserve.config import LimitsConfig, ServiceLevelConfig
 from tierserve.errors import InvalidRequest, Overloaded, TierserveError, status_for
 from tierserve.requests import apply_service_level, validate_generate_request, within_budget
+from tierserve.tracing import start_request_span
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_WATCH_INTERVAL_MS = 1000
@@ -52,16 +54,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         policy: RoutingPolicy,
         limits: LimitsConfig,
         service_level: ServiceLevelConfig | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self._pool = pool
         self._policy = policy
         self._limits = limits
         self._service_level = service_level or ServiceLevelConfig()
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self.metrics.watch_pool(lambda: self._pool.workers)
 
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         arrival = time.perf_counter()
+        span = start_request_span(
+            "tierserve.Router/Generate",
+            context.invocation_metadata(),
+            {"tierserve.request_id": request.request_id, "tierserve.pinned_tier": request.tier},
+        )
         try:
             params = validate_generate_request(request, self._limits)
             apply_service_level(request, self._service_level)
@@ -69,21 +79,46 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             route = route_request(request, prompt_tokens, params.max_new_tokens)
             decision = self._policy.choose(route, self._pool.workers)
         except Overloaded as error:
+            self.metrics.refused(self._policy.name, status_for(error)[0], routed=True)
+            span.end(*status_for(error))
             await context.abort(
                 *status_for(error), trailing_metadata=((RETRY_AFTER_KEY, str(error.retry_after_ms)),)
             )
         except TierserveError as error:
+            self.metrics.refused(
+                self._policy.name, status_for(error)[0], routed=not isinstance(error, InvalidRequest)
+            )
+            span.end(*status_for(error))
             await context.abort(*status_for(error))
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         worker = self._pool.by_id(decision.worker_id)
+        self.metrics.decided(self._policy.name, request.tier, decision.best_effort, worker.tier)
+        span.set(
+            {
+                "tierserve.request_id": request.request_id,
+                "tierserve.worker_id": worker.worker_id,
+                "tierserve.tier": worker.tier,
+                "tierserve.policy": self._policy.name,
+                "tierserve.best_effort": decision.best_effort,
+            }
+        )
         # Reserved before the first await: the next request's admission already counts this one.
         ticket = worker.begin(route.prompt_tokens, route.new_tokens)
+        # Until the stream completes or a status is set, the client has left.
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
-            async for response in self._relay(worker, ticket, request, decision, arrival, context):
+            relay = self._relay(worker, ticket, request, decision, arrival, context, span.outgoing_metadata())
+            async for response in relay:
                 yield response
+            code = None
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
         finally:
             worker.end(ticket)
+            self.metrics.finished(worker.tier, worker.worker_id, code)
+            span.end(code)
 
     async def _relay(
         self,
@@ -93,15 +128,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         decision: RoutingDecision,
         arrival: float,
         context: grpc.aio.ServicerContext,
+        trace_metadata: tuple[tuple[str, str], ...] = (),
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        call = worker.stub.Generate(request, timeout=context.time_remaining())
+        # The trace context makes the worker's span a child of this request's span.
+        call = worker.stub.Generate(
+            request, timeout=context.time_remaining(), metadata=trace_metadata or None
+        )
         first_token_at: float | None = None
         try:
             async for response in call:
                 if response.HasField("token"):
                     worker.record_token(ticket, response.token)
+                    seen_ttft_s = None
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
+                        seen_ttft_s = first_token_at - arrival
+                    self.metrics.token(worker.tier, worker.worker_id, response.token, seen_ttft_s)
                 else:
                     seen_ttft_us = (
                         (first_token_at - arrival) * 1e6
@@ -143,6 +185,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         summary.budget_met = not decision.best_effort and within_budget(
             request, seen_ttft_us, summary.tpot_mean_us
         )
+        self.metrics.completed(worker.tier, worker.worker_id, request, summary.budget_met)
+        if prediction is not None and summary.generated_tokens:
+            worker.errors.record(prediction, seen_ttft_us, summary.tpot_mean_us)
         worker.live.record_prefill(summary.prompt_tokens, summary.ttft_us)
         self._pool.prompt_tokens.learn(len(request.prompt), summary.prompt_tokens)
 

@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import TaskID
 
-from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, stream_generate, watch_stats
+from tierserve.client import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, watch_stats
 from tierserve.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
 from tierserve.errors import StartupError
 from tierserve.modelprep import ModelPreparationError, prepare_model
 from tierserve.planning import PlanningError
 from tierserve.render import kernels_table, print_token, summary_table, top_table, workers_table
+from tierserve.sdk import Client, ClientOptions, RetryPolicy
 from tierserve.v1 import generate_pb2
 
 DEMO_PROMPT = "The capital of France is"
@@ -40,12 +41,23 @@ def _setup_logging(level: str) -> None:
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
     from tierserve.launcher import LaunchError, PoolLauncher, install_stop_signals
+    from tierserve.placement import apply_plan, plan_pool
+    from tierserve.placement_report import print_plan
+    from tierserve.topology import read_topology
 
     config = _load(args.config)
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="tierserve-run-"))
+    topology = read_topology(Path(args.topology_root)) if args.topology_root else read_topology()
+    plan = plan_pool(config, topology)
+    config = apply_plan(config, plan)
     if args.dry_run:
+        print_plan(console, plan)
         print(config_to_toml(config))
         return 0
+    if args.topology_root:
+        raise ConfigError("--topology-root describes another machine: use it with --dry-run only")
+    for warning in plan.warnings:
+        console.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)
     install_stop_signals()
     launcher = PoolLauncher(config, run_dir, console)
     try:
@@ -84,18 +96,37 @@ def cmd_router(args: argparse.Namespace, console: Console) -> int:
 
 
 def _generate(
-    console: Console, address: str, request: generate_pb2.GenerateRequest, plain: bool = False
+    console: Console,
+    address: str,
+    request: generate_pb2.GenerateRequest,
+    plain: bool = False,
+    options: ClientOptions | None = None,
 ) -> None:
-    for response in stream_generate(address, request):
-        if response.HasField("token"):
+    with Client(options or ClientOptions(address)) as client:
+        stream = client.stream(request)
+        for token in stream:
             if plain:
-                console.print(response.token.text, end="", soft_wrap=True, highlight=False, markup=False)
+                console.print(token.text, end="", soft_wrap=True, highlight=False, markup=False)
             else:
-                print_token(console, response.token)
-        else:
-            text = response.summary.text
+                print_token(console, token.proto)
+        if stream.summary is not None:
+            text = stream.summary.text
             console.print(f"\n[bold]text:[/] {request.prompt}[green]{text}[/]", highlight=False)
-            console.print(summary_table(response.summary))
+            console.print(summary_table(stream.summary.proto))
+
+
+def _client_options(args: argparse.Namespace) -> ClientOptions:
+    """TLS, token and retries from the command line; the token may also come from a file."""
+    token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else ""
+    return ClientOptions(
+        args.address,
+        tls=args.tls,
+        root_certificates=args.ca_cert,
+        certificate_chain=args.client_cert,
+        private_key=args.client_key,
+        token=token,
+        retry=RetryPolicy(max_attempts=max(1, args.retries + 1)),
+    )
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
@@ -116,7 +147,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         request.max_new_tokens = args.max_new_tokens
     if args.top_p is not None:
         request.top_p = args.top_p
-    _generate(console, args.address, request, plain=args.plain)
+    _generate(console, args.address, request, plain=args.plain, options=_client_options(args))
     return 0
 
 
@@ -264,6 +295,7 @@ def cmd_bench_routing(args: argparse.Namespace, console: Console) -> int:
         new_tokens_mix=args.new_tokens,
         budgets=args.budgets,
         timeout_s=args.timeout_s,
+        tight_share=args.tight_share,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
     )
@@ -297,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = with_config(commands.add_parser("up", help="start the router and the workers; Ctrl-C stops them"))
     up.add_argument("--run-dir", help="where logs, port files and resolved configs go (default: a temp dir)")
     up.add_argument("--demo", nargs="?", const=DEMO_PROMPT, help="send one demo request once serving")
-    up.add_argument("--dry-run", action="store_true", help="print the pool's config and exit")
+    up.add_argument(
+        "--dry-run", action="store_true", help="print the placement plan and the pool's config, and exit"
+    )
+    up.add_argument(
+        "--topology-root",
+        help="plan for the sysfs tree under this directory instead of this machine (with --dry-run)",
+    )
     up.set_defaults(run=cmd_up)
 
     worker = with_config(commands.add_parser("worker", help="run one worker in the foreground"))
@@ -326,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--max-quality-loss-pct", type=float, help="accuracy tolerance (default: config)")
     generate.add_argument("--strict", action="store_true", help="refuse rather than serve best effort")
+    generate.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    generate.add_argument("--ca-cert", help="PEM file of the root certificates to verify the router (TLS)")
+    generate.add_argument("--client-cert", help="PEM client certificate chain (mutual TLS)")
+    generate.add_argument("--client-key", help="PEM private key of the client certificate (mutual TLS)")
+    generate.add_argument("--token-file", help="file holding a bearer token, sent as `authorization`")
+    generate.add_argument(
+        "--retries", type=int, default=3, help="retries when the router is overloaded (default 3)"
+    )
     generate.set_defaults(run=cmd_generate)
 
     workers = commands.add_parser("workers", help="print the router's worker table")
@@ -417,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--new-tokens", default="16,32,64", help="output lengths in tokens to mix")
     routing.add_argument(
         "--budgets", help="TIGHT_TTFT,TIGHT_TPOT,LOOSE_TTFT,LOOSE_TPOT in ms (default: from measured figures)"
+    )
+    routing.add_argument(
+        "--tight-share", type=float, default=0.5, help="share of requests with tight budgets (default 0.5)"
     )
     routing.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
     routing.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")

@@ -90,6 +90,9 @@ class RouterConfig(_Strict):
     # Requests allowed to wait per worker behind the one it is generating; past that the
     # router answers RESOURCE_EXHAUSTED with a retry hint, so queues (and memory) stay bounded.
     max_queue_per_worker: int = Field(default=8, ge=0)
+    # Prometheus /metrics port ([metrics] enabled): 0 lets the OS choose one, written next to the
+    # gRPC port file as <name>.metrics.port; set a fixed port for a Prometheus scrape config.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
 
 class ServiceLevelConfig(_Strict):
@@ -136,6 +139,55 @@ class DataConfig(_Strict):
     eval_chunk_tokens: int = Field(default=256, ge=16)
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics: every process serves /metrics over HTTP on its own port."""
+
+    # On by default: on loopback with OS-chosen ports it costs little and exposes nothing.
+    enabled: bool = True
+    # Loopback by default; set "0.0.0.0" (containers, pods) for a Prometheus on another host.
+    host: str = "127.0.0.1"
+
+
+class PlacementConfig(_Strict):
+    """How workers are placed on cores (see tierserve/placement.py). With `tiers` set, the
+    launcher plans the workers itself from the machine's topology; else `[[workers]]` are used
+    as written and only checked against these rules."""
+
+    # Tiers to serve; empty: use [[workers]] as written.
+    tiers: list[str] = Field(default_factory=list)
+    workers_per_tier: int = Field(default=1, ge=1)
+    # One set of workers (every tier, workers_per_tier each) on every socket.
+    per_socket: bool = False
+    # Physical cores per worker; 0 splits the usable cores evenly.
+    cores_per_worker: int = Field(default=0, ge=0)
+    # Give each worker its cores' SMT sibling threads too (and count them as torch threads).
+    smt: bool = False
+    allow_cross_socket: bool = False
+    allow_shared_cores: bool = False
+    # Refuse hand-written [[workers]] that break the rules above, instead of warning.
+    strict: bool = False
+    # Generated workers listen on base_port, base_port + 1, ...; 0: ports chosen by the OS.
+    base_port: int = Field(default=DEFAULT_WORKER_BASE_PORT, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _tiers_known(self) -> PlacementConfig:
+        unknown = [t for t in self.tiers if not is_known_tier(t)]
+        if unknown:
+            raise ValueError(f"unknown tiers {', '.join(unknown)}; known tiers: {', '.join(TIER_NAMES)}")
+        return self
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry tracing (the `otel` extra): one span per request on the router and the worker."""
+
+    # none: no exporter is installed (spans still link if the application set up OpenTelemetry);
+    # console: spans printed to the log; otlp: sent to an OTLP/gRPC collector (needs
+    # opentelemetry-exporter-otlp-proto-grpc).
+    exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "127.0.0.1:4317"
+    otlp_insecure: bool = True
+
+
 class WorkerConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     tier: str
@@ -147,6 +199,8 @@ class WorkerConfig(_Strict):
     # router dials this address instead.
     address: str = ""
     warmup_runs: int = Field(default=2, ge=0)
+    # Prometheus /metrics port, as [router] metrics_port.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _tier_known(self) -> WorkerConfig:
@@ -164,9 +218,19 @@ class TierserveConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     service_level: ServiceLevelConfig = Field(default_factory=ServiceLevelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     # Per-tier recipes by tier name, e.g. [tiers.int4-woq] group_size = 64.
     tiers: dict[str, TierRecipe] = Field(default_factory=dict)
-    workers: list[WorkerConfig] = Field(min_length=1)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    # May be empty only when [placement] names the tiers (the launcher then plans the workers).
+    workers: list[WorkerConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some_workers(self) -> TierserveConfig:
+        if not self.workers and not self.placement.tiers:
+            raise ValueError("no workers: add [[workers]] entries or list tiers in [placement]")
+        return self
 
     @model_validator(mode="after")
     def _recipes_for_known_tiers(self) -> TierserveConfig:
@@ -237,7 +301,8 @@ def default_config(usable_cpus: list[int], tiers: tuple[str, ...] = ("fp32", "bf
         workers.append(
             WorkerConfig(name=f"{tier}-0", tier=tier, cores=cores, port=DEFAULT_WORKER_BASE_PORT + index)
         )
-    return TierserveConfig(workers=workers)
+    # On fewer CPUs than tiers the workers share them, on purpose.
+    return TierserveConfig(workers=workers, placement=PlacementConfig(allow_shared_cores=share == 0))
 
 
 def config_to_toml(config: TierserveConfig) -> str:
@@ -255,6 +320,9 @@ def config_to_toml(config: TierserveConfig) -> str:
     emit("[router]", config.router.model_dump())
     emit("[service_level]", config.service_level.model_dump())
     emit("[data]", config.data.model_dump())
+    emit("[metrics]", config.metrics.model_dump())
+    emit("[tracing]", config.tracing.model_dump())
+    emit("[placement]", config.placement.model_dump())
     for tier, recipe in config.tiers.items():
         emit(f'[tiers."{tier}"]', recipe.model_dump())
     for worker in config.workers:

@@ -11,9 +11,12 @@ from pathlib import Path
 from tierserve.config import TierserveConfig
 from tierserve.grpcserver import serve_until_signalled, start_server
 from tierserve.latency import LatencyWindow
+from tierserve.metrics import serve_metrics
 from tierserve.requests import GenerationParams, SamplingParams
+from tierserve.tracing import configure_tracing
 from tierserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.engine import Engine
+from worker.numa import bind_memory
 from worker.pinning import pin_process
 from worker.preparation import prepare_tier
 from worker.service import WorkerServicer
@@ -99,13 +102,18 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
 
 async def serve_worker(config: TierserveConfig, name: str, port_file: Path | None = None) -> None:
     worker_config = config.worker(name)
+    configure_tracing(config.tracing, f"tierserve-worker-{name}")
     pinning = pin_process(worker_config.cores)
-    for notice in pinning.notices:
+    # Before the model thread and torch's pool start: they inherit this thread's memory policy.
+    numa = bind_memory(pinning.cpus)
+    for notice in [*pinning.notices, *numa.notices]:
         log.warning("%s", notice)
+    log.info("memory: %s", numa.description)
     state = WorkerState(
         config=worker_config,
         model=config.model,
         pinning=pinning,
+        numa=numa,
         max_new_tokens_limit=config.limits.max_new_tokens,
     )
     # One thread runs the model: loading, warm-up, then every generation in turn.
@@ -117,17 +125,29 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         return [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
 
     handle = await start_server(worker_config.host, worker_config.port, register, port_file)
+    # Up while the model loads, so a scrape can already see ready 0 and the queue.
+    endpoint = (
+        serve_metrics(servicer.metrics.registry, config.metrics.host, worker_config.metrics_port, port_file)
+        if config.metrics.enabled
+        else None
+    )
     loop = asyncio.get_running_loop()
     try:
         engine, report = await loop.run_in_executor(executor, load_and_warm_up, config, state)
     except Exception:
         log.exception("worker %s failed to load its model", name)
         await handle.server.stop(0)
+        if endpoint is not None:
+            endpoint.close()
         raise
     state.ready(engine, report)
     await handle.set_serving(True)
     log.info(
         "worker %s (%s) serving on port %d, cores %s", name, worker_config.tier, handle.port, pinning.cpus
     )
-    await serve_until_signalled(handle)
+    try:
+        await serve_until_signalled(handle)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     executor.shutdown(wait=False, cancel_futures=True)

@@ -17,8 +17,10 @@ from tierserve.config import LimitsConfig
 from tierserve.errors import TierserveError, status_for
 from tierserve.latency import percentile
 from tierserve.requests import validate_generate_request, within_budget
+from tierserve.tracing import start_request_span
 from tierserve.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from worker.engine import FinishReason, GenerationOutcome, TokenEvent
+from worker.metrics import WorkerMetrics
 from worker.state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -66,10 +68,17 @@ def build_summary(
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, state: WorkerState, limits: LimitsConfig, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        state: WorkerState,
+        limits: LimitsConfig,
+        executor: ThreadPoolExecutor,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self._state = state
         self._limits = limits
         self._executor = executor
+        self.metrics = metrics if metrics is not None else WorkerMetrics(state)
 
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -77,6 +86,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return self._state.describe()
 
     async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        span = start_request_span(
+            "tierserve.Worker/Generate",
+            context.invocation_metadata(),
+            {
+                "tierserve.request_id": request.request_id,
+                "tierserve.worker_id": self._state.config.name,
+                "tierserve.tier": self._state.config.tier,
+            },
+        )
+        # Until the stream completes or a status is set, the client has left.
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
+        try:
+            async for response in self._generate(request, context):
+                if response.HasField("summary"):
+                    span.set(
+                        {
+                            "tierserve.generated_tokens": response.summary.generated_tokens,
+                            "tierserve.ttft_us": response.summary.ttft_us,
+                            "tierserve.queue_time_us": response.summary.queue_time_us,
+                        }
+                    )
+                yield response
+            code = None
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.metrics.finished(code)
+            span.end(code)
+
+    async def _generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         arrival = time.perf_counter()
@@ -120,11 +162,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # slot until it has, so the next request never shares the cores with this one.
                 cancel.set()
                 await asyncio.wait([generation])
-        yield generate_pb2.GenerateResponse(
-            summary=build_summary(request, self._state, outcome, queue_s, time.perf_counter() - arrival)
-        )
+        summary = build_summary(request, self._state, outcome, queue_s, time.perf_counter() - arrival)
+        self.metrics.completed(request, summary)
+        yield generate_pb2.GenerateResponse(summary=summary)
 
     def _record_live(self, event: TokenEvent) -> None:
+        self.metrics.token(event.index, event.latency_us)
         if event.index == 0:
             self._state.live.record_first_token(event.latency_us)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from tierserve.latency import LatencyWindow
 from tierserve.v1 import worker_pb2
 from worker.accuracy import AccuracyCard
 from worker.engine import Engine
+from worker.numa import NumaBinding
 from worker.pinning import Pinning
 
 
@@ -43,6 +45,7 @@ class WorkerState:
     model: ModelConfig
     pinning: Pinning
     max_new_tokens_limit: int
+    numa: NumaBinding | None = None
     live: LatencyWindow = field(default_factory=LatencyWindow)
     engine: Engine | None = None
     load_report: LoadReport | None = None
@@ -82,20 +85,24 @@ class WorkerState:
             tier=self.config.tier,
             model=self.model.name,
             cores=self.pinning.cpus,
-            numa_node=-1,
+            numa_node=self.numa.node if self.numa is not None else -1,
+            affinity=sorted(os.sched_getaffinity(0)),
             threads=torch.get_num_threads(),
             max_new_tokens_limit=self.max_new_tokens_limit,
             rss_mb=psutil.Process().memory_info().rss / 2**20,
             live_latency=self.live.to_proto(),
             in_flight=self.in_flight,
             queued=self.queued,
-            notices=[*self.pinning.notices, *self.notices],
+            notices=[*self.pinning.notices, *(self.numa.notices if self.numa else []), *self.notices],
             versions={
                 "torch": torch.__version__,
                 "intel-extension-for-pytorch": intel_extension_for_pytorch.__version__,
                 "transformers": transformers.__version__,
             },
         )
+        if self.numa is not None:
+            info.memory_nodes.extend(self.numa.memory_nodes)
+            info.numa_binding = self.numa.description
         if self.engine is not None:
             loaded = self.engine.loaded
             info.backend, info.kernel = loaded.backend, loaded.kernel

@@ -85,6 +85,8 @@ class RunningPool:
     address: str
     pool: WorkerPool
     stub: router_pb2_grpc.RouterStub
+    # The router's servicer, for tests that read its metrics.
+    servicer: RouterServicer | None = None
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +123,7 @@ async def running_pool(workers: list[FakeWorker], **router: object) -> AsyncIter
     address = f"127.0.0.1:{router_handle.port}"
     channel = grpc.aio.insecure_channel(address)
     try:
-        yield RunningPool(address, pool, router_pb2_grpc.RouterStub(channel))
+        yield RunningPool(address, pool, router_pb2_grpc.RouterStub(channel), servicer)
     finally:
         await channel.close()
         await router_handle.server.stop(0)

@@ -16,7 +16,8 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from tierserve.config import TierserveConfig, WorkerConfig, load_config
-from tierserve.cores import format_cpu_list
+from tierserve.cores import format_cpu_list, parse_cpu_list
+from tierserve.topology import read_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -198,6 +199,25 @@ def test_worker_cpuset_matches_configured_cores(
             f"service {name}: cpuset {service.get('cpuset')!r} but worker {worker.name} "
             f"cores are {format_cpu_list(worker.cores)!r}"
         )
+
+
+def test_worker_cpuset_mems_is_the_node_of_its_cores(
+    config: TierserveConfig, services: dict[str, dict[str, Any]]
+) -> None:
+    # The compose file targets the machine it runs on: check against this machine's topology.
+    topology = read_topology()
+    for worker in config.workers:
+        name, service = _service_of(services, worker)
+        mems = service.get("cpuset-mems")
+        assert mems is not None, f"service {name} has no cpuset-mems: its memory may come from any node"
+        nodes = parse_cpu_list(str(mems))
+        assert nodes and set(nodes) <= set(topology.nodes), f"service {name}: no such NUMA node {mems!r}"
+        on_this_machine = [c for c in worker.cores if c in topology.cpus]
+        if on_this_machine:
+            assert topology.nodes_of(on_this_machine) == nodes, (
+                f"service {name}: cores {format_cpu_list(worker.cores)} sit on NUMA node(s) "
+                f"{format_cpu_list(topology.nodes_of(on_this_machine))}, cpuset-mems is {mems!r}"
+            )
 
 
 def test_workers_do_not_share_cores(config: TierserveConfig) -> None:

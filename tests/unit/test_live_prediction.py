@@ -4,7 +4,7 @@ fits; TPOT by concurrency measured, with a named fallback; queue wait from the w
 import pytest
 
 from router.live import LiveStats, PromptTokenEstimator, fit_prefill
-from router.prediction import WorkerLoad, next_free_us, predict
+from router.prediction import UNKNOWN, Prediction, PredictionErrors, WorkerLoad, next_free_us, predict
 from tierserve.v1 import worker_pb2
 
 
@@ -105,3 +105,31 @@ def test_prefill_before_varied_traffic_keeps_the_warm_up_slope_at_the_live_level
     stats.record_prefill(60, 100_000)
     fit = stats.prefill()
     assert fit is not None and fit.per_token_us == pytest.approx(60_000 / 54, rel=0.01)
+
+
+def test_prediction_errors_correct_later_predictions_by_their_90th_percentile() -> None:
+    errors = PredictionErrors()
+    predicted = Prediction(wait_us=1000.0, ttft_us=2000.0, tpot_us=10_000.0)
+    for _ in range(3):  # too few samples: no correction yet
+        errors.record(predicted, ttft_us=4000.0, tpot_us=15_000.0)
+    assert errors.correct(predicted) == predicted
+    for _ in range(7):
+        errors.record(predicted, ttft_us=4000.0, tpot_us=15_000.0)
+    corrected = errors.correct(predicted)
+    assert corrected.ttft_us == pytest.approx(4000.0) and corrected.wait_us == pytest.approx(2000.0)
+    assert corrected.tpot_us == pytest.approx(15_000.0)
+    assert "corrected by measured error x2.00 TTFT, x1.50 TPOT" in corrected.basis
+    # An unknown prediction stays unknown, and a wild outlier is bounded.
+    assert errors.correct(UNKNOWN) is UNKNOWN
+    for _ in range(32):
+        errors.record(predicted, ttft_us=2000.0 * 100, tpot_us=10_000.0 * 100)
+    assert errors.ttft_factor == 4.0 and errors.tpot_factor == 4.0
+
+
+def test_over_predicting_workers_are_corrected_down() -> None:
+    errors = PredictionErrors()
+    predicted = Prediction(wait_us=0.0, ttft_us=1000.0, tpot_us=10_000.0)
+    for actual in (500.0, 520.0, 540.0, 560.0, 580.0):
+        errors.record(predicted, ttft_us=actual, tpot_us=8_000.0)
+    assert errors.ttft_factor == pytest.approx(0.58, abs=0.02)
+    assert errors.tpot_factor == pytest.approx(0.8)

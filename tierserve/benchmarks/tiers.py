@@ -261,9 +261,7 @@ def find_dominators(
         str(row["tier"]): [
             str(other["tier"])
             for other in scored
-            if other is not row
-            and other["tpot_ms"] < row["tpot_ms"]
-            and _loss(other) < _loss(row) - tie_pct
+            if other is not row and other["tpot_ms"] < row["tpot_ms"] and _loss(other) < _loss(row) - tie_pct
         ]
         for row in scored
     }

@@ -26,6 +26,7 @@ class _FinishReason:
 class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    """/ Not reported (e.g. the generation was cancelled)."""
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 1
     """/ max_new_tokens reached."""
     FINISH_REASON_EOS: _FinishReason.ValueType  # 2
@@ -39,6 +40,7 @@ class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """/ Why generation ended."""
 
 FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+"""/ Not reported (e.g. the generation was cancelled)."""
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 1
 """/ max_new_tokens reached."""
 FINISH_REASON_EOS: FinishReason.ValueType  # 2
@@ -219,20 +221,25 @@ class Summary(_message.Message):
     BEST_EFFORT_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """/ The request's id: the caller's, or the one the router assigned."""
     worker_id: _builtins.str
     """/ Id of the worker that served the request."""
     tier: _builtins.str
     """/ Tier of that worker."""
     prompt_tokens: _builtins.int
+    """/ Tokens in the prompt, as the worker's tokenizer counts them."""
     generated_tokens: _builtins.int
+    """/ Tokens generated: the number of Token messages streamed."""
     queue_time_us: _builtins.int
     """/ Time spent waiting for the worker before generation started, microseconds."""
     ttft_us: _builtins.int
     """/ Time to first token, microseconds (from generation start)."""
     tpot_mean_us: _builtins.int
-    """/ Time per output token after the first: mean, median, 95th percentile, microseconds."""
+    """/ Time per output token after the first, mean, microseconds."""
     tpot_p50_us: _builtins.int
+    """/ Time per output token after the first, median, microseconds."""
     tpot_p95_us: _builtins.int
+    """/ Time per output token after the first, 95th percentile, microseconds."""
     budget_met: _builtins.bool
     """/ Whether the request's latency budgets were met, as measured: the TTFT
     / budget against waiting plus TTFT, the TPOT budget against the mean TPOT
@@ -240,6 +247,7 @@ class Summary(_message.Message):
     / best effort (`best_effort`: no worker was predicted to meet the budget).
     """
     finish_reason: Global___FinishReason.ValueType
+    """/ Why generation ended."""
     routing_reason: _builtins.str
     """/ Why the router chose this worker, in words."""
     seed: _builtins.int
@@ -253,7 +261,9 @@ class Summary(_message.Message):
     / for the worker, TTFT (waiting included) and TPOT. 0 when sent directly.
     """
     predicted_ttft_us: _builtins.int
+    """/ The router's predicted TTFT, waiting included, microseconds (0 when sent directly)."""
     predicted_tpot_us: _builtins.int
+    """/ The router's predicted TPOT, microseconds (0 when sent directly)."""
     best_effort: _builtins.bool
     """/ True when no worker was predicted to meet the budgets and the request
     / was served best effort (not strict).
@@ -302,9 +312,13 @@ class GenerateResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def token(self) -> Global___Token: ...
+    def token(self) -> Global___Token:
+        """/ A generated token; every token comes before the summary."""
+
     @_builtins.property
-    def summary(self) -> Global___Summary: ...
+    def summary(self) -> Global___Summary:
+        """/ The summary: the last message of a successful stream."""
+
     def __init__(
         self,
         *,

@@ -27,8 +27,11 @@ class _WorkerHealth:
 class _WorkerHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerHealth.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WORKER_HEALTH_UNSPECIFIED: _WorkerHealth.ValueType  # 0
+    """/ Not checked yet."""
     WORKER_HEALTH_SERVING: _WorkerHealth.ValueType  # 1
+    """/ The worker's grpc.health.v1 check answers SERVING."""
     WORKER_HEALTH_NOT_SERVING: _WorkerHealth.ValueType  # 2
+    """/ The worker answers but is not serving (e.g. still loading its model, or stopping)."""
     WORKER_HEALTH_UNREACHABLE: _WorkerHealth.ValueType  # 3
     """/ The router cannot reach the worker."""
 
@@ -36,14 +39,19 @@ class WorkerHealth(_WorkerHealth, metaclass=_WorkerHealthEnumTypeWrapper):
     """/ Health of a worker as the router sees it."""
 
 WORKER_HEALTH_UNSPECIFIED: WorkerHealth.ValueType  # 0
+"""/ Not checked yet."""
 WORKER_HEALTH_SERVING: WorkerHealth.ValueType  # 1
+"""/ The worker's grpc.health.v1 check answers SERVING."""
 WORKER_HEALTH_NOT_SERVING: WorkerHealth.ValueType  # 2
+"""/ The worker answers but is not serving (e.g. still loading its model, or stopping)."""
 WORKER_HEALTH_UNREACHABLE: WorkerHealth.ValueType  # 3
 """/ The router cannot reach the worker."""
 Global___WorkerHealth: _TypeAlias = WorkerHealth  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):
+    """/ ListWorkers takes no parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -78,19 +86,25 @@ class WorkerStatus(_message.Message):
     worker_id: _builtins.str
     """/ Name from the router's configuration."""
     address: _builtins.str
+    """/ The address the router dials for this worker, host:port."""
     health: Global___WorkerHealth.ValueType
+    """/ Health as the router last checked it."""
     in_flight: _builtins.int
     """/ Requests the router has in flight on this worker."""
     requests_total: _builtins.int
-    """/ Requests relayed so far, and those that ended in an error."""
+    """/ Requests relayed to this worker so far."""
     requests_failed: _builtins.int
+    """/ Of requests_total, those that ended in an error from the worker."""
     last_error: _builtins.str
     """/ The last error seen talking to this worker, if any."""
     queued: _builtins.int
     """/ Of in_flight, requests waiting behind the one generating (the worker
-    / serves one stream at a time), and the most the router lets wait.
+    / serves one stream at a time).
     """
     queue_limit: _builtins.int
+    """/ The most requests the router lets wait behind the one generating;
+    / past it, requests get RESOURCE_EXHAUSTED.
+    """
     @_builtins.property
     def info(self) -> _worker_pb2.WorkerInfo:
         """/ The worker's own description (empty until it has answered once)."""
@@ -143,6 +157,7 @@ class ConcurrencyTpot(_message.Message):
     tpot_us: _builtins.float
     """/ Moving average of TPOT at that concurrency, microseconds."""
     samples: _builtins.int
+    """/ Tokens behind that average."""
     def __init__(
         self,
         *,
@@ -177,11 +192,13 @@ class LiveFigures(_message.Message):
     / and TPOT, microseconds.
     """
     tpot_ewma_us: _builtins.float
+    """/ Exponentially weighted moving average of TPOT, microseconds."""
     prefill_base_us: _builtins.float
     """/ Prefill as a line fitted to (prompt tokens, TTFT): fixed cost plus a
     / cost per prompt token, microseconds.
     """
     prefill_per_token_us: _builtins.float
+    """/ Prefill cost per prompt token, microseconds (the slope of that line)."""
     basis: _builtins.str
     """/ Where the figures come from: "warm-up" (the worker's self-measurement,
     / before any relayed traffic) or "live".
@@ -218,6 +235,8 @@ Global___LiveFigures: _TypeAlias = LiveFigures  # noqa: Y015
 
 @_typing.final
 class ListWorkersResponse(_message.Message):
+    """/ Every worker of the pool, in configuration order."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
@@ -225,7 +244,9 @@ class ListWorkersResponse(_message.Message):
     policy: _builtins.str
     """/ The router's routing policy."""
     @_builtins.property
-    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
+        """/ One entry per configured worker, healthy or not."""
+
     def __init__(
         self,
         *,
@@ -242,6 +263,8 @@ Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
 
 @_typing.final
 class WatchStatsRequest(_message.Message):
+    """/ How often WatchStats pushes a snapshot."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INTERVAL_MS_FIELD_NUMBER: _builtins.int
@@ -274,7 +297,9 @@ class PoolStats(_message.Message):
     policy: _builtins.str
     """/ The router's routing policy."""
     @_builtins.property
-    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
+        """/ Every worker of the pool, as in ListWorkersResponse."""
+
     def __init__(
         self,
         *,

@@ -20,6 +20,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class DescribeRequest(_message.Message):
+    """/ Describe takes no parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -88,9 +90,13 @@ class LatencyStats(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     ttft_p50_us: _builtins.int
+    """/ Time to first token, median."""
     ttft_p95_us: _builtins.int
+    """/ Time to first token, 95th percentile."""
     tpot_p50_us: _builtins.int
+    """/ Time per output token after the first, median."""
     tpot_p95_us: _builtins.int
+    """/ Time per output token after the first, 95th percentile."""
     samples: _builtins.int
     """/ Number of samples behind the figures."""
     tokens_per_second: _builtins.float
@@ -164,11 +170,17 @@ class WorkerInfo(_message.Message):
     WARMUP_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CHARS_PER_TOKEN_FIELD_NUMBER: _builtins.int
     WARMUP_PREFILL_FIELD_NUMBER: _builtins.int
+    AFFINITY_FIELD_NUMBER: _builtins.int
+    MEMORY_NODES_FIELD_NUMBER: _builtins.int
+    NUMA_BINDING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
+    """/ The worker's name in the configuration."""
     tier: _builtins.str
+    """/ The quantization tier it serves: fp32, bf16, int8-sq, int8-woq, int4-woq."""
     model: _builtins.str
     """/ Model name and local path."""
     model_path: _builtins.str
+    """/ Local folder the model was loaded from."""
     numa_node: _builtins.int
     """/ NUMA node of those cores (-1 when unknown)."""
     threads: _builtins.int
@@ -176,6 +188,7 @@ class WorkerInfo(_message.Message):
     backend: _builtins.str
     """/ Backend and kernel path really used, e.g. "ipex" / "ipex.llm.optimize fp32 jit"."""
     kernel: _builtins.str
+    """/ The kernel path: how the tier's matmuls really run on this CPU."""
     dtype: _builtins.str
     """/ Model dtype after optimisation."""
     max_context_tokens: _builtins.int
@@ -185,23 +198,29 @@ class WorkerInfo(_message.Message):
     load_time_ms: _builtins.float
     """/ Time to load and optimise the model, and to warm it up, milliseconds."""
     warmup_time_ms: _builtins.float
+    """/ Time to warm up and self-measure after loading, milliseconds."""
     rss_mb: _builtins.float
     """/ Resident memory of the worker process, MiB."""
     in_flight: _builtins.int
     """/ Requests generating now, and waiting for the model."""
     queued: _builtins.int
+    """/ Requests waiting for the model (it serves one at a time)."""
     warmup_prompt_tokens: _builtins.int
     """/ Prompt tokens of the warm-up self-measurement (its TTFT is for this many)."""
     chars_per_token: _builtins.float
     """/ Characters per prompt token of this worker's tokenizer, measured on the
     / warm-up prompt; lets the router estimate prompt tokens without a tokenizer.
     """
+    numa_binding: _builtins.str
+    """/ How memory was bound, e.g. "libnuma membind to node 0", or why not."""
     @_builtins.property
     def cores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """/ CPUs the worker process is allowed to run on."""
 
     @_builtins.property
-    def accuracy(self) -> Global___AccuracyCard: ...
+    def accuracy(self) -> Global___AccuracyCard:
+        """/ The tier's measured accuracy against fp32."""
+
     @_builtins.property
     def warmup_latency(self) -> Global___LatencyStats:
         """/ Latency measured by the worker itself during warm-up."""
@@ -222,6 +241,18 @@ class WorkerInfo(_message.Message):
     def warmup_prefill(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefillSample]:
         """/ Warm-up TTFT at two prompt lengths, so the router can fit prefill as a
         / fixed cost plus a cost per prompt token before any traffic.
+        """
+
+    @_builtins.property
+    def affinity(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """/ CPUs the worker process may run on now, read back from the kernel
+        / (sched_getaffinity) rather than taken from the configuration.
+        """
+
+    @_builtins.property
+    def memory_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """/ NUMA nodes the worker's memory allocations are bound to now, read back
+        / from the kernel (empty when not bound).
         """
 
     def __init__(
@@ -252,10 +283,13 @@ class WorkerInfo(_message.Message):
         warmup_prompt_tokens: _builtins.int = ...,
         chars_per_token: _builtins.float = ...,
         warmup_prefill: _abc.Iterable[Global___PrefillSample] | None = ...,
+        affinity: _abc.Iterable[_builtins.int] | None = ...,
+        memory_nodes: _abc.Iterable[_builtins.int] | None = ...,
+        numa_binding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "live_latency", b"live_latency", "warmup_latency", b"warmup_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "backend", b"backend", "chars_per_token", b"chars_per_token", "cores", b"cores", "dtype", b"dtype", "in_flight", b"in_flight", "kernel", b"kernel", "live_latency", b"live_latency", "load_time_ms", b"load_time_ms", "max_context_tokens", b"max_context_tokens", "max_new_tokens_limit", b"max_new_tokens_limit", "model", b"model", "model_path", b"model_path", "notices", b"notices", "numa_node", b"numa_node", "queued", b"queued", "rss_mb", b"rss_mb", "threads", b"threads", "tier", b"tier", "versions", b"versions", "warmup_latency", b"warmup_latency", "warmup_prefill", b"warmup_prefill", "warmup_prompt_tokens", b"warmup_prompt_tokens", "warmup_time_ms", b"warmup_time_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "affinity", b"affinity", "backend", b"backend", "chars_per_token", b"chars_per_token", "cores", b"cores", "dtype", b"dtype", "in_flight", b"in_flight", "kernel", b"kernel", "live_latency", b"live_latency", "load_time_ms", b"load_time_ms", "max_context_tokens", b"max_context_tokens", "max_new_tokens_limit", b"max_new_tokens_limit", "memory_nodes", b"memory_nodes", "model", b"model", "model_path", b"model_path", "notices", b"notices", "numa_binding", b"numa_binding", "numa_node", b"numa_node", "queued", b"queued", "rss_mb", b"rss_mb", "threads", b"threads", "tier", b"tier", "versions", b"versions", "warmup_latency", b"warmup_latency", "warmup_prefill", b"warmup_prefill", "warmup_prompt_tokens", b"warmup_prompt_tokens", "warmup_time_ms", b"warmup_time_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -270,7 +304,9 @@ class PrefillSample(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TTFT_US_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """/ Prompt length, tokens."""
     ttft_us: _builtins.int
+    """/ TTFT from the start of generation at that length, microseconds."""
     def __init__(
         self,
         *,

@@ -1,0 +1,146 @@
+"""The router's Prometheus metrics: requests, relayed latency, SLO results, routing decisions, and the
+pool's load read at scrape time.
+
+Every label value is bounded: tiers and workers come from the config, statuses are gRPC code names,
+and a routing decision is counted by category (eligible, best_effort, pinned, rejected), never by
+the policy's free-text reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.pool import WorkerHandle
+from tierserve.metrics import (
+    NO_TIER,
+    NO_WORKER,
+    SLO_MET,
+    SLO_MISSED,
+    TPOT_BUCKETS,
+    TTFT_BUCKETS,
+    has_budget,
+    status_label,
+)
+from tierserve.v1 import generate_pb2, router_pb2
+
+# Routing decision categories.
+ELIGIBLE = "eligible"
+BEST_EFFORT = "best_effort"
+PINNED = "pinned"
+REJECTED = "rejected"
+
+
+def decision_category(pinned_tier: str, best_effort: bool) -> str:
+    """The bounded label for a decision the policy made (rejections are counted apart)."""
+    if best_effort:
+        return BEST_EFFORT
+    return PINNED if pinned_tier else ELIGIBLE
+
+
+class PoolCollector(Collector):
+    """Queue depth, in-flight requests, health and model load time per worker, read at scrape time so
+    the figures are never stale."""
+
+    def __init__(self, workers: Callable[[], Sequence[WorkerHandle]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["worker", "tier"]
+        queued = GaugeMetricFamily(
+            "tierserve_router_queue_depth",
+            "Requests waiting behind the one generating, per worker",
+            labels=labels,
+        )
+        in_flight = GaugeMetricFamily(
+            "tierserve_router_in_flight", "Requests the router has in flight per worker", labels=labels
+        )
+        up = GaugeMetricFamily(
+            "tierserve_router_worker_up", "1 when the worker reports SERVING to the router", labels=labels
+        )
+        load = GaugeMetricFamily(
+            "tierserve_router_worker_model_load_seconds",
+            "Model load time the worker reported (0 until it has)",
+            labels=labels,
+        )
+        for worker in self._workers():
+            key = [worker.worker_id, worker.tier]
+            queued.add_metric(key, worker.load.queued)
+            in_flight.add_metric(key, worker.in_flight)
+            up.add_metric(key, 1.0 if worker.health == router_pb2.WORKER_HEALTH_SERVING else 0.0)
+            load.add_metric(key, worker.info.load_time_ms / 1e3 if worker.info is not None else 0.0)
+        yield from (queued, in_flight, up, load)
+
+
+class RouterMetrics:
+    """The router's instruments, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        per_worker = ["tier", "worker"]
+        self.requests = Counter(
+            "tierserve_router_requests",
+            "Generate requests by the worker's tier and the final status (tier none: never routed)",
+            [*per_worker, "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "tierserve_router_ttft_seconds",
+            "Time to first token as the router saw it, waiting included",
+            per_worker,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "tierserve_router_tpot_seconds",
+            "Latency of every relayed token after the first, as measured by the worker",
+            per_worker,
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "tierserve_router_tokens", "Tokens relayed to clients", per_worker, registry=self.registry
+        )
+        self.slo = Counter(
+            "tierserve_router_slo",
+            "Requests with a latency budget by result (met, missed; best effort counts as missed)",
+            [*per_worker, "result"],
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "tierserve_router_routing_decisions",
+            "Routing decisions by policy and category (eligible, best_effort, pinned, rejected)",
+            ["policy", "reason", "tier"],
+            registry=self.registry,
+        )
+
+    def watch_pool(self, workers: Callable[[], Sequence[WorkerHandle]]) -> None:
+        self.registry.register(PoolCollector(workers))
+
+    def decided(self, policy: str, pinned_tier: str, best_effort: bool, tier: str) -> None:
+        self.decisions.labels(policy, decision_category(pinned_tier, best_effort), tier).inc()
+
+    def refused(self, policy: str, code: grpc.StatusCode, routed: bool) -> None:
+        """A request that never reached a worker; `routed`: the policy refused it (not validation)."""
+        if routed:
+            self.decisions.labels(policy, REJECTED, NO_TIER).inc()
+        self.requests.labels(NO_TIER, NO_WORKER, status_label(code)).inc()
+
+    def token(self, tier: str, worker: str, token: generate_pb2.Token, seen_ttft_s: float | None) -> None:
+        """One relayed token; the first with the TTFT the router saw."""
+        self.tokens.labels(tier, worker).inc()
+        if seen_ttft_s is not None:
+            self.ttft.labels(tier, worker).observe(seen_ttft_s)
+        elif token.index > 0:
+            self.tpot.labels(tier, worker).observe(token.latency_us / 1e6)
+
+    def completed(self, tier: str, worker: str, request: generate_pb2.GenerateRequest, met: bool) -> None:
+        if has_budget(request):
+            self.slo.labels(tier, worker, SLO_MET if met else SLO_MISSED).inc()
+
+    def finished(self, tier: str, worker: str, code: grpc.StatusCode | None) -> None:
+        self.requests.labels(tier, worker, status_label(code)).inc()
