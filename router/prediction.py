@@ -10,7 +10,9 @@ a stream may end earlier at end of sequence).
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from router.live import LiveStats
@@ -116,7 +118,10 @@ MIN_ERROR_SAMPLES = 4
 # prediction, which is what a budget check needs (an average would miss every other one).
 ERROR_QUANTILE = 0.9
 # Bounds on the correction, so one pathological request cannot lock a worker out or in.
-MIN_CORRECTION, MAX_CORRECTION = 0.5, 4.0
+MIN_CORRECTION, MAX_CORRECTION = 0.5, 2.0
+# Errors older than this are forgotten. A worker the correction steers traffic away from gets no
+# new samples; without expiry an old, bad streak would keep it idle for good.
+ERROR_MEMORY_S = 30.0
 
 
 class PredictionErrors:
@@ -124,23 +129,29 @@ class PredictionErrors:
     completed requests. The model behind `predict` ignores what it cannot see (other processes on
     the cores, requests that end early, arrivals after the decision); this learns its bias."""
 
-    def __init__(self) -> None:
-        self._ttft: deque[float] = deque(maxlen=ERROR_SAMPLES)
-        self._tpot: deque[float] = deque(maxlen=ERROR_SAMPLES)
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # (when, actual / predicted)
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=ERROR_SAMPLES)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=ERROR_SAMPLES)
 
     def record(self, predicted: Prediction, ttft_us: float, tpot_us: float) -> None:
         if not predicted.known:
             return
+        now = self._clock()
         if predicted.ttft_us > 0 and ttft_us > 0:
-            self._ttft.append(ttft_us / predicted.ttft_us)
+            self._ttft.append((now, ttft_us / predicted.ttft_us))
         if predicted.tpot_us > 0 and tpot_us > 0:
-            self._tpot.append(tpot_us / predicted.tpot_us)
+            self._tpot.append((now, tpot_us / predicted.tpot_us))
 
-    @staticmethod
-    def _factor(ratios: deque[float]) -> float:
-        if len(ratios) < MIN_ERROR_SAMPLES:
+    def _factor(self, samples: deque[tuple[float, float]]) -> float:
+        horizon = self._clock() - ERROR_MEMORY_S
+        while samples and samples[0][0] < horizon:
+            samples.popleft()
+        if len(samples) < MIN_ERROR_SAMPLES:
             return 1.0
-        return min(max(percentile(list(ratios), ERROR_QUANTILE), MIN_CORRECTION), MAX_CORRECTION)
+        ratios = [ratio for _, ratio in samples]
+        return min(max(percentile(ratios, ERROR_QUANTILE), MIN_CORRECTION), MAX_CORRECTION)
 
     @property
     def ttft_factor(self) -> float:

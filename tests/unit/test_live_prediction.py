@@ -123,7 +123,18 @@ def test_prediction_errors_correct_later_predictions_by_their_90th_percentile() 
     assert errors.correct(UNKNOWN) is UNKNOWN
     for _ in range(32):
         errors.record(predicted, ttft_us=2000.0 * 100, tpot_us=10_000.0 * 100)
-    assert errors.ttft_factor == 4.0 and errors.tpot_factor == 4.0
+    assert errors.ttft_factor == 2.0 and errors.tpot_factor == 2.0
+
+
+def test_prediction_errors_expire_so_an_avoided_worker_is_not_shut_out() -> None:
+    now = [0.0]
+    errors = PredictionErrors(clock=lambda: now[0])
+    predicted = Prediction(wait_us=0.0, ttft_us=1000.0, tpot_us=10_000.0)
+    for _ in range(8):
+        errors.record(predicted, ttft_us=1800.0, tpot_us=10_000.0)
+    assert errors.ttft_factor == pytest.approx(1.8)
+    now[0] = 31.0  # no traffic since: the old streak no longer counts
+    assert errors.ttft_factor == 1.0 and errors.correct(predicted) == predicted
 
 
 def test_over_predicting_workers_are_corrected_down() -> None:
