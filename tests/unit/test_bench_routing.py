@@ -17,13 +17,20 @@ from tierserve.benchmarks.loadgen import (
     TIGHT,
     Budgets,
     RequestMix,
+    SentCall,
     make_trace,
     prompt_for,
     run_open_loop,
     to_request,
 )
 from tierserve.benchmarks.overhead import overhead_figures
-from tierserve.benchmarks.routing import default_policies, derive_budgets, estimated_capacity, markdown_table
+from tierserve.benchmarks.routing import (
+    default_policies,
+    derive_budgets,
+    estimated_capacity,
+    markdown_table,
+    request_record,
+)
 from tierserve.benchmarks.routing_metrics import (
     Observed,
     goodput_target,
@@ -262,3 +269,14 @@ def test_overhead_figures_pair_router_and_direct_calls() -> None:
         "ttft_p99_le_2ms": True,
         "token_rate_ge_0.97x": False,
     }
+
+
+def test_request_records_put_the_routers_prediction_beside_what_the_client_saw() -> None:
+    item = make_trace(1, RequestMix(), seed=3)[0]
+    result = CallResult(sent_s=10.0, token_times_s=[10.5, 10.52, 10.56], done_s=10.6, tier="bf16")
+    result.predicted_ttft_ms, result.predicted_tpot_ms, result.best_effort = 400.0, 25.0, True
+    record = request_record(SentCall(item=item, scheduled_s=10.0, result=result))
+    assert record["predicted_ttft_ms"] == 400.0 and record["ttft_ms"] == pytest.approx(500.0)
+    assert record["predicted_tpot_ms"] == 25.0 and record["tpot_ms"] == pytest.approx(30.0)
+    assert record["tier"] == "bf16" and record["best_effort"] is True and record["status"] == "OK"
+    assert record["index"] == item.index and record["budget_class"] == item.budget_class

@@ -121,6 +121,25 @@ def observe(call: SentCall, budgets: Budgets) -> Observed:
     )
 
 
+def request_record(call: SentCall) -> dict[str, Any]:
+    """One request as sent and served: what the router predicted beside what the client saw."""
+    r = call.result
+    ttft, tpot = r.ttft_ms(), r.tpot_mean_ms()
+    return {
+        "index": call.item.index,
+        "budget_class": call.item.budget_class,
+        "tolerance_pct": call.item.tolerance_pct,
+        "new_tokens": call.item.new_tokens,
+        "status": r.status,
+        "tier": r.tier,
+        "best_effort": r.best_effort,
+        "predicted_ttft_ms": round(r.predicted_ttft_ms, 1),
+        "ttft_ms": None if ttft is None else round(ttft, 1),
+        "predicted_tpot_ms": round(r.predicted_tpot_ms, 2),
+        "tpot_ms": None if tpot is None else round(tpot, 2),
+    }
+
+
 async def _warm_router(address: str, tiers: Sequence[str], words: Sequence[str]) -> None:
     """One short request pinned to each tier, so the router has relayed figures from every worker."""
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
@@ -176,6 +195,7 @@ async def _run_levels(
                         "rate_rps": rate,
                         **figures,
                         "send_lag_p50_ms": round(lag, 3),
+                        "requests": [request_record(c) for c in calls],
                     }
                 )
                 progress.console.print(

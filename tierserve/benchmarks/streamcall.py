@@ -34,6 +34,10 @@ class CallResult:
     worker_id: str = ""
     budget_met: bool | None = None
     generated_tokens: int = 0
+    # The router's prediction for this request (0 when it made none), to compare with what happened.
+    predicted_ttft_ms: float = 0.0
+    predicted_tpot_ms: float = 0.0
+    best_effort: bool = False
 
     @property
     def ok(self) -> bool:
@@ -68,6 +72,9 @@ async def timed_generate(
                 summary = response.summary
                 result.tier, result.worker_id = summary.tier, summary.worker_id
                 result.budget_met, result.generated_tokens = summary.budget_met, summary.generated_tokens
+                result.predicted_ttft_ms = summary.predicted_ttft_us / 1e3
+                result.predicted_tpot_ms = summary.predicted_tpot_us / 1e3
+                result.best_effort = summary.best_effort
     except grpc.aio.AioRpcError as error:
         result.status, result.error = error.code().name, error.details() or ""
     result.done_s = time.perf_counter()
