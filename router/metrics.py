@@ -118,6 +118,14 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        self.failovers = Counter(
+            "tierserve_router_failovers",
+            "Requests moved off a failed worker, by that worker, its status and whether tokens had been "
+            "streamed (resumed) or not (retried)",
+            [*per_worker, "status", "kind"],
+            registry=self.registry,
+        )
+
     def watch_pool(self, workers: Callable[[], Sequence[WorkerHandle]]) -> None:
         self.registry.register(PoolCollector(workers))
 
@@ -141,6 +149,9 @@ class RouterMetrics:
     def completed(self, tier: str, worker: str, request: generate_pb2.GenerateRequest, met: bool) -> None:
         if has_budget(request):
             self.slo.labels(tier, worker, SLO_MET if met else SLO_MISSED).inc()
+
+    def failed_over(self, tier: str, worker: str, code: grpc.StatusCode, resumed: bool) -> None:
+        self.failovers.labels(tier, worker, status_label(code), "resumed" if resumed else "retried").inc()
 
     def finished(self, tier: str, worker: str, code: grpc.StatusCode | None) -> None:
         self.requests.labels(tier, worker, status_label(code)).inc()

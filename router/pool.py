@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -14,8 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router.discovery import is_dns_target, resolve
 from router.live import LiveStats, PromptTokenEstimator
 from router.prediction import Prediction, PredictionErrors, Ticket, WorkerLoad, next_free_us, predict
+from router.registration import Registrations
 from tierserve.config import TierserveConfig
+from tierserve.errors import InvalidRequest, Unsatisfiable
 from tierserve.grpcserver import CHANNEL_OPTIONS
+from tierserve.tls import worker_channel_credentials, worker_channel_options
 from tierserve.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class WorkerHandle:
     requests_total: int = 0
     requests_failed: int = 0
     last_error: str = ""
+    # Joined by Register (and leaves when its heartbeats stop), not from the configuration.
+    registered: bool = False
     _rounds: int = field(default=0, repr=False)
 
     @property
@@ -117,6 +123,7 @@ class WorkerHandle:
             queued=self.load.queued,
             queue_limit=self.queue_limit,
             live=live,
+            registered=self.registered,
         )
         if self.info is not None:
             status.info.CopyFrom(self.info)
@@ -142,23 +149,37 @@ class WorkerPool:
     """All configured workers, with a background task that keeps their health current."""
 
     def __init__(
-        self, config: TierserveConfig, on_round: Callable[[WorkerPool], Awaitable[None]] | None = None
+        self,
+        config: TierserveConfig,
+        on_round: Callable[[WorkerPool], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.workers: list[WorkerHandle] = []
+        self.registrations = Registrations(config.router.registration_ttl_s, clock)
+        # Registered handles replaced by a newer registration, closed once their requests finish.
+        self._retired: list[WorkerHandle] = []
         self._on_round = on_round
         self.prompt_tokens = PromptTokenEstimator(config.router.ewma_alpha)
         self._router_config = config.router
+        self._credentials = worker_channel_credentials(config.security)
+        self._channel_options = [*CHANNEL_OPTIONS, *worker_channel_options(config.security)]
         # dns:/// workers: (config name, tier, target), expanded to one handle per address each round.
         self._dns_targets = [(w.name, w.tier, w.address) for w in config.workers if is_dns_target(w.address)]
         for worker in config.workers:
-            if not is_dns_target(worker.address):
+            # Workers with register_with join by Register instead.
+            if not is_dns_target(worker.address) and not worker.register_with:
                 self.workers.append(self._handle(worker.name, worker.tier, worker.dial_address()))
         self._interval_s = config.router.health_interval_s
         self._task: asyncio.Task[None] | None = None
         self.first_round_done = asyncio.Event()
 
     def _handle(self, worker_id: str, tier: str, address: str) -> WorkerHandle:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Mutual TLS when [security] configures it: workers accept only the pool CA's client certs.
+        channel = (
+            grpc.aio.secure_channel(address, self._credentials, options=self._channel_options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         return WorkerHandle(
             worker_id=worker_id,
             tier=tier,
@@ -185,6 +206,44 @@ class WorkerPool:
                 await gone.channel.close()
                 link_peers(self.workers)
 
+    def register(self, worker_id: str, address: str, tier: str) -> bool:
+        """A Register call: add the worker on its first (health-polled from the next round, like
+        the others), refresh its expiry on each later one. True when this call added it."""
+        if not self.registrations.ttl_s:
+            raise Unsatisfiable("this router takes no registrations; set [router] registration_ttl_s")
+        if any(w.worker_id == worker_id and not w.registered for w in self.workers):
+            raise InvalidRequest("worker_id", f"{worker_id!r} is a configured worker; register another name")
+        if not self.registrations.heartbeat(worker_id, address, tier):
+            return False
+        # Re-registered at another address or tier (e.g. restarted): the old handle stops taking requests.
+        for old in [w for w in self.workers if w.worker_id == worker_id]:
+            self.workers.remove(old)
+            self._retired.append(old)
+            link_peers(self.workers)
+        log.info("worker %s registered at %s (%s)", worker_id, address, tier)
+        handle = self._handle(worker_id, tier, address)
+        handle.registered = True
+        self.workers.append(handle)
+        return True
+
+    async def expire(self) -> None:
+        """Drop registered workers whose heartbeats stopped, each once its requests have finished."""
+        # Decide and remove before any await, so a heartbeat arriving meanwhile is never lost.
+        closing = [w for w in self._retired if not w.load.outstanding]
+        self._retired = [w for w in self._retired if w.load.outstanding]
+        for worker_id in self.registrations.expired():
+            handle = next((w for w in self.workers if w.worker_id == worker_id and w.registered), None)
+            if handle is not None and handle.load.outstanding:
+                continue
+            self.registrations.forget(worker_id)
+            if handle is not None:
+                log.info("worker %s at %s: no heartbeat in time; dropped", worker_id, handle.address)
+                self.workers.remove(handle)
+                closing.append(handle)
+                link_peers(self.workers)
+        for handle in closing:
+            await handle.channel.close()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._health_loop(), name="worker-health")
 
@@ -193,7 +252,7 @@ class WorkerPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for worker in self.workers:
+        for worker in [*self.workers, *self._retired]:
             await worker.channel.close()
 
     def by_id(self, worker_id: str) -> WorkerHandle:
@@ -216,6 +275,7 @@ class WorkerPool:
     async def _health_loop(self) -> None:
         while True:
             await self.discover()
+            await self.expire()
             await asyncio.gather(*(self.check(worker) for worker in self.workers))
             self.first_round_done.set()
             if self._on_round is not None:

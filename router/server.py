@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from router.auth import TokenAuthInterceptor, load_tokens
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.pool import WorkerPool
@@ -14,6 +15,7 @@ from router.service import RouterServicer
 from tierserve.config import TierserveConfig
 from tierserve.grpcserver import ServerHandle, serve_until_signalled, start_server
 from tierserve.metrics import serve_metrics
+from tierserve.tls import router_server_credentials
 from tierserve.tracing import configure_tracing
 from tierserve.v1 import router_pb2, router_pb2_grpc
 
@@ -38,7 +40,20 @@ async def serve_router(config: TierserveConfig, port_file: Path | None = None) -
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
-    handle = await start_server(config.router.host, config.router.port, register, port_file)
+    security = config.security
+    interceptors = (
+        [TokenAuthInterceptor(load_tokens(Path(security.tokens_file), security.max_concurrent_per_client))]
+        if security.tokens_file
+        else []
+    )
+    handle = await start_server(
+        config.router.host,
+        config.router.port,
+        register,
+        port_file,
+        credentials=router_server_credentials(security),
+        interceptors=interceptors,
+    )
     endpoint = (
         serve_metrics(metrics.registry, config.metrics.host, config.router.metrics_port, port_file)
         if config.metrics.enabled

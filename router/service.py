@@ -4,32 +4,32 @@ stream while measuring every token, report the pool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
+from router.failover import StreamProgress, WorkerStreamFailed, is_worker_fault
 from router.metrics import RouterMetrics
 from router.policy import RouteRequest, RoutingDecision, RoutingPolicy
 from router.pool import WorkerHandle, WorkerPool
 from router.prediction import Ticket
+from router.registration import registration_from_request
 from tierserve.config import LimitsConfig, ServiceLevelConfig
 from tierserve.errors import InvalidRequest, Overloaded, TierserveError, status_for
 from tierserve.requests import apply_service_level, validate_generate_request, within_budget
-from tierserve.tracing import start_request_span
+from tierserve.tracing import RequestSpan, start_request_span
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WATCH_INTERVAL_MS = 1000
 MIN_WATCH_INTERVAL_MS = 100
 # Trailing metadata key of the retry hint sent with RESOURCE_EXHAUSTED, in milliseconds.
 RETRY_AFTER_KEY = "retry-after-ms"
-# Worker statuses caused by the request itself: relayed with the worker's message unchanged.
-CLIENT_FAULT_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 
 
 def route_request(request: generate_pb2.GenerateRequest, prompt_tokens: int, new_tokens: int) -> RouteRequest:
@@ -92,44 +92,123 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await context.abort(*status_for(error))
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
+        progress = StreamProgress(request, params.max_new_tokens)
+        # Until the stream completes or a status is set, the client has left.
+        code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
+        try:
+            while True:
+                try:
+                    attempt = self._attempt(decision, route, progress, arrival, context, span)
+                    # Closed at once when the client leaves, so the worker's place is freed now.
+                    async with contextlib.aclosing(attempt):
+                        async for response in attempt:
+                            yield response
+                    code = None
+                    return
+                except WorkerStreamFailed as failure:
+                    progress.failed(failure)
+                    failed = self._pool.by_id(failure.worker_id)
+                    self.metrics.failed_over(failed.tier, failed.worker_id, failure.code, progress.offset > 0)
+                    if progress.tokens_sent and not progress.remaining_tokens:
+                        total_us = int((time.perf_counter() - arrival) * 1e6)
+                        yield generate_pb2.GenerateResponse(summary=progress.router_summary(total_us))
+                        code = None
+                        return
+                    decision, route = await self._fail_over(failure, progress, route, context)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            span.end(code)
+
+    async def _attempt(
+        self,
+        decision: RoutingDecision,
+        route: RouteRequest,
+        progress: StreamProgress,
+        arrival: float,
+        context: grpc.aio.ServicerContext,
+        span: RequestSpan,
+    ) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
+        """Relay one worker's stream to the client, counting what the client received."""
         worker = self._pool.by_id(decision.worker_id)
-        self.metrics.decided(self._policy.name, request.tier, decision.best_effort, worker.tier)
+        self.metrics.decided(self._policy.name, progress.request.tier, decision.best_effort, worker.tier)
         span.set(
             {
-                "tierserve.request_id": request.request_id,
+                "tierserve.request_id": progress.request.request_id,
                 "tierserve.worker_id": worker.worker_id,
                 "tierserve.tier": worker.tier,
                 "tierserve.policy": self._policy.name,
                 "tierserve.best_effort": decision.best_effort,
+                "tierserve.failovers": progress.failovers,
             }
         )
         # Reserved before the first await: the next request's admission already counts this one.
         ticket = worker.begin(route.prompt_tokens, route.new_tokens)
-        # Until the stream completes or a status is set, the client has left.
         code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
-            relay = self._relay(worker, ticket, request, decision, arrival, context, span.outgoing_metadata())
-            async for response in relay:
-                yield response
+            relay = self._relay(
+                worker, ticket, progress, decision, arrival, context, span.outgoing_metadata()
+            )
+            async with contextlib.aclosing(relay):
+                async for response in relay:
+                    since_arrival_us = (time.perf_counter() - arrival) * 1e6
+                    if response.HasField("token"):
+                        progress.relay_token(response.token, since_arrival_us)
+                    else:
+                        progress.finish(response.summary, int(since_arrival_us))
+                    yield response
             code = None
+        except WorkerStreamFailed as failure:
+            code = failure.code
+            raise
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
             worker.end(ticket)
             self.metrics.finished(worker.tier, worker.worker_id, code)
-            span.end(code)
+
+    async def _fail_over(
+        self,
+        failure: WorkerStreamFailed,
+        progress: StreamProgress,
+        route: RouteRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[RoutingDecision, RouteRequest]:
+        """Choose another worker for a request whose worker failed, or end it with the failure."""
+        log.warning(
+            "request %s: %s; %d tokens streamed, failing over",
+            progress.request.request_id,
+            failure,
+            progress.tokens_sent,
+        )
+        if not progress.can_fail_over():
+            await context.abort(failure.code, str(failure))
+        resumed = progress.worker_request()
+        route = route_request(
+            resumed, self._pool.prompt_tokens.estimate(resumed.prompt), progress.remaining_tokens
+        )
+        others = [w for w in self._pool.workers if w.worker_id not in progress.failed_workers]
+        try:
+            return self._policy.choose(route, others), route
+        except TierserveError as error:
+            # The failure is what the client needs to know; why no other worker could take over follows.
+            await context.abort(failure.code, f"{failure}; no other worker could take over: {error}")
+        raise AssertionError("unreachable: abort raises")
 
     async def _relay(
         self,
         worker: WorkerHandle,
         ticket: Ticket,
-        request: generate_pb2.GenerateRequest,
+        progress: StreamProgress,
         decision: RoutingDecision,
         arrival: float,
         context: grpc.aio.ServicerContext,
         trace_metadata: tuple[tuple[str, str], ...] = (),
-    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
+        request = progress.worker_request()
+        started = time.perf_counter()
         # The trace context makes the worker's span a child of this request's span.
         call = worker.stub.Generate(
             request, timeout=context.time_remaining(), metadata=trace_metadata or None
@@ -142,21 +221,28 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     seen_ttft_s = None
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
-                        seen_ttft_s = first_token_at - arrival
+                        # A resumed stream's first token is not the client's first token.
+                        seen_ttft_s = None if progress.offset else first_token_at - arrival
                     self.metrics.token(worker.tier, worker.worker_id, response.token, seen_ttft_s)
                 else:
+                    # This worker's TTFT as the router saw it (learning), and the client's (the budget).
                     seen_ttft_us = (
-                        (first_token_at - arrival) * 1e6
+                        (first_token_at - started) * 1e6
                         if first_token_at is not None
                         else response.summary.queue_time_us + response.summary.ttft_us
                     )
-                    self._complete(worker, request, decision, response.summary, seen_ttft_us)
+                    client_ttft_us = progress.client_ttft_us or (
+                        (first_token_at - arrival) * 1e6 if first_token_at is not None else seen_ttft_us
+                    )
+                    self._complete(worker, request, decision, response.summary, seen_ttft_us, client_ttft_us)
                 yield response
         except grpc.aio.AioRpcError as error:
             code, details = error.code(), error.details() or ""
-            if code not in CLIENT_FAULT_CODES:
+            if is_worker_fault(code, client_left=context.cancelled()):
                 worker.record_failure(f"{code.name}: {details}")
-                details = f"worker {worker.worker_id} failed: {details}"
+                # Out of rotation until its next health check passes.
+                worker.health = router_pb2.WORKER_HEALTH_UNREACHABLE
+                raise WorkerStreamFailed(worker.worker_id, code, details) from None
             await context.abort(code, details)
         finally:
             # Reached also when our client leaves: cancel upstream so the worker stops generating.
@@ -169,6 +255,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         decision: RoutingDecision,
         summary: generate_pb2.Summary,
         seen_ttft_us: float,
+        client_ttft_us: float,
     ) -> None:
         """Add the routing decision to the summary, judge the budget as the client saw it, and learn
         prefill cost and characters per token from the worker's counts."""
@@ -183,7 +270,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # Best effort means the router already knew it could not promise the budget: reported as
         # not met (the issue's contract), whatever the stream then happened to achieve.
         summary.budget_met = not decision.best_effort and within_budget(
-            request, seen_ttft_us, summary.tpot_mean_us
+            request, client_ttft_us, summary.tpot_mean_us
         )
         self.metrics.completed(worker.tier, worker.worker_id, request, summary.budget_met)
         if prediction is not None and summary.generated_tokens:
@@ -195,6 +282,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListWorkersResponse:
         return router_pb2.ListWorkersResponse(workers=self._pool.snapshot(), policy=self._policy.name)
+
+    async def Register(
+        self, request: router_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RegisterResponse:
+        try:
+            added = self._pool.register(*registration_from_request(request))
+        except TierserveError as error:
+            await context.abort(*status_for(error))
+        return router_pb2.RegisterResponse(added=added, ttl_s=self._pool.registrations.ttl_s)
 
     async def WatchStats(
         self, request: router_pb2.WatchStatsRequest, context: grpc.aio.ServicerContext

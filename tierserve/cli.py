@@ -40,7 +40,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
-    from tierserve.launcher import LaunchError, PoolLauncher, install_stop_signals
+    from tierserve.launcher import LaunchError, PoolLauncher, install_stop_signals, router_client_options
     from tierserve.placement import apply_plan, plan_pool
     from tierserve.placement_report import print_plan
     from tierserve.topology import read_topology
@@ -62,10 +62,12 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     launcher = PoolLauncher(config, run_dir, console)
     try:
         address = launcher.start()
-        _print_workers(console, address)
+        own = router_client_options(config.security, address)
+        _print_workers(console, address, own)
         if args.demo:
             console.print(f"\n[bold]demo request[/] to the router at {address}: {args.demo!r}")
-            _generate(console, address, generate_pb2.GenerateRequest(prompt=args.demo, max_new_tokens=32))
+            demo = generate_pb2.GenerateRequest(prompt=args.demo, max_new_tokens=32)
+            _generate(console, address, demo, options=own)
         console.print(f"\n[green]serving[/] on {address} (run dir {run_dir}); press Ctrl-C to stop")
         launcher.watch()
     except KeyboardInterrupt:
@@ -125,7 +127,7 @@ def _client_options(args: argparse.Namespace) -> ClientOptions:
         certificate_chain=args.client_cert,
         private_key=args.client_key,
         token=token,
-        retry=RetryPolicy(max_attempts=max(1, args.retries + 1)),
+        retry=RetryPolicy(max_attempts=max(1, getattr(args, "retries", 0) + 1)),
     )
 
 
@@ -151,17 +153,24 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _print_workers(console: Console, address: str) -> None:
-    workers = list(list_workers(address).workers)
+def _print_workers(console: Console, address: str, options: ClientOptions | None = None) -> None:
+    if options is None:
+        workers = list(list_workers(address).workers)
+    else:
+        with Client(options) as client:
+            workers = list(client.list_workers().workers)
     console.print(workers_table(workers))
     console.print(kernels_table(workers))
 
 
 def cmd_workers(args: argparse.Namespace, console: Console) -> int:
+    with Client(_client_options(args)) as client:
+        reply = client.list_workers()
     if args.json:
-        print(json_format.MessageToJson(list_workers(args.address), indent=2))
+        print(json_format.MessageToJson(reply, indent=2))
     else:
-        _print_workers(console, args.address)
+        console.print(workers_table(list(reply.workers)))
+        console.print(kernels_table(list(reply.workers)))
     return 0
 
 
@@ -224,6 +233,20 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
             f"{card.eval_tokens} tokens",
             highlight=False,
         )
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.certs import make_pool_certificates, security_toml
+
+    names = [w.name for w in _load(args.config).workers]
+    certs = make_pool_certificates(Path(args.out), names, args.host or [])
+    console.print(
+        f"wrote a local CA and certificates for the router and {len(names)} workers "
+        f"({', '.join(names)}) to {args.out}; add this to the config:\n",
+        highlight=False,
+    )
+    print(security_toml(certs))
     return 0
 
 
@@ -317,6 +340,22 @@ def cmd_bench_overhead(args: argparse.Namespace, console: Console) -> int:
     )
 
 
+def cmd_bench_chaos(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.chaos import run_chaos_benchmark
+
+    return run_chaos_benchmark(
+        Path(args.out),
+        args.config,
+        duration_s=args.duration_s,
+        clients=args.clients,
+        kill_every_s=args.kill_every_s,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        console=console,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -377,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="print the router's worker table")
     workers.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
     workers.add_argument("--json", action="store_true", help="print the ListWorkers reply as JSON")
+    workers.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    workers.add_argument("--ca-cert", help="PEM file of the root certificates to verify the router (TLS)")
+    workers.add_argument("--client-cert", help="PEM client certificate chain (mutual TLS)")
+    workers.add_argument("--client-key", help="PEM private key of the client certificate (mutual TLS)")
+    workers.add_argument("--token-file", help="file holding a bearer token, sent as `authorization`")
     workers.set_defaults(run=cmd_workers)
 
     top = commands.add_parser("top", help="live dashboard of every worker's latency, load and throughput")
@@ -405,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--tier", required=True, help="a tier name, or `all` for every tier the config serves"
     )
     quantize.set_defaults(run=cmd_quantize)
+
+    certs = with_config(
+        commands.add_parser(
+            "certs", help="make a local CA and TLS certificates for the router and workers (development)"
+        )
+    )
+    certs.add_argument("--out", required=True, help="directory for the PEM files")
+    certs.add_argument(
+        "--host", action="append", help="another name or address the servers are reached by (repeatable)"
+    )
+    certs.set_defaults(run=cmd_certs)
 
     config = with_config(commands.add_parser("config", help="print the effective config as TOML"))
     config.set_defaults(run=cmd_config)
@@ -484,6 +539,20 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
     overhead.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
     overhead.set_defaults(run=cmd_bench_overhead)
+
+    chaos = with_config(
+        bench_commands.add_parser(
+            "chaos", help="load while workers are killed and restarted: nothing may be lost"
+        )
+    )
+    chaos.add_argument("--out", required=True, help="report JSON")
+    chaos.add_argument("--duration-s", type=float, default=60.0, help="how long to send load")
+    chaos.add_argument("--clients", type=int, default=4, help="clients sending in closed loop")
+    chaos.add_argument("--kill-every-s", type=float, default=10.0, help="seconds between kill -9s")
+    chaos.add_argument("--new-tokens", type=int, default=64, help="largest max_new_tokens of a request")
+    chaos.add_argument("--seed", type=int, default=7, help="seed of the request mix and the victims")
+    chaos.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
+    chaos.set_defaults(run=cmd_bench_chaos)
     return parser
 
 

@@ -18,6 +18,8 @@ from tierserve.tiers import TIER_NAMES, is_known_tier
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_WORKER_BASE_PORT = 50061
+# Listening on every interface: not an address another host can dial.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,10 @@ class RouterConfig(_Strict):
     # Prometheus /metrics port ([metrics] enabled): 0 lets the OS choose one, written next to the
     # gRPC port file as <name>.metrics.port; set a fixed port for a Prometheus scrape config.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Self-registration: a worker that has sent no Register heartbeat for this long is dropped
+    # (once its requests finish). 0 turns Register off: anyone who can reach the router could
+    # otherwise add a worker and receive prompts, so it is opt-in.
+    registration_ttl_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class ServiceLevelConfig(_Strict):
@@ -188,6 +194,63 @@ class TracingConfig(_Strict):
     otlp_insecure: bool = True
 
 
+class SecurityConfig(_Strict):
+    """TLS, mutual TLS and bearer tokens (`tierserve certs --out DIR` makes development files).
+    Every field empty: plaintext and no authentication, for loopback pools only."""
+
+    # The pool's CA (PEM): the router verifies workers' certificates by it, workers accept only
+    # callers whose client certificate it signed, and local tools (the launcher) verify the router.
+    ca: str = ""
+    # Clients -> router: TLS with this certificate chain and key (PEM files); empty: plaintext.
+    router_cert: str = ""
+    router_key: str = ""
+    # Also require client certificates signed by this CA (PEM) from the router's clients.
+    client_ca: str = ""
+    # Router -> workers: mutual TLS. Each worker serves worker_cert/worker_key (`{name}` stands for
+    # the worker's name) and requires a client certificate signed by `ca`; the router presents
+    # router_client_cert/router_client_key. Needs `ca`.
+    worker_cert: str = ""
+    worker_key: str = ""
+    router_client_cert: str = ""
+    router_client_key: str = ""
+    # Verify workers' certificates against this name instead of the dialled host (one shared name).
+    worker_server_name: str = ""
+    # Bearer tokens the router accepts: one `TOKEN [NAME] [MAX_CONCURRENT]` per line, `#` comments.
+    # Empty: no authentication. A call without a token is UNAUTHENTICATED, an unknown token
+    # PERMISSION_DENIED.
+    tokens_file: str = ""
+    # Generate streams one client (token) may have open at once; 0: no limit. A token's own
+    # MAX_CONCURRENT overrides it. Past it: RESOURCE_EXHAUSTED.
+    max_concurrent_per_client: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _pairs_complete(self) -> SecurityConfig:
+        pairs = [
+            ("router_cert", "router_key"),
+            ("worker_cert", "worker_key"),
+            ("router_client_cert", "router_client_key"),
+        ]
+        for cert, key in pairs:
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise ValueError(f"set both {cert} and {key}, or neither")
+        if (self.worker_cert or self.router_client_cert) and not self.ca:
+            raise ValueError("mutual TLS to the workers needs `ca`, the pool's CA that signs both sides")
+        if bool(self.worker_cert) != bool(self.router_client_cert):
+            raise ValueError("mutual TLS to the workers needs worker_cert and router_client_cert together")
+        return self
+
+    @property
+    def router_tls(self) -> bool:
+        return bool(self.router_cert)
+
+    @property
+    def worker_tls(self) -> bool:
+        return bool(self.worker_cert)
+
+    def worker_cert_for(self, name: str) -> tuple[str, str]:
+        return self.worker_cert.replace("{name}", name), self.worker_key.replace("{name}", name)
+
+
 class WorkerConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     tier: str
@@ -201,11 +264,26 @@ class WorkerConfig(_Strict):
     warmup_runs: int = Field(default=2, ge=0)
     # Prometheus /metrics port, as [router] metrics_port.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Self-registration: the router ("host:port") this worker registers with and heartbeats to;
+    # the router's own config then leaves this worker out. Empty: the router dials it instead.
+    register_with: str = ""
+    # The "host:port" that router dials; empty: `host` and the port this worker bound.
+    advertise_address: str = ""
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _tier_known(self) -> WorkerConfig:
         if not is_known_tier(self.tier):
             raise ValueError(f"unknown tier {self.tier!r}; known tiers: {', '.join(TIER_NAMES)}")
+        return self
+
+    @model_validator(mode="after")
+    def _advertisable(self) -> WorkerConfig:
+        if self.register_with and not self.advertise_address and self.host in WILDCARD_HOSTS:
+            raise ValueError(
+                f"worker {self.name} registers with {self.register_with} but listens on {self.host!r}: "
+                "set advertise_address to the host:port the router can dial"
+            )
         return self
 
     def dial_address(self) -> str:
@@ -220,6 +298,7 @@ class TierserveConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     # Per-tier recipes by tier name, e.g. [tiers.int4-woq] group_size = 64.
     tiers: dict[str, TierRecipe] = Field(default_factory=dict)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
@@ -228,8 +307,12 @@ class TierserveConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_workers(self) -> TierserveConfig:
-        if not self.workers and not self.placement.tiers:
-            raise ValueError("no workers: add [[workers]] entries or list tiers in [placement]")
+        # A router that takes registrations may start empty: its workers join by Register.
+        if not self.workers and not self.placement.tiers and not self.router.registration_ttl_s:
+            raise ValueError(
+                "no workers: add [[workers]] entries or list tiers in [placement] "
+                "(or let workers register: [router] registration_ttl_s)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -322,6 +405,7 @@ def config_to_toml(config: TierserveConfig) -> str:
     emit("[data]", config.data.model_dump())
     emit("[metrics]", config.metrics.model_dump())
     emit("[tracing]", config.tracing.model_dump())
+    emit("[security]", config.security.model_dump())
     emit("[placement]", config.placement.model_dump())
     for tier, recipe in config.tiers.items():
         emit(f'[tiers."{tier}"]', recipe.model_dump())

@@ -11,13 +11,15 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
+from tierserve.decoding import RequestDecodingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,15 @@ async def start_server(
     port: int,
     register: Callable[[grpc.aio.Server], list[str]],
     port_file: Path | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> ServerHandle:
-    """Create, register, bind and start a server; `register` adds servicers and returns their full names."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    """Create, register, bind and start a server; `register` adds servicers and returns their full names.
+    With `credentials` it listens with TLS only; `interceptors` see every call (authentication)."""
+    # Innermost: requests that do not parse are INVALID_ARGUMENT for every service.
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[*interceptors, RequestDecodingInterceptor()]
+    )
     services = register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -74,7 +82,8 @@ async def start_server(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not listen on {host}:{port} (address in use?)")
     await server.start()

@@ -8,19 +8,23 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from rich.console import Console
 from rich.markup import escape
 
-from tierserve.client import list_workers
-from tierserve.config import TierserveConfig, config_to_toml
+from tierserve.config import SecurityConfig, TierserveConfig, config_to_toml
 from tierserve.modelprep import prepare_model
+from tierserve.restarts import RestartBackoff
+from tierserve.sdk import Client, ClientOptions
+from tierserve.tls import first_token
 from tierserve.v1 import router_pb2
 
 STOP_TIMEOUT_S = 15.0
+# How often `watch` looks at the pool's processes.
+WATCH_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 30
 PR_SET_PDEATHSIG = 1
 
@@ -40,6 +44,9 @@ class ManagedProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     port_file: Path
+    # The command-line arguments it was started with (after `tierserve`), to start it again.
+    args: list[str] = field(default_factory=list)
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
 
     def port(self) -> int | None:
         try:
@@ -86,6 +93,7 @@ class PoolLauncher:
             self.workers.append(
                 self._spawn(f"worker {worker.name}", ["worker", "--name", worker.name], pool_file)
             )
+            self.workers[-1].backoff.started(time.monotonic())
         resolved = self.resolved = self._resolve_worker_ports(deadline=time.monotonic() + 120)
         router_file = self.run_dir / "router.toml"
         router_file.write_text(config_to_toml(resolved), encoding="utf-8")
@@ -120,7 +128,7 @@ class PoolLauncher:
             time.sleep(0.2)
         return address
 
-    def _spawn(self, name: str, args: list[str], config_file: Path) -> ManagedProcess:
+    def _spawn(self, name: str, args: list[str], config_file: Path, restart: bool = False) -> ManagedProcess:
         slug = name.replace(" ", "-")
         log_path = self.run_dir / "logs" / f"{slug}.log"
         port_file = self.run_dir / f"{slug}.port"
@@ -129,7 +137,8 @@ class PoolLauncher:
             sys.executable, "-m", "tierserve.cli", *args,
             "--config", str(config_file), "--port-file", str(port_file),
         ]  # fmt: skip
-        with log_path.open("wb") as log:
+        # A restart appends, so the log keeps why the last run ended.
+        with log_path.open("ab" if restart else "wb") as log:
             process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -139,7 +148,7 @@ class PoolLauncher:
                 preexec_fn=_die_with_parent,
             )
         self.console.print(f"started {name} (pid {process.pid}), log {log_path}")
-        return ManagedProcess(name, process, log_path, port_file)
+        return ManagedProcess(name, process, log_path, port_file, args)
 
     def _wait_for_port(self, managed: ManagedProcess, deadline: float) -> int:
         while (port := managed.port()) is None:
@@ -180,26 +189,42 @@ class PoolLauncher:
 
     def _serving_workers(self, router_address: str) -> set[str]:
         try:
-            listed = list_workers(router_address, timeout_s=2.0).workers
+            with Client(router_client_options(self.config.security, router_address)) as client:
+                listed = client.list_workers(timeout_s=2.0).workers
         except grpc.RpcError:
             return set()  # the router is still starting
         return {w.worker_id for w in listed if w.health == router_pb2.WORKER_HEALTH_SERVING}
 
     def watch(self) -> None:
-        """Block while the pool runs; a dead router ends it, a dead worker is reported."""
-        reported: set[str] = set()
+        """Block while the pool runs; a dead router ends it, a dead worker is restarted with backoff."""
         assert self.router is not None
         while True:
             self.router.check_alive()
-            for managed in self.workers:
-                code = managed.process.poll()
-                if code is not None and managed.name not in reported:
-                    reported.add(managed.name)
-                    self.console.print(
-                        f"[red]{managed.name} exited with code {code}[/]; the router routes around it. "
-                        f"End of {managed.log_path}:\n{escape(managed.log_tail())}"
-                    )
-            time.sleep(1.0)
+            self.supervise_workers(time.monotonic())
+            time.sleep(WATCH_INTERVAL_S)
+
+    def supervise_workers(self, now: float) -> None:
+        """Schedule a restart of every worker that exited, and restart those that are due. A restart
+        listens on the port the router already dials (from the resolved config)."""
+        for index, managed in enumerate(self.workers):
+            code = managed.process.poll()
+            if code is None:
+                continue
+            if managed.backoff.restart_at is None:
+                delay = managed.backoff.crashed(now) - now
+                self.console.print(
+                    f"[red]{managed.name} exited with code {code}[/]; the router routes around it; "
+                    f"restarting in {delay:.0f} s. End of {managed.log_path}:\n{escape(managed.log_tail())}"
+                )
+            elif managed.backoff.due(now):
+                restarted = self._spawn(
+                    managed.name, managed.args, self.run_dir / "router.toml", restart=True
+                )
+                restarted.backoff = managed.backoff
+                restarted.backoff.restarts += 1
+                restarted.backoff.started(now)
+                self.workers[index] = restarted
+                self.console.print(f"restarting {managed.name} (restart {restarted.backoff.restarts})")
 
     def stop(self) -> None:
         """SIGTERM the router, then the workers; SIGKILL whatever has not exited in time."""
@@ -216,6 +241,16 @@ class PoolLauncher:
                     self.console.print(f"[yellow]{managed.name} did not stop in time; killing it[/]")
                     managed.process.kill()
                     managed.process.wait()
+
+
+def router_client_options(security: SecurityConfig, address: str) -> ClientOptions:
+    """How the pool's own tools reach its router: TLS verified by the pool CA, the first token."""
+    return ClientOptions(
+        address,
+        tls=security.router_tls,
+        root_certificates=security.ca if security.router_tls and security.ca else None,
+        token=first_token(security),
+    )
 
 
 def _dial_host(listen_host: str) -> str:

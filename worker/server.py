@@ -13,12 +13,14 @@ from tierserve.grpcserver import serve_until_signalled, start_server
 from tierserve.latency import LatencyWindow
 from tierserve.metrics import serve_metrics
 from tierserve.requests import GenerationParams, SamplingParams
+from tierserve.tls import worker_server_credentials
 from tierserve.tracing import configure_tracing
 from tierserve.v1 import worker_pb2, worker_pb2_grpc
 from worker.engine import Engine
 from worker.numa import bind_memory
 from worker.pinning import pin_process
 from worker.preparation import prepare_tier
+from worker.registration import start_heartbeat, stop_heartbeat
 from worker.service import WorkerServicer
 from worker.state import LoadReport, WorkerState
 
@@ -124,7 +126,15 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
         return [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
 
-    handle = await start_server(worker_config.host, worker_config.port, register, port_file)
+    handle = await start_server(
+        worker_config.host,
+        worker_config.port,
+        register,
+        port_file,
+        credentials=worker_server_credentials(config.security, name),
+    )
+    # Registered while loading too: the router lists it NOT_SERVING until it is warm.
+    heartbeats = start_heartbeat(worker_config, handle.port)
     # Up while the model loads, so a scrape can already see ready 0 and the queue.
     endpoint = (
         serve_metrics(servicer.metrics.registry, config.metrics.host, worker_config.metrics_port, port_file)
@@ -136,6 +146,7 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         engine, report = await loop.run_in_executor(executor, load_and_warm_up, config, state)
     except Exception:
         log.exception("worker %s failed to load its model", name)
+        await stop_heartbeat(heartbeats)
         await handle.server.stop(0)
         if endpoint is not None:
             endpoint.close()
@@ -146,7 +157,7 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         "worker %s (%s) serving on port %d, cores %s", name, worker_config.tier, handle.port, pinning.cpus
     )
     try:
-        await serve_until_signalled(handle)
+        await serve_until_signalled(handle, on_stop=lambda: stop_heartbeat(heartbeats))
     finally:
         if endpoint is not None:
             endpoint.close()

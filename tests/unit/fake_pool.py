@@ -11,14 +11,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
+from router.auth import TokenAuthInterceptor, load_tokens
 from router.policy import make_policy
 from router.pool import WorkerPool
 from router.service import RouterServicer
-from tierserve.config import TierserveConfig
+from tierserve.config import SecurityConfig, TierserveConfig
 from tierserve.grpcserver import start_server
+from tierserve.tls import router_server_credentials, worker_server_credentials
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
@@ -34,6 +37,22 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     # Request ids in arrival order.
     arrivals: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    # Failure injection: after this many tokens every stream ends with `fail_code`, as a worker
+    # whose process died or crashed would; None: never.
+    fail_after: int | None = None
+    fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    # After this many tokens streams set `holding` and stop until the test acts (e.g. stops the server).
+    hold_after: int | None = None
+    holding: asyncio.Event = field(default_factory=asyncio.Event)
+    # Token texts continue the prompt's word count (" w3", " w4", ...), like a model continuing its
+    # prompt, so a resumed stream's text can be checked for seams.
+    count_words: bool = False
+    # Every request received, as received.
+    requests: list[generate_pb2.GenerateRequest] = field(default_factory=list)
+    # Real time spent on each token (0: none), for load tests that need a busy worker.
+    token_delay_s: float = 0.0
+    # Streams take turns token by token: one token at a time, like one model (with token_delay_s).
+    _slot: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -56,15 +75,30 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        self.requests.append(request)
         await self.arrivals.put(request.request_id)
         await self.gate.wait()
         count = request.max_new_tokens or 4
+        words = len(request.prompt.split())
+        texts = []
         for index in range(count):
+            if index == self.fail_after:
+                await context.abort(self.fail_code, f"{self.name} failed on purpose")
+            if index == self.hold_after:
+                self.holding.set()
+                await asyncio.Event().wait()
             latency = self.ttft_us if index == 0 else self.tpot_us
+            texts.append(f" w{words + index}" if self.count_words else " x")
             yield generate_pb2.GenerateResponse(
-                token=generate_pb2.Token(text=" x", id=1, index=index, latency_us=latency)
+                token=generate_pb2.Token(text=texts[-1], id=1, index=index, latency_us=latency)
             )
-            await asyncio.sleep(0)
+            if self.token_delay_s:
+                async with self._slot:
+                    await asyncio.sleep(self.token_delay_s)
+            else:
+                await asyncio.sleep(0)
+        if self.fail_after is not None and self.fail_after >= count:  # after the last token
+            await context.abort(self.fail_code, f"{self.name} failed on purpose")
         yield generate_pb2.GenerateResponse(
             summary=generate_pb2.Summary(
                 request_id=request.request_id,
@@ -75,7 +109,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 ttft_us=self.ttft_us,
                 tpot_mean_us=self.tpot_us,
                 budget_met=True,
-                text=" x" * count,
+                text="".join(texts),
             )
         )
 
@@ -87,10 +121,16 @@ class RunningPool:
     stub: router_pb2_grpc.RouterStub
     # The router's servicer, for tests that read its metrics.
     servicer: RouterServicer | None = None
+    # The fake workers' servers, in the order given, for tests that stop one.
+    worker_servers: list[grpc.aio.Server] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
-async def running_pool(workers: list[FakeWorker], **router: object) -> AsyncIterator[RunningPool]:
+async def running_pool(
+    workers: list[FakeWorker], security: dict[str, object] | None = None, **router: object
+) -> AsyncIterator[RunningPool]:
+    """`security` is a [security] table: TLS, mutual TLS to the workers and tokens as configured."""
+    secured = SecurityConfig.model_validate(security or {})
     handles = []
     for fake in workers:
 
@@ -98,12 +138,14 @@ async def running_pool(workers: list[FakeWorker], **router: object) -> AsyncIter
             worker_pb2_grpc.add_WorkerServicer_to_server(fake, server)
             return [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
 
-        handle = await start_server("127.0.0.1", 0, register)
+        credentials = worker_server_credentials(secured, fake.name)
+        handle = await start_server("127.0.0.1", 0, register, credentials=credentials)
         await handle.set_serving(True)
         handles.append(handle)
     config = TierserveConfig.model_validate(
         {
             "router": {"port": 0, "health_interval_s": 0.05, **router},
+            "security": security or {},
             "workers": [
                 {"name": f.name, "tier": f.tier, "address": f"127.0.0.1:{h.port}"}
                 for f, h in zip(workers, handles, strict=True)
@@ -117,13 +159,30 @@ async def running_pool(workers: list[FakeWorker], **router: object) -> AsyncIter
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
-    router_handle = await start_server("127.0.0.1", 0, register_router)
+    interceptors = (
+        [TokenAuthInterceptor(load_tokens(Path(secured.tokens_file), secured.max_concurrent_per_client))]
+        if secured.tokens_file
+        else []
+    )
+    router_handle = await start_server(
+        "127.0.0.1",
+        0,
+        register_router,
+        credentials=router_server_credentials(secured),
+        interceptors=interceptors,
+    )
     pool.start()
     await pool.first_round_done.wait()
     address = f"127.0.0.1:{router_handle.port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = (
+        grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(Path(secured.ca).read_bytes()))
+        if secured.router_tls
+        else grpc.aio.insecure_channel(address)
+    )
     try:
-        yield RunningPool(address, pool, router_pb2_grpc.RouterStub(channel), servicer)
+        yield RunningPool(
+            address, pool, router_pb2_grpc.RouterStub(channel), servicer, [h.server for h in handles]
+        )
     finally:
         await channel.close()
         await router_handle.server.stop(0)

@@ -313,6 +313,31 @@ def test_only_the_router_publishes_ports(services: dict[str, dict[str, Any]]) ->
             assert not service.get("ports"), f"service {name} publishes ports"
 
 
+# ---------------------------------------------------------------- metrics
+
+
+def test_every_service_exposes_its_fixed_metrics_port_to_prometheus(
+    config: TierserveConfig, services: dict[str, dict[str, Any]]
+) -> None:
+    assert config.metrics.enabled and config.metrics.host == "0.0.0.0", (
+        "[metrics] must be on and listen on every interface to be scraped from another container"
+    )
+    expected = {"router": config.router.metrics_port}
+    expected.update({_service_of(services, w)[0]: w.metrics_port for w in config.workers})
+    for name, port in expected.items():
+        assert port > 0, f"service {name}: metrics port 0 is chosen at random; a scrape config needs it fixed"
+        service = services[name]
+        assert str(port) in [str(p) for p in service.get("expose") or []], (
+            f"service {name} does not expose its metrics port {port}"
+        )
+        labels = service.get("labels") or {}
+        assert isinstance(labels, dict), f"service {name}: write labels as a mapping"
+        assert labels.get("prometheus.io/scrape") == "true", name
+        assert labels.get("prometheus.io/port") == str(port), (
+            f"service {name}: prometheus.io/port {labels.get('prometheus.io/port')!r}, metrics on {port}"
+        )
+
+
 # ---------------------------------------------------------------- shared volumes and image
 
 

@@ -103,3 +103,22 @@ def test_each_configured_worker_is_a_statefulset_behind_a_headless_service(
         assert container["command"][-2:] == ["--name", worker.name]
         assert grpc_port(container) == worker.port
         assert worker.host == "0.0.0.0" and worker.cores == [], "pods use the cores the kubelet gives them"
+
+
+def test_every_pod_is_scraped_at_its_configured_metrics_port(
+    objects: list[dict[str, Any]], config: TierserveConfig
+) -> None:
+    assert config.metrics.enabled and config.metrics.host == "0.0.0.0", "metrics must listen on the pod IP"
+    workloads = {**by_kind(objects, "Deployment"), **by_kind(objects, "StatefulSet")}
+    expected = {"tierserve-router": config.router.metrics_port}
+    for worker in config.workers:
+        expected[worker.address.removeprefix("dns:///").rsplit(":", 1)[0]] = worker.metrics_port
+    assert expected.keys() == workloads.keys()
+    for name, port in expected.items():
+        assert port > 0, f"{name}: a fixed metrics port, so the annotation can name it"
+        template = workloads[name]["spec"]["template"]
+        annotations = template["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations.get("prometheus.io/port") == str(port), f"{name}: annotation {annotations}"
+        [container] = template["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": port} in container["ports"], name

@@ -90,6 +90,11 @@ class RefusingRouter(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[router_pb2.PoolStats]:
         yield router_pb2.PoolStats(policy="refusing")
 
+    async def Register(
+        self, request: router_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RegisterResponse:
+        return router_pb2.RegisterResponse()
+
 
 async def serve(router: RefusingRouter, **secure: bytes) -> tuple[grpc.aio.Server, str]:
     if secure:

@@ -141,13 +141,13 @@ def test_otlp_exporter_delivers_spans_to_a_collector(tmp_path: Any) -> None:
 
     received: list[Any] = []
 
-    class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc,unused-ignore]
         def Export(self, request: Any, context: Any) -> Any:
             received.append(request)
             return trace_service_pb2.ExportTraceServiceResponse()
 
     server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)  # type: ignore[no-untyped-call,unused-ignore]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

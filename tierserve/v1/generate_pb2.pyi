@@ -220,6 +220,9 @@ class Summary(_message.Message):
     PREDICTED_TPOT_US_FIELD_NUMBER: _builtins.int
     BEST_EFFORT_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    FAILOVERS_FIELD_NUMBER: _builtins.int
+    FAILED_WORKERS_FIELD_NUMBER: _builtins.int
+    RESUMED_AFTER_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """/ The request's id: the caller's, or the one the router assigned."""
     worker_id: _builtins.str
@@ -270,6 +273,23 @@ class Summary(_message.Message):
     """
     policy: _builtins.str
     """/ The routing policy that chose the worker, e.g. "slo"."""
+    failovers: _builtins.int
+    """/ How many times the router moved this request to another worker because
+    / the one serving it failed (0 when none did). The client's stream has no
+    / seam: a request that failed before its first token was sent again, one
+    / that failed later was resumed from the text already streamed (one that
+    / failed after its last token is closed by the router, and counts too).
+    """
+    resumed_after_tokens: _builtins.int
+    """/ Tokens already streamed when the last failover resumed the request (0
+    / when it was sent again before any token). After a resume, `prompt_tokens`
+    / is the finishing worker's count less these, TTFT is the first worker's,
+    / and the TPOT figures are the finishing worker's.
+    """
+    @_builtins.property
+    def failed_workers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """/ Ids of the workers that failed while serving this request, in order."""
+
     def __init__(
         self,
         *,
@@ -294,10 +314,13 @@ class Summary(_message.Message):
         predicted_tpot_us: _builtins.int = ...,
         best_effort: _builtins.bool = ...,
         policy: _builtins.str = ...,
+        failovers: _builtins.int = ...,
+        failed_workers: _abc.Iterable[_builtins.str] | None = ...,
+        resumed_after_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_effort", b"best_effort", "budget_met", b"budget_met", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "policy", b"policy", "predicted_queue_us", b"predicted_queue_us", "predicted_tpot_us", b"predicted_tpot_us", "predicted_ttft_us", b"predicted_ttft_us", "prompt_tokens", b"prompt_tokens", "queue_time_us", b"queue_time_us", "request_id", b"request_id", "routing_reason", b"routing_reason", "seed", b"seed", "text", b"text", "tier", b"tier", "total_time_us", b"total_time_us", "tpot_mean_us", b"tpot_mean_us", "tpot_p50_us", b"tpot_p50_us", "tpot_p95_us", b"tpot_p95_us", "ttft_us", b"ttft_us", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_effort", b"best_effort", "budget_met", b"budget_met", "failed_workers", b"failed_workers", "failovers", b"failovers", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "policy", b"policy", "predicted_queue_us", b"predicted_queue_us", "predicted_tpot_us", b"predicted_tpot_us", "predicted_ttft_us", b"predicted_ttft_us", "prompt_tokens", b"prompt_tokens", "queue_time_us", b"queue_time_us", "request_id", b"request_id", "resumed_after_tokens", b"resumed_after_tokens", "routing_reason", b"routing_reason", "seed", b"seed", "text", b"text", "tier", b"tier", "total_time_us", b"total_time_us", "tpot_mean_us", b"tpot_mean_us", "tpot_p50_us", b"tpot_p50_us", "tpot_p95_us", b"tpot_p95_us", "ttft_us", b"ttft_us", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

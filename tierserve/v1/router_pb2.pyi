@@ -49,6 +49,66 @@ WORKER_HEALTH_UNREACHABLE: WorkerHealth.ValueType  # 3
 Global___WorkerHealth: _TypeAlias = WorkerHealth  # noqa: Y015
 
 @_typing.final
+class RegisterRequest(_message.Message):
+    """/ A worker's self-registration (also its heartbeat)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """/ The worker's name; unique in the pool."""
+    address: _builtins.str
+    """/ Where the router dials the worker, host:port."""
+    tier: _builtins.str
+    """/ The tier the worker serves (fp32, bf16, int8-sq, int8-woq, int4-woq)."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        tier: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "tier", b"tier", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterRequest: _TypeAlias = RegisterRequest  # noqa: Y015
+
+@_typing.final
+class RegisterResponse(_message.Message):
+    """/ The router's answer to a registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    added: _builtins.bool
+    """/ True when this call added the worker to the pool (its first
+    / registration, or the first after it expired or changed address).
+    """
+    ttl_s: _builtins.float
+    """/ Seconds within which the next registration must arrive, or the worker
+    / is dropped.
+    """
+    def __init__(
+        self,
+        *,
+        added: _builtins.bool = ...,
+        ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterResponse: _TypeAlias = RegisterResponse  # noqa: Y015
+
+@_typing.final
 class ListWorkersRequest(_message.Message):
     """/ ListWorkers takes no parameters."""
 
@@ -83,6 +143,7 @@ class WorkerStatus(_message.Message):
     QUEUED_FIELD_NUMBER: _builtins.int
     QUEUE_LIMIT_FIELD_NUMBER: _builtins.int
     LIVE_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """/ Name from the router's configuration."""
     address: _builtins.str
@@ -104,6 +165,10 @@ class WorkerStatus(_message.Message):
     queue_limit: _builtins.int
     """/ The most requests the router lets wait behind the one generating;
     / past it, requests get RESOURCE_EXHAUSTED.
+    """
+    registered: _builtins.bool
+    """/ True when the worker joined by Register (and leaves when its heartbeats
+    / stop), rather than from the router's configuration.
     """
     @_builtins.property
     def info(self) -> _worker_pb2.WorkerInfo:
@@ -134,10 +199,11 @@ class WorkerStatus(_message.Message):
         queued: _builtins.int = ...,
         queue_limit: _builtins.int = ...,
         live: Global___LiveFigures | None = ...,
+        registered: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "live", b"live", "relayed_latency", b"relayed_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "health", b"health", "in_flight", b"in_flight", "info", b"info", "last_error", b"last_error", "live", b"live", "queue_limit", b"queue_limit", "queued", b"queued", "relayed_latency", b"relayed_latency", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "health", b"health", "in_flight", b"in_flight", "info", b"info", "last_error", b"last_error", "live", b"live", "queue_limit", b"queue_limit", "queued", b"queued", "registered", b"registered", "relayed_latency", b"relayed_latency", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -51,6 +51,11 @@ class RouterStub:
                 request_serializer=tierserve_dot_v1_dot_router__pb2.WatchStatsRequest.SerializeToString,
                 response_deserializer=tierserve_dot_v1_dot_router__pb2.PoolStats.FromString,
                 _registered_method=True)
+        self.Register = channel.unary_unary(
+                '/tierserve.v1.Router/Register',
+                request_serializer=tierserve_dot_v1_dot_router__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=tierserve_dot_v1_dot_router__pb2.RegisterResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -78,6 +83,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Register(self, request, context):
+        """/ A worker announces itself, and re-sends this as a heartbeat: the router
+        / adds it to the pool on the first call and drops it once no call has come
+        / within the expiry (after its in-flight requests finish).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.WatchStats,
                     request_deserializer=tierserve_dot_v1_dot_router__pb2.WatchStatsRequest.FromString,
                     response_serializer=tierserve_dot_v1_dot_router__pb2.PoolStats.SerializeToString,
+            ),
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=tierserve_dot_v1_dot_router__pb2.RegisterRequest.FromString,
+                    response_serializer=tierserve_dot_v1_dot_router__pb2.RegisterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class Router:
             '/tierserve.v1.Router/WatchStats',
             tierserve_dot_v1_dot_router__pb2.WatchStatsRequest.SerializeToString,
             tierserve_dot_v1_dot_router__pb2.PoolStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tierserve.v1.Router/Register',
+            tierserve_dot_v1_dot_router__pb2.RegisterRequest.SerializeToString,
+            tierserve_dot_v1_dot_router__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,11 @@ class RouterStub:
     """/ Every worker of the pool with its description, health and live figures."""
     WatchStats: _grpc.UnaryStreamMultiCallable[_router_pb2.WatchStatsRequest, _router_pb2.PoolStats]
     """/ The pool's live figures, pushed at an interval until the caller leaves."""
+    Register: _grpc.UnaryUnaryMultiCallable[_router_pb2.RegisterRequest, _router_pb2.RegisterResponse]
+    """/ A worker announces itself, and re-sends this as a heartbeat: the router
+    / adds it to the pool on the first call and drops it once no call has come
+    / within the expiry (after its in-flight requests finish).
+    """
 
 @_typing.type_check_only
 class RouterAsyncStub(RouterStub):
@@ -52,6 +57,11 @@ class RouterAsyncStub(RouterStub):
     """/ Every worker of the pool with its description, health and live figures."""
     WatchStats: _aio.UnaryStreamMultiCallable[_router_pb2.WatchStatsRequest, _router_pb2.PoolStats]  # type: ignore[assignment]
     """/ The pool's live figures, pushed at an interval until the caller leaves."""
+    Register: _aio.UnaryUnaryMultiCallable[_router_pb2.RegisterRequest, _router_pb2.RegisterResponse]  # type: ignore[assignment]
+    """/ A worker announces itself, and re-sends this as a heartbeat: the router
+    / adds it to the pool on the first call and drops it once no call has come
+    / within the expiry (after its in-flight requests finish).
+    """
 
 class RouterServicer(metaclass=_abc_1.ABCMeta):
     """/ The only service clients need: routes each request to a worker and relays its stream."""
@@ -79,5 +89,16 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_router_pb2.PoolStats], _abc.AsyncIterator[_router_pb2.PoolStats]]:
         """/ The pool's live figures, pushed at an interval until the caller leaves."""
+
+    @_abc_1.abstractmethod
+    def Register(
+        self,
+        request: _router_pb2.RegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.RegisterResponse, _abc.Awaitable[_router_pb2.RegisterResponse]]:
+        """/ A worker announces itself, and re-sends this as a heartbeat: the router
+        / adds it to the pool on the first call and drops it once no call has come
+        / within the expiry (after its in-flight requests finish).
+        """
 
 def add_RouterServicer_to_server(servicer: RouterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,140 @@
+"""Failover of one request across workers: which worker errors are worth another worker, and how a
+stream that already sent tokens resumes elsewhere without the client seeing a seam.
+
+A request that fails before its first token is simply sent again. One that fails after tokens
+were streamed is resumed: the next worker gets the prompt plus the text already streamed as its
+prompt and only the tokens still owed, and its token indexes are shifted to continue the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from tierserve.v1 import generate_pb2
+
+# Each worker is tried at most once per request, and never more than this many times in all.
+MAX_FAILOVERS = 3
+# Statuses that say the worker (not the request) failed: a dead or unreachable process, a broken
+# connection, a crash inside it. The client's own faults are never retried.
+WORKER_FAULT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class WorkerStreamFailed(Exception):
+    """A worker's stream ended in a worker fault; the router may fail over."""
+
+    def __init__(self, worker_id: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"worker {worker_id} failed: {code.name}: {details}")
+        self.worker_id = worker_id
+        self.code = code
+        self.details = details
+
+
+def is_worker_fault(code: grpc.StatusCode, client_left: bool) -> bool:
+    """Whether a worker's status calls for another worker. CANCELLED counts only when our own
+    client is still there: then the worker's side cut the stream (e.g. it was stopped)."""
+    if code == grpc.StatusCode.CANCELLED:
+        return not client_left
+    return code in WORKER_FAULT_CODES
+
+
+@dataclass
+class StreamProgress:
+    """What the client has received so far, across every worker that served the request."""
+
+    request: generate_pb2.GenerateRequest
+    max_new_tokens: int
+    tokens_sent: int = 0
+    text_sent: str = ""
+    # The first token's latency as the first worker measured it (kept across a resume).
+    first_token_latency_us: int = 0
+    failed_workers: list[str] = field(default_factory=list)
+    failure_reasons: list[str] = field(default_factory=list)
+    # Tokens and text already streamed when the current worker took over.
+    offset: int = 0
+    text_at_offset: str = ""
+    # When the client received its first token, microseconds after arrival (0: not yet).
+    client_ttft_us: float = 0.0
+
+    @property
+    def failovers(self) -> int:
+        return len(self.failed_workers)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.max_new_tokens - self.tokens_sent
+
+    def can_fail_over(self) -> bool:
+        return self.failovers < MAX_FAILOVERS and self.remaining_tokens > 0
+
+    def failed(self, failure: WorkerStreamFailed) -> None:
+        self.failed_workers.append(failure.worker_id)
+        self.failure_reasons.append(f"{failure.worker_id} {failure.code.name}")
+        self.offset = self.tokens_sent
+        self.text_at_offset = self.text_sent
+
+    def router_summary(self, total_time_us: int) -> generate_pb2.Summary:
+        """The summary of a stream whose worker failed after its last token, before its own summary:
+        the client has every token, so the router closes the stream itself."""
+        summary = generate_pb2.Summary(
+            request_id=self.request.request_id,
+            worker_id=self.failed_workers[-1],
+            generated_tokens=self.tokens_sent,
+            ttft_us=self.first_token_latency_us,
+            finish_reason=generate_pb2.FINISH_REASON_LENGTH,
+            routing_reason="summary by the router: its worker failed after the last token",
+        )
+        self.offset = 0  # nothing resumed: the text is all there already
+        self.text_at_offset = ""
+        summary.text = self.text_sent
+        self.finish(summary, total_time_us)
+        return summary
+
+    def worker_request(self) -> generate_pb2.GenerateRequest:
+        """The request for the next worker: unchanged before any token, else a continuation."""
+        if not self.tokens_sent:
+            return self.request
+        resumed = generate_pb2.GenerateRequest()
+        resumed.CopyFrom(self.request)
+        resumed.prompt = self.request.prompt + self.text_sent
+        resumed.max_new_tokens = self.remaining_tokens
+        # Already committed to this request: the next worker serves it best effort rather than refuse.
+        resumed.strict = False
+        return resumed
+
+    def relay_token(self, token: generate_pb2.Token, since_arrival_us: float) -> None:
+        """Count a token on its way to the client, shifting its index past those already sent."""
+        if self.tokens_sent == 0:
+            self.first_token_latency_us = token.latency_us
+            self.client_ttft_us = since_arrival_us
+        token.index += self.offset
+        self.tokens_sent += 1
+        self.text_sent += token.text
+
+    def finish(self, summary: generate_pb2.Summary, total_time_us: int) -> None:
+        """Make the last worker's summary describe the whole stream the client received."""
+        if not self.failed_workers:
+            return
+        summary.failovers = self.failovers
+        summary.failed_workers.extend(self.failed_workers)
+        summary.resumed_after_tokens = self.offset
+        if self.offset:
+            # The resumed worker counted the streamed text as prompt and only its own tokens.
+            summary.prompt_tokens = max(1, summary.prompt_tokens - self.offset)
+            summary.generated_tokens += self.offset
+            summary.ttft_us = self.first_token_latency_us
+        summary.text = self.text_at_offset + summary.text
+        summary.request_id = self.request.request_id
+        summary.total_time_us = total_time_us
+        summary.routing_reason = (
+            f"failover after {', '.join(self.failure_reasons)}"
+            f"{f' (resumed at token {self.offset})' if self.offset else ''}; {summary.routing_reason}"
+        )

@@ -1,0 +1,294 @@
+"""Self-registration: a worker's Register call adds it to the router's pool, each heartbeat pushes
+its expiry ahead, and a worker whose heartbeats stop is dropped once its requests finish. Time is
+a fake clock the tests step; the router and workers are in-process servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from router.policy import make_policy
+from router.pool import WorkerPool
+from router.registration import Registrations, registration_from_request
+from router.service import RouterServicer
+from tests.unit.fake_pool import FakeWorker
+from tierserve.config import ConfigError, TierserveConfig, WorkerConfig, parse_config
+from tierserve.errors import InvalidRequest, Unsatisfiable
+from tierserve.grpcserver import ServerHandle, start_server
+from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from worker.registration import start_heartbeat, stop_heartbeat
+
+TTL_S = 10.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registering_config(**router: object) -> TierserveConfig:
+    return parse_config(
+        {
+            "router": {"port": 0, "health_interval_s": 0.05, "registration_ttl_s": TTL_S, **router},
+            "workers": [
+                {"name": "fixed", "tier": "bf16", "address": "127.0.0.1:1"},
+                # Joins by Register: the router must not dial it from the config.
+                {"name": "remote", "tier": "fp32", "register_with": "router:50051", "host": "10.0.0.5"},
+            ],
+        }
+    )
+
+
+def test_registrations_are_added_refreshed_and_expire_on_the_clock() -> None:
+    clock = FakeClock()
+    registrations = Registrations(TTL_S, clock)
+    assert registrations.heartbeat("w", "10.0.0.1:50061", "fp32")
+    clock.now += 6
+    assert not registrations.heartbeat("w", "10.0.0.1:50061", "fp32")  # a refresh, not a new worker
+    clock.now += TTL_S - 0.1
+    assert registrations.expired() == []
+    clock.now += 0.1
+    assert registrations.expired() == ["w"]
+    assert registrations.heartbeat("w", "10.0.0.9:50061", "fp32")  # a new address is a new worker
+    registrations.forget("w")
+    assert registrations.get("w") is None
+
+
+def test_pool_adds_once_refreshes_and_drops_after_expiry_once_requests_finish() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        pool = WorkerPool(registering_config(), clock=clock)
+        assert [w.worker_id for w in pool.workers] == ["fixed"]
+        assert pool.register("remote", "10.0.0.5:50061", "fp32")
+        assert not pool.register("remote", "10.0.0.5:50061", "fp32")
+        assert [w.worker_id for w in pool.workers] == ["fixed", "remote"]
+        handle = pool.by_id("remote")
+        assert (handle.address, handle.tier, handle.registered) == ("10.0.0.5:50061", "fp32", True)
+        assert handle.health == router_pb2.WORKER_HEALTH_UNSPECIFIED  # routed only once health-polled
+        assert [(s.worker_id, s.registered) for s in pool.snapshot()] == [("fixed", False), ("remote", True)]
+
+        clock.now += TTL_S - 1
+        assert not pool.register("remote", "10.0.0.5:50061", "fp32")  # heartbeat: expiry now + TTL
+        clock.now += TTL_S - 1
+        await pool.expire()
+        assert pool.by_id("remote") is handle
+
+        clock.now += 1
+        ticket = handle.begin(prompt_tokens=4, new_tokens=4)
+        await pool.expire()
+        assert pool.by_id("remote") is handle, "dropped with a request still in flight"
+        handle.end(ticket)
+        await pool.expire()
+        assert [w.worker_id for w in pool.workers] == ["fixed"]
+        # After expiry the next heartbeat adds it again.
+        assert pool.register("remote", "10.0.0.5:50061", "fp32")
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_reregistering_at_a_new_address_replaces_the_worker() -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(registering_config(), clock=FakeClock())
+        pool.register("remote", "10.0.0.5:50061", "fp32")
+        old = pool.by_id("remote")
+        assert pool.register("remote", "10.0.0.5:50099", "fp32")  # restarted on another port
+        assert [(w.worker_id, w.address) for w in pool.workers if w.registered] == [
+            ("remote", "10.0.0.5:50099")
+        ]
+        assert pool.by_id("remote") is not old
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_registrations_that_cannot_be_taken_are_refused_with_the_reason() -> None:
+    async def scenario() -> None:
+        pool = WorkerPool(registering_config(), clock=FakeClock())
+        with pytest.raises(InvalidRequest, match="configured worker") as caught:
+            pool.register("fixed", "10.0.0.5:50061", "bf16")
+        assert caught.value.field == "worker_id"
+        closed = WorkerPool(registering_config(registration_ttl_s=0), clock=FakeClock())
+        with pytest.raises(Unsatisfiable, match="registration_ttl_s"):
+            closed.register("remote", "10.0.0.5:50061", "fp32")
+        await pool.close()
+        await closed.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"worker_id": "", "address": "h:1", "tier": "fp32"}, "worker_id"),
+        ({"worker_id": "a b", "address": "h:1", "tier": "fp32"}, "worker_id"),
+        ({"worker_id": "w", "address": "h", "tier": "fp32"}, "address"),
+        ({"worker_id": "w", "address": "h:0", "tier": "fp32"}, "address"),
+        ({"worker_id": "w", "address": "h:1", "tier": "fp64"}, "tier"),
+    ],
+)
+def test_bad_register_requests_name_the_field(fields: dict[str, str], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        registration_from_request(router_pb2.RegisterRequest(**fields))
+    assert caught.value.field == field
+    assert registration_from_request(
+        router_pb2.RegisterRequest(worker_id="w@1", address="[::1]:5", tier="int4-woq")
+    ) == ("w@1", "[::1]:5", "int4-woq")
+
+
+def test_worker_config_must_say_where_the_router_dials_it() -> None:
+    with pytest.raises(ConfigError, match="advertise_address"):
+        parse_config({"workers": [{"name": "w", "tier": "fp32", "host": "0.0.0.0", "register_with": "r:1"}]})
+    ok = parse_config(
+        {
+            "workers": [
+                {
+                    "name": "w",
+                    "tier": "fp32",
+                    "host": "0.0.0.0",
+                    "register_with": "r:1",
+                    "advertise_address": "w:2",
+                }
+            ]
+        }
+    )
+    assert ok.workers[0].advertise_address == "w:2"
+    # A router that takes registrations may start with no workers at all; one that does not may not.
+    assert parse_config({"router": {"registration_ttl_s": 5}}).workers == []
+    with pytest.raises(ConfigError, match="registration_ttl_s"):
+        parse_config({})
+
+
+@dataclass
+class Router:
+    pool: WorkerPool
+    stub: router_pb2_grpc.RouterStub
+    address: str
+
+
+@asynccontextmanager
+async def router_with_clock(clock: Callable[[], float]) -> AsyncIterator[Router]:
+    """A real router (no configured workers) whose registrations expire on `clock`."""
+    config = parse_config({"router": {"port": 0, "health_interval_s": 0.05, "registration_ttl_s": TTL_S}})
+    pool = WorkerPool(config, clock=clock)
+    servicer = RouterServicer(pool, make_policy("slo"), config.limits, config.service_level)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
+        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
+
+    handle = await start_server("127.0.0.1", 0, register)
+    pool.start()
+    address = f"127.0.0.1:{handle.port}"
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield Router(pool, router_pb2_grpc.RouterStub(channel), address)
+    finally:
+        await channel.close()
+        await handle.server.stop(0)
+        await pool.close()
+
+
+async def serve_fake(fake: FakeWorker) -> ServerHandle:
+    def register(server: grpc.aio.Server) -> list[str]:
+        worker_pb2_grpc.add_WorkerServicer_to_server(fake, server)
+        return [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
+
+    handle = await start_server("127.0.0.1", 0, register)
+    await handle.set_serving(True)
+    return handle
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
+async def listed(router: Router) -> dict[str, router_pb2.WorkerStatus]:
+    reply = await router.stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5)
+    return {w.worker_id: w for w in reply.workers}
+
+
+def test_a_registered_worker_is_health_polled_serves_and_leaves_when_it_expires() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        fake = FakeWorker("reg-0", "fp32")
+        worker = await serve_fake(fake)
+        async with router_with_clock(clock) as router:
+            request = router_pb2.RegisterRequest(
+                worker_id="reg-0", address=f"127.0.0.1:{worker.port}", tier="fp32"
+            )
+            reply = await router.stub.Register(request, timeout=5)
+            assert reply.added and reply.ttl_s == TTL_S
+            assert not (await router.stub.Register(request, timeout=5)).added
+
+            statuses: dict[str, router_pb2.WorkerStatus] = {}
+
+            async def poll() -> None:
+                statuses.clear()
+                statuses.update(await listed(router))
+
+            deadline = time.monotonic() + 10
+            while statuses.get("reg-0", router_pb2.WorkerStatus()).health != router_pb2.WORKER_HEALTH_SERVING:
+                assert time.monotonic() < deadline, f"never healthy: {statuses}"
+                await poll()
+                await asyncio.sleep(0.02)
+            assert statuses["reg-0"].registered and statuses["reg-0"].info.tier == "fp32"
+            stream = router.stub.Generate(
+                generate_pb2.GenerateRequest(prompt="hi", max_new_tokens=3), timeout=10
+            )
+            summary = [r async for r in stream][-1].summary
+            assert (summary.worker_id, summary.generated_tokens) == ("reg-0", 3)
+
+            clock.now += TTL_S  # no heartbeat for the whole expiry: the next health round drops it
+            await until(lambda: not router.pool.workers, "the expired worker is dropped")
+            assert await listed(router) == {}
+            bad = router_pb2.RegisterRequest(worker_id="reg-0", address="nowhere", tier="fp32")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await router.stub.Register(bad, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (caught.value.details() or "").startswith("address:")
+        await worker.server.stop(0)
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_the_worker_heartbeat_registers_and_keeps_refreshing_until_stopped() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        async with router_with_clock(clock) as router:
+            config = WorkerConfig(
+                name="hb-0",
+                tier="bf16",
+                host="127.0.0.1",
+                register_with=router.address,
+                heartbeat_interval_s=0.05,
+            )
+            task = start_heartbeat(config, bound_port=50999)
+            assert task is not None
+            registrations = router.pool.registrations
+            await until(lambda: registrations.get("hb-0") is not None, "the first registration")
+            assert router.pool.by_id("hb-0").address == "127.0.0.1:50999"
+            clock.now += 5  # a later heartbeat pushes the expiry to the new now + TTL
+            await until(
+                lambda: (r := registrations.get("hb-0")) is not None and r.expires_at == clock.now + TTL_S,
+                "a heartbeat refreshes the expiry",
+            )
+            await stop_heartbeat(task)
+            assert task.done()
+            clock.now += TTL_S
+            await until(lambda: not router.pool.workers, "the silent worker expires")
+        assert start_heartbeat(WorkerConfig(name="static", tier="fp32"), bound_port=1) is None
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))

@@ -1,0 +1,204 @@
+"""`tierserve bench chaos`: load while workers are killed (`kill -9`) and restarted.
+
+    tierserve bench chaos --out bench-results/chaos.json [--config F] [--duration-s 60] [--clients 4]
+
+Starts a pool (two workers by default, or --config's), sends greedy requests from several clients in
+closed loop, and every --kill-every-s kills one worker outright while another still serves; the
+launcher restarts it with backoff. Every stream is checked as a client sees it: token indexes
+0..n-1, their text equal to the summary's, n equal to `generated_tokens`. The report counts requests
+sent, completed, failed by status code, resumed after a failover (tokens had been streamed),
+retried before their first token, seams (a broken stream), and lost: sent but neither completed
+nor ended with a status. Exit status 1 when any request was lost or any stream had a seam.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+
+from tierserve.benchmarks.livepool import bench_pool_config, running_pool, usable_cpus
+from tierserve.client import list_workers
+from tierserve.grpcserver import CHANNEL_OPTIONS
+from tierserve.launcher import PoolLauncher
+from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+
+CALL_TIMEOUT_S = 120.0
+SUPERVISE_EVERY_S = 0.2
+PROMPTS = (
+    "The history of the lighthouse begins",
+    "A short note on rivers and their deltas:",
+    "Instructions for planting a small garden:",
+    "The committee met on Tuesday to discuss",
+)
+
+
+@dataclass
+class ChaosTally:
+    sent: int = 0
+    completed: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    resumed: int = 0
+    retried_before_first_token: int = 0
+    seams: int = 0
+    examples: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def to_json(self, unfinished: int) -> dict[str, Any]:
+        ended = self.completed + sum(self.failed.values())
+        return {
+            "sent": self.sent,
+            "completed": self.completed,
+            "failed_by_code": dict(self.failed),
+            "resumed_after_failover": self.resumed,
+            "retried_before_first_token": self.retried_before_first_token,
+            "seams": self.seams,
+            "unfinished": unfinished,
+            "lost": self.sent - ended,
+            "seam_examples": self.examples[:5],
+        }
+
+
+def check_stream(responses: list[generate_pb2.GenerateResponse]) -> str:
+    """Empty when the stream is whole as the client saw it, else what is wrong."""
+    if not responses or not responses[-1].HasField("summary"):
+        return "no summary"
+    tokens = [r.token for r in responses[:-1]]
+    summary = responses[-1].summary
+    if [t.index for t in tokens] != list(range(len(tokens))):
+        return f"token indexes {[t.index for t in tokens]}"
+    if "".join(t.text for t in tokens) != summary.text:
+        return "streamed text differs from the summary's"
+    if summary.generated_tokens != len(tokens):
+        return f"{len(tokens)} tokens but generated_tokens {summary.generated_tokens}"
+    return ""
+
+
+def client_loop(address: str, until: float, new_tokens: int, rng: random.Random, tally: ChaosTally) -> None:
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        while time.monotonic() < until:
+            request = generate_pb2.GenerateRequest(
+                prompt=rng.choice(PROMPTS), max_new_tokens=rng.randint(max(1, new_tokens // 2), new_tokens)
+            )
+            with tally.lock:
+                tally.sent += 1
+            try:
+                responses = list(stub.Generate(request, timeout=CALL_TIMEOUT_S))
+            except grpc.RpcError as error:
+                code = error.code().name if isinstance(error, grpc.Call) else "UNKNOWN"
+                with tally.lock:
+                    tally.failed[code] += 1
+                time.sleep(0.05)  # a refused client backs off a little
+                continue
+            problem = check_stream(responses)
+            summary = responses[-1].summary if responses else generate_pb2.Summary()
+            with tally.lock:
+                tally.completed += 1
+                if problem:
+                    tally.seams += 1
+                    tally.examples.append(problem)
+                if summary.failovers:
+                    if summary.resumed_after_tokens:
+                        tally.resumed += 1
+                    else:
+                        tally.retried_before_first_token += 1
+
+
+def chaos_monkey(
+    launcher: PoolLauncher, until: float, kill_every_s: float, rng: random.Random, kills: list[dict[str, Any]]
+) -> None:
+    """Kill one serving worker every `kill_every_s` while another serves too (so the pool can always
+    fail over); let the launcher restart it."""
+    started = time.monotonic()
+    next_kill = started + kill_every_s
+    while (now := time.monotonic()) < until:
+        launcher.supervise_workers(now)
+        if now < next_kill:
+            time.sleep(SUPERVISE_EVERY_S)
+            continue
+        serving = _serving(launcher.router_address)
+        # args end with the worker's name (`worker --name NAME`), the router's worker id.
+        alive = [m for m in launcher.workers if m.process.poll() is None and m.args[-1] in serving]
+        if len(alive) >= 2:
+            victim = rng.choice(alive)
+            victim.process.send_signal(signal.SIGKILL)
+            kills.append({"worker": victim.name, "pid": victim.process.pid, "at_s": round(now - started, 2)})
+            next_kill = now + kill_every_s
+        time.sleep(SUPERVISE_EVERY_S)
+
+
+def _serving(address: str) -> set[str]:
+    try:
+        workers = list_workers(address, timeout_s=2.0).workers
+    except grpc.RpcError:
+        return set()
+    return {w.worker_id for w in workers if w.health == router_pb2.WORKER_HEALTH_SERVING}
+
+
+def run_chaos_benchmark(
+    out: Path,
+    config_path: str | None,
+    duration_s: float,
+    clients: int,
+    kill_every_s: float,
+    new_tokens: int,
+    seed: int,
+    run_dir: Path | None,
+    console: Console,
+) -> int:
+    config = bench_pool_config(config_path, ("fp32", "bf16"), usable_cpus(), new_tokens)
+    rng = random.Random(seed)
+    tally = ChaosTally()
+    kills: list[dict[str, Any]] = []
+    with running_pool(config, run_dir, console) as launcher:
+        until = time.monotonic() + duration_s
+        threads = [
+            threading.Thread(
+                target=client_loop,
+                args=(launcher.router_address, until, new_tokens, random.Random(rng.random()), tally),
+                daemon=True,
+            )
+            for _ in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        console.print(f"chaos: {clients} clients for {duration_s:.0f} s, a kill every {kill_every_s:.0f} s")
+        chaos_monkey(launcher, until, kill_every_s, rng, kills)
+        for thread in threads:
+            thread.join(timeout=CALL_TIMEOUT_S)
+        unfinished = sum(thread.is_alive() for thread in threads)
+        restarts = sum(m.backoff.restarts for m in launcher.workers)
+    report = {
+        "benchmark": "chaos",
+        "config": {
+            "duration_s": duration_s,
+            "clients": clients,
+            "kill_every_s": kill_every_s,
+            "new_tokens": new_tokens,
+            "seed": seed,
+            "workers": [w.name for w in config.workers],
+        },
+        "kills": kills,
+        "restarts": restarts,
+        "requests": tally.to_json(unfinished),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    figures = report["requests"]
+    console.print(
+        f"sent {figures['sent']}, completed {figures['completed']}, failed {figures['failed_by_code']}, "
+        f"resumed {figures['resumed_after_failover']}, retried {figures['retried_before_first_token']}, "
+        f"seams {figures['seams']}, lost {figures['lost']}; {len(kills)} kills, {restarts} restarts -> {out}",
+        highlight=False,
+    )
+    return 1 if figures["lost"] or figures["seams"] else 0
