@@ -14,7 +14,7 @@ import grpc
 import psutil
 import pytest
 
-from tests.integration.test_launcher import START_TIMEOUT_S, tiny_model, wait_for, write_config
+from tests.integration.test_launcher import START_TIMEOUT_S, start_pool, tiny_model, wait_for, write_config
 from tierserve.client import list_workers
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
@@ -43,18 +43,9 @@ def pool(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[str, subprocess.Pop
         tiny_model,
         [{"name": "a", "tier": "fp32", "warmup_runs": 0}, {"name": "b", "tier": "fp32", "warmup_runs": 0}],
     )
-    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    launcher = subprocess.Popen(
-        [*CLI, "up", "--config", str(config), "--run-dir", str(run_dir)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    address_file = run_dir / "router.address"
+    address, launcher, log = start_pool(config, tmp_path)
     try:
-        wait_for(
-            lambda: address_file.exists() and "serving on" in log.read_text(), launcher, log, START_TIMEOUT_S
-        )
-        yield address_file.read_text().strip(), launcher, log
+        yield address, launcher, log
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=60)

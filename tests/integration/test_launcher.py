@@ -29,6 +29,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def start_pool(config: Path, tmp_path: Path) -> tuple[str, subprocess.Popen[bytes], Path]:
+    """`tierserve up --config CONFIG` in the background, once it serves: (router address, the
+    launcher process, its log). The caller stops it."""
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    launcher = subprocess.Popen(
+        [*CLI, "up", "--config", str(config), "--run-dir", str(run_dir)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    address_file = run_dir / "router.address"
+    try:
+        wait_for(
+            lambda: address_file.exists() and "serving on" in log.read_text(), launcher, log, START_TIMEOUT_S
+        )
+    except BaseException:
+        launcher.kill()
+        launcher.wait(timeout=60)
+        raise
+    return address_file.read_text().strip(), launcher, log
+
+
 def write_config(path: Path, model: Path, workers: list[dict[str, object]]) -> Path:
     data = {
         "model": {"path": str(model)},
@@ -97,18 +118,9 @@ def test_ctrl_c_stops_router_and_workers(tmp_path: Path, tiny_model: Path) -> No
         tiny_model,
         [{"name": "a", "tier": "fp32", "warmup_runs": 0}, {"name": "b", "tier": "bf16", "warmup_runs": 0}],
     )
-    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    launcher = subprocess.Popen(
-        [*CLI, "up", "--config", str(config), "--run-dir", str(run_dir)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    address_file = run_dir / "router.address"
+    address, launcher, log = start_pool(config, tmp_path)
     try:
-        wait_for(
-            lambda: address_file.exists() and "serving on" in log.read_text(), launcher, log, START_TIMEOUT_S
-        )
-        router = router_pb2_grpc.RouterStub(grpc.insecure_channel(address_file.read_text().strip()))
+        router = router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
         request = generate_pb2.GenerateRequest(prompt="hello", max_new_tokens=3)
         assert list(router.Generate(request, timeout=60))[-1].summary.generated_tokens == 3
         assert len(psutil.Process(launcher.pid).children()) == 3  # router and two workers

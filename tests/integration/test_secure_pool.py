@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.test_launcher import START_TIMEOUT_S, tiny_model, wait_for
+from tests.integration.test_launcher import start_pool, tiny_model
 from tierserve.config import config_to_toml, parse_config
 from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -50,15 +50,8 @@ def test_a_secured_pool_serves_only_tls_callers_with_a_token(tmp_path: Path, tin
         "workers": workers,
     }
     config.write_text(config_to_toml(parse_config(data)))
-    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    launcher = subprocess.Popen(
-        [*CLI, "up", "--config", str(config), "--run-dir", str(run_dir)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    address, launcher, _ = start_pool(config, tmp_path)
     try:
-        wait_for(lambda: "serving on" in log.read_text(), launcher, log, START_TIMEOUT_S)
-        address = (run_dir / "router.address").read_text().strip()
         request = generate_pb2.GenerateRequest(prompt="hello", max_new_tokens=3)
         ca = (certs / "ca.pem").read_bytes()
         with grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)) as channel:
@@ -73,7 +66,7 @@ def test_a_secured_pool_serves_only_tls_callers_with_a_token(tmp_path: Path, tin
         with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as refused:
             list(router_pb2_grpc.RouterStub(channel).Generate(request, timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        worker_port = (run_dir / "worker-a.port").read_text().strip()
+        worker_port = (tmp_path / "run" / "worker-a.port").read_text().strip()
         worker_creds = grpc.ssl_channel_credentials(ca)  # TLS, but no client certificate
         with grpc.secure_channel(f"127.0.0.1:{worker_port}", worker_creds) as channel:
             with pytest.raises(grpc.RpcError) as stranger:
