@@ -17,6 +17,7 @@ from router.live import LiveStats, PromptTokenEstimator
 from router.prediction import Prediction, PredictionErrors, Ticket, WorkerLoad, next_free_us, predict
 from router.registration import Registrations
 from tierserve.config import TierserveConfig
+from tierserve.deadlines import first_token_deadline
 from tierserve.errors import InvalidRequest, Unsatisfiable
 from tierserve.grpcserver import CHANNEL_OPTIONS
 from tierserve.tls import worker_channel_credentials, worker_channel_options
@@ -84,14 +85,16 @@ class WorkerHandle:
     def next_free_ms(self) -> float:
         return next_free_us(self.live, self.load, self.streams_on_cores()) / 1e3
 
-    def predict(self, prompt_tokens: int) -> Prediction:
-        raw = predict(self.live, self.load, self.streams_on_cores(), prompt_tokens)
+    def predict(self, prompt_tokens: int, first_token_budget_ms: float = 0.0) -> Prediction:
+        deadline = first_token_deadline(time.monotonic(), first_token_budget_ms)
+        raw = predict(self.live, self.load, self.streams_on_cores(), prompt_tokens, deadline)
         return self.errors.correct(raw)
 
-    def begin(self, prompt_tokens: int, new_tokens: int) -> Ticket:
+    def begin(self, prompt_tokens: int, new_tokens: int, first_token_budget_ms: float = 0.0) -> Ticket:
         """Reserve a place: call right after routing, before any await, so admission is not raced."""
         self.requests_total += 1
-        return self.load.begin(prompt_tokens, new_tokens)
+        deadline = first_token_deadline(time.monotonic(), first_token_budget_ms)
+        return self.load.begin(prompt_tokens, new_tokens, deadline)
 
     def end(self, ticket: Ticket) -> None:
         self.load.end(ticket)

@@ -1,10 +1,11 @@
 """Prediction: what a request would get on a worker now — wait, TTFT and TPOT.
 
-A worker serves one stream at a time, first come first served, so a new request
-waits for the remaining work of every request the router has relayed to it:
-each one's prefill if it has not started, plus its remaining tokens at the
-worker's TPOT. Remaining tokens count up to max_new_tokens (an upper bound:
-a stream may end earlier at end of sequence).
+A worker serves one stream at a time; the next is the waiting request whose first
+token is due first (tierserve/deadlines.py). So a new request waits for the
+remaining work of the request generating there and of every waiting request due
+no later than itself: each one's prefill if it has not started, plus its
+remaining tokens at the worker's TPOT. Remaining tokens count up to
+max_new_tokens (an upper bound: a stream may end earlier at end of sequence).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Ticket:
 
     prompt_tokens: int
     new_tokens: int
+    # When its first token is due (time.monotonic() seconds): the worker's order of service.
+    deadline: float = math.inf
     tokens: int = 0
 
 
@@ -34,10 +37,18 @@ class WorkerLoad:
 
     tickets: list[Ticket] = field(default_factory=list)
 
-    def begin(self, prompt_tokens: int, new_tokens: int) -> Ticket:
-        ticket = Ticket(prompt_tokens, new_tokens)
+    def begin(self, prompt_tokens: int, new_tokens: int, deadline: float = math.inf) -> Ticket:
+        ticket = Ticket(prompt_tokens, new_tokens, deadline)
         self.tickets.append(ticket)
         return ticket
+
+    def ahead_of(self, deadline: float) -> list[Ticket]:
+        """The tickets a request due at `deadline` would wait for: the one generating (the first
+        with tokens, else the oldest: it may be in prefill) and every other due no later."""
+        if not self.tickets:
+            return []
+        running = next((t for t in self.tickets if t.tokens), self.tickets[0])
+        return [t for t in self.tickets if t is running or t.deadline <= deadline]
 
     def end(self, ticket: Ticket) -> None:
         self.tickets.remove(ticket)
@@ -89,14 +100,16 @@ def remaining_us(ticket: Ticket, stats: LiveStats, tpot_us: float) -> float:
     return left * tpot_us
 
 
-def predict(stats: LiveStats, load: WorkerLoad, streams: int, prompt_tokens: int) -> Prediction:
-    """Wait, TTFT and TPOT for a request of `prompt_tokens` arriving at this worker now, with
-    `streams` generating on its cores once it runs (itself included)."""
+def predict(
+    stats: LiveStats, load: WorkerLoad, streams: int, prompt_tokens: int, deadline: float = math.inf
+) -> Prediction:
+    """Wait, TTFT and TPOT for a request of `prompt_tokens` due at `deadline` arriving at this
+    worker now, with `streams` generating on its cores once it runs (itself included)."""
     tpot_us, basis = stats.tpot_us(streams)
     fit = stats.prefill()
     if tpot_us is None or fit is None:
         return UNKNOWN
-    wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.tickets)
+    wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.ahead_of(deadline))
     return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, streams, basis)
 
 

@@ -13,17 +13,32 @@ from router.policy import make_policy
 from router.pool import WorkerPool
 from router.service import RouterServicer
 from tierserve.config import TierserveConfig
+from tierserve.cores import format_cpu_list
 from tierserve.grpcserver import ServerHandle, serve_until_signalled, start_server
 from tierserve.metrics import serve_metrics
 from tierserve.tls import router_server_credentials
 from tierserve.tracing import configure_tracing
 from tierserve.v1 import router_pb2, router_pb2_grpc
+from worker.pinning import OsAffinity, plan_pinning
 
 log = logging.getLogger(__name__)
 
 
+def pin_router(cores: list[int]) -> None:
+    """Run on the configured cores (`[router] cores`), if any."""
+    if not cores:
+        return
+    affinity = OsAffinity()
+    pinning = plan_pinning(cores, affinity.get())
+    affinity.set(set(pinning.cpus))
+    log.info("router pinned to CPUs %s", format_cpu_list(pinning.cpus))
+    for notice in pinning.notices:
+        log.warning("%s", notice)
+
+
 async def serve_router(config: TierserveConfig, port_file: Path | None = None) -> None:
     configure_tracing(config.tracing, "tierserve-router")
+    pin_router(config.router.cores)
     policy = make_policy(config.router.policy)
     handle: ServerHandle | None = None
 

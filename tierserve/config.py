@@ -99,6 +99,9 @@ class RouterConfig(_Strict):
     # (once its requests finish). 0 turns Register off: anyone who can reach the router could
     # otherwise add a worker and receive prompts, so it is opt-in.
     registration_ttl_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # CPUs the router process runs on (empty: wherever the OS puts it). Keep them apart from the
+    # workers' cores: a router sharing a worker's core delays that worker's tokens and its own relay.
+    cores: CpuList = Field(default_factory=list)
 
 
 class ServiceLevelConfig(_Strict):

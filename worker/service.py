@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from tierserve.config import LimitsConfig
+from tierserve.deadlines import first_token_deadline
 from tierserve.errors import TierserveError, status_for
 from tierserve.latency import percentile
 from tierserve.requests import validate_generate_request, within_budget
@@ -138,7 +139,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         def emit(event: TokenEvent) -> None:  # called from the generation thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        async with self._state.model_slot() as queue_s:
+        deadline = first_token_deadline(arrival, request.max_first_token_latency_ms)
+        async with self._state.model_slot(deadline) as queue_s:
             if context.cancelled():
                 return
             generation = loop.run_in_executor(

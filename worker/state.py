@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -22,6 +21,7 @@ from worker.accuracy import AccuracyCard
 from worker.engine import Engine
 from worker.numa import NumaBinding
 from worker.pinning import Pinning
+from worker.scheduling import DeadlineSlot
 
 
 @dataclass
@@ -52,8 +52,9 @@ class WorkerState:
     in_flight: int = 0
     queued: int = 0
     notices: list[str] = field(default_factory=list)
-    # FIFO: the model serves one request at a time with all of the worker's cores.
-    _model_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The model serves one request at a time with all of the worker's cores; the next is the
+    # waiting request whose first token is due first.
+    _model_slot: DeadlineSlot = field(default_factory=DeadlineSlot)
 
     def ready(self, engine: Engine, report: LoadReport) -> None:
         self.engine, self.load_report = engine, report
@@ -64,12 +65,13 @@ class WorkerState:
         return self.engine
 
     @contextlib.asynccontextmanager
-    async def model_slot(self) -> AsyncIterator[float]:
-        """Wait for the model; yields the time spent waiting, in seconds."""
+    async def model_slot(self, deadline: float) -> AsyncIterator[float]:
+        """Wait for the model, earliest `deadline` (time.perf_counter() seconds) first; yields the
+        time spent waiting, in seconds."""
         started = time.perf_counter()
         self.queued += 1
         try:
-            await self._model_lock.acquire()
+            await self._model_slot.acquire(deadline)
         finally:
             self.queued -= 1
         self.in_flight += 1
@@ -77,7 +79,7 @@ class WorkerState:
             yield time.perf_counter() - started
         finally:
             self.in_flight -= 1
-            self._model_lock.release()
+            self._model_slot.release()
 
     def describe(self) -> worker_pb2.WorkerInfo:
         info = worker_pb2.WorkerInfo(

@@ -51,8 +51,9 @@ class WorkerView(Protocol):
         """Predicted time until the request generating there finishes."""
         ...
 
-    def predict(self, prompt_tokens: int) -> Prediction:
-        """Wait, TTFT and TPOT for a request with this many prompt tokens arriving now."""
+    def predict(self, prompt_tokens: int, first_token_budget_ms: float = 0.0) -> Prediction:
+        """Wait, TTFT and TPOT for a request with this many prompt tokens and this TTFT budget
+        (0: none) arriving now; the budget sets where it queues (earliest deadline first)."""
         ...
 
 

@@ -14,7 +14,7 @@ class FirstHealthyPolicy:
 
     def choose(self, request: RouteRequest, workers: Sequence[WorkerView]) -> RoutingDecision:
         chosen = eligible_workers(request, workers)[0]
-        prediction = chosen.predict(request.prompt_tokens)
+        prediction = chosen.predict(request.prompt_tokens, request.max_first_token_latency_ms)
         if request.tier:
             return RoutingDecision(chosen.worker_id, f"tier {request.tier} pinned by the request", prediction)
         return RoutingDecision(chosen.worker_id, "first healthy worker (policy first_healthy)", prediction)

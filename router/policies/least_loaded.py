@@ -18,4 +18,8 @@ class LeastLoadedPolicy:
             f"least_loaded: {worker.worker_id} has {worker.outstanding} request(s) in flight, the fewest "
             f"(accuracy-blind{pin_note(request)})"
         )
-        return RoutingDecision(worker.worker_id, reason, worker.predict(request.prompt_tokens))
+        return RoutingDecision(
+            worker.worker_id,
+            reason,
+            worker.predict(request.prompt_tokens, request.max_first_token_latency_ms),
+        )

@@ -21,4 +21,8 @@ class PowerOfTwoPolicy:
         worker = min(sampled, key=lambda w: w.outstanding)
         names = " vs ".join(f"{w.worker_id} ({w.outstanding})" for w in sampled)
         reason = f"power_of_two: {names} in flight; less loaded (accuracy-blind{pin_note(request)})"
-        return RoutingDecision(worker.worker_id, reason, worker.predict(request.prompt_tokens))
+        return RoutingDecision(
+            worker.worker_id,
+            reason,
+            worker.predict(request.prompt_tokens, request.max_first_token_latency_ms),
+        )

@@ -22,5 +22,9 @@ class RoundRobinPolicy:
             if worker.worker_id in allowed:
                 self._turn = (self._turn + step + 1) % len(workers)
                 reason = f"round_robin: {worker.worker_id}'s turn (accuracy-blind{pin_note(request)})"
-                return RoutingDecision(worker.worker_id, reason, worker.predict(request.prompt_tokens))
+                return RoutingDecision(
+                    worker.worker_id,
+                    reason,
+                    worker.predict(request.prompt_tokens, request.max_first_token_latency_ms),
+                )
         raise AssertionError("candidates() returned a worker outside the pool")

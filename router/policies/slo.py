@@ -94,7 +94,10 @@ class SloPolicy:
         within = healthy(request, tolerable(request, pinned(request, workers)))
         full = [w.worker_id for w in within if not w.has_room]
         open_workers = admitting(within)
-        predictions = {w.worker_id: w.predict(request.prompt_tokens) for w in open_workers}
+        predictions = {
+            w.worker_id: w.predict(request.prompt_tokens, request.max_first_token_latency_ms)
+            for w in open_workers
+        }
 
         def latency(worker: WorkerView) -> float:
             return predictions[worker.worker_id].total_us(request.new_tokens)

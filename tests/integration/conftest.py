@@ -29,6 +29,7 @@ class LivePool:
     run_dir: Path
     launcher: subprocess.Popen[bytes]
     worker_cores: dict[str, list[int]]
+    router_cores: list[int]
 
     def worker_addresses(self) -> dict[str, str]:
         return {w.worker_id: w.address for w in list_workers(self.router_address).workers}
@@ -50,7 +51,8 @@ def pool_config_data() -> dict[str, object]:
     ]
     return {
         "limits": {"max_new_tokens": 256, "default_max_new_tokens": 16},
-        "router": {"port": 0, "health_interval_s": 0.5},
+        # The router pinned too, so the pinning test sees what `[router] cores` does.
+        "router": {"port": 0, "health_interval_s": 0.5, "cores": [cpus[-1]]},
         # A shorter card than the default keeps a fresh machine's first start quick.
         "data": {"eval_tokens": 384, "eval_chunk_tokens": 128},
         "workers": workers,
@@ -86,7 +88,7 @@ def live_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LivePool]:
         stdout=(run_dir / "launcher.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
-    pool = LivePool("", run_dir, launcher, {w.name: w.cores for w in config.workers})
+    pool = LivePool("", run_dir, launcher, {w.name: w.cores for w in config.workers}, config.router.cores)
     deadline = time.monotonic() + POOL_START_TIMEOUT_S
     address_file = run_dir / "router.address"
     while not (address_file.exists() and _all_serving(address := address_file.read_text().strip())):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -154,18 +156,24 @@ def test_list_workers_reports_descriptions_and_health(live_pool: LivePool) -> No
         assert info.versions["torch"].startswith("2.8")
 
 
-def test_workers_are_really_pinned(live_pool: LivePool) -> None:
+def test_workers_and_router_are_really_pinned(live_pool: LivePool) -> None:
     import psutil
 
+    def allowed_cpus(pid: int) -> list[int]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+        return parse_cpu_list(allowed.split(":")[1].strip())
+
     launcher = psutil.Process(live_pool.launcher.pid)
-    pinned = {}
+    pinned, router_cpus = {}, []
     for child in launcher.children(recursive=True):
         command = child.cmdline()
         if "worker" in command:
-            status = Path(f"/proc/{child.pid}/status").read_text()
-            allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-            pinned[command[command.index("--name") + 1]] = parse_cpu_list(allowed.split(":")[1].strip())
+            pinned[command[command.index("--name") + 1]] = allowed_cpus(child.pid)
+        elif "router" in command:
+            router_cpus = allowed_cpus(child.pid)
     assert pinned == live_pool.worker_cores
+    assert router_cpus == live_pool.router_cores
 
 
 def test_workers_answer_directly_with_describe_and_generate(live_pool: LivePool) -> None:
@@ -275,3 +283,42 @@ def test_concurrent_cancellations_lose_no_later_request(live_pool: LivePool) -> 
     for thread in threads:
         thread.join(timeout=120)
     assert len(done) == 2 and all(s.generated_tokens == 4 for s in done)
+
+
+def test_a_waiting_request_with_a_tighter_first_token_budget_goes_first(live_pool: LivePool) -> None:
+    """Earliest deadline first at the worker: a tight request queued behind a loose one overtakes it."""
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(live_pool.worker_addresses()["bf16-0"]))
+    first_token_at: dict[str, float] = {}
+
+    def send(name: str, ttft_budget_ms: float, new_tokens: int) -> None:
+        # A prompt that keeps the model busy: greedy counting does not stop early.
+        prompt = "Count from 1 to 500, separated by commas: 1, 2, 3," if new_tokens > 4 else PROMPT
+        request = generate_pb2.GenerateRequest(
+            prompt=prompt, max_new_tokens=new_tokens, max_first_token_latency_ms=ttft_budget_ms
+        )
+        for _response in stub.Generate(request, timeout=180):
+            first_token_at.setdefault(name, time.monotonic())
+
+    def queued() -> int:
+        return int(stub.Describe(worker_pb2.DescribeRequest()).queued)
+
+    def wait_until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, "the worker never reached the expected state"
+            time.sleep(0.01)
+
+    # A long request holds the model while a loose then a tight request queue behind it.
+    threads = {"running": threading.Thread(target=send, args=("running", 0, 256))}
+    threads["running"].start()
+    wait_until(lambda: "running" in first_token_at)
+    threads["loose"] = threading.Thread(target=send, args=("loose", 60_000, 4))
+    threads["loose"].start()
+    wait_until(lambda: queued() == 1)
+    threads["tight"] = threading.Thread(target=send, args=("tight", 10_000, 4))
+    threads["tight"].start()
+    wait_until(lambda: queued() == 2 or "loose" in first_token_at)
+    assert "loose" not in first_token_at, "the long request ended before both had queued"
+    for thread in threads.values():
+        thread.join(timeout=180)
+    assert first_token_at["tight"] < first_token_at["loose"]

@@ -25,7 +25,7 @@ class FakeWorker:
     def has_room(self) -> bool:
         return self.outstanding <= self.queue_limit
 
-    def predict(self, prompt_tokens: int) -> Prediction:
+    def predict(self, prompt_tokens: int, first_token_budget_ms: float = 0.0) -> Prediction:
         return Prediction(self.wait_ms * 1e3, self.ttft_ms * 1e3, self.tpot_ms * 1e3)
 
 

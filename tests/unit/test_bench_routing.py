@@ -23,7 +23,7 @@ from tierserve.benchmarks.loadgen import (
     run_open_loop,
     to_request,
 )
-from tierserve.benchmarks.overhead import overhead_figures
+from tierserve.benchmarks.overhead import overhead_figures, overhead_pool_config
 from tierserve.benchmarks.routing import (
     default_policies,
     derive_budgets,
@@ -280,3 +280,11 @@ def test_request_records_put_the_routers_prediction_beside_what_the_client_saw()
     assert record["predicted_tpot_ms"] == 25.0 and record["tpot_ms"] == pytest.approx(30.0)
     assert record["tier"] == "bf16" and record["best_effort"] is True and record["status"] == "OK"
     assert record["index"] == item.index and record["budget_class"] == item.budget_class
+
+
+def test_the_overhead_bench_puts_its_router_beside_the_client_and_the_worker_apart() -> None:
+    config = overhead_pool_config(None, "bf16", [0, 1, 2, 3], new_tokens=64)
+    assert config.router.cores == [0]
+    assert [(w.tier, w.cores) for w in config.workers] == [("bf16", [1, 2, 3])]
+    alone = overhead_pool_config(None, "bf16", [5], new_tokens=64)
+    assert alone.router.cores == [] and alone.workers[0].cores == [5]

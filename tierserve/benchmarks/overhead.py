@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +47,18 @@ PER_TOKEN_TARGET_MS = 0.3
 TTFT_P99_TARGET_MS = 2.0
 RATE_TARGET = 0.97
 PROMPT_WORDS = 24
+
+
+def overhead_pool_config(
+    config_path: str | None, tier: str, cpus: Sequence[int], new_tokens: int
+) -> TierserveConfig:
+    """The bench's own pool puts the router (and this client) on the first CPU and the worker on
+    the rest, as a deployment would: what is measured is the router's work, not its contention
+    with the worker for one core. With one CPU, or a --config, everything stays as given."""
+    if config_path or len(cpus) < 2:
+        return bench_pool_config(config_path, [tier], cpus, new_tokens)
+    config = bench_pool_config(None, [tier], cpus[1:], new_tokens)
+    return config.model_copy(update={"router": config.router.model_copy(update={"cores": [cpus[0]]})})
 
 
 def _p(values: Sequence[float], fraction: float) -> float | None:
@@ -228,8 +241,11 @@ def run_overhead_benchmark(
         config: TierserveConfig = load_or_default(config_path)
         figures, meta = _measure(router, tier, prompt_words(config), requests, new_tokens, timeout_s, console)
     else:
-        config = bench_pool_config(config_path, [tier], usable_cpus(), new_tokens)
+        config = overhead_pool_config(config_path, tier, usable_cpus(), new_tokens)
         with running_pool(config, run_dir, console) as launcher:
+            if config.router.cores:
+                # After the pool started (its processes inherit affinity): the client beside the router.
+                os.sched_setaffinity(0, set(config.router.cores))
             figures, meta = _measure(
                 launcher.router_address, tier, prompt_words(config), requests, new_tokens, timeout_s, console
             )
@@ -237,6 +253,8 @@ def run_overhead_benchmark(
         requests=requests,
         new_tokens=new_tokens,
         warmup_pairs=WARMUP_PAIRS,
+        router_cores=config.router.cores,
+        worker_cores={w.name: w.cores for w in config.workers},
         usable_cpus=usable_cpus(),
         elapsed_s=round(time.perf_counter() - started, 1),
     )
