@@ -85,9 +85,12 @@ class WorkerHandle:
     def next_free_ms(self) -> float:
         return next_free_us(self.live, self.load, self.streams_on_cores()) / 1e3
 
-    def predict(self, prompt_tokens: int, first_token_budget_ms: float = 0.0) -> Prediction:
-        deadline = first_token_deadline(time.monotonic(), first_token_budget_ms)
-        raw = predict(self.live, self.load, self.streams_on_cores(), prompt_tokens, deadline)
+    def predict(
+        self, prompt_tokens: int, first_token_budget_ms: float = 0.0, new_tokens: int = 0
+    ) -> Prediction:
+        now = time.monotonic()
+        deadline = first_token_deadline(now, first_token_budget_ms)
+        raw = predict(self.live, self.load, self.streams_on_cores(), prompt_tokens, deadline, new_tokens, now)
         return self.errors.correct(raw)
 
     def begin(self, prompt_tokens: int, new_tokens: int, first_token_budget_ms: float = 0.0) -> Ticket:

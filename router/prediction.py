@@ -42,13 +42,19 @@ class WorkerLoad:
         self.tickets.append(ticket)
         return ticket
 
-    def ahead_of(self, deadline: float) -> list[Ticket]:
-        """The tickets a request due at `deadline` would wait for: the one generating (the first
-        with tokens, else the oldest: it may be in prefill) and every other due no later."""
+    def service_order(self) -> list[Ticket]:
+        """The order the worker serves them in: the one generating (the first with tokens, else
+        the oldest: it may be in prefill), then the rest earliest deadline first, ties by arrival."""
         if not self.tickets:
             return []
         running = next((t for t in self.tickets if t.tokens), self.tickets[0])
-        return [t for t in self.tickets if t is running or t.deadline <= deadline]
+        return [running, *sorted((t for t in self.tickets if t is not running), key=lambda t: t.deadline)]
+
+    def ahead_of(self, deadline: float) -> list[Ticket]:
+        """The tickets a request due at `deadline` would wait for: the one generating and every
+        other due no later."""
+        order = self.service_order()
+        return order[:1] + [t for t in order[1:] if t.deadline <= deadline]
 
     def end(self, ticket: Ticket) -> None:
         self.tickets.remove(ticket)
@@ -77,6 +83,8 @@ class Prediction:
     # Streams expected on the worker's cores, and where the TPOT figure comes from.
     streams: int = 1
     basis: str = ""
+    # Waiting requests this one would push past their first-token deadline by going ahead of them.
+    displaces: int = 0
 
     @property
     def known(self) -> bool:
@@ -100,17 +108,55 @@ def remaining_us(ticket: Ticket, stats: LiveStats, tpot_us: float) -> float:
     return left * tpot_us
 
 
+def late_tickets(order: list[Ticket], stats: LiveStats, tpot_us: float, now_s: float) -> list[Ticket]:
+    """The waiting tickets of a service order whose first token is predicted after its deadline."""
+    late, at_s = [], now_s
+    for ticket in order:
+        if ticket.tokens == 0:
+            fit = stats.prefill()
+            first_token_s = at_s + (fit.ttft_us(ticket.prompt_tokens) if fit else tpot_us) / 1e6
+            if first_token_s > ticket.deadline:
+                late.append(ticket)
+        at_s += remaining_us(ticket, stats, tpot_us) / 1e6
+    return late
+
+
+def displaced(load: WorkerLoad, newcomer: Ticket, stats: LiveStats, tpot_us: float, now_s: float) -> int:
+    """How many waiting requests go from on time to late if `newcomer` joins the queue (the
+    running one keeps its place; newcomer goes behind every request due no later)."""
+    order = load.service_order()
+    if not order:
+        return 0
+    position = 1 + sum(1 for t in order[1:] if t.deadline <= newcomer.deadline)
+    with_newcomer = [*order[:position], newcomer, *order[position:]]
+    before = late_tickets(order, stats, tpot_us, now_s)
+    after = late_tickets(with_newcomer, stats, tpot_us, now_s)
+    return sum(1 for t in after if t is not newcomer and t not in before)
+
+
 def predict(
-    stats: LiveStats, load: WorkerLoad, streams: int, prompt_tokens: int, deadline: float = math.inf
+    stats: LiveStats,
+    load: WorkerLoad,
+    streams: int,
+    prompt_tokens: int,
+    deadline: float = math.inf,
+    new_tokens: int = 0,
+    now_s: float = 0.0,
 ) -> Prediction:
     """Wait, TTFT and TPOT for a request of `prompt_tokens` due at `deadline` arriving at this
-    worker now, with `streams` generating on its cores once it runs (itself included)."""
+    worker at `now_s`, with `streams` generating on its cores once it runs (itself included);
+    given its `new_tokens`, also how many waiting requests it would make late."""
     tpot_us, basis = stats.tpot_us(streams)
     fit = stats.prefill()
     if tpot_us is None or fit is None:
         return UNKNOWN
     wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.ahead_of(deadline))
-    return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, streams, basis)
+    harm = (
+        displaced(load, Ticket(prompt_tokens, new_tokens, deadline), stats, tpot_us, now_s)
+        if new_tokens
+        else 0
+    )
+    return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, streams, basis, harm)
 
 
 def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:

@@ -51,9 +51,12 @@ class WorkerView(Protocol):
         """Predicted time until the request generating there finishes."""
         ...
 
-    def predict(self, prompt_tokens: int, first_token_budget_ms: float = 0.0) -> Prediction:
+    def predict(
+        self, prompt_tokens: int, first_token_budget_ms: float = 0.0, new_tokens: int = 0
+    ) -> Prediction:
         """Wait, TTFT and TPOT for a request with this many prompt tokens and this TTFT budget
-        (0: none) arriving now; the budget sets where it queues (earliest deadline first)."""
+        (0: none) arriving now; the budget sets where it queues (earliest deadline first). Given
+        its new tokens, also how many waiting requests it would make late (`displaces`)."""
         ...
 
 

@@ -2,9 +2,12 @@
 
 Filter (pinned tier, accuracy tolerance, health, room in the queue) → predict each
 worker's wait, TTFT and TPOT now → keep those that fit the budgets → pick the most
-accurate, ties by lowest predicted latency. When none fits: strict requests are
-refused with RESOURCE_EXHAUSTED naming the budget that failed; others are served
-best effort by the fastest worker within the tolerance.
+accurate, ties by lowest predicted latency. A worker where the request would go
+ahead of waiting ones (earliest deadline first) and make some of them late comes
+after every worker where it would not: meeting this budget by breaking another's
+gains nothing. When none fits: strict requests are refused with RESOURCE_EXHAUSTED
+naming the budget that failed; others are served best effort by the fastest worker
+within the tolerance.
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ class SloPolicy:
         full = [w.worker_id for w in within if not w.has_room]
         open_workers = admitting(within)
         predictions = {
-            w.worker_id: w.predict(request.prompt_tokens, request.max_first_token_latency_ms)
+            w.worker_id: w.predict(
+                request.prompt_tokens, request.max_first_token_latency_ms, request.new_tokens
+            )
             for w in open_workers
         }
 
@@ -106,13 +111,28 @@ class SloPolicy:
         notes = f"; queue full: {', '.join(full)}" if full else ""
         eligible = [w for w in open_workers if fits(request, predictions[w.worker_id])]
         if eligible:
-            best = min(eligible, key=lambda w: (accuracy_rank(w), latency(w)))
+
+            def harms(worker: WorkerView) -> bool:
+                return predictions[worker.worker_id].displaces > 0
+
+            best = min(eligible, key=lambda w: (harms(w), accuracy_rank(w), latency(w)))
             ties = [
-                w.worker_id for w in eligible if w is not best and accuracy_rank(w) == accuracy_rank(best)
+                w.worker_id
+                for w in eligible
+                if w is not best and not harms(w) and accuracy_rank(w) == accuracy_rank(best)
             ]
             why = "most accurate eligible"
             if ties:
                 why += f"; tied on loss with {', '.join(ties)}, lowest predicted latency"
+            harmed = [
+                f"{w.worker_id} ({predictions[w.worker_id].displaces})"
+                for w in eligible
+                if harms(w) and accuracy_rank(w) < accuracy_rank(best)
+            ]
+            if harmed:
+                why += f"; passed over, as going first there makes waiting requests late: {', '.join(harmed)}"
+            if harms(best):
+                why += f"; makes {predictions[best.worker_id].displaces} waiting request(s) late"
             reason = f"{prefix}: {describe(request, best, predictions[best.worker_id])}; {why}{notes}"
             return RoutingDecision(best.worker_id, reason, predictions[best.worker_id])
 

@@ -20,13 +20,19 @@ class FakeWorker:
     outstanding: int = 0
     queue_limit: int = 8
     next_free_ms: float = 100.0
+    # Waiting requests a new one would make late here.
+    displaces: int = 0
 
     @property
     def has_room(self) -> bool:
         return self.outstanding <= self.queue_limit
 
-    def predict(self, prompt_tokens: int, first_token_budget_ms: float = 0.0) -> Prediction:
-        return Prediction(self.wait_ms * 1e3, self.ttft_ms * 1e3, self.tpot_ms * 1e3)
+    def predict(
+        self, prompt_tokens: int, first_token_budget_ms: float = 0.0, new_tokens: int = 0
+    ) -> Prediction:
+        return Prediction(
+            self.wait_ms * 1e3, self.ttft_ms * 1e3, self.tpot_ms * 1e3, displaces=self.displaces
+        )
 
 
 def tiered_pool() -> list[FakeWorker]:

@@ -114,3 +114,16 @@ def test_workers_without_figures_never_meet_a_budget_and_unhealthy_ones_never_se
         w.healthy = False
     with pytest.raises(NoWorkerAvailable):
         choose(RouteRequest(), pool)
+
+
+def test_a_worker_where_going_first_makes_waiting_requests_late_comes_after_one_where_it_does_not() -> None:
+    pool = tiered_pool()
+    request = RouteRequest(max_quality_loss_pct=1.0, max_first_token_latency_ms=500)
+    pool[0].displaces = 2  # fp32 meets this budget only by making two waiting requests late
+    worker, reason, best_effort = choose(request, pool)
+    assert worker == "bf16-0" and not best_effort
+    assert "passed over, as going first there makes waiting requests late: fp32-0 (2)" in reason
+    for worker_state in pool:
+        worker_state.displaces = 1  # no harmless choice: back to the most accurate
+    worker, reason, _ = choose(request, pool)
+    assert worker == "fp32-0" and "makes 1 waiting request(s) late" in reason

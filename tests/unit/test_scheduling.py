@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from router.live import LiveStats
-from router.prediction import WorkerLoad, predict
+from router.prediction import Ticket, WorkerLoad, displaced, predict
 from tests.unit.test_live_prediction import warm_info
 from tierserve.deadlines import NO_BUDGET_DEADLINE_S, first_token_deadline
 from worker.scheduling import DeadlineSlot
@@ -105,3 +105,22 @@ def test_a_tight_request_is_predicted_to_wait_only_for_the_running_one_and_earli
     fresh = WorkerLoad()
     fresh.begin(prompt_tokens=100, new_tokens=5, deadline=103.0)
     assert predict(stats, fresh, 1, prompt_tokens=30, deadline=101.0).wait_us == pytest.approx(140_000)
+
+
+def test_going_ahead_counts_the_waiting_requests_it_would_make_late() -> None:
+    stats = LiveStats()
+    stats.seed(warm_info(ttft_us=20_000, tpot_us=10_000, prompt_tokens=20))  # 1 ms per prompt token
+    load = WorkerLoad()
+    running = load.begin(prompt_tokens=20, new_tokens=11, deadline=0.0)
+    running.tokens = 1  # 100 ms to go
+    # Waiting, due at 0.5 s: first token at 0.1 + 0.02 = 0.12 s now.
+    load.begin(prompt_tokens=20, new_tokens=11, deadline=0.5)
+    # A request due earlier with 0.5 s of work goes first: the waiting one's first token moves to 0.62 s.
+    assert displaced(load, Ticket(20, 49, deadline=0.3), stats, 10_000, now_s=0.0) == 1
+    # A short one does not push it past 0.5 s; one due later queues behind it and harms nothing.
+    assert displaced(load, Ticket(20, 2, deadline=0.3), stats, 10_000, now_s=0.0) == 0
+    assert displaced(load, Ticket(20, 49, deadline=0.9), stats, 10_000, now_s=0.0) == 0
+    # Already late without the newcomer: not counted against it.
+    assert displaced(load, Ticket(20, 49, deadline=0.3), stats, 10_000, now_s=1.0) == 0
+    prediction = predict(stats, load, 1, prompt_tokens=20, deadline=0.3, new_tokens=49, now_s=0.0)
+    assert prediction.displaces == 1
