@@ -4,10 +4,18 @@ stream that already sent tokens resumes elsewhere without the client seeing a se
 A request that fails before its first token is simply sent again. One that fails after tokens
 were streamed is resumed: the next worker gets the prompt plus the text already streamed as its
 prompt and only the tokens still owed, and its token indexes are shifted to continue the stream.
+
+Sampling across a resume: a sampled request (temperature > 0) always has a seed, the caller's or one
+the router draws (reported in the summary), and a stream resumed after n tokens samples the rest
+with `resume_seed(seed, n)`. The random generator's state cannot move between processes, so the
+resumed text is not the one an uninterrupted run would have made; but it is a fixed function of the
+seed and the resume point, so the same request failing at the same token continues identically, and
+the continuation never replays the random draws its first tokens were sampled with.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,6 +34,19 @@ WORKER_FAULT_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+
+
+SEED_BITS = 63  # seeds the workers draw themselves have as many bits
+_MASK64 = (1 << 64) - 1
+
+
+def resume_seed(seed: int, tokens_sent: int) -> int:
+    """The seed a sampled stream resumed after `tokens_sent` tokens continues with: the request's
+    seed and the resume point mixed by splitmix64, never 0 (which would ask for a random seed)."""
+    z = (seed + 0x9E3779B97F4A7C15 * (tokens_sent + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> (64 - SEED_BITS)) or 1
 
 
 class WorkerStreamFailed(Exception):
@@ -63,6 +84,12 @@ class StreamProgress:
     text_at_offset: str = ""
     # When the client received its first token, microseconds after arrival (0: not yet).
     client_ttft_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        # A sampled request gets its seed here rather than on a worker, so a resume can derive the
+        # next seed from it and the summary reports the seed that replays the request.
+        if self.request.temperature > 0 and not self.request.seed:
+            self.request.seed = secrets.randbits(SEED_BITS) or 1
 
     @property
     def failovers(self) -> int:
@@ -106,6 +133,8 @@ class StreamProgress:
         resumed.CopyFrom(self.request)
         resumed.prompt = self.request.prompt + self.text_sent
         resumed.max_new_tokens = self.remaining_tokens
+        if self.request.temperature > 0:
+            resumed.seed = resume_seed(self.request.seed, self.tokens_sent)
         # Already committed to this request: the next worker serves it best effort rather than refuse.
         resumed.strict = False
         return resumed
@@ -133,6 +162,7 @@ class StreamProgress:
             summary.ttft_us = self.first_token_latency_us
         summary.text = self.text_at_offset + summary.text
         summary.request_id = self.request.request_id
+        summary.seed = self.request.seed  # the resumed worker's was derived from it
         summary.total_time_us = total_time_us
         summary.routing_reason = (
             f"failover after {', '.join(self.failure_reasons)}"

@@ -117,11 +117,45 @@ def _generate(
             console.print(summary_table(stream.summary.proto))
 
 
-def _client_options(args: argparse.Namespace) -> ClientOptions:
-    """TLS, token and retries from the command line; the token may also come from a file."""
-    token = Path(args.token_file).read_text(encoding="utf-8").strip() if args.token_file else ""
+# Environment defaults of the client security options, so scripts need not repeat them.
+CLIENT_SECURITY_ENV = {
+    "tls": "TIERSERVE_TLS",
+    "ca_cert": "TIERSERVE_CA_CERT",
+    "client_cert": "TIERSERVE_CLIENT_CERT",
+    "client_key": "TIERSERVE_CLIENT_KEY",
+    "token_file": "TIERSERVE_TOKEN_FILE",
+}
+TOKEN_ENV = "TIERSERVE_TOKEN"
+
+
+def _add_client_security(parser: argparse.ArgumentParser) -> None:
+    """TLS, mutual TLS and bearer-token options of a command that dials the router."""
+    env = {key: os.environ.get(name) for key, name in CLIENT_SECURITY_ENV.items()}
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=(env["tls"] or "").lower() in ("1", "true", "yes"),
+        help="use TLS with the system's root certificates (env TIERSERVE_TLS=1)",
+    )
+    options = (
+        ("--ca-cert", "ca_cert", "PEM file of the root certificates to verify the router (TLS)"),
+        ("--client-cert", "client_cert", "PEM client certificate chain (mutual TLS)"),
+        ("--client-key", "client_key", "PEM private key of the client certificate (mutual TLS)"),
+        ("--token-file", "token_file", f"file holding a bearer token (or the token itself in ${TOKEN_ENV})"),
+    )
+    for flag, key, text in options:
+        parser.add_argument(flag, default=env[key], help=f"{text} (env {CLIENT_SECURITY_ENV[key]})")
+
+
+def _client_options(args: argparse.Namespace, address: str | None = None) -> ClientOptions:
+    """TLS, token and retries from the command line or the environment; the token comes from a file
+    (never the command line, where other users could read it) or $TIERSERVE_TOKEN."""
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
     return ClientOptions(
-        args.address,
+        address or args.address,
         tls=args.tls,
         root_certificates=args.ca_cert,
         certificate_chain=args.client_cert,
@@ -179,7 +213,7 @@ def cmd_top(args: argparse.Namespace, console: Console) -> int:
     from rich.live import Live
 
     limit = 1 if args.once else args.iterations
-    updates = watch_stats(args.router, args.interval_ms)
+    updates = watch_stats(args.router, args.interval_ms, _client_options(args, args.router))
     try:
         with Live(console=console, auto_refresh=False) as live:
             for count, stats in enumerate(updates, start=1):
@@ -194,7 +228,7 @@ def cmd_top(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_health(args: argparse.Namespace, console: Console) -> int:
-    serving = is_serving(args.address, args.service)
+    serving = is_serving(args.address, args.service, options=_client_options(args))
     console.print(f"{args.address}: {'SERVING' if serving else 'NOT SERVING'}")
     return 0 if serving else 1
 
@@ -292,7 +326,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if args.from_bench:
         figures, notes = figures_from_bench(load_bench_file(Path(args.from_bench)), args.from_bench)
     elif args.router:
-        figures, notes = figures_from_workers(list(list_workers(args.router).workers))
+        reply = list_workers(args.router, options=_client_options(args, args.router))
+        figures, notes = figures_from_workers(list(reply.workers))
     plan = make_plan(requirements, figures)
     plan.notes[:0] = notes
     if args.json:
@@ -403,11 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--max-quality-loss-pct", type=float, help="accuracy tolerance (default: config)")
     generate.add_argument("--strict", action="store_true", help="refuse rather than serve best effort")
-    generate.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    generate.add_argument("--ca-cert", help="PEM file of the root certificates to verify the router (TLS)")
-    generate.add_argument("--client-cert", help="PEM client certificate chain (mutual TLS)")
-    generate.add_argument("--client-key", help="PEM private key of the client certificate (mutual TLS)")
-    generate.add_argument("--token-file", help="file holding a bearer token, sent as `authorization`")
+    _add_client_security(generate)
     generate.add_argument(
         "--retries", type=int, default=3, help="retries when the router is overloaded (default 3)"
     )
@@ -416,11 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     workers = commands.add_parser("workers", help="print the router's worker table")
     workers.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
     workers.add_argument("--json", action="store_true", help="print the ListWorkers reply as JSON")
-    workers.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    workers.add_argument("--ca-cert", help="PEM file of the root certificates to verify the router (TLS)")
-    workers.add_argument("--client-cert", help="PEM client certificate chain (mutual TLS)")
-    workers.add_argument("--client-key", help="PEM private key of the client certificate (mutual TLS)")
-    workers.add_argument("--token-file", help="file holding a bearer token, sent as `authorization`")
+    _add_client_security(workers)
     workers.set_defaults(run=cmd_workers)
 
     top = commands.add_parser("top", help="live dashboard of every worker's latency, load and throughput")
@@ -428,11 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval-ms", type=int, default=1000, help="update interval (at least 100)")
     top.add_argument("--iterations", type=int, default=0, help="stop after N updates (0: Ctrl-C)")
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    _add_client_security(top)
     top.set_defaults(run=cmd_top)
 
     health = commands.add_parser("health", help="exit 0 if a server reports SERVING (grpc.health.v1)")
     health.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
     health.add_argument("--service", default="", help="service name; empty = the whole server")
+    _add_client_security(health)
     health.set_defaults(run=cmd_health)
 
     model = commands.add_parser("model", help="manage the served model")
@@ -484,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     measured.add_argument("--router", help="measured figures from a live pool's ListWorkers (host:port)")
     measured.add_argument("--from-bench", help="measured figures from a `tierserve bench tiers` JSON file")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_client_security(plan)
     plan.set_defaults(run=cmd_plan)
 
     bench = commands.add_parser("bench", help="run a benchmark")

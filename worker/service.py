@@ -137,6 +137,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         cancel = threading.Event()
 
         def emit(event: TokenEvent) -> None:  # called from the generation thread
+            # Counted here, not when streamed: tokens made after the client left count too, which
+            # is how a cancellation's cost (at most one decode step) shows in the metrics.
+            self.metrics.token(event.index, event.latency_us)
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         deadline = first_token_deadline(arrival, request.max_first_token_latency_ms)
@@ -169,7 +172,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         yield generate_pb2.GenerateResponse(summary=summary)
 
     def _record_live(self, event: TokenEvent) -> None:
-        self.metrics.token(event.index, event.latency_us)
         if event.index == 0:
             self._state.live.record_first_token(event.latency_us)
         else:

@@ -1,4 +1,4 @@
-"""`tierserve bench chaos` on the tiny model: workers killed and restarted under load, nothing lost."""
+"""`tierserve bench chaos` on the default model: workers killed and restarted under load, nothing lost."""
 
 from __future__ import annotations
 
@@ -9,31 +9,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_launcher import tiny_model, write_config
+from tests.integration.default_pool import default_model_config
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["tiny_model"]
 
-
-def test_chaos_loses_no_request_and_writes_its_report(tmp_path: Path, tiny_model: Path) -> None:
-    config = write_config(
-        tmp_path / "pool.toml",
-        tiny_model,
-        [{"name": "a", "tier": "fp32", "warmup_runs": 0}, {"name": "b", "tier": "fp32", "warmup_runs": 0}],
-    )
+def test_chaos_loses_no_request_and_writes_its_report(tmp_path: Path) -> None:
+    config = default_model_config(tmp_path / "pool.toml", [("a", "bf16"), ("b", "fp32")])
     out = tmp_path / "chaos.json"
     result = subprocess.run(
         [
             sys.executable, "-m", "tierserve.cli", "bench", "chaos", "--config", str(config),
-            "--out", str(out), "--duration-s", "20", "--clients", "3", "--kill-every-s", "5",
+            "--out", str(out), "--duration-s", "40", "--clients", "3", "--kill-every-s", "8",
             "--new-tokens", "48", "--run-dir", str(tmp_path / "run"),
         ],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
+    assert report["config"]["workers"] == ["a", "b"] and report["config"]["duration_s"] == 40
     requests = report["requests"]
-    assert requests["lost"] == 0 and requests["seams"] == 0
-    assert requests["completed"] > 0 and len(report["kills"]) >= 2 and report["restarts"] >= 1
+    assert requests["lost"] == 0 and requests["seams"] == 0 and requests["unfinished"] == 0
+    assert requests["sent"] == requests["completed"] + sum(requests["failed_by_code"].values())
+    # A restarted default-model worker takes about half a minute to serve again on two shared cores,
+    # and the next kill waits for it: one kill at least, always of the busiest worker.
+    assert requests["completed"] > 0 and report["kills"] and report["restarts"] >= 1
+    assert all(kill["worker"] in ("a", "b") and kill["in_flight"] >= 1 for kill in report["kills"])
+    # The killed worker had requests: they failed over, before or after their first token.
+    assert requests["resumed_after_failover"] + requests["retried_before_first_token"] >= 1
+    assert f"lost {requests['lost']}" in result.stderr
     print(json.dumps(report, indent=2))

@@ -1,11 +1,10 @@
-"""Failover on real processes: `kill -9` a worker while it streams under concurrent requests; every
-request still completes, with a continuous stream, and the launcher brings the worker back."""
+"""Failover on real processes with the default model: `kill -9` the busiest of two bf16 workers while
+it streams to concurrent requests; every request still completes with one continuous stream, the
+summaries record the failover, and the launcher brings the worker back."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,49 +13,28 @@ import grpc
 import psutil
 import pytest
 
-from tests.integration.test_launcher import START_TIMEOUT_S, start_pool, tiny_model, wait_for, write_config
+from tests.integration.default_pool import default_model_config, serving_count, stop_pool, worker_pid
+from tests.integration.test_launcher import START_TIMEOUT_S, start_pool, wait_for
 from tierserve.client import list_workers
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from tierserve.v1 import generate_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["tiny_model"]  # the module-scoped fixture, shared with the launcher tests
-
-CLI = [sys.executable, "-m", "tierserve.cli"]
 REQUESTS = 8
-NEW_TOKENS = 96  # the tiny model's context is 128 tokens
-
-
-def all_serving(address: str, count: int) -> bool:
-    try:
-        workers = list_workers(address, timeout_s=2.0).workers
-    except grpc.RpcError:
-        return False
-    return sum(w.health == router_pb2.WORKER_HEALTH_SERVING for w in workers) == count
+NEW_TOKENS = 48
+# Each prompt's own continuation, so a resumed stream that repeated or skipped text would show.
+PROMPT = "Request {slot}: write a long story about a lighthouse keeper and the sea."
 
 
 @pytest.fixture
-def pool(tmp_path: Path, tiny_model: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+def pool(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     # Two workers of one tier, so either can take over the other's requests.
-    config = write_config(
-        tmp_path / "pool.toml",
-        tiny_model,
-        [{"name": "a", "tier": "fp32", "warmup_runs": 0}, {"name": "b", "tier": "fp32", "warmup_runs": 0}],
-    )
+    config = default_model_config(tmp_path / "pool.toml", [("a", "bf16"), ("b", "bf16")])
     address, launcher, log = start_pool(config, tmp_path)
     try:
         yield address, launcher, log
     finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=60)
-
-
-def worker_pid(launcher: subprocess.Popen[bytes], name: str) -> int:
-    for child in psutil.Process(launcher.pid).children():
-        command = child.cmdline()
-        if "worker" in command and command[command.index("--name") + 1] == name:
-            return child.pid
-    raise LookupError(f"no worker {name}")
+        assert stop_pool(launcher) == 0
 
 
 def test_kill_9_mid_stream_loses_no_request(pool: tuple[str, subprocess.Popen[bytes], Path]) -> None:
@@ -67,10 +45,10 @@ def test_kill_9_mid_stream_loses_no_request(pool: tuple[str, subprocess.Popen[by
     def send(slot: int) -> None:
         with grpc.insecure_channel(address) as channel:
             request = generate_pb2.GenerateRequest(
-                prompt=f"Request {slot} says", max_new_tokens=NEW_TOKENS, request_id=f"r{slot}"
+                prompt=PROMPT.format(slot=slot), max_new_tokens=NEW_TOKENS, request_id=f"r{slot}"
             )
             try:
-                for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120):
+                for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=150):
                     results[slot].append(response)  # type: ignore[union-attr]
                     if len(results[slot]) == 4:  # type: ignore[arg-type]
                         streaming.set()
@@ -83,26 +61,51 @@ def test_kill_9_mid_stream_loses_no_request(pool: tuple[str, subprocess.Popen[by
     assert streaming.wait(timeout=60), "no stream started"
     # The worker with the most requests on it dies at once, mid-stream.
     busy = max(list_workers(address).workers, key=lambda w: w.in_flight)
+    assert busy.in_flight >= 2, "the busiest worker should hold one streaming and queued requests"
     victim = worker_pid(launcher, busy.worker_id)
-    psutil.Process(victim).send_signal(signal.SIGKILL)
+    psutil.Process(victim).kill()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=180)
+    assert not any(thread.is_alive() for thread in threads), "a request never ended"
 
-    failovers = 0
+    failovers = resumed = 0
     for slot, result in enumerate(results):
         assert not isinstance(result, BaseException), f"request r{slot} failed: {result}"
         tokens = [r.token for r in result[:-1]]
         summary = result[-1].summary
         assert summary.request_id == f"r{slot}"
-        assert [t.index for t in tokens] == list(range(len(tokens)))
+        assert [t.index for t in tokens] == list(range(len(tokens))), f"r{slot}: indexes have a seam"
         assert "".join(t.text for t in tokens) == summary.text
         assert summary.generated_tokens == len(tokens)
         if summary.failovers:
             assert list(summary.failed_workers) == [busy.worker_id]
+            assert summary.worker_id != busy.worker_id
+            assert "failover after" in summary.routing_reason
+            resumed += summary.resumed_after_tokens > 0
         failovers += summary.failovers
     assert failovers >= 1, "the killed worker had requests: some must have failed over"
+    assert resumed >= 1, "the killed worker was streaming: that request must have resumed elsewhere"
+
+    # A resumed greedy stream reads as one text: the same as the request sent again from scratch.
+    for slot, result in enumerate(results):
+        summary = result[-1].summary  # type: ignore[index]
+        if summary.resumed_after_tokens:
+            with grpc.insecure_channel(address) as channel:
+                again = list(
+                    router_pb2_grpc.RouterStub(channel).Generate(
+                        generate_pb2.GenerateRequest(
+                            prompt=PROMPT.format(slot=slot), max_new_tokens=NEW_TOKENS
+                        ),
+                        timeout=120,
+                    )
+                )
+            # Retokenizing the streamed text at the seam may pick other token boundaries, so the
+            # texts are compared up to the seam plus a few words, where no difference can hide.
+            seam = len("".join(r.token.text for r in result[: summary.resumed_after_tokens]))  # type: ignore[index]
+            assert summary.text[: seam + 20] == again[-1].summary.text[: seam + 20]
+            break
 
     # The launcher restarts the killed worker, and the router takes it back.
-    wait_for(lambda: all_serving(address, 2), launcher, log, START_TIMEOUT_S)
+    wait_for(lambda: serving_count(address) == 2, launcher, log, START_TIMEOUT_S)
     assert worker_pid(launcher, busy.worker_id) != victim
     assert "restarting" in log.read_text()

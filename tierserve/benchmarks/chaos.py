@@ -118,7 +118,8 @@ def chaos_monkey(
     launcher: PoolLauncher, until: float, kill_every_s: float, rng: random.Random, kills: list[dict[str, Any]]
 ) -> None:
     """Kill one serving worker every `kill_every_s` while another serves too (so the pool can always
-    fail over); let the launcher restart it."""
+    fail over); let the launcher restart it. The victim is the busiest (ties drawn at random), so a
+    kill lands mid-stream whenever any request is in flight."""
     started = time.monotonic()
     next_kill = started + kill_every_s
     while (now := time.monotonic()) < until:
@@ -130,19 +131,28 @@ def chaos_monkey(
         # args end with the worker's name (`worker --name NAME`), the router's worker id.
         alive = [m for m in launcher.workers if m.process.poll() is None and m.args[-1] in serving]
         if len(alive) >= 2:
-            victim = rng.choice(alive)
+            busiest = max(serving[m.args[-1]] for m in alive)
+            victim = rng.choice([m for m in alive if serving[m.args[-1]] == busiest])
             victim.process.send_signal(signal.SIGKILL)
-            kills.append({"worker": victim.name, "pid": victim.process.pid, "at_s": round(now - started, 2)})
+            kills.append(
+                {
+                    "worker": victim.args[-1],
+                    "pid": victim.process.pid,
+                    "at_s": round(now - started, 2),
+                    "in_flight": busiest,
+                }
+            )
             next_kill = now + kill_every_s
         time.sleep(SUPERVISE_EVERY_S)
 
 
-def _serving(address: str) -> set[str]:
+def _serving(address: str) -> dict[str, int]:
+    """The serving workers and the requests in flight on each, as the router counts them."""
     try:
         workers = list_workers(address, timeout_s=2.0).workers
     except grpc.RpcError:
-        return set()
-    return {w.worker_id for w in workers if w.health == router_pb2.WORKER_HEALTH_SERVING}
+        return {}
+    return {w.worker_id: w.in_flight for w in workers if w.health == router_pb2.WORKER_HEALTH_SERVING}
 
 
 def run_chaos_benchmark(
