@@ -1,4 +1,5 @@
-"""Self-registered workers: who announced itself, where, and until when the router keeps it.
+"""Self-registered workers: who announced itself, where, and until when the router keeps it, and
+who may announce one (a registration token, when tokens are on).
 
 A worker's Register call is also its heartbeat; each one pushes its expiry `ttl_s` ahead. The
 clock is injected so tests can step time instead of sleeping.
@@ -8,15 +9,23 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
+
+from router.auth import TokenAuthInterceptor, TokenEntry, bearer_token, load_tokens
+from router.auth import _digest as token_digest
+from router.auth import _refusing as refusing
+from tierserve.config import SecurityConfig
 from tierserve.errors import InvalidRequest
 from tierserve.tiers import TIER_NAMES, is_known_tier
 from tierserve.v1 import router_pb2
 
 # As [[workers]] name in the config: the id shows in logs, metrics labels and summaries.
 WORKER_ID = re.compile(r"^[A-Za-z0-9._@:-]+$")
+REGISTER_METHOD = "/tierserve.v1.Router/Register"
 
 
 @dataclass
@@ -64,3 +73,49 @@ class Registrations:
 
     def forget(self, worker_id: str) -> None:
         self._by_id.pop(worker_id, None)
+
+
+class RegistrationAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Register takes only a registration token (none: UNAUTHENTICATED, a client's or an unknown
+    one: PERMISSION_DENIED), so a client cannot add a worker and receive other clients' prompts;
+    every other call goes to `clients`, the client-token check, when tokens_file is set."""
+
+    def __init__(self, tokens: dict[bytes, TokenEntry], clients: TokenAuthInterceptor | None) -> None:
+        self._tokens = tokens
+        self.clients = clients
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method != REGISTER_METHOD:
+            if self.clients is None:
+                return await continuation(details)
+            return await self.clients.intercept_service(continuation, details)
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        token = bearer_token(details.invocation_metadata)
+        if not token:
+            message = "Register needs a registration token: metadata `authorization: Bearer <token>`"
+            return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, message)
+        if token_digest(token) not in self._tokens:
+            message = "not a registration token (see [security] registration_token_file)"
+            return refusing(handler, grpc.StatusCode.PERMISSION_DENIED, message)
+        return handler
+
+
+def router_interceptors(security: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The router's authentication: client tokens (tokens_file) for every Router call but Register,
+    registration tokens (registration_token_file) for Register. Neither file: none."""
+    clients = (
+        TokenAuthInterceptor(load_tokens(Path(security.tokens_file), security.max_concurrent_per_client))
+        if security.tokens_file
+        else None
+    )
+    if not security.registration_token_file:
+        # Tokens on but none for workers: every Register is refused (an empty set matches nothing).
+        return [RegistrationAuthInterceptor({}, clients)] if clients is not None else []
+    tokens = load_tokens(Path(security.registration_token_file), 0)
+    return [RegistrationAuthInterceptor(tokens, clients)]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import grpc
 
-from router.auth import TokenAuthInterceptor, load_tokens
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.pool import WorkerPool
+from router.registration import router_interceptors
 from router.service import RouterServicer
 from tierserve.config import TierserveConfig
 from tierserve.cores import format_cpu_list
@@ -55,19 +55,13 @@ async def serve_router(config: TierserveConfig, port_file: Path | None = None) -
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
-    security = config.security
-    interceptors = (
-        [TokenAuthInterceptor(load_tokens(Path(security.tokens_file), security.max_concurrent_per_client))]
-        if security.tokens_file
-        else []
-    )
     handle = await start_server(
         config.router.host,
         config.router.port,
         register,
         port_file,
-        credentials=router_server_credentials(security),
-        interceptors=interceptors,
+        credentials=router_server_credentials(config.security),
+        interceptors=router_interceptors(config.security),
     )
     endpoint = (
         serve_metrics(metrics.registry, config.metrics.host, config.router.metrics_port, port_file)

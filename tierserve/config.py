@@ -225,6 +225,16 @@ class SecurityConfig(_Strict):
     # Generate streams one client (token) may have open at once; 0: no limit. A token's own
     # MAX_CONCURRENT overrides it. Past it: RESOURCE_EXHAUSTED.
     max_concurrent_per_client: int = Field(default=0, ge=0)
+    # Self-registration on a secured pool. A worker with register_with calls Register over TLS when
+    # router_cert is set (verifying the router by `ca`; the system's roots without it), presents
+    # registration_cert/registration_key ({name}: the worker's name; a client certificate signed by
+    # client_ca) when client_ca is set, and sends the first token of registration_token_file
+    # (tokens_file's format) as its bearer token. With tokens on (this file or tokens_file), the
+    # router takes Register only with a token of this file: none is UNAUTHENTICATED, any other
+    # (a client's) PERMISSION_DENIED. These tokens serve Register only, never as client tokens.
+    registration_cert: str = ""
+    registration_key: str = ""
+    registration_token_file: str = ""
 
     @model_validator(mode="after")
     def _pairs_complete(self) -> SecurityConfig:
@@ -232,6 +242,7 @@ class SecurityConfig(_Strict):
             ("router_cert", "router_key"),
             ("worker_cert", "worker_key"),
             ("router_client_cert", "router_client_key"),
+            ("registration_cert", "registration_key"),
         ]
         for cert, key in pairs:
             if bool(getattr(self, cert)) != bool(getattr(self, key)):

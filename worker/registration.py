@@ -9,8 +9,9 @@ import logging
 
 import grpc
 
-from tierserve.config import WorkerConfig
-from tierserve.grpcserver import CHANNEL_OPTIONS
+from tierserve.config import ConfigError, SecurityConfig, WorkerConfig
+from tierserve.sdk import ClientOptions
+from tierserve.tls import read_pem
 from tierserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,15 +25,68 @@ def advertised_address(config: WorkerConfig, bound_port: int) -> str:
     return config.advertise_address or f"{config.host}:{bound_port}"
 
 
-async def heartbeat(router_address: str, request: router_pb2.RegisterRequest, interval_s: float) -> None:
+def registration_token(security: SecurityConfig) -> str:
+    """The first token of registration_token_file (tokens_file's format); empty without the file."""
+    if not security.registration_token_file:
+        return ""
+    text = read_pem(security.registration_token_file, "registration_token_file").decode()
+    lines = (line.split("#", 1)[0].split() for line in text.splitlines())
+    token = next((fields[0] for fields in lines if fields), "")
+    if not token:
+        raise ConfigError(
+            f"[security] registration_token_file: no token in {security.registration_token_file}"
+        )
+    return token
+
+
+def registration_options(security: SecurityConfig, worker_name: str, router_address: str) -> ClientOptions:
+    """How a worker reaches its router, as the pool's other clients do: TLS verified by `ca` when the
+    router serves TLS, the worker's registration certificate when the router requires client
+    certificates, and its registration token. Unreadable files stop the worker at start-up."""
+    if not security.router_tls:
+        return ClientOptions(router_address, token=registration_token(security))
+    cert = key = None
+    if security.client_ca:
+        if not security.registration_cert:
+            raise ConfigError(
+                f"worker {worker_name} registers with {router_address}, which requires client "
+                "certificates (client_ca): set [security] registration_cert and registration_key"
+            )
+        cert_path, key_path = (
+            path.replace("{name}", worker_name)
+            for path in (security.registration_cert, security.registration_key)
+        )
+        cert, key = read_pem(cert_path, "registration_cert"), read_pem(key_path, "registration_key")
+    return ClientOptions(
+        router_address,
+        tls=True,
+        root_certificates=read_pem(security.ca, "ca") if security.ca else None,
+        certificate_chain=cert,
+        private_key=key,
+        token=registration_token(security),
+    )
+
+
+def router_channel(options: ClientOptions) -> grpc.aio.Channel:
+    if options.secure:
+        return grpc.aio.secure_channel(
+            options.address, options.credentials(), options=options.channel_options()
+        )
+    return grpc.aio.insecure_channel(options.address, options=options.channel_options())
+
+
+async def heartbeat(options: ClientOptions, request: router_pb2.RegisterRequest, interval_s: float) -> None:
     """Register now and then every interval_s until cancelled; a failed call is logged (once per
     outage) and retried at the next interval, so a router that restarts picks the worker up again."""
-    async with grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS) as channel:
+    router_address = options.address
+    async with router_channel(options) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         failing = False
         while True:
             try:
-                reply = await stub.Register(request, timeout=min(REGISTER_TIMEOUT_S, interval_s * 2))
+                reply = await stub.Register(
+                    request, timeout=min(REGISTER_TIMEOUT_S, interval_s * 2), metadata=options.metadata()
+                )
                 if reply.added:
                     log.info(
                         "registered with router %s as %s at %s (expiry %.1f s)",
@@ -49,15 +103,19 @@ async def heartbeat(router_address: str, request: router_pb2.RegisterRequest, in
             await asyncio.sleep(interval_s)
 
 
-def start_heartbeat(config: WorkerConfig, bound_port: int) -> asyncio.Task[None] | None:
-    """The heartbeat task when the worker registers itself (`register_with`), else None."""
+def start_heartbeat(
+    config: WorkerConfig, bound_port: int, security: SecurityConfig | None = None
+) -> asyncio.Task[None] | None:
+    """The heartbeat task when the worker registers itself (`register_with`), else None; over the
+    pool's [security] (TLS, client certificate, registration token) when it configures them."""
     if not config.register_with:
         return None
+    options = registration_options(security or SecurityConfig(), config.name, config.register_with)
     request = router_pb2.RegisterRequest(
         worker_id=config.name, address=advertised_address(config, bound_port), tier=config.tier
     )
     return asyncio.create_task(
-        heartbeat(config.register_with, request, config.heartbeat_interval_s), name="register-heartbeat"
+        heartbeat(options, request, config.heartbeat_interval_s), name="register-heartbeat"
     )
 
 

@@ -134,7 +134,7 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         credentials=worker_server_credentials(config.security, name),
     )
     # Registered while loading too: the router lists it NOT_SERVING until it is warm.
-    heartbeats = start_heartbeat(worker_config, handle.port)
+    heartbeats = start_heartbeat(worker_config, handle.port, config.security)
     # Up while the model loads, so a scrape can already see ready 0 and the queue.
     endpoint = (
         serve_metrics(servicer.metrics.registry, config.metrics.host, worker_config.metrics_port, port_file)

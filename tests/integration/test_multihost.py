@@ -1,6 +1,8 @@
-"""Many hosts on one machine: each worker in its own network namespace, reached over its own veth
-link by static address from a router in the root namespace; cut one link and the router routes
-around it. Needs root (network namespaces); skipped with the reason otherwise."""
+"""Many hosts on one machine, serving the default model: each worker in its own network namespace,
+reached over its own veth link from a router in the root namespace, by static address (cut one link
+and the router routes around it) or by self-registration (cut the link and the worker expires; mend
+it and the worker's heartbeats bring it back). Needs root (network namespaces); skipped with the
+reason otherwise."""
 
 from __future__ import annotations
 
@@ -8,20 +10,20 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.integration.default_model import START_TIMEOUT_S, default_model, start_router
 from tests.integration.processes import Server, spawn, stop, wait_until, write_config
-from tests.tiny_model import build_tiny_model_dir
 from tierserve.client import list_workers
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-START_TIMEOUT_S = 300
 # Health checks time out after 2 s; a few rounds more for the router to notice a cut link.
 CUT_NOTICED_S = 20.0
 BLACKHOLE_METRIC = "4242"
@@ -34,6 +36,7 @@ class Host:
     namespace: str
     link: str  # the veth end in the root namespace; setting it down cuts the host off
     address: str  # the veth end inside the namespace, where the worker listens
+    near: str  # the veth end in the root namespace, where a router may listen
     subnet: str
 
 
@@ -55,7 +58,7 @@ def _add_host(index: int, tag: str, subnet: int) -> Host:
     _ip("-n", namespace, "addr", "add", f"{far}/30", "dev", peer)
     _ip("-n", namespace, "link", "set", peer, "up")
     _ip("-n", namespace, "link", "set", "lo", "up")
-    return Host(namespace, link, far, prefix)
+    return Host(namespace, link, far, near, prefix)
 
 
 def _remove_host(namespace: str, link: str, subnet: str) -> None:
@@ -68,8 +71,8 @@ def _remove_host(namespace: str, link: str, subnet: str) -> None:
     )
 
 
-@pytest.fixture
-def two_hosts() -> Iterator[list[Host]]:
+@contextmanager
+def namespaced_hosts(count: int) -> Iterator[list[Host]]:
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root (ip netns add); run as root to test many hosts")
     if shutil.which("ip") is None:
@@ -79,7 +82,7 @@ def two_hosts() -> Iterator[list[Host]]:
     base = os.getpid() % 120 * 2
     hosts: list[Host] = []
     try:
-        for index in range(2):
+        for index in range(count):
             try:
                 hosts.append(_add_host(index, tag, base + index))
             except subprocess.CalledProcessError as error:
@@ -93,9 +96,16 @@ def two_hosts() -> Iterator[list[Host]]:
             _remove_host(host.namespace, host.link, host.subnet)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+@pytest.fixture
+def two_hosts() -> Iterator[list[Host]]:
+    with namespaced_hosts(2) as hosts:
+        yield hosts
+
+
+@pytest.fixture
+def one_host() -> Iterator[Host]:
+    with namespaced_hosts(1) as hosts:
+        yield hosts[0]
 
 
 def statuses(address: str) -> dict[str, router_pb2.WorkerStatus]:
@@ -112,10 +122,10 @@ def health(address: str, worker: str) -> router_pb2.WorkerHealth.ValueType:
 
 def generate(address: str) -> generate_pb2.Summary:
     with grpc.insecure_channel(address) as channel:
-        request = generate_pb2.GenerateRequest(prompt="hello", max_new_tokens=3)
+        request = generate_pb2.GenerateRequest(prompt="The capital of France is", max_new_tokens=6)
         responses = list(router_pb2_grpc.RouterStub(channel).Generate(request, timeout=60))
     summary: generate_pb2.Summary = responses[-1].summary
-    assert summary.generated_tokens == 3
+    assert summary.generated_tokens == 6 and "Paris" in summary.text, summary
     return summary
 
 
@@ -124,17 +134,15 @@ def in_namespace(pid: int, namespace: str) -> bool:
 
 
 def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link(
-    tmp_path: Path, tiny_model: Path, two_hosts: list[Host]
+    tmp_path: Path, two_hosts: list[Host]
 ) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     tiers = {"near": "fp32", "far": "bf16"}
     names = list(tiers)
-    common = {"model": {"path": str(tiny_model)}, "metrics": {"enabled": False}}
     pool = write_config(
         tmp_path / "pool.toml",
-        {
-            **common,
-            "workers": [
+        default_model(
+            workers=[
                 {
                     "name": name,
                     "tier": tiers[name],
@@ -143,8 +151,8 @@ def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link
                     "warmup_runs": 0,
                 }
                 for index, (name, host) in enumerate(zip(names, two_hosts, strict=True))
-            ],
-        },
+            ]
+        ),
     )
     servers: list[Server] = []
     try:
@@ -156,16 +164,15 @@ def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link
             assert in_namespace(server.process.pid, host.namespace)
         router_config = write_config(
             tmp_path / "router.toml",
-            {
-                **common,
-                # Accuracy-blind, so either tier serves: a tiny random model's bf16 card is no
-                # guide (its perplexity change can be NaN), and every worker takes turns.
-                "router": {"port": 0, "health_interval_s": 0.3, "policy": "round_robin"},
-                "workers": [
+            default_model(
+                # Accuracy-blind, so every worker takes turns (slo would keep to fp32, the most
+                # accurate, while both are fast enough).
+                router={"port": 0, "health_interval_s": 0.3, "policy": "round_robin"},
+                workers=[
                     {"name": name, "tier": tiers[name], "address": f"{host.address}:{server.port()}"}
                     for name, host, server in zip(names, two_hosts, servers, strict=True)
                 ],
-            },
+            ),
         )
         router = spawn("router", ["router"], router_config, tmp_path)
         servers.append(router)
@@ -195,5 +202,67 @@ def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link
         assert servers[0].process.poll() is None
     finally:
         for server in reversed(servers):  # the router first, so no request reaches a stopping worker
+            stop(server)
+        print("\n".join(s.tail() for s in servers))
+
+
+def test_a_worker_on_another_host_registers_over_its_link_and_rejoins_after_a_cut(
+    tmp_path: Path, one_host: Host
+) -> None:
+    ttl_s = 3.0
+    # The router listens on its end of the link only; the worker, inside its namespace, on its own.
+    router, address = start_router(
+        tmp_path,
+        one_host.near,
+        router={"host": one_host.near, "port": 0, "health_interval_s": 0.3, "registration_ttl_s": ttl_s},
+    )
+    servers = [router]
+    try:
+        worker_config = write_config(
+            tmp_path / "worker.toml",
+            default_model(
+                workers=[
+                    {
+                        "name": "remote",
+                        "tier": "fp32",
+                        "host": one_host.address,
+                        "cores": [sorted(os.sched_getaffinity(0))[0]],
+                        "warmup_runs": 0,
+                        "register_with": address,
+                        "heartbeat_interval_s": 0.5,
+                    }
+                ]
+            ),
+        )
+        prefix = ["ip", "netns", "exec", one_host.namespace]
+        worker = spawn("worker", ["worker", "--name", "remote"], worker_config, tmp_path, prefix)
+        servers.append(worker)
+
+        def serving() -> bool:
+            return health(address, "remote") == router_pb2.WORKER_HEALTH_SERVING
+
+        wait_until(serving, "the worker registers across its link and serves", servers, START_TIMEOUT_S)
+        assert in_namespace(worker.process.pid, one_host.namespace)
+        status = statuses(address)["remote"]
+        assert status.registered and status.address == f"{one_host.address}:{worker.port()}"
+        assert generate(address).worker_id == "remote"
+
+        _ip("link", "set", one_host.link, "down")  # the heartbeats cannot reach the router now
+        wait_until(
+            lambda: "remote" not in statuses(address),
+            "the cut-off worker expires",
+            servers,
+            ttl_s + CUT_NOTICED_S,
+        )
+        assert worker.process.poll() is None  # cut off, not dead
+        _ip("link", "set", one_host.link, "up")
+        wait_until(serving, "the worker's heartbeats bring it back", servers, CUT_NOTICED_S)
+        assert generate(address).worker_id == "remote"
+        log = worker.log.read_text()
+        # One warning for the whole outage, then registered again.
+        assert log.count(f"registration with router {address} failed") == 1
+        assert log.count(f"registered with router {address} as remote") == 2
+    finally:
+        for server in servers:  # the router first
             stop(server)
         print("\n".join(s.tail() for s in servers))

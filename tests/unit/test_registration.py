@@ -5,24 +5,29 @@ a fake clock the tests step; the router and workers are in-process servers on po
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 
 from router.policy import make_policy
 from router.pool import WorkerPool
-from router.registration import Registrations, registration_from_request
+from router.registration import Registrations, registration_from_request, router_interceptors
 from router.service import RouterServicer
 from tests.unit.fake_pool import FakeWorker
-from tierserve.config import ConfigError, TierserveConfig, WorkerConfig, parse_config
+from tierserve.certs import PoolCertificates, make_pool_certificates
+from tierserve.config import ConfigError, SecurityConfig, TierserveConfig, WorkerConfig, parse_config
 from tierserve.errors import InvalidRequest, Unsatisfiable
 from tierserve.grpcserver import ServerHandle, start_server
+from tierserve.tls import read_pem, router_server_credentials
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from worker.registration import start_heartbeat, stop_heartbeat
+from worker.registration import heartbeat, registration_options, start_heartbeat, stop_heartbeat
 
 TTL_S = 10.0
 
@@ -176,9 +181,17 @@ class Router:
 
 
 @asynccontextmanager
-async def router_with_clock(clock: Callable[[], float]) -> AsyncIterator[Router]:
-    """A real router (no configured workers) whose registrations expire on `clock`."""
-    config = parse_config({"router": {"port": 0, "health_interval_s": 0.05, "registration_ttl_s": TTL_S}})
+async def router_with_clock(
+    clock: Callable[[], float], security: dict[str, object] | None = None
+) -> AsyncIterator[Router]:
+    """A real router (no configured workers) whose registrations expire on `clock`, with the
+    router process's own TLS and authentication when `security` (a [security] table) asks."""
+    config = parse_config(
+        {
+            "router": {"port": 0, "health_interval_s": 0.05, "registration_ttl_s": TTL_S},
+            "security": security or {},
+        }
+    )
     pool = WorkerPool(config, clock=clock)
     servicer = RouterServicer(pool, make_policy("slo"), config.limits, config.service_level)
 
@@ -186,10 +199,20 @@ async def router_with_clock(clock: Callable[[], float]) -> AsyncIterator[Router]
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
 
-    handle = await start_server("127.0.0.1", 0, register)
+    handle = await start_server(
+        "127.0.0.1",
+        0,
+        register,
+        credentials=router_server_credentials(config.security),
+        interceptors=router_interceptors(config.security),
+    )
     pool.start()
     address = f"127.0.0.1:{handle.port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = (
+        grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(read_pem(config.security.ca, "ca")))
+        if config.security.router_tls
+        else grpc.aio.insecure_channel(address)
+    )
     try:
         yield Router(pool, router_pb2_grpc.RouterStub(channel), address)
     finally:
@@ -292,3 +315,193 @@ def test_the_worker_heartbeat_registers_and_keeps_refreshing_until_stopped() -> 
         assert start_heartbeat(WorkerConfig(name="static", tier="fp32"), bound_port=1) is None
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+REGISTRATION = router_pb2.RegisterRequest(worker_id="w-0", address="127.0.0.1:50999", tier="fp32")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> PoolCertificates:
+    return make_pool_certificates(tmp_path_factory.mktemp("certs"), ["sec-0"])
+
+
+def write_tokens(tmp_path: Path) -> dict[str, object]:
+    """A tokens file for clients and a registration token file for workers, as [security] fields."""
+    (tmp_path / "tokens.txt").write_text("client-secret alice\n")
+    (tmp_path / "registration.txt").write_text("# the workers' token\nworker-secret workers\n")
+    return {
+        "tokens_file": str(tmp_path / "tokens.txt"),
+        "registration_token_file": str(tmp_path / "registration.txt"),
+    }
+
+
+async def register_code(router: Router, token: str) -> grpc.StatusCode:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        await router.stub.Register(REGISTRATION, timeout=5, metadata=metadata)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_with_tokens_on_only_a_registration_token_may_register(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with router_with_clock(FakeClock(), write_tokens(tmp_path)) as router:
+            assert await register_code(router, "") == grpc.StatusCode.UNAUTHENTICATED
+            # A client's token is good for Generate, not for adding a worker that would get prompts.
+            assert await register_code(router, "client-secret") == grpc.StatusCode.PERMISSION_DENIED
+            assert await register_code(router, "guess") == grpc.StatusCode.PERMISSION_DENIED
+            assert router.pool.registrations.get("w-0") is None and not router.pool.workers
+            assert await register_code(router, "worker-secret") == grpc.StatusCode.OK
+            assert router.pool.by_id("w-0").registered
+            # ...and the registration token is no client token.
+            workers_call = router.stub.ListWorkers(
+                router_pb2.ListWorkersRequest(),
+                timeout=5,
+                metadata=(("authorization", "Bearer worker-secret"),),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await workers_call
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            client = (("authorization", "Bearer client-secret"),)
+            reply = await router.stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5, metadata=client)
+            assert [w.worker_id for w in reply.workers] == ["w-0"]
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_client_tokens_without_a_registration_token_file_close_register(tmp_path: Path) -> None:
+    (tmp_path / "tokens.txt").write_text("client-secret alice\n")
+
+    async def scenario() -> None:
+        async with router_with_clock(FakeClock(), {"tokens_file": str(tmp_path / "tokens.txt")}) as router:
+            assert await register_code(router, "") == grpc.StatusCode.UNAUTHENTICATED
+            assert await register_code(router, "client-secret") == grpc.StatusCode.PERMISSION_DENIED
+            assert not router.pool.workers
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_a_registration_token_file_alone_guards_register_and_leaves_the_rest_open(tmp_path: Path) -> None:
+    security = {"registration_token_file": write_tokens(tmp_path)["registration_token_file"]}
+
+    async def scenario() -> None:
+        async with router_with_clock(FakeClock(), security) as router:
+            assert await register_code(router, "") == grpc.StatusCode.UNAUTHENTICATED
+            assert await register_code(router, "client-secret") == grpc.StatusCode.PERMISSION_DENIED
+            assert await register_code(router, "worker-secret") == grpc.StatusCode.OK
+            assert [
+                w.worker_id for w in (await router.stub.ListWorkers(router_pb2.ListWorkersRequest())).workers
+            ] == ["w-0"]
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def secured_pool(certs: PoolCertificates, tmp_path: Path, client_ca: bool) -> dict[str, object]:
+    """TLS to the router (optionally requiring client certificates), tokens for clients and workers."""
+    security: dict[str, object] = {
+        "ca": str(certs.ca),
+        "router_cert": str(certs.router.cert),
+        "router_key": str(certs.router.key),
+        **write_tokens(tmp_path),
+    }
+    if client_ca:
+        security |= {
+            "client_ca": str(certs.ca),
+            "registration_cert": str(certs.client.cert),
+            "registration_key": str(certs.client.key),
+        }
+    return security
+
+
+@pytest.mark.parametrize("client_ca", [False, True], ids=["tls", "mutual-tls"])
+def test_the_heartbeat_registers_over_tls_with_the_registration_token(
+    certs: PoolCertificates, tmp_path: Path, client_ca: bool
+) -> None:
+    security = secured_pool(certs, tmp_path, client_ca)
+
+    async def scenario() -> None:
+        async with router_with_clock(FakeClock(), security) as router:
+            config = WorkerConfig(
+                name="sec-0", tier="fp32", register_with=router.address, heartbeat_interval_s=0.05
+            )
+            task = start_heartbeat(config, 50999, SecurityConfig.model_validate(security))
+            try:
+                await until(lambda: router.pool.registrations.get("sec-0") is not None, "registered over TLS")
+            finally:
+                await stop_heartbeat(task)
+            assert router.pool.by_id("sec-0").address == "127.0.0.1:50999"
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+@pytest.mark.parametrize(
+    ("missing", "code"),
+    [
+        (["registration_token_file"], "UNAUTHENTICATED"),
+        # No client certificate: the router's TLS handshake refuses the worker.
+        (["registration_cert", "registration_key"], "UNAVAILABLE"),
+        # The router not verified: the system's roots do not know the pool CA.
+        (["ca"], "UNAVAILABLE"),
+    ],
+)
+def test_a_heartbeat_missing_any_part_of_the_security_never_registers(
+    certs: PoolCertificates,
+    tmp_path: Path,
+    missing: list[str],
+    code: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    router_side = secured_pool(certs, tmp_path, client_ca=True)
+    worker_side = SecurityConfig.model_validate({k: v for k, v in router_side.items() if k not in missing})
+    request = router_pb2.RegisterRequest(worker_id="sec-0", address="127.0.0.1:50999", tier="fp32")
+
+    async def scenario() -> None:
+        async with router_with_clock(FakeClock(), router_side) as router:
+            if "registration_cert" in missing:
+                # The worker's config check stops it at start-up...
+                with pytest.raises(
+                    ConfigError, match="set \\[security\\] registration_cert and registration_key"
+                ):
+                    registration_options(worker_side, "sec-0", router.address)
+                # ...and forced through anyway, the router refuses it.
+                secured = registration_options(
+                    SecurityConfig.model_validate(router_side), "sec-0", router.address
+                )
+                options = dataclasses.replace(secured, certificate_chain=None, private_key=None)
+            else:
+                options = registration_options(worker_side, "sec-0", router.address)
+            task = asyncio.create_task(heartbeat(options, request, 0.05))
+            await until(lambda: "registration with router" in caplog.text, "the heartbeat fails")
+            await asyncio.sleep(0.3)  # a few more heartbeat intervals
+            await stop_heartbeat(task)
+            assert router.pool.registrations.get("sec-0") is None and not router.pool.workers
+            assert f"failed ({code}:" in caplog.text
+
+    with caplog.at_level(logging.WARNING, logger="worker.registration"):
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_registration_options_follow_the_security_config(certs: PoolCertificates, tmp_path: Path) -> None:
+    plain = registration_options(SecurityConfig(), "w", "router:50051")
+    assert not plain.secure and plain.metadata() == ()
+    tokens = write_tokens(tmp_path)
+    tokened = registration_options(SecurityConfig.model_validate(tokens), "w", "router:50051")
+    # The first token of the file, comments skipped; sent even without TLS (as any client's would be).
+    assert not tokened.secure and tokened.metadata() == (("authorization", "Bearer worker-secret"),)
+    tls = registration_options(
+        SecurityConfig.model_validate(secured_pool(certs, tmp_path, False)), "w", "r:1"
+    )
+    assert tls.secure and tls.root_certificates == certs.ca.read_bytes() and tls.certificate_chain is None
+    per_worker = {
+        **secured_pool(certs, tmp_path, True),
+        "registration_cert": str(tmp_path / "{name}.pem"),
+        "registration_key": str(tmp_path / "{name}.key"),
+    }
+    with pytest.raises(ConfigError, match=r"registration_cert: cannot read .*/sec-0\.pem"):
+        registration_options(SecurityConfig.model_validate(per_worker), "sec-0", "r:1")
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="no token"):
+        registration_options(SecurityConfig(registration_token_file=str(tmp_path / "empty.txt")), "w", "r:1")
+    with pytest.raises(ValueError, match="registration_cert and registration_key"):
+        SecurityConfig(registration_cert="c.pem")
