@@ -19,6 +19,7 @@ from router.pool import WorkerHandle, WorkerPool
 from router.prediction import Ticket
 from router.registration import registration_from_request
 from tierserve.config import LimitsConfig, ServiceLevelConfig
+from tierserve.departures import departure_code
 from tierserve.errors import InvalidRequest, Overloaded, TierserveError, status_for
 from tierserve.requests import apply_service_level, validate_generate_request, within_budget
 from tierserve.tracing import RequestSpan, start_request_span
@@ -119,6 +120,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
+            if code == grpc.StatusCode.CANCELLED:
+                code = departure_code(context)
             span.end(code)
 
     async def _attempt(
@@ -167,6 +170,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise
         finally:
             worker.end(ticket)
+            if code == grpc.StatusCode.CANCELLED and context.cancelled():
+                code = departure_code(context)
             self.metrics.finished(worker.tier, worker.worker_id, code)
 
     async def _fail_over(

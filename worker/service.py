@@ -15,6 +15,7 @@ import grpc
 
 from tierserve.config import LimitsConfig
 from tierserve.deadlines import first_token_deadline
+from tierserve.departures import departure_code
 from tierserve.errors import TierserveError, status_for
 from tierserve.latency import percentile
 from tierserve.requests import validate_generate_request, within_budget
@@ -116,6 +117,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
+            if code == grpc.StatusCode.CANCELLED:
+                code = departure_code(context)
             self.metrics.finished(code)
             span.end(code)
 

@@ -41,6 +41,9 @@ class Pool:
     def tokens_made(self) -> int:
         return int(total(scrape(self.metrics_url), "tierserve_worker_tokens_total"))
 
+    def requests_ended(self, status: str) -> int:
+        return int(total(scrape(self.metrics_url), "tierserve_worker_requests_total", status=status))
+
     def describe(self) -> worker_pb2.WorkerInfo:
         with grpc.insecure_channel(self.worker) as channel:
             info: worker_pb2.WorkerInfo = worker_pb2_grpc.WorkerStub(channel).Describe(
@@ -127,6 +130,9 @@ def test_a_stopped_stream_stops_the_model_within_a_step_and_frees_it_at_once(
 ) -> None:
     assert pool.idle()
     before = pool.tokens_made()
+    # The worker tells a passed deadline from a cancel (both reach it as a cancelled call).
+    status = "cancelled" if end == "cancel" else "deadline_exceeded"
+    ended_before = pool.requests_ended(status)
     received, stopped, close = stream_then_stop(pool, via, end, reference)
     # The next request, sent the moment the client gave up, gets the model as soon as it is free.
     next_request = generate_pb2.GenerateRequest(prompt="The capital of France is", max_new_tokens=4)
@@ -160,6 +166,7 @@ def test_a_stopped_stream_stops_the_model_within_a_step_and_frees_it_at_once(
     assert received <= made <= received + SLACK_TOKENS[via], (
         f"the client received {received} tokens, the model made {made}"
     )
+    assert pool.requests_ended(status) == ended_before + 1
 
 
 def test_cancelling_queued_requests_never_blocks_the_one_behind(pool: Pool, reference: Reference) -> None:
