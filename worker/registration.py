@@ -67,19 +67,25 @@ def registration_options(security: SecurityConfig, worker_name: str, router_addr
     )
 
 
-def router_channel(options: ClientOptions) -> grpc.aio.Channel:
+def router_channel(options: ClientOptions, interval_s: float) -> grpc.aio.Channel:
+    # Reconnect at least once a heartbeat interval (gRPC's default backs off up to 120 s), so a
+    # router back after a long outage or a mended link has the worker again within an interval.
+    backoff_ms = max(100, round(interval_s * 1000))
+    channel_options = [
+        *options.channel_options(),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", backoff_ms),
+    ]
     if options.secure:
-        return grpc.aio.secure_channel(
-            options.address, options.credentials(), options=options.channel_options()
-        )
-    return grpc.aio.insecure_channel(options.address, options=options.channel_options())
+        return grpc.aio.secure_channel(options.address, options.credentials(), options=channel_options)
+    return grpc.aio.insecure_channel(options.address, options=channel_options)
 
 
 async def heartbeat(options: ClientOptions, request: router_pb2.RegisterRequest, interval_s: float) -> None:
     """Register now and then every interval_s until cancelled; a failed call is logged (once per
     outage) and retried at the next interval, so a router that restarts picks the worker up again."""
     router_address = options.address
-    async with router_channel(options) as channel:
+    async with router_channel(options, interval_s) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         failing = False
         while True:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -182,7 +183,7 @@ class Router:
 
 @asynccontextmanager
 async def router_with_clock(
-    clock: Callable[[], float], security: dict[str, object] | None = None
+    clock: Callable[[], float], security: dict[str, object] | None = None, port: int = 0
 ) -> AsyncIterator[Router]:
     """A real router (no configured workers) whose registrations expire on `clock`, with the
     router process's own TLS and authentication when `security` (a [security] table) asks."""
@@ -201,7 +202,7 @@ async def router_with_clock(
 
     handle = await start_server(
         "127.0.0.1",
-        0,
+        port,
         register,
         credentials=router_server_credentials(config.security),
         interceptors=router_interceptors(config.security),
@@ -313,6 +314,26 @@ def test_the_worker_heartbeat_registers_and_keeps_refreshing_until_stopped() -> 
             clock.now += TTL_S
             await until(lambda: not router.pool.workers, "the silent worker expires")
         assert start_heartbeat(WorkerConfig(name="static", tier="fp32"), bound_port=1) is None
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_a_worker_whose_router_was_down_a_while_registers_within_an_interval_of_its_return() -> None:
+    async def scenario() -> None:
+        with socket.socket() as probe:  # a free port, where the router will come up later
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = WorkerConfig(
+            name="late-0", tier="fp32", register_with=f"127.0.0.1:{port}", heartbeat_interval_s=0.2
+        )
+        task = start_heartbeat(config, bound_port=50999)
+        # Long enough for gRPC's own reconnect backoff to have grown to seconds (1, 1.6, 2.6, 4.1 s...).
+        await asyncio.sleep(6.0)
+        async with router_with_clock(FakeClock(), port=port) as router:
+            back = time.monotonic()
+            await until(lambda: router.pool.registrations.get("late-0") is not None, "registered", 10.0)
+            assert time.monotonic() - back < 1.5
+        await stop_heartbeat(task)
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
 
