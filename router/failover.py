@@ -84,6 +84,8 @@ class StreamProgress:
     text_at_offset: str = ""
     # When the client received its first token, microseconds after arrival (0: not yet).
     client_ttft_us: float = 0.0
+    # The summary is on its way to the client: the stream is complete, whatever happens next.
+    summary_sent: bool = False
 
     def __post_init__(self) -> None:
         # A sampled request gets its seed here rather than on a worker, so a resume can derive the
@@ -150,6 +152,7 @@ class StreamProgress:
 
     def finish(self, summary: generate_pb2.Summary, total_time_us: int) -> None:
         """Make the last worker's summary describe the whole stream the client received."""
+        self.summary_sent = True
         if not self.failed_workers:
             return
         summary.failovers = self.failovers

@@ -107,6 +107,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     code = None
                     return
                 except WorkerStreamFailed as failure:
+                    if progress.summary_sent:
+                        # The worker failed after its summary, before its status: the client has
+                        # the whole stream, and a resume would send tokens after the summary.
+                        log.info("request %s: complete, then %s", progress.request.request_id, failure)
+                        code = None
+                        return
                     progress.failed(failure)
                     failed = self._pool.by_id(failure.worker_id)
                     self.metrics.failed_over(failed.tier, failed.worker_id, failure.code, progress.offset > 0)
