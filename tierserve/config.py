@@ -126,6 +126,9 @@ class TierRecipe(_Strict):
     # int8-sq: SmoothQuant migration strength, and how many calibration texts to run.
     alpha: float = Field(default=0.5, gt=0, lt=1)
     calibration_samples: int = Field(default=8, ge=1)
+    # int8-sq activation scales: "dynamic", one per token computed at run time (fbgemm int8
+    # linears); "static", one per tensor from calibration (IPEX). See worker/tiers/int8_sq.py.
+    activation_scales: Literal["dynamic", "static"] = "dynamic"
     # int8-woq / int4-woq: weights quantized in groups of this many input channels (0: one
     # group per output channel); IPEX's low-precision compute mode; an optional pre-quantized
     # checkpoint for IPEX.

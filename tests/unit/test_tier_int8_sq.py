@@ -1,5 +1,7 @@
-"""The int8-sq tier (IPEX SmoothQuant static int8) on the tiny random model: calibrate, save the
-qconfig summary, load from it, generate; plus the checks and the artifact key."""
+"""The int8-sq tier on the tiny random model. Static activation scales (IPEX SmoothQuant):
+calibrate, save the qconfig summary, load from it, generate. Dynamic (the default): smoothing
+folded exactly into the float weights, per-token int8 activations, build, load, generate.
+Plus the checks and the artifact key."""
 
 from __future__ import annotations
 
@@ -7,17 +9,20 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
 from tierserve.config import ConfigError, TierRecipe
 from tierserve.requests import GenerationParams, SamplingParams
 from worker.accuracy import tier_log_probs
 from worker.engine import Engine, TokenEvent
-from worker.tiers import LoadedModel, TierContext, make_tier
+from worker.tiers import LoadedModel, TierContext, make_tier, native_woq, smoothing
 from worker.tiers.int8_sq import QCONFIG_SUMMARY, Int8SqTier, keep_in_fp32
+from worker.tiers.ipex_common import load_hf_model
 
 PARAGRAPHS = [
     "Rivers carve valleys over thousands of years, carrying sand and stones towards the sea.",
@@ -25,6 +30,7 @@ PARAGRAPHS = [
     "The committee met on Tuesday and agreed to publish its findings before the summer.",
 ]
 SAMPLES = 2
+ActivationScales = Literal["dynamic", "static"]
 
 
 def write_texts(path: Path, paragraphs: list[str]) -> Path:
@@ -32,10 +38,11 @@ def write_texts(path: Path, paragraphs: list[str]) -> Path:
     return path
 
 
-def context(calibration_file: Path, alpha: float = 0.5, samples: int = SAMPLES) -> TierContext:
-    return TierContext(
-        recipe=TierRecipe(alpha=alpha, calibration_samples=samples), calibration_file=calibration_file
-    )
+def context(
+    calibration_file: Path, alpha: float = 0.5, samples: int = SAMPLES, scales: ActivationScales = "static"
+) -> TierContext:
+    recipe = TierRecipe(alpha=alpha, calibration_samples=samples, activation_scales=scales)
+    return TierContext(recipe=recipe, calibration_file=calibration_file)
 
 
 @dataclass
@@ -147,3 +154,101 @@ def test_recipe_key_follows_alpha_and_the_calibration_texts_used(tmp_path: Path)
     # Paragraphs past calibration_samples are never read, so they do not key the artifact.
     longer = write_texts(tmp_path / "c.txt", [*PARAGRAPHS, "An extra paragraph."])
     assert make_tier("int8-sq", context(longer)).recipe_key() == base
+
+
+def test_the_default_is_dynamic_and_the_mode_keys_the_artifact(tmp_path: Path) -> None:
+    texts = write_texts(tmp_path / "a.txt", PARAGRAPHS)
+    dynamic = make_tier("int8-sq", TierContext(calibration_file=texts)).recipe_key()
+    static = make_tier("int8-sq", context(texts)).recipe_key()
+    assert dynamic["activation_scales"] == "dynamic" and "dynamic_format" in dynamic
+    assert static["activation_scales"] == "static" and dynamic != static
+
+
+# ------------------------------------------------------------------ dynamic activation scales
+
+
+def test_smoothing_leaves_the_float_model_s_logits_unchanged(built: Built) -> None:
+    model, tokenizer = load_hf_model(built.model_dir)
+    ids = tokenizer(PARAGRAPHS[0], return_tensors="pt")["input_ids"]
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    with torch.inference_mode():
+        before = model(ids).logits
+    ranges = smoothing.activation_ranges(model, [ids])
+    factors = smoothing.smoothing_factors(model, ranges, alpha=0.8, smooth_head=True)
+    # Not a trivial test: the factors really move the ranges around.
+    assert all((f - 1.0).abs().max().item() > 0.1 for f in factors.values())
+    smoothing.apply_smoothing(model, factors)
+    with torch.inference_mode():
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
+    # The tied head was untied: the embeddings keep their weights.
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+
+
+def test_smoothing_flattens_an_outlier_channel(built: Built) -> None:
+    model, tokenizer = load_hf_model(built.model_dir)
+    ids = tokenizer(PARAGRAPHS[1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 50.0  # q/k/v input channel 5: an outlier
+    ranges = smoothing.activation_ranges(model, [ids])
+    smoothing.apply_smoothing(model, smoothing.smoothing_factors(model, ranges, alpha=0.5))
+    smoothed = smoothing.activation_ranges(model, [ids])["layers.0.qkv"]
+    assert smoothed[5] / smoothed.median() < 0.2 * ranges["layers.0.qkv"][5] / ranges["layers.0.qkv"].median()
+
+
+def test_per_token_quantization_keeps_an_outlier_row_from_hurting_the_others() -> None:
+    torch.manual_seed(3)
+    weight = torch.randn(96, 64) * 0.05
+    q8 = native_woq.quantize_int8(weight)
+    linear = native_woq.DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range=False)
+    x = torch.randn(1, 5, 64)
+    x[0, 0] *= 3000.0  # an attention-sink token
+    y, expected = linear(x), x @ weight.T
+    ordinary = (y - expected)[0, 1:].norm() / expected[0, 1:].norm()
+    sink = (y - expected)[0, 0].norm() / expected[0, 0].norm()
+    # Per tensor, the ordinary rows would get ~1/3000 of the int8 range: error ~100%.
+    assert ordinary.item() < 0.03 and sink.item() < 0.03
+    # One row (decode) takes fbgemm's own per-tensor path, which is per token there.
+    assert torch.allclose(
+        linear(x[:, 2:3]), y[:, 2:3], rtol=0.05, atol=0.05 * expected[0, 2].abs().max().item()
+    )
+
+
+@pytest.fixture(scope="module")
+def dynamic(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], LoadedModel]:
+    tier = make_tier("int8-sq", context(built.calibration_file, scales="dynamic"))
+    tier.check(load_hf_model(built.model_dir)[0].config)
+    artifact_dir = tmp_path_factory.mktemp("int8-sq-dynamic")
+    progress: list[str] = []
+    tier.build(built.model_dir, artifact_dir, progress.append)
+    return artifact_dir, progress, tier.load(built.model_dir, artifact_dir)
+
+
+def test_dynamic_build_stores_factors_and_weights(dynamic: tuple[Path, list[str], LoadedModel]) -> None:
+    artifact_dir, progress, _ = dynamic
+    assert progress[0] == f"calibrating on {SAMPLES} texts"
+    assert (artifact_dir / smoothing.FACTORS_FILE).is_file()
+    assert (artifact_dir / native_woq.ARTIFACT_FILE).is_file()
+
+
+def test_dynamic_load_describes_and_generates(dynamic: tuple[Path, list[str], LoadedModel]) -> None:
+    loaded = dynamic[2]
+    assert loaded.dtype is torch.int8 and loaded.context_tokens == TINY_CONTEXT_TOKENS
+    assert "SmoothQuant (alpha=0.5)" in loaded.kernel and "per-token dynamic int8" in loaded.kernel
+    assert 1 <= len(generate_greedy(loaded, 4)) <= 4
+    chunk = loaded.tokenizer(PARAGRAPHS[2])["input_ids"][:10]
+    assert torch.isfinite(tier_log_probs(loaded, chunk)).all()
+
+
+def test_dynamic_load_without_factors_fails(built: Built, tmp_path: Path) -> None:
+    tier = make_tier("int8-sq", context(built.calibration_file, scales="dynamic"))
+    with pytest.raises(FileNotFoundError, match=smoothing.FACTORS_FILE):
+        tier.load(built.model_dir, tmp_path)
+
+
+def test_dynamic_refuses_models_with_biases(tmp_path: Path) -> None:
+    tier = make_tier("int8-sq", context(write_texts(tmp_path / "c.txt", PARAGRAPHS), scales="dynamic"))
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, attention_bias=True)
+    config.architectures = ["LlamaForCausalLM"]
+    with pytest.raises(ConfigError, match="without bias"):
+        tier.check(config)

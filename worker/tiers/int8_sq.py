@@ -1,28 +1,46 @@
-"""Tier int8-sq: SmoothQuant static int8 through IPEX.
+"""Tier int8-sq: SmoothQuant int8, in two modes chosen by the recipe's `activation_scales`.
 
 SmoothQuant moves part of each linear layer's activation outliers into its weights
-(per input channel, by a factor set by `alpha`), so that both can be quantized to int8:
-activations statically (one scale per tensor, found by calibration), weights per output
-channel. `build` runs the calibration texts through IPEX's prepared model and saves the
-observed ranges as a qconfig summary; `load` quantizes a fresh model from that summary
-and traces it, which takes seconds and needs no calibration.
+(per input channel, by a factor set by `alpha`), so that both can be quantized to int8,
+weights per output channel. The modes differ in how activations get their int8 scale:
+
+- "dynamic" (the default, `worker.tiers.int8_sq_dynamic`): one scale per token, computed at
+  run time. `build` calibrates on the texts (per-channel activation maxima), folds the factors
+  exactly into the float model (`worker.tiers.smoothing`: RMSNorm weights, up_proj and v_proj
+  rows) and stores them with the int8 weights; every linear layer, lm_head included, then runs
+  as fbgemm's dynamic int8 linear (`quantized::linear_dynamic`, rows scaled apart so a prompt's
+  tokens do not share a scale) inside IPEX's traced fp32 decoder graph.
+- "static": IPEX's SmoothQuant, one static scale per tensor found by calibration. `build` runs
+  the calibration texts through IPEX's prepared model and saves the observed ranges as a
+  qconfig summary; `load` quantizes a fresh model from that summary and traces it.
 
 Measured on the default model (SmolLM2-135M, 2 threads of an AVX-512 VNNI EPYC, no AMX),
-alpha 0.5, 8 calibration texts, 1020 evaluation tokens:
+8 calibration texts, accuracy cards on 1020 evaluation tokens; speeds as ratios measured side by
+side in one process (absolute times on this shared machine drift):
 
-- every linear in int8 (the default): about 11.5 ms per token (IPEX bf16: 11.8), perplexity
-  +24.6% against fp32. Per-tensor static activation scales cannot cover the down_proj inputs:
-  the model has "massive activations" at the first position (the attention sink), e.g. layer
-  11's down_proj input reaches ~3000 at position 0 against <= 10 at every other position
-  (layer 28: ~2400 against ~60), so one scale per tensor leaves the ordinary tokens a handful
-  of quantization steps. No alpha fixes that (0.2: +191%, 0.35: +59%, 0.65: +22.5%, 0.8: +33%).
-- every down_proj as PyTorch's weight-only int8 kernel (bf16 activations) and the lm_head as
-  fbgemm's dynamic int8 linear, the rest SmoothQuant static int8: +1.5%, and slower (the
-  weight-only down_proj costs about twice IPEX's fused int8 linear).
-- `fp32_ops` = every down_proj: +3.5%; every down_proj and lm_head: +0.9%, but then about
-  26 ms per token, slower than bf16.
-- bf16 autocast between the int8 ops (IPEX's `--quant-with-amp`): slower (about 13 ms) and
-  less accurate (+29.6%) here.
+- dynamic, alpha 0.5: perplexity +0.65% against fp32, KL 0.0114, top-1 agreement 92.3%; decode
+  7.3x faster than transformers' eager fp32 and 0.67x the time per token of IPEX bf16 (static:
+  0.97x); a 256-token prompt's first token ~1.25x bf16's time (static: 0.8x). Alpha 0.4: KL
+  0.0136, 0.6: 0.0120, 0.7: 0.0142 (perplexity deltas between +0.4% and +2.9%: at this KL, 1020
+  tokens resolve the perplexity change only to about a percent). No smoothing: KL 0.0203.
+  Position 0 left out of calibration: KL 0.034. Sensitivity (one kind of linear in fp32, the rest
+  int8): down_proj KL 0.0076, gate/up 0.0098, q/k/v 0.0101, o_proj 0.0109, lm_head 0.0114 (no
+  gain; so the lm_head is not smoothed). For a prompt (one forward of many tokens) per-row
+  scales matter: next-token KL after 24 prompts of 16-255 tokens 0.014, against 0.12 with one
+  fbgemm scale for the whole prompt.
+- static, every linear in int8: about 11.5 ms per token (IPEX bf16: 11.8), perplexity +24.6%.
+  Per-tensor static activation scales cannot cover the down_proj inputs: the model has
+  "massive activations" at the first position (the attention sink), e.g. layer 11's down_proj
+  input reaches ~3000 at position 0 against <= 10 at every other position (layer 28: ~2400
+  against ~60), so one scale per tensor leaves the ordinary tokens a handful of quantization
+  steps. No alpha fixes that (0.2: +191%, 0.35: +59%, 0.65: +22.5%, 0.8: +33%).
+- static, every down_proj as PyTorch's weight-only int8 kernel (bf16 activations) and the
+  lm_head as fbgemm's dynamic int8 linear: +1.5%, and slower (the weight-only down_proj costs
+  about twice IPEX's fused int8 linear).
+- static, `fp32_ops` = every down_proj: +3.5%; every down_proj and lm_head: +0.9%, but then
+  about 26 ms per token, slower than bf16.
+- static with bf16 autocast between the int8 ops (IPEX's `--quant-with-amp`): slower (about
+  13 ms) and less accurate (+29.6%) here.
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ from typing import Any, ClassVar
 import torch
 
 from tierserve.textsets import fingerprint, read_paragraphs
+from worker.tiers import int8_sq_dynamic
 from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
 from worker.tiers.ipex_common import cpu_capability, graph_mode, load_hf_model
 
@@ -79,8 +98,8 @@ def keep_in_fp32(summary: dict[str, Any], patterns: Sequence[str]) -> list[str]:
 @register_tier
 class Int8SqTier(Tier):
     name = "int8-sq"
-    recipe_fields = ("alpha", "calibration_samples")
-    # Quantized ops left in fp32 (patterns for `keep_in_fp32`). Empty: every linear layer,
+    recipe_fields = ("alpha", "calibration_samples", "activation_scales")
+    # Static mode: quantized ops left in fp32 (patterns for `keep_in_fp32`). Empty: every linear layer,
     # lm_head included, runs in int8. See the accuracy/speed trade-off in the module notes.
     fp32_ops: ClassVar[tuple[str, ...]] = ()
 
@@ -88,14 +107,24 @@ class Int8SqTier(Tier):
         """The calibration paragraphs this tier uses: at most `calibration_samples` of them."""
         return read_paragraphs(self.context.calibration_file)[: self.recipe.calibration_samples]
 
+    @property
+    def dynamic(self) -> bool:
+        return self.recipe.activation_scales == "dynamic"
+
+    def kernel_path(self) -> str:
+        return "native" if self.dynamic else "ipex"
+
     def recipe_key(self) -> dict[str, Any]:
-        return {
-            **super().recipe_key(),
-            "calibration": fingerprint(self.calibration_texts()),
-            "fp32_ops": list(self.fp32_ops),
-        }
+        key = {**super().recipe_key(), "calibration": fingerprint(self.calibration_texts())}
+        if self.dynamic:
+            key["dynamic_format"] = int8_sq_dynamic.FORMAT
+        else:
+            key["fp32_ops"] = list(self.fp32_ops)
+        return key
 
     def check(self, model_config: Any) -> None:
+        if self.dynamic and model_config is not None:
+            int8_sq_dynamic.check(model_config, self.name)
         available = len(read_paragraphs(self.context.calibration_file))  # ConfigError if empty/missing
         wanted = self.recipe.calibration_samples
         if available < wanted:
@@ -108,6 +137,29 @@ class Int8SqTier(Tier):
             )
 
     def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
+        if self.dynamic:
+            int8_sq_dynamic.build(
+                model_dir,
+                artifact_dir,
+                self.calibration_texts(),
+                CALIBRATION_MAX_TOKENS,
+                self.recipe.alpha,
+                self._reduce_range(),
+                progress,
+            )
+            return
+        self._build_static(model_dir, artifact_dir, progress)
+
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        if self.dynamic:
+            return int8_sq_dynamic.load(model_dir, artifact_dir, self.recipe.alpha, self._reduce_range())
+        return self._load_static(model_dir, artifact_dir)
+
+    def _reduce_range(self) -> bool:
+        # fbgemm sums u8 x s8 products in int16 without VNNI: it needs 7-bit activations there.
+        return not self.context.isa.avx512_vnni
+
+    def _build_static(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
         import intel_extension_for_pytorch as ipex
         from intel_extension_for_pytorch.quantization import prepare
         from intel_extension_for_pytorch.transformers.optimize import get_dummy_input
@@ -144,7 +196,7 @@ class Int8SqTier(Tier):
             log.info("int8-sq keeps %d ops in fp32: %s", len(kept), ", ".join(kept))
             summary_path.write_text(json.dumps(summary), encoding="utf-8")
 
-    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+    def _load_static(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         import intel_extension_for_pytorch as ipex
 
         summary = artifact_dir / QCONFIG_SUMMARY

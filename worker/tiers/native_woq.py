@@ -25,10 +25,11 @@ The artifact is a safetensors file of quantized weights in a machine-independent
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -205,6 +206,33 @@ class Int8WoqLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+if TYPE_CHECKING:
+    _PackedLinear = Any
+else:  # TorchScript needs the real class to type the packed weights
+    _PackedLinear = torch.classes.quantized.LinearPackedParamsBase
+
+
+@functools.cache
+def _per_token_linear_dynamic() -> Any:
+    """fbgemm's dynamic linear with one activation scale per row (token), as a TorchScript
+    function so that the row-count branch survives `torch.jit.trace`.
+
+    fbgemm quantizes its whole input with one scale: right for one decode token, but in a
+    prompt an attention-sink token (activations ~1000x the others) would crush every other
+    row. Dividing each row by its own abs-max first gives every row the full int8 range;
+    the output rows are multiplied back (the linear commutes with per-row scaling)."""
+
+    def linear(x: torch.Tensor, packed: _PackedLinear, reduce_range: bool) -> torch.Tensor:
+        if x.size(0) == 1:
+            y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+            return y
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        scaled: torch.Tensor = torch.ops.quantized.linear_dynamic(x / scale, packed, reduce_range)
+        return scaled * scale
+
+    return torch.jit.script(linear)
+
+
 class DynamicInt8Linear(nn.Module):
     """y = x @ (qweight * scales).T with x quantized per token to int8 at run time (fbgemm)."""
 
@@ -219,7 +247,7 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        y: torch.Tensor = torch.ops.quantized.linear_dynamic(flat, self.packed, self.reduce_range)
+        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed, self.reduce_range)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
