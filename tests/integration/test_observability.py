@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -36,11 +37,21 @@ def test_metrics_move_after_traffic(live_pool: LivePool) -> None:
     assert stream.summary is not None and stream.summary.worker_id == "bf16-0"
     assert len(tokens) == stream.summary.generated_tokens and all(t.latency_us > 0 for t in tokens)
 
-    router_after = metrics(live_pool, "router")
-    worker_after = metrics(live_pool, "worker-bf16-0")
-
     def moved(before: Samples, after: Samples, name: str, **extra: str) -> float:
         return value(after, name, **labels, **extra) - value(before, name, **labels, **extra)
+
+    # A call's counters move when the call ends, which can be just after the client has its summary.
+    deadline = time.monotonic() + 10
+    while True:
+        router_after = metrics(live_pool, "router")
+        worker_after = metrics(live_pool, "worker-bf16-0")
+        ended = [
+            moved(router_before, router_after, "tierserve_router_requests_total", status="ok"),
+            moved(worker_before, worker_after, "tierserve_worker_requests_total", status="ok"),
+        ]
+        if all(ended) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
 
     assert moved(router_before, router_after, "tierserve_router_requests_total", status="ok") == 1
     assert moved(router_before, router_after, "tierserve_router_ttft_seconds_count") == 1
