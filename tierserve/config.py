@@ -174,9 +174,11 @@ class PlacementConfig(_Strict):
     cores_per_worker: int = Field(default=0, ge=0)
     # Give each worker its cores' SMT sibling threads too (and count them as torch threads).
     smt: bool = False
+    # A worker across sockets, or workers sharing CPUs, are refused unless allowed here.
     allow_cross_socket: bool = False
     allow_shared_cores: bool = False
-    # Refuse hand-written [[workers]] that break the rules above, instead of warning.
+    # Also refuse hand-written [[workers]] whose CPUs do not exist here or lie outside this
+    # process's cpuset (otherwise a warning, and each worker pins to what it may use).
     strict: bool = False
     # Generated workers listen on base_port, base_port + 1, ...; 0: ports chosen by the OS.
     base_port: int = Field(default=DEFAULT_WORKER_BASE_PORT, ge=0, le=65535)

@@ -129,9 +129,14 @@ def _take(
     )
 
 
-def check_workers(workers: list[WorkerConfig], placement: PlacementConfig, topology: Topology) -> list[str]:
-    """What is wrong with hand-written worker core sets on this machine (empty: nothing)."""
+def check_workers(
+    workers: list[WorkerConfig], placement: PlacementConfig, topology: Topology
+) -> tuple[list[str], list[str]]:
+    """What is wrong with hand-written worker core sets on this machine: (what cannot work as
+    asked: shared CPUs or sets across sockets that [placement] does not allow; what the worker
+    can get around, naming it: CPUs that do not exist here or that this process may not use)."""
     problems: list[str] = []
+    refused: list[str] = []
     owner: dict[int, str] = {}
     for worker in workers:
         if worker.address:
@@ -151,26 +156,29 @@ def check_workers(workers: list[WorkerConfig], placement: PlacementConfig, topol
             )
         sockets = topology.sockets_of(cpus)
         if len(sockets) > 1 and not placement.allow_cross_socket:
-            problems.append(
+            refused.append(
                 f"worker {worker.name}: cores {format_cpu_list(cpus)} span sockets "
                 f"{format_cpu_list(sockets)}; keep them in one socket or set [placement] "
                 "allow_cross_socket = true"
             )
         for cpu in cpus:
             if cpu in owner and not placement.allow_shared_cores:
-                problems.append(
+                refused.append(
                     f"workers {owner[cpu]} and {worker.name} share CPU {cpu}; give them disjoint "
                     "`cores` or set [placement] allow_shared_cores = true"
                 )
                 break
             owner.setdefault(cpu, worker.name)
-    return problems
+    return refused, problems
 
 
 def plan_pool(config: TierserveConfig, topology: Topology) -> Plan:
     """The pool's placement on `topology`: generated from `[placement]` when it names tiers,
-    else the configured workers as written. Refused (PlacementError) when it cannot work;
-    hand-written problems are refused only under `[placement] strict = true`."""
+    else the configured workers as written. Refused (PlacementError) when it cannot work:
+    more cores than there are, workers sharing CPUs or spanning sockets without
+    allow_shared_cores / allow_cross_socket. Hand-written CPUs that do not exist here or lie
+    outside the cpuset are warned about (each worker pins to what it may use, or refuses to
+    start), and refused under `[placement] strict = true`."""
     placement = config.placement
     warnings = list(topology.notices)
     if placement.tiers:
@@ -180,9 +188,9 @@ def plan_pool(config: TierserveConfig, topology: Topology) -> Plan:
             for i, (name, tier, cpus) in enumerate(generated)
         ]
         return Plan(workers, topology, generated=True, warnings=warnings)
-    problems = check_workers(config.workers, placement, topology)
-    if problems and placement.strict:
-        raise PlacementError("; ".join(problems))
+    refused, problems = check_workers(config.workers, placement, topology)
+    if refused or (problems and placement.strict):
+        raise PlacementError("; ".join(refused + (problems if placement.strict else [])))
     workers = [
         _placed(topology, w.name, w.tier, w.cores or sorted(topology.allowed), w.port)
         for w in config.workers

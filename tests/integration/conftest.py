@@ -55,6 +55,8 @@ def pool_config_data() -> dict[str, object]:
         "router": {"port": 0, "health_interval_s": 0.5, "cores": [cpus[-1]]},
         # A shorter card than the default keeps a fresh machine's first start quick.
         "data": {"eval_tokens": 384, "eval_chunk_tokens": 128},
+        # Five workers on this machine's CPUs share them, on purpose.
+        "placement": {"allow_shared_cores": True},
         "workers": workers,
     }
 

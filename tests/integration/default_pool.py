@@ -29,6 +29,8 @@ def default_model_config(path: Path, workers: Sequence[tuple[str, str]], **secti
         "router": {"port": 0, "health_interval_s": 0.3},
         # The session pool's card: its artifacts are cached already.
         "data": pool_config_data()["data"],
+        # On a machine with fewer CPUs than workers they share, on purpose.
+        "placement": {"allow_shared_cores": True},
         "workers": [
             {"name": name, "tier": tier, "cores": [cpus[i % len(cpus)]], "warmup_runs": 1}
             for i, (name, tier) in enumerate(workers)

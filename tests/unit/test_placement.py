@@ -88,7 +88,7 @@ def hand_written(workers: list[dict[str, Any]], **placement: Any) -> Any:
     return parse_config({"workers": workers, "placement": placement})
 
 
-def test_hand_written_overlap_and_cross_socket_are_reported() -> None:
+def test_hand_written_overlap_and_cross_socket_are_refused_saying_what_to_change() -> None:
     config = hand_written(
         [
             {"name": "a", "tier": "fp32", "cores": "50-60"},
@@ -96,13 +96,25 @@ def test_hand_written_overlap_and_cross_socket_are_reported() -> None:
             {"name": "c", "tier": "bf16", "cores": "300"},
         ]
     )
-    plan = plan_pool(config, topology("xeon-2s-56c-smt"))
-    text = "\n".join(plan.warnings)
-    assert "worker a: cores 50-60 span sockets 0-1" in text
-    assert "workers a and b share CPU 60" in text
-    assert "worker c: CPUs 300 do not exist here" in text
-    strict = config.model_copy(update={"placement": config.placement.model_copy(update={"strict": True})})
-    with pytest.raises(PlacementError, match="allow_shared_cores = true"):
+    with pytest.raises(PlacementError) as refused:
+        plan_pool(config, topology("xeon-2s-56c-smt"))
+    text = str(refused.value)
+    assert "worker a: cores 50-60 span sockets 0-1" in text and "allow_cross_socket = true" in text
+    assert "workers a and b share CPU 60" in text and "allow_shared_cores = true" in text
+    assert "CPUs 300" not in text  # not refused: the worker itself refuses what it cannot use
+    allowed = hand_written(
+        [
+            {"name": "a", "tier": "fp32", "cores": "50-60"},
+            {"name": "b", "tier": "bf16", "cores": "60-61"},
+            {"name": "c", "tier": "bf16", "cores": "300"},
+        ],
+        allow_shared_cores=True,
+        allow_cross_socket=True,
+    )
+    [warning] = plan_pool(allowed, topology("xeon-2s-56c-smt")).warnings
+    assert "worker c: CPUs 300 do not exist here" in warning
+    strict = allowed.model_copy(update={"placement": allowed.placement.model_copy(update={"strict": True})})
+    with pytest.raises(PlacementError, match="CPUs 300 do not exist here"):
         plan_pool(strict, topology("xeon-2s-56c-smt"))
 
 
