@@ -17,6 +17,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/tierserve
 
+# 0. libnuma: each worker binds its memory to the NUMA node of its cpuset through it
+#    (worker/numa.py); Compose has no key for a container's memory nodes, so this is how a
+#    worker's memory stays on its node. Without it the worker runs unbound and says so.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libnuma1 \
+    && rm -rf /var/lib/apt/lists/*
+
 # 1. Third-party dependencies (torch, IPEX, transformers, ...): the big, slow layer.
 #    It only depends on pyproject.toml and constraints.txt, so source edits keep it cached.
 COPY pyproject.toml constraints.txt ./

