@@ -10,6 +10,7 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from tierserve.config import TierserveConfig, parse_config
+from tierserve.tiers import TIER_NAMES
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
@@ -122,3 +123,18 @@ def test_every_pod_is_scraped_at_its_configured_metrics_port(
         assert annotations.get("prometheus.io/port") == str(port), f"{name}: annotation {annotations}"
         [container] = template["spec"]["containers"]
         assert {"name": "metrics", "containerPort": port} in container["ports"], name
+
+
+def test_every_tier_has_a_worker_workload(objects: list[dict[str, Any]], config: TierserveConfig) -> None:
+    workloads = {**by_kind(objects, "Deployment"), **by_kind(objects, "StatefulSet")}
+    tiers: dict[str, str] = {}
+    for worker in config.workers:
+        host = worker.address.removeprefix("dns:///").rsplit(":", 1)[0]
+        assert host in workloads, f"worker {worker.name}: no Deployment or StatefulSet named {host}"
+        labels = workloads[host]["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("tierserve/tier") == worker.tier, (
+            f"{host}: pods labelled {labels}, tier {worker.tier}"
+        )
+        tiers[worker.tier] = host
+    missing = [tier for tier in TIER_NAMES if tier not in tiers]
+    assert not missing, f"no worker Deployment or StatefulSet for tiers {missing}"
