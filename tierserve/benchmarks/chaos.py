@@ -4,11 +4,19 @@
 
 Starts a pool (two workers by default, or --config's), sends greedy requests from several clients in
 closed loop, and every --kill-every-s kills one worker outright while another still serves; the
-launcher restarts it with backoff. Every stream is checked as a client sees it: token indexes
-0..n-1, their text equal to the summary's, n equal to `generated_tokens`. The report counts requests
-sent, completed, failed by status code, resumed after a failover (tokens had been streamed),
-retried before their first token, seams (a broken stream), and lost: sent but neither completed
-nor ended with a status. Exit status 1 when any request was lost or any stream had a seam.
+launcher restarts it with backoff. A share of the requests (CANCEL_SHARE) is cancelled by its own
+client after a few tokens, on purpose, so cancellation is exercised while workers die. Every stream
+is checked as a client sees it: token indexes 0..n-1, their text equal to the summary's, n equal to
+`generated_tokens`.
+
+The report counts requests sent, completed, failed by status code, resumed after a failover (tokens
+had been streamed), retried before their first token and seams (a broken stream). Failures are told
+apart by cause: refused for overload (RESOURCE_EXHAUSTED, the pool's legitimate answer to too much
+load), cancelled by their own client on purpose, and the rest, which a worker fault caused
+(UNAVAILABLE, INTERNAL, UNKNOWN, DEADLINE_EXCEEDED after a kill) or which no request should ever get.
+Lost is every request that neither completed nor was refused for overload nor cancelled on purpose:
+the fault-caused failures plus any still unfinished at the end. Exit status 1 when any request was
+lost or any stream had a seam.
 """
 
 from __future__ import annotations
@@ -42,11 +50,21 @@ PROMPTS = (
 )
 
 
+# Statuses a worker fault (a killed process, a broken stream) leads to when failover does not hide it.
+FAULT_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"})
+# The pool refusing load it has no room for: an answer, not a loss (the client is told to retry).
+OVERLOAD_CODE = "RESOURCE_EXHAUSTED"
+# Share of requests their client cancels on purpose after a few tokens.
+CANCEL_SHARE = 0.1
+
+
 @dataclass
 class ChaosTally:
     sent: int = 0
     completed: int = 0
+    # Every status a request ended with other than OK, except the client's own deliberate cancels.
     failed: Counter[str] = field(default_factory=Counter)
+    cancelled_by_client: int = 0
     resumed: int = 0
     retried_before_first_token: int = 0
     seams: int = 0
@@ -54,16 +72,23 @@ class ChaosTally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def to_json(self, unfinished: int) -> dict[str, Any]:
-        ended = self.completed + sum(self.failed.values())
+        refused = self.failed[OVERLOAD_CODE]
+        faults = {code: n for code, n in self.failed.items() if code in FAULT_CODES}
+        others = {code: n for code, n in self.failed.items() if code not in FAULT_CODES | {OVERLOAD_CODE}}
         return {
             "sent": self.sent,
             "completed": self.completed,
             "failed_by_code": dict(self.failed),
+            "refused_for_overload": refused,
+            "cancelled_by_client": self.cancelled_by_client,
+            "fault_failures_by_code": faults,
+            # Neither a fault's nor overload's status (e.g. INVALID_ARGUMENT, a CANCELLED nobody asked for).
+            "unexpected_failures_by_code": others,
             "resumed_after_failover": self.resumed,
             "retried_before_first_token": self.retried_before_first_token,
             "seams": self.seams,
             "unfinished": unfinished,
-            "lost": self.sent - ended,
+            "lost": self.sent - self.completed - refused - self.cancelled_by_client,
             "seam_examples": self.examples[:5],
         }
 
@@ -83,21 +108,34 @@ def check_stream(responses: list[generate_pb2.GenerateResponse]) -> str:
     return ""
 
 
-def client_loop(address: str, until: float, new_tokens: int, rng: random.Random, tally: ChaosTally) -> None:
+def client_loop(
+    address: str, until: float, new_tokens: int, cancel_share: float, rng: random.Random, tally: ChaosTally
+) -> None:
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         while time.monotonic() < until:
             request = generate_pb2.GenerateRequest(
                 prompt=rng.choice(PROMPTS), max_new_tokens=rng.randint(max(1, new_tokens // 2), new_tokens)
             )
+            # Cancel on purpose once this many tokens have arrived (None: read the stream to its end).
+            cancel_after = rng.randint(1, 4) if rng.random() < cancel_share else None
             with tally.lock:
                 tally.sent += 1
+            responses: list[generate_pb2.GenerateResponse] = []
+            cancelled = False
+            call = stub.Generate(request, timeout=CALL_TIMEOUT_S)
             try:
-                responses = list(stub.Generate(request, timeout=CALL_TIMEOUT_S))
+                for response in call:
+                    responses.append(response)
+                    if len(responses) == cancel_after and response.HasField("token"):
+                        cancelled = call.cancel()
             except grpc.RpcError as error:
                 code = error.code().name if isinstance(error, grpc.Call) else "UNKNOWN"
                 with tally.lock:
-                    tally.failed[code] += 1
+                    if cancelled and code == "CANCELLED":
+                        tally.cancelled_by_client += 1
+                    else:
+                        tally.failed[code] += 1
                 time.sleep(0.05)  # a refused client backs off a little
                 continue
             problem = check_stream(responses)
@@ -165,6 +203,7 @@ def run_chaos_benchmark(
     seed: int,
     run_dir: Path | None,
     console: Console,
+    cancel_share: float = CANCEL_SHARE,
 ) -> int:
     config = bench_pool_config(config_path, ("fp32", "bf16"), usable_cpus(), new_tokens)
     rng = random.Random(seed)
@@ -175,7 +214,14 @@ def run_chaos_benchmark(
         threads = [
             threading.Thread(
                 target=client_loop,
-                args=(launcher.router_address, until, new_tokens, random.Random(rng.random()), tally),
+                args=(
+                    launcher.router_address,
+                    until,
+                    new_tokens,
+                    cancel_share,
+                    random.Random(rng.random()),
+                    tally,
+                ),
                 daemon=True,
             )
             for _ in range(clients)
@@ -195,6 +241,7 @@ def run_chaos_benchmark(
             "clients": clients,
             "kill_every_s": kill_every_s,
             "new_tokens": new_tokens,
+            "cancel_share": cancel_share,
             "seed": seed,
             "workers": [w.name for w in config.workers],
         },
@@ -206,7 +253,11 @@ def run_chaos_benchmark(
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     figures = report["requests"]
     console.print(
-        f"sent {figures['sent']}, completed {figures['completed']}, failed {figures['failed_by_code']}, "
+        f"sent {figures['sent']}, completed {figures['completed']}, "
+        f"refused for overload {figures['refused_for_overload']}, "
+        f"cancelled by client {figures['cancelled_by_client']}, "
+        f"failed by fault {figures['fault_failures_by_code']}, "
+        f"failed otherwise {figures['unexpected_failures_by_code']}, "
         f"resumed {figures['resumed_after_failover']}, retried {figures['retried_before_first_token']}, "
         f"seams {figures['seams']}, lost {figures['lost']}; {len(kills)} kills, {restarts} restarts -> {out}",
         highlight=False,
