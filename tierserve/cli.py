@@ -391,6 +391,21 @@ def cmd_bench_chaos(args: argparse.Namespace, console: Console) -> int:
     )
 
 
+def cmd_bench_soak(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.soak import run_soak_benchmark
+
+    return run_soak_benchmark(
+        Path(args.out),
+        args.config,
+        duration_s=args.duration_s,
+        clients=args.clients,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        console=console,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierserve", description=__doc__)
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -583,6 +598,21 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--seed", type=int, default=7, help="seed of the request mix and the victims")
     chaos.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
     chaos.set_defaults(run=cmd_bench_chaos)
+
+    soak = with_config(
+        bench_commands.add_parser(
+            "soak", help="load above capacity for a while: memory and descriptors must stay flat"
+        )
+    )
+    soak.add_argument("--out", required=True, help="report JSON")
+    soak.add_argument("--duration-s", type=float, default=600.0, help="how long to send load (default 600)")
+    soak.add_argument(
+        "--clients", type=int, help="closed-loop clients (default: twice what the pool admits, +4)"
+    )
+    soak.add_argument("--new-tokens", type=int, default=16, help="largest max_new_tokens of a request")
+    soak.add_argument("--seed", type=int, default=7, help="seed of the request mix")
+    soak.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
+    soak.set_defaults(run=cmd_bench_soak)
     return parser
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tierserve.sdk.options import retry_hint_ms
 from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
 
 # Either stub: both serve the same Generate.
@@ -30,6 +31,8 @@ class CallResult:
     # "OK", or the gRPC status code's name (RESOURCE_EXHAUSTED, UNAVAILABLE, ...).
     status: str = "OK"
     error: str = ""
+    # The `retry-after-ms` hint sent with a RESOURCE_EXHAUSTED (None: no hint, or another status).
+    retry_after_ms: int | None = None
     tier: str = ""
     worker_id: str = ""
     budget_met: bool | None = None
@@ -77,6 +80,7 @@ async def timed_generate(
                 result.best_effort = summary.best_effort
     except grpc.aio.AioRpcError as error:
         result.status, result.error = error.code().name, error.details() or ""
+        result.retry_after_ms = retry_hint_ms(error.trailing_metadata())
     result.done_s = time.perf_counter()
     if result.status == "OK" and result.budget_met is None:
         result.status, result.error = "NO_SUMMARY", "the stream ended without a summary"

@@ -1,0 +1,54 @@
+"""`tierserve bench soak` for a minute on a small pool of the default model (real router and worker
+processes): load above capacity is refused with RESOURCE_EXHAUSTED and a retry hint, no process's
+resident memory or open descriptors grow past the stated bounds, and the pool serves once the load
+stops."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.default_pool import default_model_config
+from tierserve.benchmarks.soak import BOUNDS, MIB
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_minute_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Path) -> None:
+    # Room for 2 x (1 + 2) requests against 16 clients: most of them are refused at any moment.
+    router = {"port": 0, "health_interval_s": 0.3, "max_queue_per_worker": 2}
+    config = default_model_config(tmp_path / "pool.toml", [("a", "bf16"), ("b", "fp32")], router=router)
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "tierserve.cli", "bench", "soak", "--config", str(config),
+            "--out", str(out), "--duration-s", "60", "--clients", "16", "--new-tokens", "8",
+            "--run-dir", str(tmp_path / "run"),
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["verdict"] == {"passed": True, "problems": []}
+    assert report["config"]["admitted"] == 6 and report["config"]["warmup_s"] == 10
+    # The router and both workers, each sampled every 2 s and within the bounds.
+    processes = {p["process"]: p for p in report["processes"]}
+    assert set(processes) == {"router", "worker a", "worker b"}
+    for process in processes.values():
+        assert process["within_bounds"] and process["samples"] >= 25, process["problems"]
+        assert process["growth"]["rss_mib"] <= BOUNDS.rss_growth_bytes / MIB
+        assert process["growth"]["fds"] <= BOUNDS.fd_growth
+    requests = report["requests"]
+    # Above capacity: refused with RESOURCE_EXHAUSTED, every refusal with its retry hint, promptly.
+    assert set(requests["by_code"]) == {"OK", "RESOURCE_EXHAUSTED"}, requests["by_code"]
+    assert requests["refused"] > 0 and requests["completed"] > 0 and requests["unfinished"] == 0
+    assert requests["refusals_without_hint"] == 0 and requests["retry_hint_ms"]["min"] > 0
+    assert requests["refusal_ms"]["p99"] <= BOUNDS.refusal_p99_s * 1e3
+    # Once the load stopped, a plain request completed.
+    assert report["recovery"]["recovered"] and report["recovery"]["status"] == "OK"
+    assert "verdict: PASS" in result.stderr
