@@ -14,25 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.hostile import CLEAR_CODES, generate_requests
+from tests.hostile import outcome as hostile_outcome
 from tests.unit.fake_pool import FakeWorker, running_pool
 from tierserve.grpcserver import MAX_MESSAGE_BYTES
-from tierserve.tiers import TIER_NAMES
 from tierserve.v1 import generate_pb2, router_pb2_grpc
 
-# Statuses a bad request may get: each says what is wrong. Never INTERNAL or UNKNOWN.
-CLEAR_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,  # a tolerance no tier meets
-    grpc.StatusCode.RESOURCE_EXHAUSTED,  # strict budgets no worker meets
-}
 CALL_TIMEOUT_S = 10.0
-INT32 = st.integers(-(2**31), 2**31 - 1)
-FLOAT32 = st.floats(width=32)  # NaN, infinities, subnormals and extremes included
-HOSTILE_TEXT = st.one_of(
-    st.text(),
-    st.text(st.characters(codec="utf-8", categories=("Cc", "Cf", "Zl", "Zp", "Co", "Cs"))),
-    st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(0, 250_000)),
-)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +54,7 @@ def stub(router_address: str) -> Iterator[router_pb2_grpc.RouterStub]:
 
 
 def outcome(stub: router_pb2_grpc.RouterStub, request: generate_pb2.GenerateRequest) -> grpc.StatusCode:
-    try:
-        responses = list(stub.Generate(request, timeout=CALL_TIMEOUT_S))
-    except grpc.RpcError as error:
-        assert isinstance(error, grpc.Call)
-        assert error.details(), "a refusal says why"
-        return error.code()
-    assert responses and responses[-1].HasField("summary"), "a served stream ends with its summary"
-    assert all(r.HasField("token") for r in responses[:-1])
-    return grpc.StatusCode.OK
+    return hostile_outcome(stub, request, CALL_TIMEOUT_S)
 
 
 def still_serves(stub: router_pb2_grpc.RouterStub) -> None:
@@ -82,26 +62,8 @@ def still_serves(stub: router_pb2_grpc.RouterStub) -> None:
     assert list(stub.Generate(request, timeout=CALL_TIMEOUT_S))[-1].summary.generated_tokens == 2
 
 
-requests = st.builds(
-    generate_pb2.GenerateRequest,
-    request_id=HOSTILE_TEXT,
-    prompt=HOSTILE_TEXT,
-    max_new_tokens=st.one_of(st.none(), INT32),
-    temperature=FLOAT32,
-    top_p=st.one_of(st.none(), FLOAT32),
-    top_k=INT32,
-    seed=st.integers(0, 2**64 - 1),
-    stop=st.lists(HOSTILE_TEXT, max_size=12),
-    max_token_latency_ms=FLOAT32,
-    max_first_token_latency_ms=FLOAT32,
-    max_quality_loss_pct=st.one_of(st.none(), FLOAT32),
-    tier=st.one_of(st.sampled_from(TIER_NAMES), HOSTILE_TEXT),
-    strict=st.booleans(),
-)
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(request=requests)
+@given(request=generate_requests())
 def test_any_request_gets_a_stream_or_a_clear_status(
     stub: router_pb2_grpc.RouterStub, request: generate_pb2.GenerateRequest
 ) -> None:
