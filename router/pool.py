@@ -19,7 +19,7 @@ from router.registration import Registrations
 from tierserve.config import TierserveConfig
 from tierserve.deadlines import first_token_deadline
 from tierserve.errors import InvalidRequest, Unsatisfiable
-from tierserve.grpcserver import CHANNEL_OPTIONS
+from tierserve.grpcserver import CHANNEL_OPTIONS, keepalive_options
 from tierserve.tls import worker_channel_credentials, worker_channel_options
 from tierserve.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
@@ -138,6 +138,16 @@ class WorkerHandle:
         return status
 
 
+def worker_channel_args(config: TierserveConfig) -> list[tuple[str, object]]:
+    """Options of every router-to-worker channel: message limits, keepalive (so a cut link fails
+    the worker's streams within seconds and they fail over), and the TLS server name if any."""
+    return [
+        *CHANNEL_OPTIONS,
+        *keepalive_options(config.router.keepalive_time_s, config.router.keepalive_timeout_s),
+        *worker_channel_options(config.security),
+    ]
+
+
 def link_peers(workers: list[WorkerHandle]) -> None:
     """Workers whose cores overlap slow each other down; no cores listed means every CPU."""
     for worker in workers:
@@ -168,7 +178,7 @@ class WorkerPool:
         self.prompt_tokens = PromptTokenEstimator(config.router.ewma_alpha)
         self._router_config = config.router
         self._credentials = worker_channel_credentials(config.security)
-        self._channel_options = [*CHANNEL_OPTIONS, *worker_channel_options(config.security)]
+        self._channel_options = worker_channel_args(config)
         # dns:/// workers: (config name, tier, target), expanded to one handle per address each round.
         self._dns_targets = [(w.name, w.tier, w.address) for w in config.workers if is_dns_target(w.address)]
         for worker in config.workers:
@@ -184,7 +194,7 @@ class WorkerPool:
         channel = (
             grpc.aio.secure_channel(address, self._credentials, options=self._channel_options)
             if self._credentials is not None
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else grpc.aio.insecure_channel(address, options=self._channel_options)
         )
         return WorkerHandle(
             worker_id=worker_id,

@@ -102,6 +102,13 @@ class RouterConfig(_Strict):
     # CPUs the router process runs on (empty: wherever the OS puts it). Keep them apart from the
     # workers' cores: a router sharing a worker's core delays that worker's tokens and its own relay.
     cores: CpuList = Field(default_factory=list)
+    # HTTP/2 keepalive on the router's connections to workers: a ping every keepalive_time_s, and
+    # the connection dropped when one goes unanswered for keepalive_timeout_s, so a worker whose
+    # network link is cut mid-stream fails that stream within about their sum, and the request
+    # fails over (TCP alone notices after minutes). Workers accept a ping a second at most
+    # (tierserve/grpcserver.py MIN_PING_INTERVAL_MS), hence keepalive_time_s >= 1.
+    keepalive_time_s: float = Field(default=5.0, ge=1.0, allow_inf_nan=False)
+    keepalive_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
 
 
 class ServiceLevelConfig(_Strict):

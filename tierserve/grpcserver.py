@@ -25,16 +25,42 @@ log = logging.getLogger(__name__)
 
 # Explicit message limits: prompts are capped well below this by validation.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# The most often a server accepts HTTP/2 keepalive pings from a peer (the router pings its
+# workers every [router] keepalive_time_s, at least this): pings closer together while no data
+# is sent count as strikes, and past a few (grpc.http2.max_ping_strikes, 2) the server ends the
+# connection with GOAWAY too_many_pings. gRPC's default allows one ping every 5 minutes.
+MIN_PING_INTERVAL_MS = 1000
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    # Accept the router's keepalive pings, between calls too (GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,
+    # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS).
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
 ]
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 STOP_GRACE_S = 5.0
+
+
+def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Channel options that ping the peer every `time_s` and drop the connection when a ping goes
+    unanswered for `timeout_s`: a peer whose network link is cut then fails its calls (UNAVAILABLE)
+    within about `time_s + timeout_s`, where TCP alone would wait for minutes."""
+    return [
+        ("grpc.keepalive_time_ms", round(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(timeout_s * 1000)),
+        # What gRPC core (1.85 at least) really waits for a ping's ack before it closes the
+        # connection: with keepalive on it defaults to a minute, whatever keepalive_timeout_ms says.
+        ("grpc.http2.ping_timeout_ms", round(timeout_s * 1000)),
+        # Also between calls, so an idle connection is known dead before a request is sent on it.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # No cap on pings sent while no data is (a stalled stream is exactly when they matter).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 class ServerHandle:
