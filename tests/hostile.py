@@ -91,7 +91,7 @@ def accepted_requests(
     """Requests at the edges of what is valid, so that they reach a worker's model: odd prompts of up to
     `prompt_chars` characters and stop strings, sampling at extreme temperatures (subnormal to the
     largest float), top-p and top-k, any seed, tiny budgets (strict or not), any tier or none."""
-    non_negative = st.floats(min_value=0.0, max_value=3.4e38, width=32)
+    non_negative = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False, width=32)
     return st.builds(
         generate_pb2.GenerateRequest,
         request_id=odd_text(max_size=64),

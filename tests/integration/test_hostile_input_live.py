@@ -22,11 +22,12 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = 30
 # A hang shows as DEADLINE_EXCEEDED: far longer than any of these requests takes on two shared cores.
-CALL_TIMEOUT_S = 60.0
-# Prompts a real model answers quickly: short ones, or ones too long to be read at all. 40,000
-# characters are more than the default model's 8,192-token context whatever they are (the tokenizer
-# takes at most 4 characters a token), so the worker refuses them after tokenizing, without a
-# forward pass; past 200,000 (limits.max_prompt_chars) the router refuses them unread.
+CALL_TIMEOUT_S = 120.0
+# Prompts a real model answers quickly: short ones, or one character repeated 40,000 times or more.
+# For most characters that is more than the default model's 8,192-token context (the tokenizer takes
+# at most 4 of them a token), refused after tokenizing, without a forward pass; runs of a few (spaces,
+# '#', '-', '=', '*': up to 80 a token) stay within it, at most some 2,500 tokens: a prefill of seconds.
+# Past 200,000 characters (limits.max_prompt_chars) the router refuses them unread.
 QUICK_PROMPTS = st.one_of(odd_text(max_size=200), repeated(40_000, 260_000))
 # Up to 4 new tokens, or numbers no limit allows.
 FEW_OR_INVALID_TOKENS = st.one_of(st.integers(1, 4), st.sampled_from([-(2**31), -1, 0, 257, 2**31 - 1]))

@@ -94,6 +94,7 @@ def test_room_warm_up_and_requests() -> None:
     )
     assert admitted(config) == 6
     assert warmup_s(60) == 10 and warmup_s(600) == 60
-    make = request_maker([f"w{i}" for i in range(100)], 16, random.Random(1))
-    for request in (make() for _ in range(50)):
-        assert 8 <= len(request.prompt.split()) <= 64 and 8 <= request.max_new_tokens <= 16
+    make = request_maker(["one", "two"], 16, random.Random(1))
+    requests = [make() for _ in range(50)]
+    assert {r.prompt for r in requests} == {"one", "two"}
+    assert all(8 <= r.max_new_tokens <= 16 for r in requests)
