@@ -214,6 +214,18 @@ def test_per_token_quantization_keeps_an_outlier_row_from_hurting_the_others() -
     )
 
 
+def test_weight_only_down_proj_computes_in_bf16_and_returns_the_graph_dtype() -> None:
+    torch.manual_seed(5)
+    weight = torch.randn(48, 64) * 0.05
+    q8 = native_woq.quantize_int8(weight)
+    down = native_woq.Int8WoqLinear(q8["qweight"], q8["scales"], torch.bfloat16, output=torch.float32)
+    x = torch.randn(3, 64)
+    x[:, 9] *= 100.0  # an outlier channel costs a weight-only layer nothing
+    y, expected = down(x), x @ weight.T
+    assert y.dtype == torch.float32
+    assert ((y - expected).norm() / expected.norm()).item() < 0.02
+
+
 @pytest.fixture(scope="module")
 def dynamic(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], LoadedModel]:
     tier = make_tier("int8-sq", context(built.calibration_file, scales="dynamic"))
@@ -229,12 +241,18 @@ def test_dynamic_build_stores_factors_and_weights(dynamic: tuple[Path, list[str]
     assert progress[0] == f"calibrating on {SAMPLES} texts"
     assert (artifact_dir / smoothing.FACTORS_FILE).is_file()
     assert (artifact_dir / native_woq.ARTIFACT_FILE).is_file()
+    factors = smoothing.load_factors(artifact_dir)
+    assert factors is not None
+    # down_proj is weight-only: nothing to smooth; the others are smoothed.
+    assert all(torch.equal(f, torch.ones_like(f)) for n, f in factors.items() if n.endswith(".down"))
+    assert not torch.equal(factors["layers.0.qkv"], torch.ones_like(factors["layers.0.qkv"]))
 
 
 def test_dynamic_load_describes_and_generates(dynamic: tuple[Path, list[str], LoadedModel]) -> None:
     loaded = dynamic[2]
     assert loaded.dtype is torch.int8 and loaded.context_tokens == TINY_CONTEXT_TOKENS
     assert "SmoothQuant (alpha=0.5)" in loaded.kernel and "per-token dynamic int8" in loaded.kernel
+    assert "down_proj aten._weight_int8pack_mm int8 per-channel symmetric (weight-only" in loaded.kernel
     assert 1 <= len(generate_greedy(loaded, 4)) <= 4
     chunk = loaded.tokenizer(PARAGRAPHS[2])["input_ids"][:10]
     assert torch.isfinite(tier_log_probs(loaded, chunk)).all()

@@ -6,33 +6,35 @@ weights per output channel. The modes differ in how activations get their int8 s
 
 - "dynamic" (the default, `worker.tiers.int8_sq_dynamic`): one scale per token, computed at
   run time. `build` calibrates on the texts (per-channel activation maxima), folds the factors
-  exactly into the float model (`worker.tiers.smoothing`: RMSNorm weights, up_proj and v_proj
-  rows) and stores them with the int8 weights; every linear layer, lm_head included, then runs
-  as fbgemm's dynamic int8 linear (`quantized::linear_dynamic`, rows scaled apart so a prompt's
-  tokens do not share a scale) inside IPEX's traced fp32 decoder graph.
+  exactly into the float model (`worker.tiers.smoothing`: RMSNorm weights and v_proj rows) and
+  stores them with the int8 weights; q/k/v, o, gate/up and lm_head then run as fbgemm's dynamic
+  int8 linear (`quantized::linear_dynamic`, rows scaled apart so a prompt's tokens do not share a
+  scale) inside IPEX's traced fp32 decoder graph. down_proj keeps int8 weights but bf16 inputs
+  (`_weight_int8pack_mm`, weight-only): its input, silu(gate) * up, is where int8 activations
+  cost the most accuracy, and at one token the weight-only kernel is as fast as fbgemm's.
 - "static": IPEX's SmoothQuant, one static scale per tensor found by calibration. `build` runs
   the calibration texts through IPEX's prepared model and saves the observed ranges as a
   qconfig summary; `load` quantizes a fresh model from that summary and traces it.
 
 Measured on the default model (SmolLM2-135M, 2 threads of an AVX-512 VNNI EPYC, no AMX),
-8 calibration texts, accuracy cards on 1020 evaluation tokens; speeds as ratios measured side by
-side in one process (absolute times on this shared machine drift):
+8 calibration texts; speeds as ratios measured side by side in one run (absolute times on this
+shared machine drift):
 
-- dynamic, alpha 0.5: perplexity +0.65% against fp32, KL 0.0114, top-1 agreement 92.3%; decode
-  7.3x faster than transformers' eager fp32 and 0.67x the time per token of IPEX bf16 (static:
-  0.97x); a 256-token prompt's first token ~1.25x bf16's time (static: 0.8x). Alpha 0.4: KL
-  0.0136, 0.6: 0.0120, 0.7: 0.0142 (perplexity deltas between +0.4% and +2.9%: at this KL, 1020
-  tokens resolve the perplexity change only to about a percent). No smoothing: KL 0.0203.
-  Position 0 left out of calibration: KL 0.034. Sensitivity (one kind of linear in fp32, the rest
-  int8): down_proj KL 0.0076, gate/up 0.0098, q/k/v 0.0101, o_proj 0.0109, lm_head 0.0114 (no
-  gain; so the lm_head is not smoothed). For a prompt (one forward of many tokens) per-row
-  scales matter: next-token KL after 24 prompts of 16-255 tokens 0.014, against 0.12 with one
-  fbgemm scale for the whole prompt.
-  The 1020-token card resolves the perplexity change only to about a percent: on all 2456 tokens
-  of the evaluation text the same model scores +1.62% (KL 0.0119, top-1 92.3%). With every
-  down_proj left in fp32 (the rest as above) the 2456 tokens score +0.37% (KL 0.0079, top-1
-  93.4%); its decode speed is not measured yet (a microbenchmark puts the fp32 down_proj at about
-  twice the int8 one's 26 us per call, about 1 ms per token more in all).
+- dynamic, alpha 0.5, down_proj weight-only (the default), card on all 2456 evaluation tokens:
+  perplexity +0.63% against fp32, KL 0.0094, top-1 agreement 93.9%; decode 9.49 ms per token
+  against IPEX bf16's 13.01 and transformers' eager fp32's 65.67 in the same run (6.9x), a
+  256-token prompt's first token 267 ms (bf16: 217). Alternatives measured the same way:
+  every linear in int8: +1.62%, KL 0.0119 (on 1020 tokens it had read +0.65%: a 1000-token card
+  resolves the change only to about a percent, hence the default of the whole text);
+  down_proj in fp32: +0.37%, KL 0.0079, but 14.9 ms per token (its fp32 weights are 4x the
+  bytes, read every token); in bf16: 14.7 ms; down_proj int8 with its 8, 32 or 64 largest
+  input channels in fp32 (LLM.int8()-style split): +0.93%, +1.25%, +0.80%, KL 0.0110-0.0101,
+  9.05 ms. Alpha (1020 tokens, all int8): 0.4 KL 0.0136, 0.5 0.0114, 0.6 0.0120, 0.7 0.0142;
+  no smoothing 0.0203; position 0 left out of calibration 0.034. Sensitivity (one kind of
+  linear in fp32, the rest int8): down_proj KL 0.0076, gate/up 0.0098, q/k/v 0.0101, o_proj
+  0.0109, lm_head 0.0114 (no gain; so the lm_head is not smoothed). For a prompt (one forward of
+  many tokens) per-row scales matter: next-token KL after 24 prompts of 16-255 tokens 0.014,
+  against 0.12 with one fbgemm scale for the whole prompt.
 - static, every linear in int8: about 11.5 ms per token (IPEX bf16: 11.8), perplexity +24.6%.
   Per-tensor static activation scales cannot cover the down_proj inputs: the model has
   "massive activations" at the first position (the attention sink), e.g. layer 11's down_proj

@@ -24,7 +24,7 @@ from worker.tiers.ipex_common import cpu_capability, load_hf_model
 log = logging.getLogger(__name__)
 
 # Bumped when the smoothing or the stored layout changes, so cached artifacts rebuild.
-FORMAT = f"smoothing 1, weights {native_woq.ARTIFACT_FORMAT}"
+FORMAT = f"smoothing 1, weights {native_woq.ARTIFACT_FORMAT}, down_proj weight-only 1"
 # fp32 between the int8 matmuls: RMSNorm, RoPE, attention and residuals are a small share of
 # the time at this size, and fp32 keeps the sink token's huge residual exact.
 ACTIVATIONS = torch.float32
@@ -38,6 +38,7 @@ def scheme(reduce_range: bool) -> native_woq.NativeScheme:
         activations=ACTIVATIONS,
         dynamic_layers=True,
         reduce_range=reduce_range,
+        down_weight_only=True,
     )
 
 
@@ -67,7 +68,7 @@ def build(
     batches = [tokenizer(text, return_tensors="pt")["input_ids"][:, :limit] for text in texts]
     progress(f"calibrating on {len(batches)} texts")
     ranges = smoothing.activation_ranges(model, batches)
-    factors = smoothing.smoothing_factors(model, ranges, alpha)
+    factors = smoothing.smoothing_factors(model, ranges, alpha, smooth_down=False)
     smoothing.save_factors(artifact_dir, factors, alpha)
     smoothing.apply_smoothing(model, factors)
     layout = scheme(reduce_range)

@@ -63,6 +63,11 @@ class NativeScheme:
     # fbgemm's 7-bit activation range, needed where u8 x s8 products are summed in int16
     # (CPUs without VNNI); with VNNI the full 8 bits are exact.
     reduce_range: bool = True
+    # With dynamic_layers: down_proj still weight-only (`_weight_int8pack_mm`, bfloat16 inputs).
+    # Its input (silu(gate) * up) is the hardest activation to put in int8, and at one token
+    # the weight-only kernel costs no more than fbgemm's dynamic one here (about 47 us each for
+    # 576x1536 on 2 threads). Same stored weights, so not in metadata.
+    down_weight_only: bool = False
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -82,7 +87,10 @@ class NativeScheme:
             head = _DYNAMIC_INT8
         if self.reduce_range and _DYNAMIC_INT8 in (layers, head):
             act += ", dynamic int8 activations in a 7-bit range"
-        return f"layers {layers}; lm_head {head}; {act} activations"
+        down = ""
+        if self.bits == 8 and self.dynamic_layers and self.down_weight_only:
+            down = f"; down_proj {_describe_format(8, 0)} (weight-only, bfloat16 inputs)"
+        return f"layers {layers}{down}; lm_head {head}; {act} activations"
 
 
 _DYNAMIC_INT8 = (
@@ -191,19 +199,28 @@ def read_artifact(artifact_dir: Path, scheme: NativeScheme) -> dict[str, torch.T
 
 
 class Int8WoqLinear(nn.Module):
-    """y = x @ (qweight * scales).T via aten._weight_int8pack_mm."""
+    """y = x @ (qweight * scales).T via aten._weight_int8pack_mm, computed at `activations`
+    (its fast path wants bfloat16: with float32 inputs it is ~25x slower here) and returned at
+    `output` (default: the same)."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, activations: torch.dtype) -> None:
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        activations: torch.dtype,
+        output: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = (int(s) for s in qweight.shape)
         self.activations = activations
+        self.output = output or activations
         self.register_buffer("weight", qweight.contiguous())
         self.register_buffer("scales", scales.to(activations).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.activations).contiguous()
         y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(self.output)
 
 
 if TYPE_CHECKING:
@@ -338,7 +355,13 @@ def _install_linears(model: Any, tensors: dict[str, torch.Tensor], scheme: Nativ
             if hasattr(concat, f"linear_{i}"):
                 delattr(concat, f"linear_{i}")
         layer.mha_linear_add.linear = make_linear(tensors, f"{prefix}.o", scheme.bits, scheme)
-        layer.mlp_linear_add.linear = make_linear(tensors, f"{prefix}.down", scheme.bits, scheme)
+        down = f"{prefix}.down"
+        if scheme.bits == 8 and scheme.dynamic_layers and scheme.down_weight_only:
+            layer.mlp_linear_add.linear = Int8WoqLinear(
+                tensors[f"{down}.qweight"], tensors[f"{down}.scales"], torch.bfloat16, scheme.activations
+            )
+        else:
+            layer.mlp_linear_add.linear = make_linear(tensors, down, scheme.bits, scheme)
         layer.linear_silu_mul = GateUpSiluMul(
             make_linear(tensors, f"{prefix}.gate_up", scheme.bits, scheme), intermediate
         )

@@ -91,11 +91,17 @@ def _kv_groups(model: Any) -> tuple[int, int, int]:
 
 
 def smoothing_factors(
-    model: Any, ranges: dict[str, torch.Tensor], alpha: float, smooth_head: bool = False
+    model: Any,
+    ranges: dict[str, torch.Tensor],
+    alpha: float,
+    smooth_head: bool = False,
+    smooth_down: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The factor s per input channel of each smoothed linear (o_proj: per kv channel), and of
     the lm_head with `smooth_head` (off by default: the int8 head cost nothing measurable on the
-    default model, so smoothing it only unties it from the embeddings)."""
+    default model, so smoothing it only unties it from the embeddings). Without `smooth_down`
+    down_proj's factors are 1: a weight-only down_proj has no int8 input to smooth, and
+    smoothing would only widen its weight columns."""
     heads, kv_heads, head_dim = _kv_groups(model)
     per_kv = heads // kv_heads
     factors: dict[str, torch.Tensor] = {}
@@ -110,8 +116,10 @@ def smoothing_factors(
         factors[f"{prefix}.gate_up"] = _factor(
             ranges[f"{prefix}.gate_up"], _column_max(mlp.gate_proj.weight, mlp.up_proj.weight), alpha
         )
-        factors[f"{prefix}.down"] = _factor(
-            ranges[f"{prefix}.down"], _column_max(mlp.down_proj.weight), alpha
+        factors[f"{prefix}.down"] = (
+            _factor(ranges[f"{prefix}.down"], _column_max(mlp.down_proj.weight), alpha)
+            if smooth_down
+            else torch.ones_like(ranges[f"{prefix}.down"])
         )
         # o_proj input channel (head h, dim d) comes from kv channel (h // per_kv, d): one factor
         # for the query heads of a group, from their joint maxima.
