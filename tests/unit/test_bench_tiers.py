@@ -22,6 +22,7 @@ from tierserve.benchmarks.tiers import (
     compare_tokenizations,
     exact_token_prompt,
     find_dominators,
+    four_bit_source_note,
     mark_dominated,
     markdown_table,
     output_paths,
@@ -178,6 +179,18 @@ def test_dominance_notes_explain_the_slow_woq_path() -> None:
     assert "AMX" not in rows[2]["dominated_note"]
     mark_dominated(rows, woq_fast=True, isa_summary="AMX AVX512_FP16")
     assert "AMX" not in rows[1]["dominated_note"]
+
+
+def test_dominance_by_int4_on_a_four_bit_source_model_says_why() -> None:
+    assert four_bit_source_note(64) is None  # groups straddle the GGUF blocks: no such claim
+    source = four_bit_source_note(32)
+    assert source is not None and "Q4_1" in source and "groups of 32" in source
+    rows = [row("fp32", 29.0, 0.0), row("bf16", 13.0, 0.12), row("int4-woq", 9.0, 0.05), row("x", 20, 2)]
+    mark_dominated(rows, woq_fast=False, isa_summary="AVX512", source_note=source)
+    assert rows[1]["dominated_by"] == ["int4-woq"] and "Q4_1" in rows[1]["dominated_note"]
+    assert rows[3]["dominated_by"] == ["bf16", "int4-woq"] and "Q4_1" in rows[3]["dominated_note"]
+    mark_dominated(rows, woq_fast=False, isa_summary="AVX512")
+    assert "Q4_1" not in rows[1]["dominated_note"]
 
 
 def test_markdown_table_has_one_line_per_path() -> None:
