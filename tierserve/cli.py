@@ -354,6 +354,8 @@ def cmd_bench_routing(args: argparse.Namespace, console: Console) -> int:
         budgets=args.budgets,
         timeout_s=args.timeout_s,
         tight_share=args.tight_share,
+        strict_share=args.strict_share,
+        tight_tolerances=args.tight_tolerances,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
     )
@@ -566,6 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     routing.add_argument(
         "--tight-share", type=float, default=0.5, help="share of requests with tight budgets (default 0.5)"
+    )
+    routing.add_argument(
+        "--tight-tolerances",
+        help="tolerances (%%) of tight-budget requests, e.g. 1,10 (default: the same 0,1,10 as the rest)",
+    )
+    routing.add_argument(
+        "--strict-share",
+        type=float,
+        default=0.0,
+        help="share of requests sent strict: refused rather than served late (default 0)",
     )
     routing.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
     routing.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")

@@ -7,6 +7,7 @@ import itertools
 import statistics
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -83,9 +84,31 @@ def test_requests_carry_the_class_budgets_tolerance_and_lengths() -> None:
     assert prompt_for(make_trace(1, RequestMix(prompt_words=(2,)), 0)[0], words) in " ".join(words)
 
 
+def test_strict_share_marks_requests_strict_without_changing_the_rest_of_the_trace() -> None:
+    plain = make_trace(4000, RequestMix(), seed=4)
+    mixed = make_trace(4000, RequestMix(strict_share=0.25), seed=4)
+    assert not any(item.strict for item in plain)
+    assert sum(item.strict for item in mixed) / len(mixed) == pytest.approx(0.25, abs=0.03)
+    assert [replace(item, strict=False) for item in mixed] == plain
+    budgets = Budgets(tight_ttft_ms=50, tight_tpot_ms=10, loose_ttft_ms=500, loose_tpot_ms=80)
+    assert [to_request(i, budgets, ["w"], "x").strict for i in mixed[:50]] == [i.strict for i in mixed[:50]]
+
+
+def test_tight_requests_can_draw_their_own_tolerances() -> None:
+    trace = make_trace(3000, RequestMix(tight_share=0.4, tight_tolerances_pct=(1.0, 10.0)), seed=6)
+    tight = Counter(item.tolerance_pct for item in trace if item.budget_class == TIGHT)
+    loose = Counter(item.tolerance_pct for item in trace if item.budget_class == LOOSE)
+    assert set(tight) == {1.0, 10.0}
+    assert set(loose) == {0.0, 1.0, 10.0}
+
+
 def test_bad_mixes_are_refused() -> None:
     with pytest.raises(ValueError, match="tight_share"):
         RequestMix(tight_share=1.5)
+    with pytest.raises(ValueError, match="strict_share"):
+        RequestMix(strict_share=-0.1)
+    with pytest.raises(ValueError, match="tight_tolerances_pct"):
+        RequestMix(tight_tolerances_pct=())
     with pytest.raises(ValueError, match="new_tokens"):
         RequestMix(new_tokens=())
     with pytest.raises(ValueError):

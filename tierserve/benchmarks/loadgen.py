@@ -27,15 +27,26 @@ class RequestMix:
     # Share of requests with the tight budgets (the rest get the loose ones).
     tight_share: float = 0.5
     tolerances_pct: tuple[float, ...] = (0.0, 1.0, 10.0)
+    # Tolerances of the tight-budget requests, when they differ (None: `tolerances_pct`). A
+    # latency-critical caller (autocomplete, chat) often accepts some loss; one that wants
+    # zero loss can usually wait.
+    tight_tolerances_pct: tuple[float, ...] | None = None
     prompt_words: tuple[int, ...] = (8, 48, 160)
     new_tokens: tuple[int, ...] = (16, 32, 64)
+    # Share of requests sent with `strict`: refused rather than served late when the router
+    # predicts no worker meets their budgets (clients with a fallback of their own).
+    strict_share: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.tight_share <= 1.0:
-            raise ValueError(f"tight_share must be in [0, 1], got {self.tight_share}")
+        for name in ("tight_share", "strict_share"):
+            share = getattr(self, name)
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {share}")
         for name in ("tolerances_pct", "prompt_words", "new_tokens"):
             if not getattr(self, name):
                 raise ValueError(f"the request mix needs at least one value of {name}")
+        if self.tight_tolerances_pct is not None and not self.tight_tolerances_pct:
+            raise ValueError("tight_tolerances_pct, when set, needs at least one value")
         if min(self.prompt_words) < 1 or min(self.new_tokens) < 1:
             raise ValueError("prompt_words and new_tokens must be at least 1")
 
@@ -51,6 +62,7 @@ class TraceItem:
     new_tokens: int
     # Where in the prompt text this request's prompt starts, as a fraction of the usable range.
     prompt_start: float
+    strict: bool = False
 
     def arrival_s(self, rate: float) -> float:
         return self.unit_arrival_s / rate
@@ -62,18 +74,25 @@ def make_trace(count: int, mix: RequestMix, seed: int) -> list[TraceItem]:
     if count < 1:
         raise ValueError(f"a trace needs at least one request, got {count}")
     rng = random.Random(seed)
+    # Strictness from its own stream, so a trace without strict requests stays the same.
+    strict_rng = random.Random(f"strict-{seed}")
     items, clock = [], 0.0
     for index in range(count):
         clock += rng.expovariate(1.0)
+        budget_class = TIGHT if rng.random() < mix.tight_share else LOOSE
+        tolerances = mix.tolerances_pct
+        if budget_class == TIGHT and mix.tight_tolerances_pct is not None:
+            tolerances = mix.tight_tolerances_pct
         items.append(
             TraceItem(
                 index=index,
                 unit_arrival_s=clock,
-                budget_class=TIGHT if rng.random() < mix.tight_share else LOOSE,
-                tolerance_pct=rng.choice(mix.tolerances_pct),
+                budget_class=budget_class,
+                tolerance_pct=rng.choice(tolerances),
                 prompt_words=rng.choice(mix.prompt_words),
                 new_tokens=rng.choice(mix.new_tokens),
                 prompt_start=rng.random(),
+                strict=strict_rng.random() < mix.strict_share,
             )
         )
     return items
@@ -116,6 +135,7 @@ def to_request(
         max_first_token_latency_ms=ttft_ms,
         max_token_latency_ms=tpot_ms,
         max_quality_loss_pct=item.tolerance_pct,
+        strict=item.strict,
     )
 
 

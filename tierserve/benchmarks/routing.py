@@ -367,6 +367,16 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
+def _tolerances(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not v >= 0 for v in values):
+        raise ConfigError(f"--tight-tolerances: expected comma-separated percentages >= 0, got {text!r}")
+    return values
+
+
 def _ints(text: str, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in _floats(text, name))
 
@@ -386,6 +396,8 @@ def run_routing_benchmark(
     budgets: str | None,
     timeout_s: float,
     tight_share: float = 0.5,
+    strict_share: float = 0.0,
+    tight_tolerances: str | None = None,
     run_dir: Path | None,
     console: Console,
 ) -> int:
@@ -397,10 +409,13 @@ def run_routing_benchmark(
     notes: list[str] = []
     if REFERENCE_POLICY not in chosen:
         notes.append(f"policy {REFERENCE_POLICY!r} is not among {', '.join(chosen)}: no target computed")
-    if not 0.0 <= tight_share <= 1.0:
-        raise ConfigError(f"--tight-share must be in [0, 1], got {tight_share:g}")
+    for flag, share in (("--tight-share", tight_share), ("--strict-share", strict_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1], got {share:g}")
     mix = RequestMix(
         tight_share=tight_share,
+        strict_share=strict_share,
+        tight_tolerances_pct=_tolerances(tight_tolerances) if tight_tolerances else None,
         prompt_words=_ints(prompt_words_mix, "--prompt-words"),
         new_tokens=_ints(new_tokens_mix, "--new-tokens"),
     )
