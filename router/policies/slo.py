@@ -5,9 +5,13 @@ worker's wait, TTFT and TPOT now → keep those that fit the budgets → pick th
 accurate, ties by lowest predicted latency. A worker where the request would go
 ahead of waiting ones (earliest deadline first) and make some of them late comes
 after every worker where it would not: meeting this budget by breaking another's
-gains nothing. When none fits: strict requests are refused with RESOURCE_EXHAUSTED
-naming the budget that failed; others are served best effort by the fastest worker
-within the tolerance.
+gains nothing. Likewise a worker predicted to use more than HEADROOM of the TTFT
+budget comes after the workers with room to spare: the most accurate worker is the
+only one for requests with no tolerance, and filling its queue to the budget's edge
+with requests that any tier would serve leaves them none (and any prediction error
+there is a miss). When none fits: strict requests are refused with
+RESOURCE_EXHAUSTED naming the budget that failed; others are served best effort by
+the fastest worker within the tolerance.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ from router.policies.base import (
 from router.prediction import Prediction
 from tierserve.errors import Overloaded
 from tierserve.tiers import REFERENCE_TIER
+
+# Share of the TTFT budget a prediction may use before the worker counts as crowded.
+HEADROOM = 0.5
+
+
+def crowded(request: RouteRequest, prediction: Prediction) -> bool:
+    """Predicted to use more than HEADROOM of the request's TTFT budget (no budget: never)."""
+    budget_us = request.max_first_token_latency_ms * 1e3
+    return bool(budget_us) and prediction.ttft_us > HEADROOM * budget_us
 
 
 def fits(request: RouteRequest, prediction: Prediction) -> bool:
@@ -115,11 +128,17 @@ class SloPolicy:
             def harms(worker: WorkerView) -> bool:
                 return predictions[worker.worker_id].displaces > 0
 
-            best = min(eligible, key=lambda w: (harms(w), accuracy_rank(w), latency(w)))
+            def full(worker: WorkerView) -> bool:
+                return crowded(request, predictions[worker.worker_id])
+
+            best = min(eligible, key=lambda w: (harms(w), full(w), accuracy_rank(w), latency(w)))
             ties = [
                 w.worker_id
                 for w in eligible
-                if w is not best and not harms(w) and accuracy_rank(w) == accuracy_rank(best)
+                if w is not best
+                and not harms(w)
+                and full(w) == full(best)
+                and accuracy_rank(w) == accuracy_rank(best)
             ]
             why = "most accurate eligible"
             if ties:
@@ -131,6 +150,13 @@ class SloPolicy:
             ]
             if harmed:
                 why += f"; passed over, as going first there makes waiting requests late: {', '.join(harmed)}"
+            busy = [
+                w.worker_id
+                for w in eligible
+                if not harms(w) and full(w) and not full(best) and accuracy_rank(w) < accuracy_rank(best)
+            ]
+            if busy:
+                why += f"; passed over, predicted past {HEADROOM:.0%} of the TTFT budget: {', '.join(busy)}"
             if harms(best):
                 why += f"; makes {predictions[best.worker_id].displaces} waiting request(s) late"
             reason = f"{prefix}: {describe(request, best, predictions[best.worker_id])}; {why}{notes}"
