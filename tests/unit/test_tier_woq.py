@@ -1,5 +1,6 @@
 """Tiers int8-woq and int4-woq: kernel choice by ISA and recipe, recipe checks, the quantizers,
-and the native path end to end on the tiny random model (build, reuse the artifact, generate)."""
+the native path end to end on the tiny random model (build, reuse the artifact, generate), and
+the IPEX path loading a GPTQ int4 `low_precision_checkpoint`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from tests.gptq_checkpoint import dequantize_gptq, unpack_int4_rows, write_gptq_checkpoint
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
 from tierserve.config import ConfigError, TierRecipe
 from tierserve.requests import GenerationParams, SamplingParams
+from worker.accuracy import tier_log_probs
 from worker.engine import Engine, TokenEvent
 from worker.isa import CpuIsa
 from worker.tiers import LoadedModel, TierContext, make_tier, native_woq
 from worker.tiers.ipex_common import load_hf_model
-from worker.tiers.woq import IPEX_SETTINGS_FILE
+from worker.tiers.woq import IPEX_SETTINGS_FILE, describe_low_precision_checkpoint
 
 TIERS = ("int8-woq", "int4-woq")
 FAST_WOQ_CPU = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", "avx512f", "avx2"})
@@ -304,3 +307,113 @@ def test_ipex_path_build_records_settings(tiny_model_dir: Path, tmp_path: Path) 
     tier = tier_for("int4-woq", TierRecipe(group_size=32, kernel="ipex"))
     tier.build(tiny_model_dir, tmp_path, lambda message: None)
     assert (tmp_path / IPEX_SETTINGS_FILE).read_text(encoding="utf-8").count('"group_size": 32') == 1
+
+
+# ------------------------------------------------------------------ IPEX path with a GPTQ checkpoint
+
+GPTQ_GROUP = 32
+SCORED_TEXT = "Once upon a time there was a little fox"
+
+
+@pytest.fixture(scope="module")
+def gptq_checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPTQ int4 checkpoint of a *changed* copy of the tiny model (as if fine-tuned): every
+    weight moved by noise several quantization steps wide. IPEX quantizing the model's own float
+    weights (the checkpoint ignored) would land near the original model, not near this one."""
+    model, _ = load_hf_model(tiny_model_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn(module.weight.shape, generator=generator) * 0.1)
+    path = tmp_path_factory.mktemp("gptq") / "model.safetensors"
+    return write_gptq_checkpoint(model, path, GPTQ_GROUP)
+
+
+def float_log_probs(
+    model_dir: Path, chunk: list[int], weights: dict[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """Plain fp32 transformers, with `weights` (linear weights by state-dict key) swapped in."""
+    model, _ = load_hf_model(model_dir)
+    if weights:
+        missing = set(weights) - set(model.state_dict())
+        assert not missing, missing
+        model.load_state_dict(weights, strict=False)
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([chunk])).logits[0, :-1].float(), dim=-1)
+
+
+def log_prob_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_gptq_checkpoint_is_described_by_what_it_holds(gptq_checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(gptq_checkpoint))
+    q_proj = "model.layers.0.self_attn.q_proj"
+    # K = 64 inputs, N = 64 outputs, groups of 32.
+    assert state[f"{q_proj}.qweight"].shape == (8, 64) and state[f"{q_proj}.qweight"].dtype == torch.int32
+    assert state[f"{q_proj}.qzeros"].shape == (2, 8)
+    assert state[f"{q_proj}.scales"].shape == (2, 64)
+    assert not any(key.startswith("lm_head.") for key in state)
+    # Zero points vary along N, so a wrong qzeros packing order would show.
+    zeros = unpack_int4_rows(state[f"{q_proj}.qzeros"].t())
+    assert len(torch.unique(zeros)) >= 3
+    assert describe_low_precision_checkpoint(state) == (
+        "low_precision_checkpoint gptq INT4 group 32, lm_head unquantized"
+    )
+    # A config.json's quantization_config takes precedence, as in IPEX.
+    described = describe_low_precision_checkpoint((state, {"quant_method": "gptq", "group_size": 64}))
+    assert described.startswith("low_precision_checkpoint gptq INT4 group 64")
+
+
+@pytest.mark.parametrize(
+    ("lowp_mode", "tolerance"),
+    [
+        # fp32 activations: the same weights give the same log-probs up to float rounding.
+        ("FP32", 1e-3),
+        # The default, bf16 activations: bf16 rounding only (measured 0.24 at most here).
+        ("AUTO", 0.6),
+    ],
+)
+def test_ipex_loads_a_gptq_int4_checkpoint(
+    tiny_model_dir: Path, gptq_checkpoint: Path, tmp_path: Path, lowp_mode: str, tolerance: float
+) -> None:
+    from safetensors.torch import load_file
+
+    recipe = TierRecipe(
+        group_size=GPTQ_GROUP,
+        kernel="ipex",
+        lowp_mode=lowp_mode,  # type: ignore[arg-type]
+        low_precision_checkpoint=str(gptq_checkpoint),
+    )
+    tier = tier_for("int4-woq", recipe)
+    tier.build(tiny_model_dir, tmp_path, lambda message: None)
+    loaded = tier.load(tiny_model_dir, tmp_path)
+    assert "ipex WOQ low_precision_checkpoint gptq INT4 group 32, lm_head unquantized" in loaded.kernel
+    greedy = generate(loaded, SamplingParams())
+    assert 1 <= len(greedy) <= 6
+
+    chunk: list[int] = loaded.tokenizer(SCORED_TEXT)["input_ids"]
+    served = tier_log_probs(loaded, chunk)  # through generate, as the accuracy card scores it
+    state = load_file(str(gptq_checkpoint))
+    checkpoint_weights = float_log_probs(tiny_model_dir, chunk, dequantize_gptq(state))
+    # Near misses: zero points read as stored (off by one step), and the checkpoint ignored.
+    zeros_as_stored = float_log_probs(tiny_model_dir, chunk, dequantize_gptq(state, zero_offset=0))
+    original = float_log_probs(tiny_model_dir, chunk, None)
+
+    error = log_prob_distance(served, checkpoint_weights)
+    assert error < tolerance
+    assert error < 0.1 * log_prob_distance(checkpoint_weights, zeros_as_stored)
+    assert error < 0.1 * log_prob_distance(checkpoint_weights, original)
+    assert log_prob_distance(served, original) > 10 * error
+    if lowp_mode == "FP32":
+        # Same greedy continuation as transformers with the checkpoint's weights.
+        prompt = loaded.tokenizer("Once upon a time", return_tensors="pt")
+        reference, _ = load_hf_model(tiny_model_dir)
+        reference.load_state_dict(dequantize_gptq(state), strict=False)
+        with torch.inference_mode():
+            expected = reference.generate(**prompt, max_new_tokens=6, do_sample=False)[0]
+        new_ids = expected[prompt["input_ids"].shape[1] :].tolist()
+        assert [event.token_id for event in greedy] == new_ids[: len(greedy)]

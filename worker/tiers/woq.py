@@ -36,7 +36,10 @@ Recipe fields:
   native int8-activation kernel and refuses INT8 on the native path.
 - `low_precision_checkpoint`: a GPTQ/AWQ-style checkpoint (a .safetensors/.pt/.bin file,
   or a folder of them with a config.json carrying `quantization_config`) handed to IPEX;
-  IPEX path only.
+  IPEX path only. The layers it holds run at its own width and group size, whatever the tier
+  and `group_size` say (a GPTQ/AWQ checkpoint is INT4, also in int8-woq); layers it lacks (the
+  lm_head, in GPTQ/AWQ files) stay unquantized. The kernel string reports both. Its layout:
+  tests/gptq_checkpoint.py.
 - `kernel`: auto | ipex | native.
 """
 
@@ -82,6 +85,34 @@ def read_low_precision_checkpoint(path: Path) -> Any:
     if config_file.is_file():
         quant_config = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
     return (state, quant_config) if quant_config else state
+
+
+def describe_low_precision_checkpoint(checkpoint: Any) -> str:
+    """What IPEX really runs from a checkpoint (as `read_low_precision_checkpoint` returns it).
+
+    IPEX takes the weight width and group size of every layer the checkpoint holds from the
+    checkpoint, not from the qconfig (a GPTQ/AWQ checkpoint runs INT4 even in int8-woq, at its
+    own group size), and leaves the layers without scales in it (the lm_head, usually) unquantized.
+    Call it before `ipex.llm.optimize`, which transposes the checkpoint's scales in place.
+    """
+    state, quant_config = checkpoint if isinstance(checkpoint, tuple) else (checkpoint, {})
+    method = str(quant_config.get("quant_method", "gptq"))
+    width = {"gptq": "INT4", "awq": "INT4", "fp8": "FP8", "int8": "INT8"}.get(
+        method, f"INT{quant_config.get('bits', 8)}"
+    )
+    group = quant_config.get("group_size")
+    if group is None and method in ("gptq", "awq"):
+        # IPEX's rule: input channels (GPTQ packs 8 per int32 row, AWQ stores them unpacked)
+        # over scale rows.
+        scales = next((key for key in state if key.endswith(".scales")), None)
+        qweight = state.get(scales.removesuffix(".scales") + ".qweight") if scales else None
+        if scales and qweight is not None and state[scales].shape[0] > 1:
+            rows = qweight.shape[0] * (8 if method == "gptq" else 1)
+            group = rows // state[scales].shape[0]
+    grouping = "" if group is None else (" per-channel" if int(group) <= 0 else f" group {group}")
+    head_quantized = any(key.startswith("lm_head.") and "scale" in key for key in state)
+    unquantized = "" if head_quantized else ", lm_head unquantized"
+    return f"low_precision_checkpoint {method} {width}{grouping}{unquantized}"
 
 
 class _WoqTier(Tier):
@@ -268,24 +299,24 @@ class _WoqTier(Tier):
             group_size=settings["group_size"],
         )
         dtype = torch.float32 if settings["dtype"] == "float32" else torch.bfloat16
+        group = settings["group_size"]
+        weights = f"INT{self.bits} {'per-channel' if group == -1 else f'group {group}'}"
         extra: dict[str, Any] = {}
         if self.recipe.low_precision_checkpoint:
             checkpoint = Path(self.recipe.low_precision_checkpoint).expanduser()
             extra["low_precision_checkpoint"] = read_low_precision_checkpoint(checkpoint)
+            weights = describe_low_precision_checkpoint(extra["low_precision_checkpoint"])
         with torch.inference_mode():
             optimized = ipex.llm.optimize(
                 model, dtype=dtype, inplace=True, quantization_config=qconfig, deployment_mode=True, **extra
             )
-        group = settings["group_size"]
         speed = (
             "AMX fast kernels"
             if self.context.isa.ipex_woq_fast
             else "reference kernels: every weight dequantized at every step (no AMX+AVX512_FP16)"
         )
         kernel = (
-            f"ipex WOQ INT{self.bits} {'per-channel' if group == -1 else f'group {group}'} "
-            f"lowp {settings['lowp_mode']}, {settings['dtype']} activations"
-            f"{', low_precision_checkpoint' if extra else ''}, "
+            f"ipex WOQ {weights} lowp {settings['lowp_mode']}, {settings['dtype']} activations, "
             f"{graph_mode(optimized)}; {speed}; "
             f"CPU ISA {cpu_capability()}"
         )
