@@ -4,6 +4,7 @@ the IPEX path loading a GPTQ int4 `low_precision_checkpoint`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,17 @@ def test_ipex_path_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     tier = tier_for("int4-woq", TierRecipe(kernel="ipex", low_precision_checkpoint=str(tmp_path / "nope")))
     with pytest.raises(ConfigError, match="does not exist"):
         tier.check(smollm_like_config())
+
+
+def test_a_replaced_checkpoint_at_the_same_path_keys_a_new_artifact(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "gptq.safetensors"
+    checkpoint.write_bytes(b"first")
+    tier = tier_for("int4-woq", TierRecipe(kernel="ipex", low_precision_checkpoint=str(checkpoint)))
+    before = tier.recipe_key()
+    os.utime(checkpoint, ns=(1, 1))
+    checkpoint.write_bytes(b"second file")
+    assert tier.recipe_key() != before
+    assert tier.recipe_key()["checkpoint_files"][0][:2] == ("gptq.safetensors", len(b"second file"))
 
 
 # ------------------------------------------------------------------ quantizers and kernels

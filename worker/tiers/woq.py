@@ -63,6 +63,14 @@ log = logging.getLogger(__name__)
 IPEX_SETTINGS_FILE = "woq-ipex.json"
 
 
+def checkpoint_fingerprint(path: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of the checkpoint's files: cheap enough for every start (a
+    multi-GB checkpoint is not hashed), and it changes when a file is replaced."""
+    path = path.expanduser()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+
+
 def read_low_precision_checkpoint(path: Path) -> Any:
     """A state dict, or (state dict, quantization_config) when a config.json says how it was made."""
     if path.is_dir():
@@ -139,6 +147,9 @@ class _WoqTier(Tier):
             # The card depends on how the head runs, though its stored weights do not.
             key["native_head"] = self.native_scheme_head()
             key["native_dynamic_layers"] = self.recipe.lowp_mode == "INT8"
+        if self.recipe.low_precision_checkpoint:
+            # Its path alone would keep a card measured on an older file at the same path.
+            key["checkpoint_files"] = checkpoint_fingerprint(Path(self.recipe.low_precision_checkpoint))
         return key
 
     def group_size(self, model_config: Any) -> int:
