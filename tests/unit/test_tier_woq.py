@@ -429,3 +429,12 @@ def test_ipex_loads_a_gptq_int4_checkpoint(
             expected = reference.generate(**prompt, max_new_tokens=6, do_sample=False)[0]
         new_ids = expected[prompt["input_ids"].shape[1] :].tolist()
         assert [event.token_id for event in greedy] == new_ids[: len(greedy)]
+
+
+def test_int8_woq_refuses_an_int4_checkpoint(
+    tiny_model_dir: Path, gptq_checkpoint: Path, tmp_path: Path
+) -> None:
+    tier = tier_for("int8-woq", TierRecipe(kernel="ipex", low_precision_checkpoint=str(gptq_checkpoint)))
+    tier.build(tiny_model_dir, tmp_path, lambda message: None)
+    with pytest.raises(ConfigError, match="holds gptq INT4 weights; serve it as int4-woq"):
+        tier.load(tiny_model_dir, tmp_path)

@@ -95,6 +95,17 @@ def read_low_precision_checkpoint(path: Path) -> Any:
     return (state, quant_config) if quant_config else state
 
 
+def checkpoint_width(checkpoint: Any) -> tuple[str, str]:
+    """(quantization method, weight width as IPEX runs it: "INT4", "INT8", "FP8") of a checkpoint
+    as `read_low_precision_checkpoint` returns it."""
+    quant_config = checkpoint[1] if isinstance(checkpoint, tuple) else {}
+    method = str(quant_config.get("quant_method", "gptq"))
+    width = {"gptq": "INT4", "awq": "INT4", "fp8": "FP8", "int8": "INT8"}.get(
+        method, f"INT{quant_config.get('bits', 8)}"
+    )
+    return method, width
+
+
 def describe_low_precision_checkpoint(checkpoint: Any) -> str:
     """What IPEX really runs from a checkpoint (as `read_low_precision_checkpoint` returns it).
 
@@ -104,10 +115,7 @@ def describe_low_precision_checkpoint(checkpoint: Any) -> str:
     Call it before `ipex.llm.optimize`, which transposes the checkpoint's scales in place.
     """
     state, quant_config = checkpoint if isinstance(checkpoint, tuple) else (checkpoint, {})
-    method = str(quant_config.get("quant_method", "gptq"))
-    width = {"gptq": "INT4", "awq": "INT4", "fp8": "FP8", "int8": "INT8"}.get(
-        method, f"INT{quant_config.get('bits', 8)}"
-    )
+    method, width = checkpoint_width(checkpoint)
     group = quant_config.get("group_size")
     if group is None and method in ("gptq", "awq"):
         # IPEX's rule: input channels (GPTQ packs 8 per int32 row, AWQ stores them unpacked)
@@ -316,6 +324,13 @@ class _WoqTier(Tier):
         if self.recipe.low_precision_checkpoint:
             checkpoint = Path(self.recipe.low_precision_checkpoint).expanduser()
             extra["low_precision_checkpoint"] = read_low_precision_checkpoint(checkpoint)
+            method, width = checkpoint_width(extra["low_precision_checkpoint"])
+            if width != f"INT{self.bits}":
+                # IPEX would run the checkpoint's width whatever the tier says: refuse the mismatch.
+                raise ConfigError(
+                    f"{self.name}: low_precision_checkpoint {checkpoint} holds {method} {width} weights; "
+                    f"serve it as {'int4-woq' if width == 'INT4' else 'a tier of that width'}"
+                )
             weights = describe_low_precision_checkpoint(extra["low_precision_checkpoint"])
         with torch.inference_mode():
             optimized = ipex.llm.optimize(
