@@ -128,16 +128,16 @@ class SloPolicy:
             def harms(worker: WorkerView) -> bool:
                 return predictions[worker.worker_id].displaces > 0
 
-            def full(worker: WorkerView) -> bool:
+            def busy_there(worker: WorkerView) -> bool:
                 return crowded(request, predictions[worker.worker_id])
 
-            best = min(eligible, key=lambda w: (harms(w), full(w), accuracy_rank(w), latency(w)))
+            best = min(eligible, key=lambda w: (harms(w), busy_there(w), accuracy_rank(w), latency(w)))
             ties = [
                 w.worker_id
                 for w in eligible
                 if w is not best
                 and not harms(w)
-                and full(w) == full(best)
+                and busy_there(w) == busy_there(best)
                 and accuracy_rank(w) == accuracy_rank(best)
             ]
             why = "most accurate eligible"
@@ -153,7 +153,10 @@ class SloPolicy:
             busy = [
                 w.worker_id
                 for w in eligible
-                if not harms(w) and full(w) and not full(best) and accuracy_rank(w) < accuracy_rank(best)
+                if not harms(w)
+                and busy_there(w)
+                and not busy_there(best)
+                and accuracy_rank(w) < accuracy_rank(best)
             ]
             if busy:
                 why += f"; passed over, predicted past {HEADROOM:.0%} of the TTFT budget: {', '.join(busy)}"
