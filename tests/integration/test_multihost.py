@@ -1,14 +1,16 @@
 """Many hosts on one machine, serving the default model: each worker in its own network namespace,
 reached over its own veth link from a router in the root namespace, by static address (cut one link
-and the router routes around it) or by self-registration (cut the link and the worker expires; mend
-it and the worker's heartbeats bring it back). Needs root (network namespaces); skipped with the
-reason otherwise."""
+and the router routes around it; cut the link of the worker a request is streaming from and the
+router's keepalive notices, so the stream resumes on the other worker) or by self-registration (cut
+the link and the worker expires; mend it and the worker's heartbeats bring it back). Needs root
+(network namespaces); skipped with the reason otherwise."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import pytest
 from tests.integration.default_model import START_TIMEOUT_S, default_model, start_router
 from tests.integration.processes import Server, spawn, stop, wait_until, write_config
 from tierserve.client import list_workers
+from tierserve.config import RouterConfig
 from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -27,6 +30,16 @@ pytestmark = pytest.mark.integration
 # Health checks time out after 2 s; a few rounds more for the router to notice a cut link.
 CUT_NOTICED_S = 20.0
 BLACKHOLE_METRIC = "4242"
+# A stream cut mid-way: the router's keepalive (defaults) notices within about ping interval plus
+# timeout; the rest of the stream is then generated on the other worker, a few seconds more.
+_ROUTER = RouterConfig()
+KEEPALIVE_NOTICES_S = _ROUTER.keepalive_time_s + _ROUTER.keepalive_timeout_s
+STREAM_RESUMED_S = KEEPALIVE_NOTICES_S + 35.0
+# A story to continue: the model goes on past STORY_TOKENS (an instruction such as "Write a long
+# story ..." is answered at once with its end-of-turn token).
+STORY = "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who"
+STORY_TOKENS = 48
+CUT_AFTER_TOKENS = 3
 
 
 @dataclass
@@ -133,44 +146,45 @@ def in_namespace(pid: int, namespace: str) -> bool:
     return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{namespace}").st_ino
 
 
-def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link(
-    tmp_path: Path, two_hosts: list[Host]
-) -> None:
+@contextmanager
+def pool_across_hosts(
+    tmp_path: Path, hosts: list[Host], workers: dict[str, str], policy: str
+) -> Iterator[tuple[str, list[Server]]]:
+    """A worker per host (name -> tier, in host order), each listening on its veth address only, and
+    a router in the root namespace dialling them by static address, once all serve: the router's
+    address, and the servers (the workers in order, then the router). Stopped and logged after."""
     cpus = sorted(os.sched_getaffinity(0))
-    tiers = {"near": "fp32", "far": "bf16"}
-    names = list(tiers)
+    names = list(workers)
     pool = write_config(
         tmp_path / "pool.toml",
         default_model(
             workers=[
                 {
                     "name": name,
-                    "tier": tiers[name],
+                    "tier": workers[name],
                     "host": host.address,  # inside its namespace, only its veth address
                     "cores": [cpus[index % len(cpus)]],
                     "warmup_runs": 0,
                 }
-                for index, (name, host) in enumerate(zip(names, two_hosts, strict=True))
+                for index, (name, host) in enumerate(zip(names, hosts, strict=True))
             ]
         ),
     )
     servers: list[Server] = []
     try:
-        for name, host in zip(names, two_hosts, strict=True):
+        for name, host in zip(names, hosts, strict=True):
             prefix = ["ip", "netns", "exec", host.namespace]
             servers.append(spawn(name, ["worker", "--name", name], pool, tmp_path, prefix))
         wait_until(lambda: all(s.port() for s in servers), "the workers listen", servers, START_TIMEOUT_S)
-        for server, host in zip(servers, two_hosts, strict=True):
+        for server, host in zip(servers, hosts, strict=True):
             assert in_namespace(server.process.pid, host.namespace)
         router_config = write_config(
             tmp_path / "router.toml",
             default_model(
-                # Accuracy-blind, so every worker takes turns (slo would keep to fp32, the most
-                # accurate, while both are fast enough).
-                router={"port": 0, "health_interval_s": 0.3, "policy": "round_robin"},
+                router={"port": 0, "health_interval_s": 0.3, "policy": policy},
                 workers=[
-                    {"name": name, "tier": tiers[name], "address": f"{host.address}:{server.port()}"}
-                    for name, host, server in zip(names, two_hosts, servers, strict=True)
+                    {"name": name, "tier": workers[name], "address": f"{host.address}:{server.port()}"}
+                    for name, host, server in zip(names, hosts, servers, strict=True)
                 ],
             ),
         )
@@ -182,10 +196,24 @@ def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link
         def all_serving() -> bool:
             return all(health(address, name) == router_pb2.WORKER_HEALTH_SERVING for name in names)
 
-        wait_until(all_serving, "both workers serve across their links", servers, START_TIMEOUT_S)
+        wait_until(all_serving, "the workers serve across their links", servers, START_TIMEOUT_S)
         listed = statuses(address)
-        for name, host in zip(names, two_hosts, strict=True):
+        for name, host in zip(names, hosts, strict=True):
             assert listed[name].address.startswith(f"{host.address}:")
+        yield address, servers
+    finally:
+        for server in reversed(servers):  # the router first, so no request reaches a stopping worker
+            stop(server)
+        print("\n".join(s.tail() for s in servers))
+
+
+def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link(
+    tmp_path: Path, two_hosts: list[Host]
+) -> None:
+    # Accuracy-blind, so every worker takes turns (slo would keep to fp32, the most accurate,
+    # while both are fast enough).
+    workers = {"near": "fp32", "far": "bf16"}
+    with pool_across_hosts(tmp_path, two_hosts, workers, "round_robin") as (address, servers):
         assert {generate(address).worker_id for _ in range(2)} == {"near", "far"}
 
         _ip("link", "set", two_hosts[0].link, "down")  # cut the preferred worker's host off
@@ -200,10 +228,53 @@ def test_router_reaches_workers_in_other_namespaces_and_routes_around_a_cut_link
         assert [(s.worker_id, s.tier) for s in served] == [("far", "bf16")] * 3
         # Cut off, not dead: the router routed around a network failure.
         assert servers[0].process.poll() is None
-    finally:
-        for server in reversed(servers):  # the router first, so no request reaches a stopping worker
-            stop(server)
-        print("\n".join(s.tail() for s in servers))
+
+
+def test_a_stream_whose_link_is_cut_resumes_on_the_other_worker(
+    tmp_path: Path, two_hosts: list[Host]
+) -> None:
+    # One tier on both hosts (greedy, deterministic: the resumed text can be checked exactly);
+    # first_healthy sends the request to "near", the first configured.
+    workers = {"near": "fp32", "far": "fp32"}
+    with pool_across_hosts(tmp_path, two_hosts, workers, "first_healthy") as (address, servers):
+        request = generate_pb2.GenerateRequest(prompt=STORY, max_new_tokens=STORY_TOKENS, request_id="cut")
+        responses: list[generate_pb2.GenerateResponse] = []
+        cut_at = 0.0
+        with grpc.insecure_channel(address) as channel:
+            # The deadline is far past the bound: a stream nobody notices is stalled fails the bound.
+            for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=180):
+                responses.append(response)
+                if len(responses) == CUT_AFTER_TOKENS:
+                    # Mid-stream: no FIN, no RST reaches the router, only silence.
+                    _ip("link", "set", two_hosts[0].link, "down")
+                    cut_at = time.monotonic()
+        completed_in_s = time.monotonic() - cut_at
+        assert cut_at, f"the stream ended after {len(responses)} responses, before the cut"
+
+        tokens = [r.token for r in responses[:-1]]
+        summary = responses[-1].summary
+        assert responses[-1].HasField("summary") and summary.request_id == "cut"
+        assert [t.index for t in tokens] == list(range(len(tokens))), (
+            f"indexes repeated or missing across the seam: {[(t.index, t.text) for t in tokens]} {summary}"
+        )
+        assert summary.generated_tokens == len(tokens) and "".join(t.text for t in tokens) == summary.text
+        assert (summary.worker_id, list(summary.failed_workers)) == ("far", ["near"]), summary
+        seam = summary.resumed_after_tokens
+        assert CUT_AFTER_TOKENS <= seam < len(tokens), summary
+        assert "near UNAVAILABLE" in summary.routing_reason, summary.routing_reason
+        assert completed_in_s < STREAM_RESUMED_S, (
+            f"the stream completed {completed_in_s:.1f} s after its worker's link was cut "
+            f"(keepalive should notice within about {KEEPALIVE_NOTICES_S:.0f} s)"
+        )
+        # After the seam, exactly what a worker of the same tier makes of the prompt plus the text
+        # before it: nothing repeated, nothing skipped.
+        before = "".join(t.text for t in tokens[:seam])
+        continuation = generate_pb2.GenerateRequest(prompt=STORY + before, max_new_tokens=len(tokens) - seam)
+        with grpc.insecure_channel(address) as channel:
+            again = list(router_pb2_grpc.RouterStub(channel).Generate(continuation, timeout=120))
+        assert again[-1].summary.worker_id == "far"
+        assert "".join(t.text for t in tokens[seam:]) == again[-1].summary.text
+        assert servers[0].process.poll() is None  # cut off, not dead
 
 
 def test_a_worker_on_another_host_registers_over_its_link_and_rejoins_after_a_cut(
