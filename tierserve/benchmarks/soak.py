@@ -278,7 +278,10 @@ async def drive(
 ) -> tuple[LoadTally, CallResult]:
     """The load, the samples taken meanwhile, and the request sent once the load stopped."""
     tally = LoadTally()
-    channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(clients)]
+    # A subchannel pool of its own per channel: every client its own connection, as separate clients
+    # have (channels of one process to one target would otherwise share one).
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(clients)]
     try:
         started = time.monotonic()
         until = started + duration_s
