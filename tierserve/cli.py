@@ -356,6 +356,7 @@ def cmd_bench_routing(args: argparse.Namespace, console: Console) -> int:
         tight_share=args.tight_share,
         strict_share=args.strict_share,
         tight_tolerances=args.tight_tolerances,
+        tolerances=args.tolerances,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
     )
@@ -568,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     routing.add_argument(
         "--tight-share", type=float, default=0.5, help="share of requests with tight budgets (default 0.5)"
+    )
+    routing.add_argument(
+        "--tolerances",
+        help="tolerances (%%) drawn uniformly; repeat one to weight it, e.g. 0,1,1,10,10 (default 0,1,10)",
     )
     routing.add_argument(
         "--tight-tolerances",

@@ -367,13 +367,13 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
-def _tolerances(text: str) -> tuple[float, ...]:
+def _tolerances(text: str, flag: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
     if not values or any(not v >= 0 for v in values):
-        raise ConfigError(f"--tight-tolerances: expected comma-separated percentages >= 0, got {text!r}")
+        raise ConfigError(f"{flag}: expected comma-separated percentages >= 0, got {text!r}")
     return values
 
 
@@ -398,6 +398,7 @@ def run_routing_benchmark(
     tight_share: float = 0.5,
     strict_share: float = 0.0,
     tight_tolerances: str | None = None,
+    tolerances: str | None = None,
     run_dir: Path | None,
     console: Console,
 ) -> int:
@@ -415,7 +416,10 @@ def run_routing_benchmark(
     mix = RequestMix(
         tight_share=tight_share,
         strict_share=strict_share,
-        tight_tolerances_pct=_tolerances(tight_tolerances) if tight_tolerances else None,
+        tight_tolerances_pct=_tolerances(tight_tolerances, "--tight-tolerances")
+        if tight_tolerances
+        else None,
+        **({"tolerances_pct": _tolerances(tolerances, "--tolerances")} if tolerances else {}),
         prompt_words=_ints(prompt_words_mix, "--prompt-words"),
         new_tokens=_ints(new_tokens_mix, "--new-tokens"),
     )
