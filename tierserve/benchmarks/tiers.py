@@ -284,8 +284,9 @@ def four_bit_source_note(int4_group_size: int) -> str | None:
     if int4_group_size <= 0 or GGUF_Q4_1_BLOCK % int4_group_size:
         return None
     return (
-        f" This is the model, not the CPU: the default model's full-precision weights are the "
-        f"dequantized 4-bit weights of its GGUF file (Q4_1, blocks of {GGUF_Q4_1_BLOCK}), which "
+        f" {INT4_TIER}'s accuracy is the model's doing, not the CPU's: the default model's "
+        f"full-precision weights are the dequantized 4-bit weights of its GGUF file "
+        f"(Q4_1, blocks of {GGUF_Q4_1_BLOCK}), which "
         f"{INT4_TIER} with groups of {int4_group_size} reproduces almost exactly, so on this model no "
         f"8- or 16-bit tier can be more accurate by more than noise, and none reads fewer bytes per "
         f"token. With groups that straddle the blocks (64) int4 loses tens of percent; a model with "
