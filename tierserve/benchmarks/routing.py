@@ -357,23 +357,15 @@ def output_paths(out: Path) -> tuple[Path, Path]:
 # --- the run -------------------------------------------------------------------------------------------
 
 
-def _floats(text: str, name: str) -> list[float]:
+def _floats(text: str, name: str, allow_zero: bool = False) -> list[float]:
+    """Comma-separated numbers, each positive (or, with `allow_zero`, at least 0)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise ConfigError(f"{name}: expected positive numbers, got {text!r}")
-    return values
-
-
-def _tolerances(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or any(not v >= 0 for v in values):
-        raise ConfigError(f"{flag}: expected comma-separated percentages >= 0, got {text!r}")
+        values = []
+    kind = "numbers >= 0" if allow_zero else "positive numbers"
+    if not values or any(not (v >= 0 if allow_zero else v > 0) for v in values):
+        raise ConfigError(f"{name}: expected comma-separated {kind}, got {text!r}")
     return values
 
 
@@ -416,10 +408,14 @@ def run_routing_benchmark(
     mix = RequestMix(
         tight_share=tight_share,
         strict_share=strict_share,
-        tight_tolerances_pct=_tolerances(tight_tolerances, "--tight-tolerances")
+        tight_tolerances_pct=tuple(_floats(tight_tolerances, "--tight-tolerances", allow_zero=True))
         if tight_tolerances
         else None,
-        **({"tolerances_pct": _tolerances(tolerances, "--tolerances")} if tolerances else {}),
+        **(
+            {"tolerances_pct": tuple(_floats(tolerances, "--tolerances", allow_zero=True))}
+            if tolerances
+            else {}
+        ),
         prompt_words=_ints(prompt_words_mix, "--prompt-words"),
         new_tokens=_ints(new_tokens_mix, "--new-tokens"),
     )

@@ -68,10 +68,11 @@ def build(
     batches = [tokenizer(text, return_tensors="pt")["input_ids"][:, :limit] for text in texts]
     progress(f"calibrating on {len(batches)} texts")
     ranges = smoothing.activation_ranges(model, batches)
-    factors = smoothing.smoothing_factors(model, ranges, alpha, smooth_down=False)
+    layout = scheme(reduce_range)
+    # A weight-only down_proj has no int8 input to smooth.
+    factors = smoothing.smoothing_factors(model, ranges, alpha, smooth_down=not layout.down_weight_only)
     smoothing.save_factors(artifact_dir, factors, alpha)
     smoothing.apply_smoothing(model, factors)
-    layout = scheme(reduce_range)
     progress(f"quantizing: {layout.describe()}")
     native_woq.save_artifact(artifact_dir, native_woq.quantize_model(model, layout, progress), layout)
 
