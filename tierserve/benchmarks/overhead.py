@@ -9,8 +9,12 @@ Requests through the router pin the worker's tier. Everything is timed by the cl
 
 - per token: the gaps between arriving tokens, paired by token index across each router/direct pair;
   the figure is the p50 of (router gap - direct gap). Target: <= 0.3 ms.
-- per request: TTFT (send to first token) p50 and p99 on each path; the figures are the differences.
-  Target: p99 difference <= 2 ms.
+- per request: TTFT (send to first token) p50 and p99 on each path, and the part of it spent outside
+  the worker: the client's TTFT minus the worker's own queue + prefill time from its summary. The
+  target figure is the p99 of that outside part, router path minus direct: it holds what the router
+  and its extra hop add, without the prefill's run-to-run noise (here the direct TTFT alone spreads
+  ~15 ms from p50 to p99, so two raw p99s of a hundred requests differ by more than the router costs
+  either way). Target: <= 2 ms. The raw TTFT p50/p99 differences are reported beside it.
 - token rate: streamed tokens over the summed stream times (send to last token) on each path; the
   figure is router / direct. Target: >= 0.97.
 """
@@ -87,6 +91,8 @@ def overhead_figures(pairs: Sequence[tuple[CallResult, CallResult]]) -> dict[str
     ]
     ttft_r = [t for c in routed if (t := c.ttft_ms()) is not None]
     ttft_d = [t for c in direct if (t := c.ttft_ms()) is not None]
+    outside_r = [t for c in routed if (t := c.outside_worker_ttft_ms()) is not None]
+    outside_d = [t for c in direct if (t := c.outside_worker_ttft_ms()) is not None]
     gaps_r = [g for c in routed for g in c.token_gaps_ms()]
     gaps_d = [g for c in direct for g in c.token_gaps_ms()]
     rate_r, rate_d = _rate(routed), _rate(direct)
@@ -100,6 +106,10 @@ def overhead_figures(pairs: Sequence[tuple[CallResult, CallResult]]) -> dict[str
         "ttft_p99_ms": {"router": _p(ttft_r, 0.99), "direct": _p(ttft_d, 0.99)},
         "ttft_p50_diff_ms": _diff(_p(ttft_r, 0.50), _p(ttft_d, 0.50)),
         "ttft_p99_diff_ms": _diff(_p(ttft_r, 0.99), _p(ttft_d, 0.99)),
+        "outside_worker_ttft_p50_ms": {"router": _p(outside_r, 0.50), "direct": _p(outside_d, 0.50)},
+        "outside_worker_ttft_p99_ms": {"router": _p(outside_r, 0.99), "direct": _p(outside_d, 0.99)},
+        "added_ttft_p50_ms": _diff(_p(outside_r, 0.50), _p(outside_d, 0.50)),
+        "added_ttft_p99_ms": _diff(_p(outside_r, 0.99), _p(outside_d, 0.99)),
         "tokens_per_s": {"router": rate_r, "direct": rate_d},
         "rate_ratio": rate_r / rate_d if rate_r and rate_d else None,
         "tokens_compared": len(token_diffs),
@@ -114,7 +124,7 @@ def check_targets(figures: Mapping[str, Any]) -> dict[str, Any]:
 
     per_token, ttft, ratio = (
         figures["per_token_diff_p50_ms"],
-        figures["ttft_p99_diff_ms"],
+        figures["added_ttft_p99_ms"],
         figures["rate_ratio"],
     )
     return {
@@ -137,12 +147,14 @@ def _verdict(ok: bool | None) -> str:
 def markdown_report(figures: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     t, gap = figures["targets"], figures["token_gap_p50_ms"]
     ttft50, ttft99, rate = figures["ttft_p50_ms"], figures["ttft_p99_ms"], figures["tokens_per_s"]
+    out50, out99 = figures["outside_worker_ttft_p50_ms"], figures["outside_worker_ttft_p99_ms"]
     lines = [
         "# tierserve router overhead",
         "",
         f"{figures['pairs']} interleaved router/direct pairs of the same greedy request "
         f"({meta['new_tokens']} new tokens, worker {meta['worker_id']}, tier {meta['tier']}), "
-        "timed by the client.",
+        "timed by the client. TTFT outside the worker: the client's TTFT minus the worker's own queue "
+        "and prefill time (its summary); the router's added TTFT is judged on it.",
         "",
         "| figure | router | direct | router - direct | target | verdict |",
         "|---|---:|---:|---:|---|---|",
@@ -152,7 +164,11 @@ def markdown_report(figures: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         f"| TTFT p50 ms | {_f(ttft50['router'])} | {_f(ttft50['direct'])} "
         f"| {_f(figures['ttft_p50_diff_ms'])} | | |",
         f"| TTFT p99 ms | {_f(ttft99['router'])} | {_f(ttft99['direct'])} "
-        f"| {_f(figures['ttft_p99_diff_ms'])} | <= {TTFT_P99_TARGET_MS} ms "
+        f"| {_f(figures['ttft_p99_diff_ms'])} | | |",
+        f"| TTFT outside the worker p50 ms | {_f(out50['router'])} | {_f(out50['direct'])} "
+        f"| {_f(figures['added_ttft_p50_ms'])} | | |",
+        f"| TTFT outside the worker p99 ms | {_f(out99['router'])} | {_f(out99['direct'])} "
+        f"| {_f(figures['added_ttft_p99_ms'])} | <= {TTFT_P99_TARGET_MS} ms "
         f"| {_verdict(t['ttft_p99_le_2ms'])} |",
         f"| streamed tokens/s | {_f(rate['router'], '.1f')} | {_f(rate['direct'], '.1f')} "
         f"| ratio {_f(figures['rate_ratio'])} | >= {RATE_TARGET}x | {_verdict(t['token_rate_ge_0.97x'])} |",

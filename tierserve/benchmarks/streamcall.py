@@ -41,6 +41,9 @@ class CallResult:
     predicted_ttft_ms: float = 0.0
     predicted_tpot_ms: float = 0.0
     best_effort: bool = False
+    # The worker's own time to the first token (its queue + prefill, from the summary), so a
+    # benchmark can tell what happened outside the worker from the model's run-to-run noise.
+    worker_ttft_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -53,6 +56,11 @@ class CallResult:
         """Gaps between consecutive tokens as they arrived (the first token's latency excluded)."""
         times = self.token_times_s
         return [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+
+    def outside_worker_ttft_ms(self) -> float | None:
+        """TTFT the worker did not spend: transport, and the router when there is one."""
+        ttft = self.ttft_ms()
+        return None if ttft is None or self.worker_ttft_ms is None else ttft - self.worker_ttft_ms
 
     def tpot_mean_ms(self) -> float | None:
         """Mean time per output token after the first; None with fewer than two tokens."""
@@ -78,6 +86,8 @@ async def timed_generate(
                 result.predicted_ttft_ms = summary.predicted_ttft_us / 1e3
                 result.predicted_tpot_ms = summary.predicted_tpot_us / 1e3
                 result.best_effort = summary.best_effort
+                if not summary.failovers:  # a resumed summary's TTFT is not one worker's
+                    result.worker_ttft_ms = (summary.queue_time_us + summary.ttft_us) / 1e3
     except grpc.aio.AioRpcError as error:
         result.status, result.error = error.code().name, error.details() or ""
         result.retry_after_ms = retry_hint_ms(error.trailing_metadata())
