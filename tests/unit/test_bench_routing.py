@@ -234,18 +234,28 @@ ROWS = [
 ]
 
 
-def test_ninety_percent_load_is_the_highest_load_attaining_90() -> None:
-    assert ninety_percent_load(ROWS, "round_robin") == 0.5
+def test_ninety_percent_load_is_interpolated_where_attainment_crosses_90() -> None:
+    # round_robin: 92% at 0.5, 60% at 1.0: crosses 90% a sixteenth of the way, at 0.53125.
+    assert ninety_percent_load(ROWS, "round_robin") == pytest.approx(0.53125)
+    # least_loaded still attains 91% at the highest load run: that load, a lower bound.
     assert ninety_percent_load(ROWS, "least_loaded") == 1.0
     assert ninety_percent_load([row("x", 1.0, 0.5, 1.0)], "x") is None
+    # A dip below 90% under a higher load that attains it again: the crossing after the last 90%.
+    dip = [row("x", 0.5, 0.85, 1.0), row("x", 1.0, 0.95, 2.0), row("x", 1.5, 0.80, 3.0)]
+    assert ninety_percent_load(dip, "x") == pytest.approx(1.0 + 0.5 / 3)
 
 
-def test_target_compares_each_policys_goodput_at_its_own_90_percent_load() -> None:
+def test_target_compares_each_policys_goodput_at_its_own_90_percent_crossing() -> None:
     target = goodput_target(ROWS)
-    # least_loaded sustains 6.0/s at load 1.0 (round_robin only 4.0/s at 0.5); slo 9.0/s at 1.0.
+    # least_loaded sustains 6.0/s at load 1.0 (round_robin ~4.06/s at 0.53); slo 9.0/s at 1.0.
     assert target["best_other_policy"] == "least_loaded" and target["other_load"] == 1.0
     assert target["load"] == 1.0 and target["ratio"] == pytest.approx(1.5) and target["met"] is True
-    assert "highest offered load" in target["rule"]
+    assert "interpolated" in target["rule"]
+    assert "crossing lies beyond" in target["note"]
+    crossing = goodput_target([row("slo", 0.5, 1.0, 5.0), row("slo", 1.0, 0.8, 7.0), *ROWS[2:4]])
+    # slo crosses at 0.75 with 6.0/s; round_robin at 0.53125 with 4.0625/s.
+    assert crossing["load"] == pytest.approx(0.75) and crossing["reference_goodput_rps"] == pytest.approx(6.0)
+    assert crossing["other_goodput_rps"] == pytest.approx(4.0625) and "note" not in crossing
     assert goodput_target([*ROWS, row("slo", 2.0, 0.2, 1.0, violations=1)])["met"] is False
     assert "did not run" in goodput_target([r for r in ROWS if r["policy"] != "slo"])["note"]
     never = [row("slo", 1.0, 0.5, 1.0), row("round_robin", 1.0, 0.5, 1.0)]

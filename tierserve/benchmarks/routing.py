@@ -137,6 +137,8 @@ def request_record(call: SentCall) -> dict[str, Any]:
         "ttft_ms": None if ttft is None else round(ttft, 1),
         "predicted_tpot_ms": round(r.predicted_tpot_ms, 2),
         "tpot_ms": None if tpot is None else round(tpot, 2),
+        # Why it was refused or failed (a strict refusal names the budget no worker was predicted to meet).
+        **({"error": r.error} if r.status != "OK" else {}),
     }
 
 
@@ -296,6 +298,7 @@ def target_text(target: Mapping[str, Any]) -> str:
         f"{target['load']:g} vs {target['best_other_policy']} {target['other_goodput_rps']:.3f}/s at load "
         f"{target['other_load']:g} = {target['ratio']:.2f}x; slo accuracy violations "
         f"{target['reference_accuracy_violations']}. Rule: {target['rule']}."
+        + (f" Note: {target['note']}." if target.get("note") else "")
     )
 
 
