@@ -78,29 +78,57 @@ def describe(request: RouteRequest, worker: WorkerView, prediction: Prediction) 
     return f"{worker.tier} ({worker.worker_id}) predicted {latency}, {loss}"
 
 
+# Workers a refusal or best-effort reason names, nearest to the budgets first.
+SHORTFALL_NAMED = 4
+
+
+def misses(request: RouteRequest, prediction: Prediction) -> list[str]:
+    """The budgets `prediction` misses, each with its predicted figure: ['TTFT 1010ms']."""
+    if not prediction.known:
+        return []
+    missed = []
+    if request.max_first_token_latency_ms and prediction.ttft_us > request.max_first_token_latency_ms * 1e3:
+        missed.append(f"TTFT {ms(prediction.ttft_us)}")
+    if request.max_token_latency_ms and prediction.tpot_us > request.max_token_latency_ms * 1e3:
+        missed.append(f"TPOT {ms(prediction.tpot_us)}")
+    return missed
+
+
 def shortfall(
     request: RouteRequest, workers: Sequence[WorkerView], predictions: dict[str, Prediction]
 ) -> str:
-    """Which budget no worker within the tolerance is predicted to meet, with the best on offer."""
-    parts = []
+    """Which budgets no worker within the tolerance is predicted to meet, and what each worker
+    misses: 'TTFT ≤ 1000ms and TPOT ≤ 25ms (int8-sq-0: TTFT 1010ms; fp32-0: TPOT 47ms)'."""
+    budgets = []
     if request.max_first_token_latency_ms:
-        best = min(workers, key=lambda w: predictions[w.worker_id].ttft_us)
-        parts.append(
-            f"TTFT ≤ {request.max_first_token_latency_ms:g}ms "
-            f"(best: {best.worker_id} {ms(predictions[best.worker_id].ttft_us)})"
-        )
+        budgets.append(f"TTFT ≤ {request.max_first_token_latency_ms:g}ms")
     if request.max_token_latency_ms:
-        best = min(workers, key=lambda w: predictions[w.worker_id].tpot_us)
-        parts.append(
-            f"TPOT ≤ {request.max_token_latency_ms:g}ms "
-            f"(best: {best.worker_id} {ms(predictions[best.worker_id].tpot_us)})"
-        )
+        budgets.append(f"TPOT ≤ {request.max_token_latency_ms:g}ms")
+
+    def overshoot(worker: WorkerView) -> float:
+        p = predictions[worker.worker_id]
+        ratios = [
+            p.ttft_us / (request.max_first_token_latency_ms * 1e3)
+            if request.max_first_token_latency_ms
+            else 0.0,
+            p.tpot_us / (request.max_token_latency_ms * 1e3) if request.max_token_latency_ms else 0.0,
+        ]
+        return max(ratios)
+
+    nearest = sorted(workers, key=overshoot)
+    named = [
+        f"{w.worker_id}: {', '.join(misses(request, predictions[w.worker_id])) or 'no latency figures yet'}"
+        for w in nearest[:SHORTFALL_NAMED]
+    ]
+    if len(nearest) > SHORTFALL_NAMED:
+        named.append(f"{len(nearest) - SHORTFALL_NAMED} more further off")
     scope = (
         f"within max_quality_loss_pct={request.max_quality_loss_pct:g}% "
         if request.max_quality_loss_pct is not None
         else ""
     )
-    return f"no worker {scope}is predicted to meet {' and '.join(parts)}"
+    together = " together" if len(budgets) > 1 else ""
+    return f"no worker {scope}is predicted to meet {' and '.join(budgets)}{together} ({'; '.join(named)})"
 
 
 class SloPolicy:

@@ -65,14 +65,15 @@ def test_nothing_meets_the_budget_best_effort_on_the_fastest_worker_within_toler
     # int8-sq would be faster at TTFT but is beyond the tolerance; int4 has the lowest total latency.
     assert worker == "int4-woq-0" and best_effort
     assert reason.startswith("slo best effort: no worker within max_quality_loss_pct=1% is predicted to meet")
-    assert "TPOT ≤ 5ms (best: int4-woq-0 9.4ms)" in reason
+    # Every worker within the tolerance, nearest to the budget first, with what it misses.
+    assert "TPOT ≤ 5ms (int4-woq-0: TPOT 9.4ms; bf16-0: TPOT" in reason
     assert "fastest within tolerance: int4-woq (int4-woq-0)" in reason
 
 
 def test_strict_request_that_nothing_can_meet_is_resource_exhausted_naming_the_budget() -> None:
     request = RouteRequest(max_quality_loss_pct=1.0, max_first_token_latency_ms=10, strict=True)
     with pytest.raises(
-        Overloaded, match=r"strict request refused: .*TTFT ≤ 10ms \(best: bf16-0 38ms\)"
+        Overloaded, match=r"strict request refused: .*TTFT ≤ 10ms \(bf16-0: TTFT 38ms; "
     ) as caught:
         choose(request)
     assert caught.value.retry_after_ms >= MIN_RETRY_MS
@@ -147,3 +148,20 @@ def test_a_worker_crowded_past_half_the_ttft_budget_comes_after_one_with_room() 
     assert choose(request, pool)[0] == "fp32-0"
     # No TTFT budget: no worker is ever crowded.
     assert choose(RouteRequest(max_quality_loss_pct=1.0), pool)[0] == "fp32-0"
+
+
+def test_a_refusal_names_what_each_worker_misses_when_none_meets_both_budgets() -> None:
+    # fp32 has the TTFT, int8-sq the TPOT: each meets one budget, no worker meets both.
+    pool = [
+        FakeWorker("fp32-0", "fp32", quality_loss_pct=0.0, ttft_ms=540, tpot_ms=47),
+        FakeWorker("int8-sq-0", "int8-sq", quality_loss_pct=0.6, ttft_ms=1010, tpot_ms=21),
+    ]
+    request = RouteRequest(
+        max_quality_loss_pct=10.0, max_first_token_latency_ms=1000, max_token_latency_ms=25, strict=True
+    )
+    with pytest.raises(Overloaded) as caught:
+        choose(request, pool)
+    assert str(caught.value).startswith(
+        "strict request refused: no worker within max_quality_loss_pct=10% is predicted to meet "
+        "TTFT ≤ 1000ms and TPOT ≤ 25ms together (int8-sq-0: TTFT 1010ms; fp32-0: TPOT 47ms)"
+    )
