@@ -201,6 +201,10 @@ def test_level_figures_on_synthetic_outcomes() -> None:
     assert figures["summary_budget_met"] == 3
     assert figures["wall_s"] == 4.0 and figures["goodput_rps"] == pytest.approx(0.75)
     assert figures["accuracy_violations"] == 2
+    # Met both budgets and within tolerance: only the first (the third and fourth were on time on a
+    # tier beyond their tolerance).
+    assert figures["service_level_met"] == 1 and figures["service_level_attainment"] == pytest.approx(0.2)
+    assert figures["service_level_goodput_rps"] == pytest.approx(0.25)
     assert figures["rejected"] == {"RESOURCE_EXHAUSTED": 1} and figures["rejected_total"] == 1
     assert figures["tier_share"] == {"fp32": 0.25, "int4-woq": 0.5, "mystery": 0.25}
     assert figures["ttft_p50_ms"] == 50.0 and figures["ttft_p99_ms"] == 150.0
@@ -215,6 +219,7 @@ def row(policy: str, load: float, attainment: float, goodput: float, violations:
         "summary_attainment": attainment,
         "goodput_rps": goodput,
         "accuracy_violations": violations,
+        "service_level_attainment": attainment,
         "ttft_p50_ms": 1.0,
         "ttft_p99_ms": None,
         "tpot_p50_ms": 1.0,

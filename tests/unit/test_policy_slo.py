@@ -130,13 +130,13 @@ def test_a_worker_where_going_first_makes_waiting_requests_late_comes_after_one_
     assert worker == "fp32-0" and "makes 1 waiting request(s) late" in reason
 
 
-def test_a_worker_crowded_past_half_the_ttft_budget_comes_after_one_with_room() -> None:
+def test_a_worker_crowded_past_a_quarter_of_the_ttft_budget_comes_after_one_with_room() -> None:
     pool = tiered_pool()
     request = RouteRequest(max_quality_loss_pct=1.0, max_first_token_latency_ms=1000)
-    pool[0].wait_ms, pool[0].ttft_ms, pool[0].outstanding = 600, 670, 1  # fits, but past 50%
+    pool[0].wait_ms, pool[0].ttft_ms, pool[0].outstanding = 300, 370, 1  # fits, but past 25%
     worker, reason, best_effort = choose(request, pool)
     assert worker == "bf16-0" and not best_effort
-    assert "passed over, predicted past 50% of the TTFT budget: fp32-0" in reason
+    assert "passed over, predicted past 25% of the TTFT budget: fp32-0" in reason
     # A request only the crowded worker may serve still goes there.
     assert (
         choose(RouteRequest(max_quality_loss_pct=0.0, max_first_token_latency_ms=1000), pool[:1])[0]

@@ -9,6 +9,9 @@
 - accuracy violations: completed requests served by a tier whose card's perplexity change exceeds
   the request's max_quality_loss_pct (a tier without a card counts as a violation: it cannot be
   shown to be within).
+- full service level: requests that met both budgets *and* were served within their tolerance, as
+  a share and per second. The issue's attainment and goodput count latency alone (accuracy
+  violations are reported apart); this one is what the caller asked for as a whole.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def summarize_level(
     offered = len(observed)
     completed = [o for o in observed if o.completed]
     met = sum(met_slo(o) for o in observed)
+    served_as_asked = sum(met_slo(o) and not violates_accuracy(o, cards) for o in observed)
     ends = [o.done_s for o in observed] + [o.sent_s for o in observed]
     wall_s = max(ends) - start_s if ends else 0.0
     ttft = [o.ttft_ms for o in completed if o.ttft_ms is not None]
@@ -99,6 +103,9 @@ def summarize_level(
         "goodput_rps": met / wall_s if wall_s > 0 else 0.0,
         "throughput_rps": len(completed) / wall_s if wall_s > 0 else 0.0,
         "accuracy_violations": sum(violates_accuracy(o, cards) for o in observed),
+        "service_level_met": served_as_asked,
+        "service_level_attainment": served_as_asked / offered if offered else 0.0,
+        "service_level_goodput_rps": served_as_asked / wall_s if wall_s > 0 else 0.0,
         "ttft_p50_ms": _pct(ttft, 0.50),
         "ttft_p99_ms": _pct(ttft, 0.99),
         "tpot_p50_ms": _pct(tpot, 0.50),
