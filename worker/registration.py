@@ -93,7 +93,9 @@ async def heartbeat(options: ClientOptions, request: router_pb2.RegisterRequest,
                 reply = await stub.Register(
                     request, timeout=min(REGISTER_TIMEOUT_S, interval_s * 2), metadata=options.metadata()
                 )
-                if reply.added:
+                # Also after an outage: the call that re-registered may have timed out here after
+                # the router took it, and the next one then finds the worker already registered.
+                if reply.added or failing:
                     log.info(
                         "registered with router %s as %s at %s (expiry %.1f s)",
                         router_address, request.worker_id, request.address, reply.ttl_s,

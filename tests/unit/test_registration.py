@@ -338,6 +338,32 @@ def test_a_worker_whose_router_was_down_a_while_registers_within_an_interval_of_
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
 
 
+def test_a_heartbeat_that_recovers_says_so_even_when_the_router_already_had_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The call that re-registers a worker after an outage can time out on the worker's side after the
+    # router took it; the next heartbeat then finds it registered (added = False). The log must
+    # still say the worker is registered again, not stay at the outage's warning.
+    async def scenario() -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        config = WorkerConfig(name="back-0", tier="fp32", register_with=address, heartbeat_interval_s=0.05)
+        task = start_heartbeat(config, bound_port=50999)
+        await until(lambda: f"registration with router {address} failed" in caplog.text, "the outage")
+        async with router_with_clock(FakeClock(), port=port) as router:
+            assert router.pool.register("back-0", "127.0.0.1:50999", "fp32")  # the lost reply's call
+            await until(
+                lambda: f"registered with router {address} as back-0" in caplog.text, "the recovery", 10.0
+            )
+        await stop_heartbeat(task)
+
+    with caplog.at_level(logging.INFO, logger="worker.registration"):
+        asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert caplog.text.count("failed (") == 1  # one warning for the outage
+
+
 REGISTRATION = router_pb2.RegisterRequest(worker_id="w-0", address="127.0.0.1:50999", tier="fp32")
 
 
