@@ -101,7 +101,8 @@ def shortfall(
     request: RouteRequest, workers: Sequence[WorkerView], predictions: dict[str, Prediction]
 ) -> str:
     """Which budgets no worker within the tolerance is predicted to meet, and what each worker
-    misses: 'TTFT ≤ 1000ms and TPOT ≤ 25ms (int8-sq-0: TTFT 1010ms; fp32-0: TPOT 47ms)'."""
+    misses, nearest first: 'TTFT ≤ 1000ms and TPOT ≤ 25ms together (int8-sq-0: TTFT 1010ms; fp32-0:
+    TPOT 47ms)'."""
     budgets = []
     if request.max_first_token_latency_ms:
         budgets.append(f"TTFT ≤ {request.max_first_token_latency_ms:g}ms")
