@@ -138,9 +138,11 @@ def goal_point(rows: Sequence[Mapping[str, Any]], policy: str) -> GoalPoint | No
         return GoalPoint(float(low["load"]), float(low["goodput_rps"]), bounded=True)
     high = mine[last + 1]
     share = (low["attainment"] - ATTAINMENT_GOAL) / (low["attainment"] - high["attainment"])
-    load = float(low["load"]) + share * (float(high["load"]) - float(low["load"]))
-    goodput = float(low["goodput_rps"]) + share * (float(high["goodput_rps"]) - float(low["goodput_rps"]))
-    return GoalPoint(load, goodput, bounded=False)
+
+    def between(key: str) -> float:
+        return float(low[key] + share * (high[key] - low[key]))
+
+    return GoalPoint(between("load"), between("goodput_rps"), bounded=False)
 
 
 def ninety_percent_load(rows: Sequence[Mapping[str, Any]], policy: str) -> float | None:
@@ -160,13 +162,14 @@ def goodput_target(rows: Sequence[Mapping[str, Any]], reference: str = "slo") ->
     result["reference_accuracy_violations"] = violations
     result["ninety_percent_loads"] = {policy: ninety_percent_load(rows, policy) for policy in policies}
     others = [
-        (found.goodput_rps, policy, found)
+        (policy, found)
         for policy in policies
         if policy != reference and (found := goal_point(rows, policy)) is not None
     ]
     if not others:
         return {**result, "note": "no other policy attains 90% at any offered load; no comparison point"}
-    other_goodput, best, other = max(others, key=lambda o: o[0])
+    best, other = max(others, key=lambda o: o[1].goodput_rps)
+    other_goodput = other.goodput_rps
     mine = goal_point(rows, reference)
     if mine is None:
         return {
