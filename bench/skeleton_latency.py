@@ -42,10 +42,10 @@ import psutil
 from rich.console import Console
 
 from tierserve.benchmarks.tiers import cpu_model, package_version
-from tierserve.config import TierserveConfig, default_config, parse_config
-from tierserve.cores import format_cpu_list, parse_cpu_list
-from tierserve.latency import percentile
-from tierserve.tiers import REFERENCE_TIER, TIER_NAMES
+from tierserve.domain.config import TierserveConfig, default_config, parse_config
+from tierserve.domain.cores import format_cpu_list, parse_cpu_list
+from tierserve.domain.latency import percentile
+from tierserve.domain.tiers import REFERENCE_TIER, TIER_NAMES
 
 PROMPT = "The capital of France is"
 BASELINE_PATH = "hf-eager"
@@ -160,8 +160,9 @@ def _bench_config(usable_cpus: list[int]) -> TierserveConfig:
 
 
 def _measure_router_call(address: str, tier: str, new_tokens: int) -> RunSample:
-    from tierserve.client import stream_generate
-    from tierserve.v1 import generate_pb2
+    from tierserve_client.v1 import generate_pb2
+
+    from tierserve.rpc.calls import stream_generate
 
     request = generate_pb2.GenerateRequest(
         prompt=PROMPT, max_new_tokens=new_tokens, temperature=0.0, tier=tier
@@ -194,8 +195,8 @@ def bench_pool(
     console: Console, run_dir: Path, runs: int, new_tokens: int
 ) -> tuple[list[PathResult], dict[str, str]]:
     """Start the pool, measure every tier through the router, stop the pool; also returns worker versions."""
-    from tierserve.client import list_workers
-    from tierserve.launcher import PoolLauncher
+    from tierserve.ops.launcher import PoolLauncher
+    from tierserve.rpc.calls import list_workers
 
     config = _bench_config(sorted(os.sched_getaffinity(0)))
     launcher = PoolLauncher(config, run_dir, console)
@@ -358,7 +359,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_benchmark(out: Path, runs: int, new_tokens: int, run_dir: Path | None) -> int:
-    from tierserve.modelprep import prepare_model
+    from tierserve.ops.modelprep import prepare_model
 
     console = Console(stderr=True)
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tierserve-bench-"))

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from tierserve.config import ConfigError
+from tierserve.domain.config import ConfigError
 
 PROTECTED_PREFIX = "/tierserve.v1.Router/"
 LIMITED_METHOD = "/tierserve.v1.Router/Generate"

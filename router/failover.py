@@ -19,8 +19,7 @@ import secrets
 from dataclasses import dataclass, field
 
 import grpc
-
-from tierserve.v1 import generate_pb2
+from tierserve_client.v1 import generate_pb2
 
 # Each worker is tried at most once per request, and never more than this many times in all.
 MAX_FAILOVERS = 3

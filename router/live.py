@@ -12,8 +12,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tierserve.latency import LatencyWindow
-from tierserve.v1 import router_pb2, worker_pb2
+from tierserve_client.v1 import router_pb2, worker_pb2
+
+from tierserve.domain.latency import LatencyWindow
 
 # (prompt tokens, TTFT) pairs kept for the prefill fit.
 PREFILL_SAMPLES = 64

@@ -14,9 +14,10 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from tierserve_client.v1 import generate_pb2, router_pb2
 
-from router.pool import WorkerHandle
-from tierserve.metrics import (
+from tierserve.router.pool import WorkerHandle
+from tierserve.rpc.metrics import (
     NO_TIER,
     NO_WORKER,
     SLO_MET,
@@ -26,7 +27,6 @@ from tierserve.metrics import (
     has_budget,
     status_label,
 )
-from tierserve.v1 import generate_pb2, router_pb2
 
 # Routing decision categories.
 ELIGIBLE = "eligible"

@@ -11,17 +11,25 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tierserve_client.options import CHANNEL_OPTIONS
+from tierserve_client.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
-from router.discovery import is_dns_target, resolve
-from router.live import LiveStats, PromptTokenEstimator
-from router.prediction import Prediction, PredictionErrors, Ticket, WorkerLoad, next_free_us, predict
-from router.registration import Registrations
-from tierserve.config import TierserveConfig
-from tierserve.deadlines import first_token_deadline
-from tierserve.errors import InvalidRequest, Unsatisfiable
-from tierserve.grpcserver import CHANNEL_OPTIONS, keepalive_options
-from tierserve.tls import worker_channel_credentials, worker_channel_options
-from tierserve.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2_grpc
+from tierserve.domain.config import TierserveConfig
+from tierserve.domain.deadlines import first_token_deadline
+from tierserve.domain.errors import InvalidRequest, Unsatisfiable
+from tierserve.router.discovery import is_dns_target, resolve
+from tierserve.router.live import LiveStats, PromptTokenEstimator
+from tierserve.router.prediction import (
+    Prediction,
+    PredictionErrors,
+    Ticket,
+    WorkerLoad,
+    next_free_us,
+    predict,
+)
+from tierserve.router.registration import Registrations
+from tierserve.rpc.server import keepalive_options
+from tierserve.rpc.tls import worker_channel_credentials, worker_channel_options
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from router.live import LiveStats
-from tierserve.latency import percentile
+from tierserve.domain.latency import percentile
+from tierserve.router.live import LiveStats
 
 
 @dataclass(eq=False)

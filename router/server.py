@@ -6,20 +6,20 @@ import logging
 from pathlib import Path
 
 import grpc
+from tierserve_client.v1 import router_pb2, router_pb2_grpc
 
-from router.metrics import RouterMetrics
-from router.policy import make_policy
-from router.pool import WorkerPool
-from router.registration import router_interceptors
-from router.service import RouterServicer
-from tierserve.config import TierserveConfig
-from tierserve.cores import format_cpu_list
-from tierserve.grpcserver import ServerHandle, serve_until_signalled, start_server
-from tierserve.metrics import serve_metrics
-from tierserve.tls import router_server_credentials
-from tierserve.tracing import configure_tracing
-from tierserve.v1 import router_pb2, router_pb2_grpc
-from worker.pinning import OsAffinity, plan_pinning
+from tierserve.domain.config import TierserveConfig
+from tierserve.domain.cores import format_cpu_list
+from tierserve.ops.pinning import OsAffinity, plan_pinning
+from tierserve.router.metrics import RouterMetrics
+from tierserve.router.policies.registry import make_policy
+from tierserve.router.pool import WorkerPool
+from tierserve.router.registration import router_interceptors
+from tierserve.router.service import RouterServicer
+from tierserve.rpc.metrics import serve_metrics
+from tierserve.rpc.server import ServerHandle, serve_until_signalled, start_server
+from tierserve.rpc.tls import router_server_credentials
+from tierserve.rpc.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,19 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
-from router.failover import StreamProgress, WorkerStreamFailed, is_worker_fault
-from router.metrics import RouterMetrics
-from router.policy import RouteRequest, RoutingDecision, RoutingPolicy
-from router.pool import WorkerHandle, WorkerPool
-from router.prediction import Ticket
-from router.registration import registration_from_request
-from tierserve.config import LimitsConfig, ServiceLevelConfig
-from tierserve.departures import departure_code
-from tierserve.errors import InvalidRequest, Overloaded, TierserveError, status_for
-from tierserve.requests import apply_service_level, validate_generate_request, within_budget
-from tierserve.tracing import RequestSpan, start_request_span
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from tierserve.domain.config import LimitsConfig, ServiceLevelConfig
+from tierserve.domain.errors import InvalidRequest, Overloaded, TierserveError, status_for
+from tierserve.domain.requests import apply_service_level, validate_generate_request, within_budget
+from tierserve.router.failover import StreamProgress, WorkerStreamFailed, is_worker_fault
+from tierserve.router.metrics import RouterMetrics
+from tierserve.router.policies.registry import RouteRequest, RoutingDecision, RoutingPolicy
+from tierserve.router.pool import WorkerHandle, WorkerPool
+from tierserve.router.prediction import Ticket
+from tierserve.router.registration import registration_from_request
+from tierserve.rpc.departures import departure_code
+from tierserve.rpc.tracing import RequestSpan, start_request_span
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import grpc
 from hypothesis import strategies as st
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
-from tierserve.tiers import TIER_NAMES
-from tierserve.v1 import generate_pb2, router_pb2_grpc
+from tierserve.domain.tiers import TIER_NAMES
 
 # Statuses a bad request may get: each says what is wrong. Never INTERNAL or UNKNOWN.
 CLEAR_CODES = {

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tierserve.config import ModelConfig
-from tierserve.modelprep import prepare_model
+from tierserve.domain.config import ModelConfig
+from tierserve.ops.modelprep import prepare_model
 
 TINY_CONTEXT_TOKENS = 128
 TOKENIZER_FILES = (

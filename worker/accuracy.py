@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tierserve_client.v1 import worker_pb2
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from tierserve.v1 import worker_pb2
-from worker.tiers.base import LoadedModel
+from tierserve.worker.tiers.base import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tierserve.files import exclusive, file_sha256
-from worker.accuracy import AccuracyCard
-from worker.tiers.base import LoadedModel, Tier
+from tierserve.domain.files import exclusive, file_sha256
+from tierserve.worker.accuracy import AccuracyCard
+from tierserve.worker.tiers.base import LoadedModel, Tier
 
 log = logging.getLogger(__name__)
 

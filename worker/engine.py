@@ -19,10 +19,10 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from tierserve.errors import InvalidRequest
-from tierserve.requests import GenerationParams, SamplingParams
-from worker.textstream import IncrementalDetokenizer, StopStringFilter
-from worker.tiers.base import LoadedModel
+from tierserve.domain.errors import InvalidRequest
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.textstream import IncrementalDetokenizer, StopStringFilter
+from tierserve.worker.tiers.base import LoadedModel
 
 
 class FinishReason(StrEnum):

@@ -13,8 +13,9 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from tierserve_client.v1 import generate_pb2
 
-from tierserve.metrics import (
+from tierserve.rpc.metrics import (
     QUEUE_BUCKETS,
     SLO_MET,
     SLO_MISSED,
@@ -23,8 +24,7 @@ from tierserve.metrics import (
     has_budget,
     status_label,
 )
-from tierserve.v1 import generate_pb2
-from worker.state import WorkerState
+from tierserve.worker.state import WorkerState
 
 
 class WorkerStateCollector(Collector):

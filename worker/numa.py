@@ -8,8 +8,8 @@ import ctypes.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tierserve.cores import format_cpu_list
-from tierserve.topology import Topology, read_topology
+from tierserve.domain.cores import format_cpu_list
+from tierserve.ops.topology import Topology, read_topology
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tierserve.config import TierserveConfig
-from tierserve.modelprep import prepare_model
-from tierserve.textsets import calibration_path, eval_path, fingerprint, read_paragraphs
-from worker.accuracy import AccuracyCard, eval_chunks, measure_card, reference_log_probs
-from worker.artifacts import ArtifactStore, ProgressSink
-from worker.isa import CpuIsa
-from worker.tiers import LoadedModel, TierContext, make_tier
+from tierserve.domain.config import TierserveConfig
+from tierserve.domain.textsets import calibration_path, eval_path, fingerprint, read_paragraphs
+from tierserve.ops.modelprep import prepare_model
+from tierserve.worker.accuracy import AccuracyCard, eval_chunks, measure_card, reference_log_probs
+from tierserve.worker.artifacts import ArtifactStore, ProgressSink
+from tierserve.worker.isa import CpuIsa
+from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ import contextlib
 import logging
 
 import grpc
+from tierserve_client import ClientOptions
+from tierserve_client.v1 import router_pb2, router_pb2_grpc
 
-from tierserve.config import ConfigError, SecurityConfig, WorkerConfig
-from tierserve.sdk import ClientOptions
-from tierserve.tls import read_pem
-from tierserve.v1 import router_pb2, router_pb2_grpc
+from tierserve.domain.config import ConfigError, SecurityConfig, WorkerConfig
+from tierserve.rpc.tls import read_pem
 
 log = logging.getLogger(__name__)
 

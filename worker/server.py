@@ -8,21 +8,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tierserve.config import TierserveConfig
-from tierserve.grpcserver import serve_until_signalled, start_server
-from tierserve.latency import LatencyWindow
-from tierserve.metrics import serve_metrics
-from tierserve.requests import GenerationParams, SamplingParams
-from tierserve.tls import worker_server_credentials
-from tierserve.tracing import configure_tracing
-from tierserve.v1 import worker_pb2, worker_pb2_grpc
-from worker.engine import Engine
-from worker.numa import bind_memory
-from worker.pinning import pin_process
-from worker.preparation import prepare_tier
-from worker.registration import start_heartbeat, stop_heartbeat
-from worker.service import WorkerServicer
-from worker.state import LoadReport, WorkerState
+from tierserve_client.v1 import worker_pb2, worker_pb2_grpc
+
+from tierserve.domain.config import TierserveConfig
+from tierserve.domain.latency import LatencyWindow
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.ops.pinning import pin_process
+from tierserve.rpc.metrics import serve_metrics
+from tierserve.rpc.server import serve_until_signalled, start_server
+from tierserve.rpc.tls import worker_server_credentials
+from tierserve.rpc.tracing import configure_tracing
+from tierserve.worker.engine import Engine
+from tierserve.worker.numa import bind_memory
+from tierserve.worker.preparation import prepare_tier
+from tierserve.worker.registration import start_heartbeat, stop_heartbeat
+from tierserve.worker.service import WorkerServicer
+from tierserve.worker.state import LoadReport, WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from tierserve_client.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
-from tierserve.config import LimitsConfig
-from tierserve.deadlines import first_token_deadline
-from tierserve.departures import departure_code
-from tierserve.errors import TierserveError, status_for
-from tierserve.latency import percentile
-from tierserve.requests import validate_generate_request, within_budget
-from tierserve.tracing import start_request_span
-from tierserve.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
-from worker.engine import FinishReason, GenerationOutcome, TokenEvent
-from worker.metrics import WorkerMetrics
-from worker.state import WorkerState
+from tierserve.domain.config import LimitsConfig
+from tierserve.domain.deadlines import first_token_deadline
+from tierserve.domain.errors import TierserveError, status_for
+from tierserve.domain.latency import percentile
+from tierserve.domain.requests import validate_generate_request, within_budget
+from tierserve.rpc.departures import departure_code
+from tierserve.rpc.tracing import start_request_span
+from tierserve.worker.engine import FinishReason, GenerationOutcome, TokenEvent
+from tierserve.worker.metrics import WorkerMetrics
+from tierserve.worker.state import WorkerState
 
 log = logging.getLogger(__name__)
 

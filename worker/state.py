@@ -12,16 +12,16 @@ import intel_extension_for_pytorch
 import psutil
 import torch
 import transformers
+from tierserve_client.v1 import worker_pb2
 
-from tierserve.config import ModelConfig, WorkerConfig
-from tierserve.errors import NoWorkerAvailable
-from tierserve.latency import LatencyWindow
-from tierserve.v1 import worker_pb2
-from worker.accuracy import AccuracyCard
-from worker.engine import Engine
-from worker.numa import NumaBinding
-from worker.pinning import Pinning
-from worker.scheduling import DeadlineSlot
+from tierserve.domain.config import ModelConfig, WorkerConfig
+from tierserve.domain.errors import NoWorkerAvailable
+from tierserve.domain.latency import LatencyWindow
+from tierserve.ops.pinning import Pinning
+from tierserve.worker.accuracy import AccuracyCard
+from tierserve.worker.engine import Engine
+from tierserve.worker.numa import NumaBinding
+from tierserve.worker.scheduling import DeadlineSlot
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Routing policies, one class per module; `router.policy` registers them by name."""
+"""Routing policies, one class per module; `tierserve.router.policies.registry` registers them by name."""

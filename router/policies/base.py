@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.prediction import Prediction
-from tierserve.errors import InvalidRequest, NoWorkerAvailable, Overloaded, Unsatisfiable
-from tierserve.tiers import REFERENCE_TIER
+from tierserve.domain import quality
+from tierserve.domain.errors import InvalidRequest, NoWorkerAvailable, Overloaded, Unsatisfiable
+from tierserve.domain.tiers import REFERENCE_TIER
+from tierserve.router.prediction import Prediction
 
 # Bounds of the retry hint sent with RESOURCE_EXHAUSTED.
 MIN_RETRY_MS = 50
@@ -94,15 +95,9 @@ class RoutingPolicy(Protocol):
 
 
 def effective_loss(worker: WorkerView) -> float:
-    """The loss a tolerance is compared with, and accuracy is ranked by.
-
-    The reference tier is full precision: its loss is exactly 0. Another tier may measure a
-    loss at or below 0 (bf16 shows -0.00%: noise at the card's resolution); it counts as 0, so
-    it meets a zero tolerance but never outranks the reference (see `accuracy_rank`)."""
-    if worker.tier == REFERENCE_TIER:
-        return 0.0
-    loss = worker.quality_loss_pct
-    return math.inf if loss is None else max(loss, 0.0)
+    """The loss a tolerance is compared with, and accuracy is ranked by (`tierserve.domain.quality`);
+    a tier that ties the reference never outranks it (see `accuracy_rank`)."""
+    return quality.effective_loss(worker.tier, worker.quality_loss_pct)
 
 
 def accuracy_rank(worker: WorkerView) -> tuple[float, bool]:
@@ -111,9 +106,7 @@ def accuracy_rank(worker: WorkerView) -> tuple[float, bool]:
 
 
 def within_tolerance(request: RouteRequest, worker: WorkerView) -> bool:
-    if request.max_quality_loss_pct is None:
-        return True
-    return effective_loss(worker) <= request.max_quality_loss_pct
+    return quality.within_tolerance(worker.tier, worker.quality_loss_pct, request.max_quality_loss_pct)
 
 
 def pinned(request: RouteRequest, workers: Sequence[WorkerView]) -> list[WorkerView]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.policies.base import RouteRequest, WorkerView, admitting, healthy, pinned
+from tierserve.router.policies.base import RouteRequest, WorkerView, admitting, healthy, pinned
 
 
 def candidates(request: RouteRequest, workers: Sequence[WorkerView]) -> list[WorkerView]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.policies.base import RouteRequest, RoutingDecision, WorkerView, eligible_workers
+from tierserve.router.policies.base import RouteRequest, RoutingDecision, WorkerView, eligible_workers
 
 
 class FirstHealthyPolicy:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.policies.base import RouteRequest, RoutingDecision, WorkerView
-from router.policies.baselines import candidates, pin_note
+from tierserve.router.policies.base import RouteRequest, RoutingDecision, WorkerView
+from tierserve.router.policies.baselines import candidates, pin_note
 
 
 class LeastLoadedPolicy:

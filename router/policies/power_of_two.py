@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from router.policies.base import RouteRequest, RoutingDecision, WorkerView
-from router.policies.baselines import candidates, pin_note
+from tierserve.router.policies.base import RouteRequest, RoutingDecision, WorkerView
+from tierserve.router.policies.baselines import candidates, pin_note
 
 
 class PowerOfTwoPolicy:

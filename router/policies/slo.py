@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.policies.base import (
+from tierserve.domain.errors import Overloaded
+from tierserve.domain.tiers import REFERENCE_TIER
+from tierserve.router.policies.base import (
     RouteRequest,
     RoutingDecision,
     WorkerView,
@@ -31,9 +33,7 @@ from router.policies.base import (
     retry_hint_ms,
     tolerable,
 )
-from router.prediction import Prediction
-from tierserve.errors import Overloaded
-from tierserve.tiers import REFERENCE_TIER
+from tierserve.router.prediction import Prediction
 
 # Share of the TTFT budget a prediction may use before the worker counts as crowded. At a half,
 # slo kept ~43% of a routing run's requests on fp32 where only ~28% (the zero-tolerance ones) had

@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from tierserve_client.v1 import router_pb2
 
-from tierserve.client import list_workers
-from tierserve.config import config_to_toml, parse_config
-from tierserve.tiers import TIER_NAMES
-from tierserve.v1 import router_pb2
+from tierserve.domain.config import config_to_toml, parse_config
+from tierserve.domain.tiers import TIER_NAMES
+from tierserve.rpc.calls import list_workers
 
 POOL_START_TIMEOUT_S = 1200
 

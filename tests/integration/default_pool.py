@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 import psutil
+from tierserve_client.v1 import router_pb2
 
 from tests.integration.conftest import pool_config_data
-from tierserve.client import list_workers
-from tierserve.config import config_to_toml, parse_config
-from tierserve.v1 import router_pb2
+from tierserve.domain.config import config_to_toml, parse_config
+from tierserve.rpc.calls import list_workers
 
 
 def default_model_config(path: Path, workers: Sequence[tuple[str, str]], **sections: dict[str, Any]) -> Path:

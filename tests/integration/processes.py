@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tierserve.config import config_to_toml, parse_config
+from tierserve.domain.config import config_to_toml, parse_config
 
 CLI = [sys.executable, "-m", "tierserve.cli"]
 PR_SET_PDEATHSIG = 1

@@ -15,7 +15,7 @@ from tierserve.benchmarks.livepool import running_pool
 from tierserve.benchmarks.overhead import run_overhead_benchmark
 from tierserve.benchmarks.routing import available_policies, run_routing_benchmark
 from tierserve.cli import main
-from tierserve.config import TierserveConfig, config_to_toml, parse_config
+from tierserve.domain.config import TierserveConfig, config_to_toml, parse_config
 
 pytestmark = pytest.mark.integration
 

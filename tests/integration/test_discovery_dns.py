@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tierserve_client.v1 import router_pb2
 
 from tests.integration.default_model import START_TIMEOUT_S, default_model
 from tests.integration.processes import Server, _die_with_parent, spawn, stop, wait_until, write_config
@@ -26,8 +27,7 @@ from tests.integration.test_multihost import (
     namespaced_hosts,
     statuses,
 )
-from tierserve.client import list_workers
-from tierserve.v1 import router_pb2
+from tierserve.rpc.calls import list_workers
 
 pytestmark = pytest.mark.integration
 

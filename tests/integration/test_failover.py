@@ -13,11 +13,11 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
 from tests.integration.default_pool import default_model_config, serving_count, stop_pool, worker_pid
 from tests.integration.test_launcher import START_TIMEOUT_S, start_pool, wait_for
-from tierserve.client import list_workers
-from tierserve.v1 import generate_pb2, router_pb2_grpc
+from tierserve.rpc.calls import list_workers
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tests.hostile import CLEAR_CODES, accepted_requests, generate_requests, odd_text, outcome, repeated
 from tests.integration.conftest import LivePool
-from tierserve.client import list_workers
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from tierserve.rpc.calls import list_workers
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.tiny_model import build_tiny_model_dir
-from tierserve.client import is_serving
-from tierserve.config import config_to_toml, parse_config
-from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve.domain.config import config_to_toml, parse_config
+from tierserve.rpc.calls import is_serving
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tests.integration.default_model import START_TIMEOUT_S, default_model, start_router
 from tests.integration.processes import Server, spawn, stop, wait_until, write_config
-from tierserve.client import list_workers
-from tierserve.config import RouterConfig
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from tierserve.domain.config import RouterConfig
+from tierserve.rpc.calls import list_workers
 
 pytestmark = pytest.mark.integration
 

@@ -8,11 +8,11 @@ import subprocess
 import time
 
 import pytest
+from tierserve_client import Client, ClientOptions, GenerateParams
 
 from tests.integration.conftest import LivePool
 from tests.node_client import node_client_command
 from tests.unit.scrape import Samples, scrape, total, value
-from tierserve.sdk import Client, ClientOptions, GenerateParams
 
 pytestmark = pytest.mark.integration
 

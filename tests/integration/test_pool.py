@@ -16,10 +16,10 @@ import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.integration.conftest import LivePool
-from tierserve.cores import parse_cpu_list
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve.domain.cores import parse_cpu_list
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import grpc
 import pytest
+from tierserve_client import Client, ClientOptions, GenerateParams
+from tierserve_client.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.integration.default_model import START_TIMEOUT_S, default_model, start_router
 from tests.integration.processes import Server, spawn, stop, wait_until, write_config
 from tests.unit.test_security import mutual_tls
-from tierserve.certs import PoolCertificates, make_pool_certificates
-from tierserve.sdk import Client, ClientOptions, GenerateParams
-from tierserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve.ops.certs import PoolCertificates, make_pool_certificates
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tests.integration.conftest import LivePool
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

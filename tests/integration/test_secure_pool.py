@@ -14,10 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.integration.default_pool import default_model_config, stop_pool
 from tests.integration.test_launcher import start_pool
-from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2
 
 from tests.integration.conftest import LivePool
-from tierserve.tiers import REFERENCE_TIER, TIER_NAMES
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2
+from tierserve.domain.tiers import REFERENCE_TIER, TIER_NAMES
 
 pytestmark = pytest.mark.integration
 

@@ -6,13 +6,13 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import cast
 
-from tierserve.config import ModelConfig, WorkerConfig
-from tierserve.latency import LatencyWindow
-from tierserve.requests import GenerationParams
-from worker.accuracy import AccuracyCard
-from worker.engine import Engine, FinishReason, GenerationOutcome, TokenEvent
-from worker.pinning import Pinning
-from worker.state import LoadReport, WorkerState
+from tierserve.domain.config import ModelConfig, WorkerConfig
+from tierserve.domain.latency import LatencyWindow
+from tierserve.domain.requests import GenerationParams
+from tierserve.ops.pinning import Pinning
+from tierserve.worker.accuracy import AccuracyCard
+from tierserve.worker.engine import Engine, FinishReason, GenerationOutcome, TokenEvent
+from tierserve.worker.state import LoadReport, WorkerState
 
 
 class FakeEngine:

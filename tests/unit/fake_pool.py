@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from router.auth import TokenAuthInterceptor, load_tokens
-from router.policy import make_policy
-from router.pool import WorkerPool
-from router.service import RouterServicer
-from tierserve.config import SecurityConfig, TierserveConfig
-from tierserve.grpcserver import start_server
-from tierserve.tls import router_server_credentials, worker_server_credentials
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve.domain.config import SecurityConfig, TierserveConfig
+from tierserve.router.auth import TokenAuthInterceptor, load_tokens
+from tierserve.router.policies.registry import make_policy
+from tierserve.router.pool import WorkerPool
+from tierserve.router.service import RouterServicer
+from tierserve.rpc.server import start_server
+from tierserve.rpc.tls import router_server_credentials, worker_server_credentials
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.prediction import Prediction
+from tierserve.router.prediction import Prediction
 
 
 @dataclass

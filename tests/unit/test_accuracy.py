@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.tiny_model import build_tiny_model_dir
-from worker.accuracy import AccuracyCard, eval_chunks, measure_card, reference_log_probs
-from worker.tiers import make_tier
+from tierserve.worker.accuracy import AccuracyCard, eval_chunks, measure_card, reference_log_probs
+from tierserve.worker.tiers import make_tier
 
 TEXTS = [
     "Rivers carve valleys over thousands of years, carrying sand and stones towards the sea.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tierserve.apidoc import API_DOC, parse_protos, render
+from tierserve.rpc.apidoc import API_DOC, parse_protos, render
 
 
 def test_api_doc_is_up_to_date_and_complete() -> None:

@@ -10,11 +10,11 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from tierserve.config import TierRecipe
-from worker.accuracy import AccuracyCard
-from worker.artifacts import CARD, MANIFEST, ArtifactStore, model_fingerprint
-from worker.isa import CpuIsa
-from worker.tiers.base import LoadedModel, Progress, Tier, TierContext
+from tierserve.domain.config import TierRecipe
+from tierserve.worker.accuracy import AccuracyCard
+from tierserve.worker.artifacts import CARD, MANIFEST, ArtifactStore, model_fingerprint
+from tierserve.worker.isa import CpuIsa
+from tierserve.worker.tiers.base import LoadedModel, Progress, Tier, TierContext
 
 CARD_VALUE = AccuracyCard(10.0, 1.5, 0.01, 0.97, 100, 9.85)
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from tierserve_client.v1 import generate_pb2
 
 from tierserve.benchmarks.livepool import WorkerFacts
 from tierserve.benchmarks.loadgen import (
@@ -40,7 +41,6 @@ from tierserve.benchmarks.routing_metrics import (
     summarize_level,
 )
 from tierserve.benchmarks.streamcall import CallResult
-from tierserve.v1 import generate_pb2
 
 MIX = RequestMix()
 

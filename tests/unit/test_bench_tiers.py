@@ -31,8 +31,8 @@ from tierserve.benchmarks.tiers import (
     speedup,
     tokenization_note,
 )
-from tierserve.config import ConfigError, DataConfig
-from tierserve.textsets import eval_path, read_paragraphs
+from tierserve.domain.config import ConfigError, DataConfig
+from tierserve.domain.textsets import eval_path, read_paragraphs
 
 
 def row(tier: str, tpot_ms: float | None, delta: float | None, kernel: str = "k") -> dict[str, Any]:

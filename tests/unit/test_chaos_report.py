@@ -3,8 +3,9 @@ and lost = every request that neither completed nor was refused for overload nor
 
 from __future__ import annotations
 
+from tierserve_client.v1 import generate_pb2
+
 from tierserve.benchmarks.chaos import ChaosTally, check_stream
-from tierserve.v1 import generate_pb2
 
 
 def stream(indexes: list[int], text: str, generated: int) -> list[generate_pb2.GenerateResponse]:

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
-from tierserve.config import TierserveConfig, WorkerConfig, load_config
-from tierserve.cores import format_cpu_list
-from tierserve.tiers import TIER_NAMES
-from tierserve.topology import read_topology
+from tierserve.domain.config import TierserveConfig, WorkerConfig, load_config
+from tierserve.domain.cores import format_cpu_list
+from tierserve.domain.tiers import TIER_NAMES
+from tierserve.ops.topology import read_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.config import (
+from tierserve.domain.config import (
     ConfigError,
     config_to_toml,
     default_config,
     load_config,
     parse_config,
 )
-from tierserve.cores import format_cpu_list, parse_cpu_list
+from tierserve.domain.cores import format_cpu_list, parse_cpu_list
 
 
 def test_default_config_splits_two_cores_between_fp32_and_bf16() -> None:

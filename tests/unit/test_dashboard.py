@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from router.metrics import RouterMetrics
 from tests.unit.fake_engine import worker_state
-from worker.metrics import WorkerMetrics
+from tierserve.router.metrics import RouterMetrics
+from tierserve.worker.metrics import WorkerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tierserve.json"
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-import router.pool
-from router.discovery import resolve, split_target
-from router.pool import WorkerPool
-from tierserve.config import parse_config
+from tierserve.domain.config import parse_config
+from tierserve.router import pool as router_pool
+from tierserve.router.discovery import resolve, split_target
+from tierserve.router.pool import WorkerPool
 
 
 def test_resolves_a_name_to_ip_and_port() -> None:
@@ -26,7 +26,7 @@ def test_pool_keeps_one_worker_per_resolved_address(monkeypatch: pytest.MonkeyPa
         assert address == "dns:///tierserve-worker-fp32:50061"
         return answers.pop(0)
 
-    monkeypatch.setattr(router.pool, "resolve", fake_resolve)
+    monkeypatch.setattr(router_pool, "resolve", fake_resolve)
     config = parse_config(
         {
             "workers": [

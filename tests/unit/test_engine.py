@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
-from tierserve.errors import InvalidRequest
-from tierserve.requests import GenerationParams, SamplingParams
-from worker.engine import Engine, FinishReason, GenerationOutcome, TokenEvent
-from worker.textstream import REPLACEMENT_CHAR
-from worker.tiers import LoadedModel, make_tier
+from tierserve.domain.errors import InvalidRequest
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.engine import Engine, FinishReason, GenerationOutcome, TokenEvent
+from tierserve.worker.textstream import REPLACEMENT_CHAR
+from tierserve.worker.tiers import LoadedModel, make_tier
 
 TIERS = ("fp32", "bf16")
 PROMPT = "Once upon a time, in a small village,"

@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2
 
-from router.failover import StreamProgress, is_worker_fault
 from tests.unit.fake_pool import FakeWorker, RunningPool, running_pool
-from tierserve.v1 import generate_pb2, router_pb2
+from tierserve.router.failover import StreamProgress, is_worker_fault
 
 PROMPT = "p" * 40  # one word: a counting worker continues with " w1", " w2", ...
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from tierserve_client.v1 import generate_pb2
 
 from tests.unit.fake_pool import FakeWorker, running_pool
-from tierserve.v1 import generate_pb2
 
 
 @dataclass

@@ -13,12 +13,12 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tierserve_client.options import MAX_MESSAGE_BYTES
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
 from tests.hostile import CLEAR_CODES, generate_requests
 from tests.hostile import outcome as hostile_outcome
 from tests.unit.fake_pool import FakeWorker, running_pool
-from tierserve.grpcserver import MAX_MESSAGE_BYTES
-from tierserve.v1 import generate_pb2, router_pb2_grpc
 
 CALL_TIMEOUT_S = 10.0
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from worker.isa import CpuIsa
+from tierserve.worker.isa import CpuIsa
 
 SAPPHIRE_RAPIDS = "fpu avx2 avx512f avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_int8 amx_bf16"
 ZEN4 = "fpu avx2 avx512f avx512_vnni avx512_bf16"

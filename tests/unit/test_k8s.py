@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
-from tierserve.config import TierserveConfig, parse_config
-from tierserve.tiers import TIER_NAMES
+from tierserve.domain.config import TierserveConfig, parse_config
+from tierserve.domain.tiers import TIER_NAMES
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}

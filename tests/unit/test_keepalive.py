@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from router.policy import make_policy
-from router.pool import WorkerPool, worker_channel_args
-from router.service import RouterServicer
 from tests.unit.fake_pool import FakeWorker
-from tierserve.config import ConfigError, TierserveConfig, parse_config
-from tierserve.grpcserver import MIN_PING_INTERVAL_MS, SERVER_OPTIONS, start_server
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve.domain.config import ConfigError, TierserveConfig, parse_config
+from tierserve.router.policies.registry import make_policy
+from tierserve.router.pool import WorkerPool, worker_channel_args
+from tierserve.router.service import RouterServicer
+from tierserve.rpc.server import MIN_PING_INTERVAL_MS, SERVER_OPTIONS, start_server
 
 PROMPT = "p" * 40  # one word: a counting worker continues with " w1", " w2", ...
 NEW_TOKENS = 60

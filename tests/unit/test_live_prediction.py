@@ -2,10 +2,17 @@
 fits; TPOT by concurrency measured, with a named fallback; queue wait from the work ahead."""
 
 import pytest
+from tierserve_client.v1 import worker_pb2
 
-from router.live import LiveStats, PromptTokenEstimator, fit_prefill
-from router.prediction import UNKNOWN, Prediction, PredictionErrors, WorkerLoad, next_free_us, predict
-from tierserve.v1 import worker_pb2
+from tierserve.router.live import LiveStats, PromptTokenEstimator, fit_prefill
+from tierserve.router.prediction import (
+    UNKNOWN,
+    Prediction,
+    PredictionErrors,
+    WorkerLoad,
+    next_free_us,
+    predict,
+)
 
 
 def warm_info(ttft_us: int = 40_000, tpot_us: int = 10_000, prompt_tokens: int = 40) -> worker_pb2.WorkerInfo:

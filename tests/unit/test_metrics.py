@@ -11,15 +11,15 @@ from typing import Any
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
 from tests.unit.fake_engine import worker_state
 from tests.unit.fake_pool import FakeWorker, RunningPool, running_pool
 from tests.unit.scrape import Samples, scrape, total, value
-from tierserve.config import LimitsConfig
-from tierserve.grpcserver import start_server
-from tierserve.metrics import MetricsEndpoint, serve_metrics
-from tierserve.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
-from worker.service import WorkerServicer
+from tierserve.domain.config import LimitsConfig
+from tierserve.rpc.metrics import MetricsEndpoint, serve_metrics
+from tierserve.rpc.server import start_server
+from tierserve.worker.service import WorkerServicer
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:

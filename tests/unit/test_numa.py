@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.topology import read_topology
-from worker.numa import LibNuma, bind_memory
+from tierserve.ops.topology import read_topology
+from tierserve.worker.numa import LibNuma, bind_memory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 

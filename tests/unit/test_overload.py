@@ -15,9 +15,10 @@ import os
 import time
 from typing import Any
 
+from tierserve_client.v1 import generate_pb2
+
 from tests.unit.fake_pool import FakeWorker, running_pool
 from tierserve.benchmarks.soak import BOUNDS, LoadTally, ProcessSeries, overload_client
-from tierserve.v1 import generate_pb2
 
 SOAK_S = 60.0
 CLIENTS = 48  # against room for 2 x (1 + 2) requests: most are refused

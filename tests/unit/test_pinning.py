@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from worker.pinning import PinningError, pin_process, plan_pinning
+from tierserve.ops.pinning import PinningError, pin_process, plan_pinning
 
 
 class FakeAffinity:

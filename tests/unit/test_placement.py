@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tierserve.config import parse_config
-from tierserve.cores import parse_cpu_list
-from tierserve.placement import PlacementError, apply_plan, plan_pool
-from tierserve.topology import Topology, read_topology
+from tierserve.domain.config import parse_config
+from tierserve.domain.cores import parse_cpu_list
+from tierserve.ops.placement import PlacementError, apply_plan, plan_pool
+from tierserve.ops.topology import Topology, read_topology
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 ALL_TIERS = ["fp32", "bf16", "int8-sq", "int8-woq", "int4-woq"]

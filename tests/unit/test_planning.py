@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tierserve_client.v1 import router_pb2
 
 from tierserve.cli import main
-from tierserve.planning import (
+from tierserve.ops.capacity import (
     PlanningError,
     Requirements,
     TierFigures,
@@ -24,7 +25,6 @@ from tierserve.planning import (
     token_budget,
     workers_needed,
 )
-from tierserve.v1 import router_pb2
 
 
 def test_budget_is_the_session_time_left_over_every_token() -> None:

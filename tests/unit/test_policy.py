@@ -2,10 +2,10 @@
 
 import pytest
 
-from router.policy import POLICIES, FirstHealthyPolicy, RouteRequest, make_policy
 from tests.unit.fake_workers import FakeWorker
-from tierserve.config import ConfigError
-from tierserve.errors import InvalidRequest, NoWorkerAvailable, Unsatisfiable
+from tierserve.domain.config import ConfigError
+from tierserve.domain.errors import InvalidRequest, NoWorkerAvailable, Unsatisfiable
+from tierserve.router.policies.registry import POLICIES, FirstHealthyPolicy, RouteRequest, make_policy
 
 POOL = [FakeWorker("a", "fp32", healthy=False), FakeWorker("b", "fp32"), FakeWorker("c", "bf16")]
 

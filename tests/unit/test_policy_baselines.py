@@ -5,9 +5,14 @@ from collections import Counter
 
 import pytest
 
-from router.policy import LeastLoadedPolicy, PowerOfTwoPolicy, RoundRobinPolicy, RouteRequest
 from tests.unit.fake_workers import FakeWorker, tiered_pool
-from tierserve.errors import Overloaded
+from tierserve.domain.errors import Overloaded
+from tierserve.router.policies.registry import (
+    LeastLoadedPolicy,
+    PowerOfTwoPolicy,
+    RoundRobinPolicy,
+    RouteRequest,
+)
 
 STRICT_ZERO = RouteRequest(max_quality_loss_pct=0.0, max_token_latency_ms=1, strict=True)
 

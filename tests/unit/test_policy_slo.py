@@ -2,10 +2,10 @@
 
 import pytest
 
-from router.policies.base import MIN_RETRY_MS
-from router.policy import RouteRequest, SloPolicy
 from tests.unit.fake_workers import FakeWorker, tiered_pool
-from tierserve.errors import NoWorkerAvailable, Overloaded, Unsatisfiable
+from tierserve.domain.errors import NoWorkerAvailable, Overloaded, Unsatisfiable
+from tierserve.router.policies.base import MIN_RETRY_MS
+from tierserve.router.policies.registry import RouteRequest, SloPolicy
 
 
 def choose(request: RouteRequest, workers: list[FakeWorker] | None = None) -> tuple[str, str, bool]:

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from router.policy import make_policy
-from router.pool import WorkerPool
-from router.registration import Registrations, registration_from_request, router_interceptors
-from router.service import RouterServicer
 from tests.unit.fake_pool import FakeWorker
-from tierserve.certs import PoolCertificates, make_pool_certificates
-from tierserve.config import ConfigError, SecurityConfig, TierserveConfig, WorkerConfig, parse_config
-from tierserve.errors import InvalidRequest, Unsatisfiable
-from tierserve.grpcserver import ServerHandle, start_server
-from tierserve.tls import read_pem, router_server_credentials
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from worker.registration import heartbeat, registration_options, start_heartbeat, stop_heartbeat
+from tierserve.domain.config import ConfigError, SecurityConfig, TierserveConfig, WorkerConfig, parse_config
+from tierserve.domain.errors import InvalidRequest, Unsatisfiable
+from tierserve.ops.certs import PoolCertificates, make_pool_certificates
+from tierserve.router.policies.registry import make_policy
+from tierserve.router.pool import WorkerPool
+from tierserve.router.registration import Registrations, registration_from_request, router_interceptors
+from tierserve.router.service import RouterServicer
+from tierserve.rpc.server import ServerHandle, start_server
+from tierserve.rpc.tls import read_pem, router_server_credentials
+from tierserve.worker.registration import heartbeat, registration_options, start_heartbeat, stop_heartbeat
 
 TTL_S = 10.0
 
@@ -359,7 +359,7 @@ def test_a_heartbeat_that_recovers_says_so_even_when_the_router_already_had_it(
             )
         await stop_heartbeat(task)
 
-    with caplog.at_level(logging.INFO, logger="worker.registration"):
+    with caplog.at_level(logging.INFO, logger="tierserve.worker.registration"):
         asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert caplog.text.count("failed (") == 1  # one warning for the outage
 
@@ -525,7 +525,7 @@ def test_a_heartbeat_missing_any_part_of_the_security_never_registers(
             assert router.pool.registrations.get("sec-0") is None and not router.pool.workers
             assert f"failed ({code}:" in caplog.text
 
-    with caplog.at_level(logging.WARNING, logger="worker.registration"):
+    with caplog.at_level(logging.WARNING, logger="tierserve.worker.registration"):
         asyncio.run(asyncio.wait_for(scenario(), timeout=30))
 
 

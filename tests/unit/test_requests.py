@@ -6,11 +6,11 @@ import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tierserve_client.v1 import generate_pb2
 
-from tierserve.config import LimitsConfig, ServiceLevelConfig
-from tierserve.errors import InvalidRequest, NoWorkerAvailable, Overloaded, status_for
-from tierserve.requests import apply_service_level, validate_generate_request
-from tierserve.v1 import generate_pb2
+from tierserve.domain.config import LimitsConfig, ServiceLevelConfig
+from tierserve.domain.errors import InvalidRequest, NoWorkerAvailable, Overloaded, status_for
+from tierserve.domain.requests import apply_service_level, validate_generate_request
 
 LIMITS = LimitsConfig(
     max_new_tokens=100, default_max_new_tokens=16, max_stop_strings=2, max_prompt_chars=1000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tierserve.restarts import RestartBackoff
+from tierserve.ops.restarts import RestartBackoff
 
 
 def test_immediate_crashes_back_off_exponentially_up_to_the_cap() -> None:

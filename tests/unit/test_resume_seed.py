@@ -5,9 +5,9 @@ resume point; the summary reports the seed that replays the request."""
 from __future__ import annotations
 
 import grpc
+from tierserve_client.v1 import generate_pb2
 
-from router.failover import SEED_BITS, StreamProgress, WorkerStreamFailed, resume_seed
-from tierserve.v1 import generate_pb2
+from tierserve.router.failover import SEED_BITS, StreamProgress, WorkerStreamFailed, resume_seed
 
 
 def streamed(progress: StreamProgress, count: int) -> None:

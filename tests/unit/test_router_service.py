@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2
 
 from tests.unit.fake_pool import FakeWorker, RunningPool, running_pool
 from tierserve.cli import main
-from tierserve.v1 import generate_pb2, router_pb2
 
 
 async def generate(pool: RunningPool, **fields: Any) -> list[generate_pb2.GenerateResponse]:

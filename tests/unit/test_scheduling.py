@@ -7,11 +7,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from router.live import LiveStats
-from router.prediction import Ticket, WorkerLoad, displaced, predict
 from tests.unit.test_live_prediction import warm_info
-from tierserve.deadlines import NO_BUDGET_DEADLINE_S, first_token_deadline
-from worker.scheduling import DeadlineSlot
+from tierserve.domain.deadlines import NO_BUDGET_DEADLINE_S, first_token_deadline
+from tierserve.router.live import LiveStats
+from tierserve.router.prediction import Ticket, WorkerLoad, displaced, predict
+from tierserve.worker.scheduling import DeadlineSlot
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tierserve_client import AsyncClient, Client, ClientOptions, GenerateParams, RetryPolicy
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tests.unit.fake_pool import FakeWorker, running_pool
 from tierserve.cli import main
-from tierserve.grpcserver import start_server
-from tierserve.sdk import AsyncClient, Client, ClientOptions, GenerateParams, RetryPolicy
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from tierserve.rpc.server import start_server
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:

@@ -11,13 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from router.auth import load_tokens
 from tests.unit.fake_pool import FakeWorker, running_pool
-from tierserve.certs import PoolCertificates, make_pool_certificates
 from tierserve.cli import main
-from tierserve.config import ConfigError, SecurityConfig
-from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve.domain.config import ConfigError, SecurityConfig
+from tierserve.ops.certs import PoolCertificates, make_pool_certificates
+from tierserve.router.auth import load_tokens
 
 REQUEST = generate_pb2.GenerateRequest(prompt="hello there", max_new_tokens=3)
 

@@ -18,7 +18,7 @@ from tierserve.benchmarks.soak import (
     warmup_s,
 )
 from tierserve.benchmarks.streamcall import CallResult
-from tierserve.config import parse_config
+from tierserve.domain.config import parse_config
 
 
 def series(*points: tuple[float, float, int]) -> ProcessSeries:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.config import ConfigError, DataConfig
-from tierserve.textsets import calibration_path, eval_path, fingerprint, read_paragraphs
+from tierserve.domain.config import ConfigError, DataConfig
+from tierserve.domain.textsets import calibration_path, eval_path, fingerprint, read_paragraphs
 
 
 def test_bundled_calibration_and_eval_texts_are_separate() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from worker.textstream import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringFilter
+from tierserve.worker.textstream import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringFilter
 
 Decode = Callable[[Sequence[int]], str]
 

@@ -16,13 +16,13 @@ import torch
 from transformers import LlamaConfig
 
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
-from tierserve.config import ConfigError, TierRecipe
-from tierserve.requests import GenerationParams, SamplingParams
-from worker.accuracy import tier_log_probs
-from worker.engine import Engine, TokenEvent
-from worker.tiers import LoadedModel, TierContext, make_tier, native_woq, smoothing
-from worker.tiers.int8_sq import QCONFIG_SUMMARY, Int8SqTier, keep_in_fp32
-from worker.tiers.ipex_common import load_hf_model
+from tierserve.domain.config import ConfigError, TierRecipe
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.accuracy import tier_log_probs
+from tierserve.worker.engine import Engine, TokenEvent
+from tierserve.worker.tiers import LoadedModel, TierContext, make_tier, native_woq, smoothing
+from tierserve.worker.tiers.int8_sq import QCONFIG_SUMMARY, Int8SqTier, keep_in_fp32
+from tierserve.worker.tiers.ipex_common import load_hf_model
 
 PARAGRAPHS = [
     "Rivers carve valleys over thousands of years, carrying sand and stones towards the sea.",

@@ -14,14 +14,14 @@ from transformers import LlamaConfig
 
 from tests.gptq_checkpoint import dequantize_gptq, unpack_int4_rows, write_gptq_checkpoint
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
-from tierserve.config import ConfigError, TierRecipe
-from tierserve.requests import GenerationParams, SamplingParams
-from worker.accuracy import tier_log_probs
-from worker.engine import Engine, TokenEvent
-from worker.isa import CpuIsa
-from worker.tiers import LoadedModel, TierContext, make_tier, native_woq
-from worker.tiers.ipex_common import load_hf_model
-from worker.tiers.woq import IPEX_SETTINGS_FILE, describe_low_precision_checkpoint
+from tierserve.domain.config import ConfigError, TierRecipe
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.accuracy import tier_log_probs
+from tierserve.worker.engine import Engine, TokenEvent
+from tierserve.worker.isa import CpuIsa
+from tierserve.worker.tiers import LoadedModel, TierContext, make_tier, native_woq
+from tierserve.worker.tiers.ipex_common import load_hf_model
+from tierserve.worker.tiers.woq import IPEX_SETTINGS_FILE, describe_low_precision_checkpoint
 
 TIERS = ("int8-woq", "int4-woq")
 FAST_WOQ_CPU = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", "avx512f", "avx2"})

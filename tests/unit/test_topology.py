@@ -13,8 +13,8 @@ from types import ModuleType
 import psutil
 import pytest
 
-from tierserve.cores import parse_cpu_list
-from tierserve.topology import read_topology
+from tierserve.domain.cores import parse_cpu_list
+from tierserve.ops.topology import read_topology
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "topology"
 

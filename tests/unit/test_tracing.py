@@ -10,16 +10,16 @@ from typing import Any
 
 import grpc
 import pytest
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from router.policy import make_policy
-from router.pool import WorkerPool
-from router.service import RouterServicer
 from tests.unit.fake_engine import worker_state
-from tierserve import tracing
-from tierserve.config import LimitsConfig, TierserveConfig
-from tierserve.grpcserver import start_server
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from worker.service import WorkerServicer
+from tierserve.domain.config import LimitsConfig, TierserveConfig
+from tierserve.router.policies.registry import make_policy
+from tierserve.router.pool import WorkerPool
+from tierserve.router.service import RouterServicer
+from tierserve.rpc import tracing
+from tierserve.rpc.server import start_server
+from tierserve.worker.service import WorkerServicer
 
 
 @pytest.fixture
@@ -123,8 +123,8 @@ def test_spans_are_no_ops_without_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
 _OTLP_CHILD = """
 import sys
 from opentelemetry import trace
-from tierserve.config import TracingConfig
-from tierserve.tracing import configure_tracing, start_request_span
+from tierserve.domain.config import TracingConfig
+from tierserve.rpc.tracing import configure_tracing, start_request_span
 
 configure_tracing(TracingConfig(exporter="otlp", otlp_endpoint=sys.argv[1]), "tierserve-test")
 start_request_span("tierserve.Router/Generate", (), {"tierserve.tier": "bf16"}).end(None)

@@ -33,12 +33,12 @@ from typing import Any
 
 import grpc
 from rich.console import Console
+from tierserve_client.options import CHANNEL_OPTIONS
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tierserve.benchmarks.livepool import bench_pool_config, running_pool, usable_cpus
-from tierserve.client import list_workers
-from tierserve.grpcserver import CHANNEL_OPTIONS
-from tierserve.launcher import PoolLauncher
-from tierserve.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from tierserve.ops.launcher import PoolLauncher
+from tierserve.rpc.calls import list_workers
 
 CALL_TIMEOUT_S = 120.0
 SUPERVISE_EVERY_S = 0.2

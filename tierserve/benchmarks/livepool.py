@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from tierserve_client.v1 import router_pb2
 
-from tierserve.client import list_workers
-from tierserve.config import ConfigError, TierserveConfig, load_config, parse_config
-from tierserve.planning import freshest_latency
-from tierserve.textsets import eval_path, read_paragraphs
-from tierserve.tiers import REFERENCE_TIER, TIER_NAMES
-from tierserve.v1 import router_pb2
+from tierserve.domain.config import ConfigError, TierserveConfig, load_config, parse_config
+from tierserve.domain.textsets import eval_path, read_paragraphs
+from tierserve.domain.tiers import REFERENCE_TIER, TIER_NAMES
+from tierserve.ops.capacity import freshest_latency
+from tierserve.rpc.calls import list_workers
 
 MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'tierserve[bench]'): no plot written"
 
@@ -65,7 +65,7 @@ def bench_pool_config(
 @contextlib.contextmanager
 def running_pool(config: TierserveConfig, run_dir: Path | None, console: Console) -> Iterator[Any]:
     """Start the pool (`tierserve up` style); yields the PoolLauncher and stops everything on exit."""
-    from tierserve.launcher import PoolLauncher
+    from tierserve.ops.launcher import PoolLauncher
 
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tierserve-bench-"))
     launcher = PoolLauncher(config, run_dir, console)

@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tierserve_client.v1 import generate_pb2
+
 from tierserve.benchmarks.streamcall import CallResult, GenerateStub, timed_generate
-from tierserve.v1 import generate_pb2
 
 TIGHT, LOOSE = "tight", "loose"
 

@@ -32,6 +32,8 @@ from typing import Any
 import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tierserve_client.options import CHANNEL_OPTIONS
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
 
 from tierserve.benchmarks.livepool import (
     bench_pool_config,
@@ -41,10 +43,8 @@ from tierserve.benchmarks.livepool import (
     worker_facts,
 )
 from tierserve.benchmarks.streamcall import CallResult, timed_generate
-from tierserve.config import ConfigError, TierserveConfig, default_config, load_config
-from tierserve.grpcserver import CHANNEL_OPTIONS
-from tierserve.latency import percentile
-from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
+from tierserve.domain.config import ConfigError, TierserveConfig, default_config, load_config
+from tierserve.domain.latency import percentile
 
 WARMUP_PAIRS = 2
 PER_TOKEN_TARGET_MS = 0.3

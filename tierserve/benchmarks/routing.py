@@ -32,6 +32,8 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tierserve_client.options import CHANNEL_OPTIONS
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
 from tierserve.benchmarks.livepool import (
     MATPLOTLIB_MISSING,
@@ -54,11 +56,9 @@ from tierserve.benchmarks.loadgen import (
     to_request,
 )
 from tierserve.benchmarks.routing_metrics import Observed, goodput_target, summarize_level
-from tierserve.config import ConfigError
-from tierserve.grpcserver import CHANNEL_OPTIONS
-from tierserve.planning import busy_seconds
-from tierserve.tiers import TIER_NAMES
-from tierserve.v1 import generate_pb2, router_pb2_grpc
+from tierserve.domain.config import ConfigError
+from tierserve.domain.tiers import TIER_NAMES
+from tierserve.ops.capacity import busy_seconds
 
 DEFAULT_LOADS = (0.25, 0.5, 0.75, 1.0, 1.25)
 REFERENCE_POLICY = "slo"
@@ -67,7 +67,7 @@ SETTLE_S = 1.0
 
 def available_policies() -> list[str]:
     """Every registered policy, read at run time (policies are added to router.policy.POLICIES by name)."""
-    from router.policy import POLICIES
+    from tierserve.router.policies.registry import POLICIES
 
     return list(POLICIES)
 

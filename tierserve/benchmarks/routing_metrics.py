@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tierserve.latency import percentile
+from tierserve.domain.latency import percentile
 
 ATTAINMENT_GOAL = 0.90
 GOODPUT_TARGET = 1.3

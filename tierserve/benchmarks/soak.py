@@ -52,13 +52,13 @@ import grpc
 import psutil
 from rich.console import Console
 from rich.table import Table
+from tierserve_client.options import CHANNEL_OPTIONS
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
 from tierserve.benchmarks.chaos import PROMPTS
 from tierserve.benchmarks.livepool import bench_pool_config, running_pool, usable_cpus
 from tierserve.benchmarks.streamcall import CallResult, GenerateStub, timed_generate
-from tierserve.config import TierserveConfig
-from tierserve.grpcserver import CHANNEL_OPTIONS
-from tierserve.v1 import generate_pb2, router_pb2_grpc
+from tierserve.domain.config import TierserveConfig
 
 MIB = 1024 * 1024
 OVERLOAD_CODE = "RESOURCE_EXHAUSTED"

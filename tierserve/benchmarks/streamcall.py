@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-
-from tierserve.sdk.options import retry_hint_ms
-from tierserve.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
+from tierserve_client.options import retry_hint_ms
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
 
 # Either stub: both serve the same Generate.
 GenerateStub = router_pb2_grpc.RouterStub | worker_pb2_grpc.WorkerStub

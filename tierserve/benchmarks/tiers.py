@@ -65,17 +65,18 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 
-from tierserve.config import ConfigError, TierserveConfig, default_config, load_config, parse_config
-from tierserve.cores import format_cpu_list
-from tierserve.latency import percentile
-from tierserve.tiers import TIER_NAMES
+from tierserve.domain.config import ConfigError, TierserveConfig, default_config, load_config, parse_config
+from tierserve.domain.cores import format_cpu_list
+from tierserve.domain.latency import percentile
+from tierserve.domain.quality import effective_loss
+from tierserve.domain.tiers import TIER_NAMES
 
 if TYPE_CHECKING:
     import torch
 
-    from worker.accuracy import AccuracyCard
-    from worker.engine import Engine, GenerationOutcome
-    from worker.tiers.base import LoadedModel
+    from tierserve.worker.accuracy import AccuracyCard
+    from tierserve.worker.engine import Engine, GenerationOutcome
+    from tierserve.worker.tiers.base import LoadedModel
 
 BASELINE = "hf-eager-fp32"
 LLAMACPP = "llamacpp-gguf-q4_1"
@@ -246,9 +247,9 @@ def result_row(measurement: PathMeasurement, baseline_tpot_ms: float | None) -> 
 
 
 def _loss(row: Mapping[str, Any]) -> float:
-    """Perplexity change as a loss: a measured gain counts as none, as the router counts it (a
-    quantized model scoring below its reference is noise or luck, not better fidelity)."""
-    return max(float(row["ppl_delta_pct"]), 0.0)
+    """The path's loss as the router counts it; paths outside the tiers (transformers eager, the
+    llama.cpp peer) are compared by their measured change like any tier."""
+    return effective_loss(str(row["tier"]), float(row["ppl_delta_pct"]))
 
 
 def find_dominators(
@@ -444,7 +445,7 @@ def card_from_log_probs(
     arithmetic (that function scores a LoadedModel through `generate`, which llama.cpp is not)."""
     import torch
 
-    from worker.accuracy import AccuracyCard
+    from tierserve.worker.accuracy import AccuracyCard
 
     total = sum(len(c) - 1 for c in chunks)
     nll = ref_nll = kl = agree = 0.0
@@ -515,7 +516,7 @@ def _cpu_share(threads: int, sink: list[float]) -> Iterator[None]:
 def _engine_generate(
     engine: Engine, prompt: str, new_tokens: int, expect_tokens: int | None, sampled: bool = False
 ) -> GenerationOutcome:
-    from tierserve.requests import GenerationParams, SamplingParams
+    from tierserve.domain.requests import GenerationParams, SamplingParams
 
     sampling = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=1) if sampled else SamplingParams()
     params = GenerationParams(prompt, new_tokens, sampling, (), "bench")
@@ -531,7 +532,7 @@ def _load_hf_eager(model_dir: Path) -> LoadedModel:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker.tiers.base import LoadedModel
+    from tierserve.worker.tiers.base import LoadedModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
@@ -562,8 +563,8 @@ def torch_worker(spec: WorkerSpec) -> dict[str, Any]:
     """A tier or the baseline: load, warm up, measure with the Engine."""
     import torch
 
-    from worker.engine import Engine
-    from worker.pinning import pin_process
+    from tierserve.ops.pinning import pin_process
+    from tierserve.worker.engine import Engine
 
     pinning = pin_process(spec.cpus)
     config = parse_config(spec.config, source="benchmark spec")
@@ -575,7 +576,7 @@ def torch_worker(spec: WorkerSpec) -> dict[str, Any]:
         loaded = _load_hf_eager(model_dir)
         card = None
     else:
-        from worker.preparation import prepare_tier
+        from tierserve.worker.preparation import prepare_tier
 
         stages: list[str] = []
 
@@ -638,15 +639,15 @@ def torch_worker(spec: WorkerSpec) -> dict[str, Any]:
 
 
 def _eval_chunks(config: TierserveConfig, tokenizer: Any) -> list[list[int]]:
-    from tierserve.textsets import eval_path, read_paragraphs
-    from worker.accuracy import eval_chunks
+    from tierserve.domain.textsets import eval_path, read_paragraphs
+    from tierserve.worker.accuracy import eval_chunks
 
     paragraphs = read_paragraphs(eval_path(config.data))
     return eval_chunks(tokenizer, paragraphs, config.data.eval_tokens, config.data.eval_chunk_tokens)
 
 
 def _baseline_card(config: TierserveConfig, loaded: LoadedModel, model_dir: Path, path: str) -> AccuracyCard:
-    from worker.accuracy import measure_card, reference_log_probs
+    from tierserve.worker.accuracy import measure_card, reference_log_probs
 
     _log(path, "measuring the accuracy card")
     chunks = _eval_chunks(config, loaded.tokenizer)
@@ -681,7 +682,7 @@ def _llama_generate(
 def llamacpp_worker(spec: WorkerSpec) -> dict[str, Any]:
     """llama-cpp-python on the GGUF file: timed first (with nothing but llama_cpp imported, so its memory
     is its own), then scored against the fp32 reference."""
-    from worker.pinning import OsAffinity, plan_pinning
+    from tierserve.ops.pinning import OsAffinity, plan_pinning
 
     pinning = plan_pinning(spec.cpus, OsAffinity().get())
     os.sched_setaffinity(0, set(pinning.cpus))
@@ -748,8 +749,8 @@ def _llamacpp_card(spec: WorkerSpec, llama_cpp: Any, threads: int) -> tuple[Accu
     import torch
     from transformers import AutoTokenizer
 
-    from tierserve.textsets import eval_path, read_paragraphs
-    from worker.accuracy import reference_log_probs
+    from tierserve.domain.textsets import eval_path, read_paragraphs
+    from tierserve.worker.accuracy import reference_log_probs
 
     config = parse_config(spec.config, source="benchmark spec")
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
@@ -962,10 +963,10 @@ def run_tiers_benchmark(
 ) -> int:
     from transformers import AutoTokenizer
 
-    from tierserve.modelprep import default_gguf_file, prepare_model
-    from tierserve.textsets import eval_path, read_paragraphs
-    from worker.isa import CpuIsa
-    from worker.tiers import registered_tiers
+    from tierserve.domain.textsets import eval_path, read_paragraphs
+    from tierserve.ops.modelprep import default_gguf_file, prepare_model
+    from tierserve.worker.isa import CpuIsa
+    from tierserve.worker.tiers import registered_tiers
 
     if runs < 1 or new_tokens < 2:
         raise ConfigError("--runs must be at least 1 and --new-tokens at least 2")

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from tierserve.config import ConfigError, TierRecipe
-from tierserve.textsets import BUNDLED
-from tierserve.tiers import TIER_NAMES
-from worker.isa import CpuIsa
+from tierserve.domain.config import ConfigError, TierRecipe
+from tierserve.domain.textsets import BUNDLED
+from tierserve.domain.tiers import TIER_NAMES
+from tierserve.worker.isa import CpuIsa
 
 Progress = Callable[[str], None]
 
@@ -89,7 +89,7 @@ _REGISTRY: dict[str, type[Tier]] = {}
 
 def register_tier(cls: type[Tier]) -> type[Tier]:
     if cls.name not in TIER_NAMES:
-        raise ValueError(f"tier {cls.name!r} is not in tierserve.tiers.TIER_NAMES")
+        raise ValueError(f"tier {cls.name!r} is not in tierserve.domain.tiers.TIER_NAMES")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from worker.tiers.base import LoadedModel, Tier, register_tier
-from worker.tiers.ipex_common import ipex_optimize
+from tierserve.worker.tiers.base import LoadedModel, Tier, register_tier
+from tierserve.worker.tiers.ipex_common import ipex_optimize
 
 
 @register_tier

@@ -4,9 +4,9 @@ SmoothQuant moves part of each linear layer's activation outliers into its weigh
 (per input channel, by a factor set by `alpha`), so that both can be quantized to int8,
 weights per output channel. The modes differ in how activations get their int8 scale:
 
-- "dynamic" (the default, `worker.tiers.int8_sq_dynamic`): one scale per token, computed at
+- "dynamic" (the default, `tierserve.worker.tiers.int8_sq_dynamic`): one scale per token, computed at
   run time. `build` calibrates on the texts (per-channel activation maxima), folds the factors
-  exactly into the float model (`worker.tiers.smoothing`: RMSNorm weights and v_proj rows) and
+  exactly into the float model (`tierserve.worker.tiers.smoothing`: RMSNorm weights and v_proj rows) and
   stores them with the int8 weights; q/k/v, o, gate/up and lm_head then run as fbgemm's dynamic
   int8 linear (`quantized::linear_dynamic`, rows scaled apart so a prompt's tokens do not share a
   scale) inside IPEX's traced fp32 decoder graph. down_proj keeps int8 weights but bf16 inputs
@@ -61,10 +61,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from tierserve.textsets import fingerprint, read_paragraphs
-from worker.tiers import int8_sq_dynamic
-from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
-from worker.tiers.ipex_common import cpu_capability, graph_mode, load_hf_model
+from tierserve.domain.textsets import fingerprint, read_paragraphs
+from tierserve.worker.tiers import int8_sq_dynamic
+from tierserve.worker.tiers.base import LoadedModel, Progress, Tier, register_tier
+from tierserve.worker.tiers.ipex_common import cpu_capability, graph_mode, load_hf_model
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """int8-sq with dynamic activation scales: SmoothQuant smoothing, then every linear layer as
 fbgemm's dynamic int8 linear (weights int8 per output channel, activations quantized per token
-at run time), inside IPEX's traced decoder graph (`worker.tiers.native_woq`).
+at run time), inside IPEX's traced decoder graph (`tierserve.worker.tiers.native_woq`).
 
-The artifact holds the smoothing factors (`worker.tiers.smoothing`) and the quantized weights
+The artifact holds the smoothing factors (`tierserve.worker.tiers.smoothing`) and the quantized weights
 of the smoothed model; `load` folds the factors into a fresh float model (norm weights, v_proj
 and up_proj rows, which stay float or are replaced) and packs the weights for fbgemm.
 """
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from tierserve.config import ConfigError
-from worker.tiers import native_woq, smoothing
-from worker.tiers.base import LoadedModel, Progress
-from worker.tiers.ipex_common import cpu_capability, load_hf_model
+from tierserve.domain.config import ConfigError
+from tierserve.worker.tiers import native_woq, smoothing
+from tierserve.worker.tiers.base import LoadedModel, Progress
+from tierserve.worker.tiers.ipex_common import cpu_capability, load_hf_model
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from worker.tiers.base import LoadedModel
+from tierserve.worker.tiers.base import LoadedModel
 
 
 def load_hf_model(model_dir: Path) -> tuple[Any, Any]:

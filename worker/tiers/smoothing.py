@@ -16,7 +16,7 @@ The division is folded into whatever produces the input, only where that is exac
   shared by the query heads of a group (computed from their joint maxima);
 - lm_head: the final RMSNorm's weight, on an untied copy of the head (the embeddings keep theirs).
 
-Names follow `worker.tiers.native_woq.fused_float_weights` ("layers.3.qkv", "lm_head"), so the
+Names follow `tierserve.worker.tiers.native_woq.fused_float_weights` ("layers.3.qkv", "lm_head"), so the
 factors line up with the quantized matrices. Llama-style decoders only (Llama, Mistral).
 """
 

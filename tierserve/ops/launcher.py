@@ -1,0 +1,268 @@
+"""`tierserve up`: start the workers and the router as separate processes, wait until they serve,
+and stop them all cleanly (router first, so no request reaches a stopping worker)."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.markup import escape
+from tierserve_client import Client, ClientOptions
+from tierserve_client.v1 import router_pb2
+
+from tierserve.domain.config import SecurityConfig, TierserveConfig, config_to_toml
+from tierserve.ops.modelprep import prepare_model
+from tierserve.ops.restarts import RestartBackoff
+from tierserve.rpc.tls import first_token
+
+STOP_TIMEOUT_S = 15.0
+# How often `watch` looks at the pool's processes.
+WATCH_INTERVAL_S = 0.5
+LOG_TAIL_LINES = 30
+PR_SET_PDEATHSIG = 1
+
+
+class LaunchError(RuntimeError):
+    """A process of the pool failed to start; the message carries the end of its log."""
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the launcher is killed outright, the kernel ends the child too.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port_file: Path
+    # The command-line arguments it was started with (after `tierserve`), to start it again.
+    args: list[str] = field(default_factory=list)
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
+
+    def port(self) -> int | None:
+        try:
+            return int(self.port_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise LaunchError(
+                f"{self.name} exited with code {code}; end of {self.log_path}:\n{self.log_tail()}"
+            )
+
+
+class PoolLauncher:
+    def __init__(self, config: TierserveConfig, run_dir: Path, console: Console) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.console = console
+        self.workers: list[ManagedProcess] = []
+        self.router: ManagedProcess | None = None
+        self.router_address = ""
+        # The config as routers see it (every local worker at its bound port), once started.
+        self.resolved: TierserveConfig | None = None
+        self.extra_routers: list[ManagedProcess] = []
+
+    def start(self, ready_timeout_s: float = 900.0) -> str:
+        """Start everything and wait until every local worker serves; returns the router's address."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        prepare_model(self.config.model, self.console)
+        pool_file = self.run_dir / "pool.toml"
+        pool_file.write_text(config_to_toml(self.config), encoding="utf-8")
+        local = [w for w in self.config.workers if not w.address]
+        for worker in local:
+            self.workers.append(
+                self._spawn(f"worker {worker.name}", ["worker", "--name", worker.name], pool_file)
+            )
+            self.workers[-1].backoff.started(time.monotonic())
+        resolved = self.resolved = self._resolve_worker_ports(deadline=time.monotonic() + 120)
+        router_file = self.run_dir / "router.toml"
+        router_file.write_text(config_to_toml(resolved), encoding="utf-8")
+        self.router = self._spawn("router", ["router"], router_file)
+        router_port = self._wait_for_port(self.router, time.monotonic() + 60)
+        self.router_address = f"{_dial_host(self.config.router.host)}:{router_port}"
+        (self.run_dir / "router.address").write_text(self.router_address + "\n", encoding="utf-8")
+        self._wait_until_serving(time.monotonic() + ready_timeout_s)
+        return self.router_address
+
+    def add_router(self, name: str, policy: str, timeout_s: float = 60.0) -> str:
+        """Start one more router, with another policy, in front of the same running workers (benchmarks
+        compare policies this way); it stops with the pool. Returns its address once it sees every
+        local worker serving."""
+        if self.resolved is None:
+            raise LaunchError("start the pool before adding routers")
+        router = self.resolved.router.model_copy(update={"policy": policy, "port": 0})
+        config = self.resolved.model_copy(update={"router": router})
+        config_file = self.run_dir / f"{name}.toml"
+        config_file.write_text(config_to_toml(config), encoding="utf-8")
+        managed = self._spawn(name, ["router"], config_file)
+        self.extra_routers.append(managed)
+        address = (
+            f"{_dial_host(config.router.host)}:{self._wait_for_port(managed, time.monotonic() + timeout_s)}"
+        )
+        expected = {w.name for w in config.workers if not w.address}
+        deadline = time.monotonic() + timeout_s
+        while expected - self._serving_workers(address):
+            managed.check_alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} does not see every worker serving; log:\n{managed.log_tail()}")
+            time.sleep(0.2)
+        return address
+
+    def _spawn(self, name: str, args: list[str], config_file: Path, restart: bool = False) -> ManagedProcess:
+        slug = name.replace(" ", "-")
+        log_path = self.run_dir / "logs" / f"{slug}.log"
+        port_file = self.run_dir / f"{slug}.port"
+        port_file.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "tierserve.cli", *args,
+            "--config", str(config_file), "--port-file", str(port_file),
+        ]  # fmt: skip
+        # A restart appends, so the log keeps why the last run ended.
+        with log_path.open("ab" if restart else "wb") as log:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+                preexec_fn=_die_with_parent,
+            )
+        self.console.print(f"started {name} (pid {process.pid}), log {log_path}")
+        return ManagedProcess(name, process, log_path, port_file, args)
+
+    def _wait_for_port(self, managed: ManagedProcess, deadline: float) -> int:
+        while (port := managed.port()) is None:
+            managed.check_alive()
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"{managed.name} did not start listening in time; log:\n{managed.log_tail()}"
+                )
+            time.sleep(0.1)
+        return port
+
+    def _resolve_worker_ports(self, deadline: float) -> TierserveConfig:
+        """The config as the router must see it: every local worker at the port it really bound."""
+        workers = []
+        local = iter(self.workers)
+        for worker in self.config.workers:
+            if not worker.address:
+                port = self._wait_for_port(next(local), deadline)
+                worker = worker.model_copy(update={"port": port})
+            workers.append(worker)
+        return self.config.model_copy(update={"workers": workers})
+
+    def _wait_until_serving(self, deadline: float) -> None:
+        assert self.router is not None
+        expected = {w.name for w in self.config.workers if not w.address}
+        with self.console.status("waiting for workers to load and warm up") as status:
+            while True:
+                for managed in [self.router, *self.workers]:
+                    managed.check_alive()
+                serving = self._serving_workers(self.router_address)
+                waiting = sorted(expected - serving)
+                if not waiting:
+                    return
+                status.update(f"waiting for workers to load and warm up: {', '.join(waiting)}")
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"workers not serving in time: {', '.join(waiting)}")
+                time.sleep(0.5)
+
+    def _serving_workers(self, router_address: str) -> set[str]:
+        try:
+            with Client(router_client_options(self.config.security, router_address)) as client:
+                listed = client.list_workers(timeout_s=2.0).workers
+        except grpc.RpcError:
+            return set()  # the router is still starting
+        return {w.worker_id for w in listed if w.health == router_pb2.WORKER_HEALTH_SERVING}
+
+    def watch(self) -> None:
+        """Block while the pool runs; a dead router ends it, a dead worker is restarted with backoff."""
+        assert self.router is not None
+        while True:
+            self.router.check_alive()
+            self.supervise_workers(time.monotonic())
+            time.sleep(WATCH_INTERVAL_S)
+
+    def supervise_workers(self, now: float) -> None:
+        """Schedule a restart of every worker that exited, and restart those that are due. A restart
+        listens on the port the router already dials (from the resolved config)."""
+        for index, managed in enumerate(self.workers):
+            code = managed.process.poll()
+            if code is None:
+                continue
+            if managed.backoff.restart_at is None:
+                delay = managed.backoff.crashed(now) - now
+                self.console.print(
+                    f"[red]{managed.name} exited with code {code}[/]; the router routes around it; "
+                    f"restarting in {delay:.0f} s. End of {managed.log_path}:\n{escape(managed.log_tail())}"
+                )
+            elif managed.backoff.due(now):
+                restarted = self._spawn(
+                    managed.name, managed.args, self.run_dir / "router.toml", restart=True
+                )
+                restarted.backoff = managed.backoff
+                restarted.backoff.restarts += 1
+                restarted.backoff.started(now)
+                self.workers[index] = restarted
+                self.console.print(f"restarting {managed.name} (restart {restarted.backoff.restarts})")
+
+    def stop(self) -> None:
+        """SIGTERM the router, then the workers; SIGKILL whatever has not exited in time."""
+        routers = ([self.router] if self.router else []) + self.extra_routers
+        for group in (routers, self.workers):
+            for managed in group:
+                if managed.process.poll() is None:
+                    managed.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            for managed in group:
+                try:
+                    managed.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.console.print(f"[yellow]{managed.name} did not stop in time; killing it[/]")
+                    managed.process.kill()
+                    managed.process.wait()
+
+
+def router_client_options(security: SecurityConfig, address: str) -> ClientOptions:
+    """How the pool's own tools reach its router: TLS verified by the pool CA, the first token."""
+    return ClientOptions(
+        address,
+        tls=security.router_tls,
+        root_certificates=security.ca if security.router_tls and security.ca else None,
+        token=first_token(security),
+    )
+
+
+def _dial_host(listen_host: str) -> str:
+    return "127.0.0.1" if listen_host in ("0.0.0.0", "", "::") else listen_host
+
+
+def install_stop_signals() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so Ctrl-C and SIGTERM take the same clean path."""
+
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    # Also when started in the background, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)

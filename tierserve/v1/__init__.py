@@ -1,1 +1,0 @@
-"""Generated gRPC stubs for the tierserve.v1 wire contract (see protos/)."""
