@@ -16,6 +16,8 @@ class CpuIsa:
     avx512_vnni: bool
     avx512: bool
     avx2: bool
+    # AVX512 BW+VL+DQ (or AVX-NE-CONVERT): what oneDNN needs to prepack bf16 weights.
+    onednn_bf16: bool = False
 
     @classmethod
     def from_flags(cls, flags: set[str]) -> CpuIsa:
@@ -26,6 +28,7 @@ class CpuIsa:
             avx512_vnni="avx512_vnni" in flags,
             avx512="avx512f" in flags,
             avx2="avx2" in flags,
+            onednn_bf16={"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags,
         )
 
     @classmethod
@@ -45,6 +48,12 @@ class CpuIsa:
         """IPEX compiles its fast weight-only kernels only for CPUs with AMX and AVX512_FP16;
         elsewhere it dequantizes every weight at every step."""
         return self.amx and self.avx512_fp16
+
+    @property
+    def ipex_bf16(self) -> bool:
+        """IPEX's bf16 recipe prepacks weights with oneDNN, which refuses CPUs without AVX512
+        BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only AMD EPYC, for one)."""
+        return self.onednn_bf16
 
     def summary(self) -> str:
         names = ["AMX", "AVX512_FP16", "AVX512_BF16", "AVX512_VNNI", "AVX512", "AVX2"]
