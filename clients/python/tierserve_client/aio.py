@@ -43,9 +43,10 @@ class AsyncTokenStream(AsyncIterator[Token]):
             if self._responses is None:
                 self.attempts += 1
                 self._call = self._start()
-                self._responses = aiter(self._call)
+                # The dunder calls, not aiter()/anext(): those builtins are Python 3.10+.
+                self._responses = self._call.__aiter__()
             try:
-                response = await anext(self._responses)
+                response = await self._responses.__anext__()
             except grpc.aio.AioRpcError as error:
                 delay = None
                 if not self._started:
