@@ -31,7 +31,7 @@ class TokenEntry:
     max_concurrent: int
 
 
-def _digest(token: str) -> bytes:
+def token_digest(token: str) -> bytes:
     # Looked up by digest: the comparison never runs over the secret itself.
     return hashlib.sha256(token.encode()).digest()
 
@@ -51,7 +51,7 @@ def load_tokens(path: Path, default_limit: int) -> dict[bytes, TokenEntry]:
             raise ConfigError(f"{path}:{number}: expected `TOKEN [NAME] [MAX_CONCURRENT]`")
         name = fields[1] if len(fields) > 1 else f"client-{number}"
         limit = int(fields[2]) if len(fields) == 3 else default_limit
-        tokens[_digest(fields[0])] = TokenEntry(name, limit)
+        tokens[token_digest(fields[0])] = TokenEntry(name, limit)
     if not tokens:
         raise ConfigError(f"{path}: no tokens (every caller would be refused)")
     return tokens
@@ -66,7 +66,7 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
-def _refusing(
+def refusing(
     handler: grpc.RpcMethodHandler,
     code: grpc.StatusCode,
     message: str,
@@ -106,18 +106,18 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         token = bearer_token(details.invocation_metadata)
         if not token:
-            return _refusing(
+            return refusing(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing bearer token: send metadata `authorization: Bearer <token>`",
             )
-        entry = self._tokens.get(_digest(token))
+        entry = self._tokens.get(token_digest(token))
         if entry is None:
-            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, "unknown token")
+            return refusing(handler, grpc.StatusCode.PERMISSION_DENIED, "unknown token")
         if details.method != LIMITED_METHOD or not entry.max_concurrent:
             return handler
         if self.open_streams.get(entry.name, 0) >= entry.max_concurrent:
-            return _refusing(
+            return refusing(
                 handler,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"client {entry.name} already has {entry.max_concurrent} requests open, its limit; "

@@ -55,7 +55,6 @@ class WorkerStreamFailed(Exception):
         super().__init__(f"worker {worker_id} failed: {code.name}: {details}")
         self.worker_id = worker_id
         self.code = code
-        self.details = details
 
 
 def is_worker_fault(code: grpc.StatusCode, client_left: bool) -> bool:
@@ -109,23 +108,6 @@ class StreamProgress:
         self.offset = self.tokens_sent
         self.text_at_offset = self.text_sent
 
-    def router_summary(self, total_time_us: int) -> generate_pb2.Summary:
-        """The summary of a stream whose worker failed after its last token, before its own summary:
-        the client has every token, so the router closes the stream itself."""
-        summary = generate_pb2.Summary(
-            request_id=self.request.request_id,
-            worker_id=self.failed_workers[-1],
-            generated_tokens=self.tokens_sent,
-            ttft_us=self.first_token_latency_us,
-            finish_reason=generate_pb2.FINISH_REASON_LENGTH,
-            routing_reason="summary by the router: its worker failed after the last token",
-        )
-        self.offset = 0  # nothing resumed: the text is all there already
-        self.text_at_offset = ""
-        summary.text = self.text_sent
-        self.finish(summary, total_time_us)
-        return summary
-
     def worker_request(self) -> generate_pb2.GenerateRequest:
         """The request for the next worker: unchanged before any token, else a continuation."""
         if not self.tokens_sent:
@@ -149,24 +131,6 @@ class StreamProgress:
         self.tokens_sent += 1
         self.text_sent += token.text
 
-    def finish(self, summary: generate_pb2.Summary, total_time_us: int) -> None:
-        """Make the last worker's summary describe the whole stream the client received."""
+    def sent_summary(self) -> None:
+        """The summary is on its way to the client: nothing may follow it."""
         self.summary_sent = True
-        if not self.failed_workers:
-            return
-        summary.failovers = self.failovers
-        summary.failed_workers.extend(self.failed_workers)
-        summary.resumed_after_tokens = self.offset
-        if self.offset:
-            # The resumed worker counted the streamed text as prompt and only its own tokens.
-            summary.prompt_tokens = max(1, summary.prompt_tokens - self.offset)
-            summary.generated_tokens += self.offset
-            summary.ttft_us = self.first_token_latency_us
-        summary.text = self.text_at_offset + summary.text
-        summary.request_id = self.request.request_id
-        summary.seed = self.request.seed  # the resumed worker's was derived from it
-        summary.total_time_us = total_time_us
-        summary.routing_reason = (
-            f"failover after {', '.join(self.failure_reasons)}"
-            f"{f' (resumed at token {self.offset})' if self.offset else ''}; {summary.routing_reason}"
-        )

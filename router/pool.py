@@ -117,9 +117,21 @@ class WorkerHandle:
         else:
             self.live.record_token(token.latency_us, self.streams_on_cores())
 
-    def record_failure(self, message: str) -> None:
+    def mark_failed(self, reason: str) -> None:
+        """A request failed here through the worker's fault: out of rotation until its next health
+        check passes."""
         self.requests_failed += 1
-        self.last_error = message
+        self.last_error = reason
+        self.health = router_pb2.WORKER_HEALTH_UNREACHABLE
+
+    def learn(
+        self, summary: generate_pb2.Summary, prediction: Prediction | None, seen_ttft_us: float
+    ) -> None:
+        """Learn from a request this worker finished (its own summary, before the router completes
+        it): how far the prediction was off, and the prefill cost of its prompt."""
+        if prediction is not None and summary.generated_tokens:
+            self.errors.record(prediction, seen_ttft_us, summary.tpot_mean_us)
+        self.live.record_prefill(summary.prompt_tokens, summary.ttft_us)
 
     def to_proto(self) -> router_pb2.WorkerStatus:
         live = self.live.to_proto()
@@ -175,14 +187,12 @@ class WorkerPool:
     def __init__(
         self,
         config: TierserveConfig,
-        on_round: Callable[[WorkerPool], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.workers: list[WorkerHandle] = []
         self.registrations = Registrations(config.router.registration_ttl_s, clock)
         # Registered handles replaced by a newer registration, closed once their requests finish.
         self._retired: list[WorkerHandle] = []
-        self._on_round = on_round
         self.prompt_tokens = PromptTokenEstimator(config.router.ewma_alpha)
         self._router_config = config.router
         self._credentials = worker_channel_credentials(config.security)
@@ -268,8 +278,9 @@ class WorkerPool:
         for handle in closing:
             await handle.channel.close()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._health_loop(), name="worker-health")
+    def start(self, on_round: Callable[[WorkerPool], Awaitable[None]] | None = None) -> None:
+        """Check the workers every [router] health_interval_s; `on_round` runs after each round."""
+        self._task = asyncio.create_task(self._health_loop(on_round), name="worker-health")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -296,14 +307,14 @@ class WorkerPool:
         if cores_changed:
             link_peers(self.workers)
 
-    async def _health_loop(self) -> None:
+    async def _health_loop(self, on_round: Callable[[WorkerPool], Awaitable[None]] | None) -> None:
         while True:
             await self.discover()
             await self.expire()
             await asyncio.gather(*(self.check(worker) for worker in self.workers))
             self.first_round_done.set()
-            if self._on_round is not None:
-                await self._on_round(self)
+            if on_round is not None:
+                await on_round(self)
             await asyncio.sleep(self._interval_s)
 
     async def check(self, worker: WorkerHandle) -> None:

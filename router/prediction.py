@@ -80,8 +80,7 @@ class Prediction:
     wait_us: float
     ttft_us: float
     tpot_us: float
-    # Streams expected on the worker's cores, and where the TPOT figure comes from.
-    streams: int = 1
+    # Where the TPOT figure comes from.
     basis: str = ""
     # Waiting requests this one would push past their first-token deadline by going ahead of them.
     displaces: int = 0
@@ -156,7 +155,7 @@ def predict(
         if new_tokens
         else 0
     )
-    return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, streams, basis, harm)
+    return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis, harm)
 
 
 def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:

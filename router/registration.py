@@ -19,9 +19,14 @@ from tierserve_client.v1 import router_pb2
 from tierserve.domain.config import SecurityConfig
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.tiers import TIER_NAMES, is_known_tier
-from tierserve.router.auth import TokenAuthInterceptor, TokenEntry, bearer_token, load_tokens
-from tierserve.router.auth import _digest as token_digest
-from tierserve.router.auth import _refusing as refusing
+from tierserve.router.auth import (
+    TokenAuthInterceptor,
+    TokenEntry,
+    bearer_token,
+    load_tokens,
+    refusing,
+    token_digest,
+)
 
 # As [[workers]] name in the config: the id shows in logs, metrics labels and summaries.
 WORKER_ID = re.compile(r"^[A-Za-z0-9._@:-]+$")

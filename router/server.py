@@ -5,20 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import grpc
-from tierserve_client.v1 import router_pb2, router_pb2_grpc
-
 from tierserve.domain.config import TierserveConfig
 from tierserve.domain.cores import format_cpu_list
 from tierserve.ops.pinning import OsAffinity, plan_pinning
-from tierserve.router.metrics import RouterMetrics
-from tierserve.router.policies.registry import make_policy
-from tierserve.router.pool import WorkerPool
-from tierserve.router.registration import router_interceptors
-from tierserve.router.service import RouterServicer
+from tierserve.router.app import build_router
 from tierserve.rpc.metrics import serve_metrics
-from tierserve.rpc.server import ServerHandle, serve_until_signalled, start_server
-from tierserve.rpc.tls import router_server_credentials
+from tierserve.rpc.server import serve_until_signalled
 from tierserve.rpc.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -39,44 +31,21 @@ def pin_router(cores: list[int]) -> None:
 async def serve_router(config: TierserveConfig, port_file: Path | None = None) -> None:
     configure_tracing(config.tracing, "tierserve-router")
     pin_router(config.router.cores)
-    policy = make_policy(config.router.policy)
-    handle: ServerHandle | None = None
-
-    async def follow_pool_health(pool: WorkerPool) -> None:
-        # The router can serve exactly while some worker can.
-        if handle is not None:
-            await handle.set_serving(pool.any_healthy())
-
-    pool = WorkerPool(config, on_round=follow_pool_health)
-    metrics = RouterMetrics()
-    servicer = RouterServicer(pool, policy, config.limits, config.service_level, metrics)
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
-
-    handle = await start_server(
-        config.router.host,
-        config.router.port,
-        register,
-        port_file,
-        credentials=router_server_credentials(config.security),
-        interceptors=router_interceptors(config.security),
-    )
+    router = build_router(config)
+    handle = await router.start(port_file)
     endpoint = (
-        serve_metrics(metrics.registry, config.metrics.host, config.router.metrics_port, port_file)
+        serve_metrics(router.metrics.registry, config.metrics.host, config.router.metrics_port, port_file)
         if config.metrics.enabled
         else None
     )
-    pool.start()
     log.info(
         "router on port %d, policy %s, workers: %s",
         handle.port,
-        policy.name,
-        ", ".join(f"{w.worker_id}={w.address}" for w in pool.workers),
+        router.policy.name,
+        ", ".join(f"{w.worker_id}={w.address}" for w in router.pool.workers),
     )
     try:
-        await serve_until_signalled(handle, on_stop=pool.close)
+        await serve_until_signalled(handle, on_stop=router.pool.close)
     finally:
         if endpoint is not None:
             endpoint.close()

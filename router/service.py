@@ -15,13 +15,14 @@ from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tierserve.domain.config import LimitsConfig, ServiceLevelConfig
 from tierserve.domain.errors import InvalidRequest, Overloaded, TierserveError, status_for
-from tierserve.domain.requests import apply_service_level, validate_generate_request, within_budget
+from tierserve.domain.requests import apply_service_level, validate_generate_request
 from tierserve.router.failover import StreamProgress, WorkerStreamFailed, is_worker_fault
 from tierserve.router.metrics import RouterMetrics
 from tierserve.router.policies.registry import RouteRequest, RoutingDecision, RoutingPolicy
 from tierserve.router.pool import WorkerHandle, WorkerPool
 from tierserve.router.prediction import Ticket
 from tierserve.router.registration import registration_from_request
+from tierserve.router.summary import closing_summary, complete_summary
 from tierserve.rpc.departures import departure_code
 from tierserve.rpc.tracing import RequestSpan, start_request_span
 
@@ -54,15 +55,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         pool: WorkerPool,
         policy: RoutingPolicy,
         limits: LimitsConfig,
-        service_level: ServiceLevelConfig | None = None,
-        metrics: RouterMetrics | None = None,
+        service_level: ServiceLevelConfig,
+        metrics: RouterMetrics,
     ) -> None:
         self._pool = pool
         self._policy = policy
         self._limits = limits
-        self._service_level = service_level or ServiceLevelConfig()
-        self.metrics = metrics if metrics is not None else RouterMetrics()
-        self.metrics.watch_pool(lambda: self._pool.workers)
+        self._service_level = service_level
+        self.metrics = metrics
 
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -118,7 +118,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     self.metrics.failed_over(failed.tier, failed.worker_id, failure.code, progress.offset > 0)
                     if progress.tokens_sent and not progress.remaining_tokens:
                         total_us = int((time.perf_counter() - arrival) * 1e6)
-                        yield generate_pb2.GenerateResponse(summary=progress.router_summary(total_us))
+                        yield generate_pb2.GenerateResponse(summary=closing_summary(progress, total_us))
                         code = None
                         return
                     decision, route = await self._fail_over(failure, progress, route, context)
@@ -165,7 +165,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     if response.HasField("token"):
                         progress.relay_token(response.token, since_arrival_us)
                     else:
-                        progress.finish(response.summary, int(since_arrival_us))
+                        summary = response.summary
+                        complete_summary(
+                            summary, progress, int(since_arrival_us), self._policy.name, decision
+                        )
+                        self.metrics.completed(
+                            worker.tier, worker.worker_id, progress.request, summary.budget_met
+                        )
+                        progress.sent_summary()
                     yield response
             code = None
         except WorkerStreamFailed as failure:
@@ -236,58 +243,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         seen_ttft_s = None if progress.offset else first_token_at - arrival
                     self.metrics.token(worker.tier, worker.worker_id, response.token, seen_ttft_s)
                 else:
-                    # This worker's TTFT as the router saw it (learning), and the client's (the budget).
+                    # This worker's TTFT as the router saw it, to learn how far the prediction was off.
                     seen_ttft_us = (
                         (first_token_at - started) * 1e6
                         if first_token_at is not None
                         else response.summary.queue_time_us + response.summary.ttft_us
                     )
-                    client_ttft_us = progress.client_ttft_us or (
-                        (first_token_at - arrival) * 1e6 if first_token_at is not None else seen_ttft_us
-                    )
-                    self._complete(worker, request, decision, response.summary, seen_ttft_us, client_ttft_us)
+                    worker.learn(response.summary, decision.prediction, seen_ttft_us)
+                    self._pool.prompt_tokens.learn(len(request.prompt), response.summary.prompt_tokens)
                 yield response
         except grpc.aio.AioRpcError as error:
             code, details = error.code(), error.details() or ""
             if is_worker_fault(code, client_left=context.cancelled()):
-                worker.record_failure(f"{code.name}: {details}")
-                # Out of rotation until its next health check passes.
-                worker.health = router_pb2.WORKER_HEALTH_UNREACHABLE
+                worker.mark_failed(f"{code.name}: {details}")
                 raise WorkerStreamFailed(worker.worker_id, code, details) from None
             await context.abort(code, details)
         finally:
             # Reached also when our client leaves: cancel upstream so the worker stops generating.
             call.cancel()
-
-    def _complete(
-        self,
-        worker: WorkerHandle,
-        request: generate_pb2.GenerateRequest,
-        decision: RoutingDecision,
-        summary: generate_pb2.Summary,
-        seen_ttft_us: float,
-        client_ttft_us: float,
-    ) -> None:
-        """Add the routing decision to the summary, judge the budget as the client saw it, and learn
-        prefill cost and characters per token from the worker's counts."""
-        summary.routing_reason = decision.reason
-        summary.policy = self._policy.name
-        summary.best_effort = decision.best_effort
-        prediction = decision.prediction
-        if prediction is not None and prediction.known:
-            summary.predicted_queue_us = int(prediction.wait_us)
-            summary.predicted_ttft_us = int(prediction.ttft_us)
-            summary.predicted_tpot_us = int(prediction.tpot_us)
-        # Best effort means the router already knew it could not promise the budget: reported as
-        # not met (the issue's contract), whatever the stream then happened to achieve.
-        summary.budget_met = not decision.best_effort and within_budget(
-            request, client_ttft_us, summary.tpot_mean_us
-        )
-        self.metrics.completed(worker.tier, worker.worker_id, request, summary.budget_met)
-        if prediction is not None and summary.generated_tokens:
-            worker.errors.record(prediction, seen_ttft_us, summary.tpot_mean_us)
-        worker.live.record_prefill(summary.prompt_tokens, summary.ttft_us)
-        self._pool.prompt_tokens.learn(len(request.prompt), summary.prompt_tokens)
 
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext

@@ -9,14 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tierserve.domain.config import ConfigError
-from tierserve.router.policies.base import (
-    RouteRequest,
-    RoutingDecision,
-    RoutingPolicy,
-    WorkerView,
-    eligible_workers,
-    within_tolerance,
-)
+from tierserve.router.policies.base import RouteRequest, RoutingDecision, RoutingPolicy
 from tierserve.router.policies.first_healthy import FirstHealthyPolicy
 from tierserve.router.policies.least_loaded import LeastLoadedPolicy
 from tierserve.router.policies.power_of_two import PowerOfTwoPolicy
@@ -33,10 +26,7 @@ __all__ = [
     "RoutingDecision",
     "RoutingPolicy",
     "SloPolicy",
-    "WorkerView",
-    "eligible_workers",
     "make_policy",
-    "within_tolerance",
 ]
 
 POLICIES: dict[str, Callable[[], RoutingPolicy]] = {

@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tierserve.domain.config import SecurityConfig, TierserveConfig
-from tierserve.router.auth import TokenAuthInterceptor, load_tokens
-from tierserve.router.policies.registry import make_policy
+from tierserve.router.app import build_router
 from tierserve.router.pool import WorkerPool
 from tierserve.router.service import RouterServicer
 from tierserve.rpc.server import start_server
-from tierserve.rpc.tls import router_server_credentials, worker_server_credentials
+from tierserve.rpc.tls import worker_server_credentials
 
 
 @dataclass
@@ -120,7 +119,7 @@ class RunningPool:
     pool: WorkerPool
     stub: router_pb2_grpc.RouterStub
     # The router's servicer, for tests that read its metrics.
-    servicer: RouterServicer | None = None
+    servicer: RouterServicer
     # The fake workers' servers, in the order given, for tests that stop one.
     worker_servers: list[grpc.aio.Server] = field(default_factory=list)
 
@@ -129,7 +128,8 @@ class RunningPool:
 async def running_pool(
     workers: list[FakeWorker], security: dict[str, object] | None = None, **router: object
 ) -> AsyncIterator[RunningPool]:
-    """`security` is a [security] table: TLS, mutual TLS to the workers and tokens as configured."""
+    """A router built as the router process builds it (TLS, mutual TLS to the workers and tokens as
+    `security`, a [security] table, configures), except that it stays NOT_SERVING."""
     secured = SecurityConfig.model_validate(security or {})
     handles = []
     for fake in workers:
@@ -152,27 +152,9 @@ async def running_pool(
             ],
         }
     )
-    pool = WorkerPool(config)
-    servicer = RouterServicer(pool, make_policy(config.router.policy), config.limits, config.service_level)
-
-    def register_router(server: grpc.aio.Server) -> list[str]:
-        router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
-
-    interceptors = (
-        [TokenAuthInterceptor(load_tokens(Path(secured.tokens_file), secured.max_concurrent_per_client))]
-        if secured.tokens_file
-        else []
-    )
-    router_handle = await start_server(
-        "127.0.0.1",
-        0,
-        register_router,
-        credentials=router_server_credentials(secured),
-        interceptors=interceptors,
-    )
-    pool.start()
-    await pool.first_round_done.wait()
+    app = build_router(config)
+    router_handle = await app.start(follow_pool_health=False)
+    await app.pool.first_round_done.wait()
     address = f"127.0.0.1:{router_handle.port}"
     channel = (
         grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(Path(secured.ca).read_bytes()))
@@ -181,11 +163,15 @@ async def running_pool(
     )
     try:
         yield RunningPool(
-            address, pool, router_pb2_grpc.RouterStub(channel), servicer, [h.server for h in handles]
+            address,
+            app.pool,
+            router_pb2_grpc.RouterStub(channel),
+            app.servicer,
+            [h.server for h in handles],
         )
     finally:
         await channel.close()
         await router_handle.server.stop(0)
-        await pool.close()
+        await app.pool.close()
         for handle in handles:
             await handle.server.stop(0)

@@ -12,13 +12,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.unit.fake_pool import FakeWorker
 from tierserve.domain.config import ConfigError, TierserveConfig, parse_config
-from tierserve.router.policies.registry import make_policy
-from tierserve.router.pool import WorkerPool, worker_channel_args
-from tierserve.router.service import RouterServicer
+from tierserve.router.app import build_router
+from tierserve.router.pool import worker_channel_args
 from tierserve.rpc.server import MIN_PING_INTERVAL_MS, SERVER_OPTIONS, start_server
 
 PROMPT = "p" * 40  # one word: a counting worker continues with " w1", " w2", ...
@@ -135,23 +134,16 @@ async def pool_with_a_link(
             ],
         }
     )
-    pool = WorkerPool(config)
-    servicer = RouterServicer(pool, make_policy(config.router.policy), config.limits, config.service_level)
-
-    def register_router(server: grpc.aio.Server) -> list[str]:
-        router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
-
-    router = await start_server("127.0.0.1", 0, register_router)
-    pool.start()
-    await pool.first_round_done.wait()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    router = build_router(config)
+    router_handle = await router.start()
+    await router.pool.first_round_done.wait()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_handle.port}")
     try:
         yield router_pb2_grpc.RouterStub(channel), link
     finally:
         await channel.close()
-        await router.server.stop(0)
-        await pool.close()
+        await router_handle.server.stop(0)
+        await router.pool.close()
         await link.close()
         for handle in handles:
             await handle.server.stop(0)

@@ -22,12 +22,11 @@ from tests.unit.fake_pool import FakeWorker
 from tierserve.domain.config import ConfigError, SecurityConfig, TierserveConfig, WorkerConfig, parse_config
 from tierserve.domain.errors import InvalidRequest, Unsatisfiable
 from tierserve.ops.certs import PoolCertificates, make_pool_certificates
-from tierserve.router.policies.registry import make_policy
+from tierserve.router.app import build_router
 from tierserve.router.pool import WorkerPool
-from tierserve.router.registration import Registrations, registration_from_request, router_interceptors
-from tierserve.router.service import RouterServicer
+from tierserve.router.registration import Registrations, registration_from_request
 from tierserve.rpc.server import ServerHandle, start_server
-from tierserve.rpc.tls import read_pem, router_server_credentials
+from tierserve.rpc.tls import read_pem
 from tierserve.worker.registration import heartbeat, registration_options, start_heartbeat, stop_heartbeat
 
 TTL_S = 10.0
@@ -189,25 +188,12 @@ async def router_with_clock(
     router process's own TLS and authentication when `security` (a [security] table) asks."""
     config = parse_config(
         {
-            "router": {"port": 0, "health_interval_s": 0.05, "registration_ttl_s": TTL_S},
+            "router": {"port": port, "health_interval_s": 0.05, "registration_ttl_s": TTL_S},
             "security": security or {},
         }
     )
-    pool = WorkerPool(config, clock=clock)
-    servicer = RouterServicer(pool, make_policy("slo"), config.limits, config.service_level)
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
-
-    handle = await start_server(
-        "127.0.0.1",
-        port,
-        register,
-        credentials=router_server_credentials(config.security),
-        interceptors=router_interceptors(config.security),
-    )
-    pool.start()
+    router = build_router(config, clock=clock)
+    handle = await router.start()
     address = f"127.0.0.1:{handle.port}"
     channel = (
         grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(read_pem(config.security.ca, "ca")))
@@ -215,11 +201,11 @@ async def router_with_clock(
         else grpc.aio.insecure_channel(address)
     )
     try:
-        yield Router(pool, router_pb2_grpc.RouterStub(channel), address)
+        yield Router(router.pool, router_pb2_grpc.RouterStub(channel), address)
     finally:
         await channel.close()
         await handle.server.stop(0)
-        await pool.close()
+        await router.pool.close()
 
 
 async def serve_fake(fake: FakeWorker) -> ServerHandle:

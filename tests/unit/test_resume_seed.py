@@ -8,6 +8,8 @@ import grpc
 from tierserve_client.v1 import generate_pb2
 
 from tierserve.router.failover import SEED_BITS, StreamProgress, WorkerStreamFailed, resume_seed
+from tierserve.router.policies.base import RoutingDecision
+from tierserve.router.summary import complete_summary
 
 
 def streamed(progress: StreamProgress, count: int) -> None:
@@ -41,7 +43,7 @@ def test_a_resumed_sampled_stream_continues_with_the_derived_seed_and_reports_th
     # The same failure point resumes the same way.
     assert progress.worker_request().seed == resumed.seed
     summary = generate_pb2.Summary(generated_tokens=6, seed=resumed.seed, text=" rest")
-    progress.finish(summary, 1000)
+    complete_summary(summary, progress, 1000, "slo", RoutingDecision("b", "resumed on b"))
     assert summary.seed == 42 and summary.resumed_after_tokens == 4
 
 

@@ -10,13 +10,11 @@ from typing import Any
 
 import grpc
 import pytest
-from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.unit.fake_engine import worker_state
 from tierserve.domain.config import LimitsConfig, TierserveConfig
-from tierserve.router.policies.registry import make_policy
-from tierserve.router.pool import WorkerPool
-from tierserve.router.service import RouterServicer
+from tierserve.router.app import build_router
 from tierserve.rpc import tracing
 from tierserve.rpc.server import start_server
 from tierserve.worker.service import WorkerServicer
@@ -61,16 +59,9 @@ async def router_over_real_worker_service() -> None:
             "workers": [{"name": "bf16-0", "tier": "bf16", "address": f"127.0.0.1:{worker_handle.port}"}],
         }
     )
-    pool = WorkerPool(config)
-    servicer = RouterServicer(pool, make_policy("slo"), config.limits, config.service_level)
-
-    def register_router(server: grpc.aio.Server) -> list[str]:
-        router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
-
-    router_handle = await start_server("127.0.0.1", 0, register_router)
-    pool.start()
-    await pool.first_round_done.wait()
+    router = build_router(config)
+    router_handle = await router.start()
+    await router.pool.first_round_done.wait()
     from opentelemetry import propagate, trace
 
     tracer = trace.get_tracer("test-client")
@@ -87,7 +78,7 @@ async def router_over_real_worker_service() -> None:
         assert replies[-1].summary.worker_id == "bf16-0"
     finally:
         await router_handle.server.stop(0)
-        await pool.close()
+        await router.pool.close()
         await worker_handle.server.stop(0)
         executor.shutdown()
 
