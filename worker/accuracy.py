@@ -21,6 +21,7 @@ from tierserve_client.v1 import worker_pb2
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from tierserve.worker.tiers.base import LoadedModel
+from tierserve.worker.tiers.loading import load_float_model
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ def eval_chunks(
 
 def reference_log_probs(model_dir: Path, chunks: list[list[int]]) -> list[torch.Tensor]:
     """Next-token log-probabilities of plain fp32 at every position but the last, per chunk."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = load_float_model(model_dir)
     with torch.inference_mode():
         return [
             torch.log_softmax(model(torch.tensor([chunk])).logits[0, :-1].float(), dim=-1) for chunk in chunks

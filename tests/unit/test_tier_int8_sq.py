@@ -20,9 +20,13 @@ from tierserve.domain.config import ConfigError, TierRecipe
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import tier_log_probs
 from tierserve.worker.engine import Engine, TokenEvent
-from tierserve.worker.tiers import LoadedModel, TierContext, make_tier, native_woq, smoothing
-from tierserve.worker.tiers.int8_sq import QCONFIG_SUMMARY, Int8SqTier, keep_in_fp32
-from tierserve.worker.tiers.ipex_common import load_hf_model
+from tierserve.worker.kernels import packed_weights, smoothing
+from tierserve.worker.kernels.linears import DynamicInt8Linear, Int8WoqLinear
+from tierserve.worker.kernels.quantizers import quantize_int8
+from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
+from tierserve.worker.tiers.int8_sq import Int8SqTier
+from tierserve.worker.tiers.int8_sq_static import QCONFIG_SUMMARY, keep_in_fp32
+from tierserve.worker.tiers.loading import load_hf_model
 
 PARAGRAPHS = [
     "Rivers carve valleys over thousands of years, carrying sand and stones towards the sea.",
@@ -199,8 +203,8 @@ def test_smoothing_flattens_an_outlier_channel(built: Built) -> None:
 def test_per_token_quantization_keeps_an_outlier_row_from_hurting_the_others() -> None:
     torch.manual_seed(3)
     weight = torch.randn(96, 64) * 0.05
-    q8 = native_woq.quantize_int8(weight)
-    linear = native_woq.DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range=False)
+    q8 = quantize_int8(weight)
+    linear = DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range=False)
     x = torch.randn(1, 5, 64)
     x[0, 0] *= 3000.0  # an attention-sink token
     y, expected = linear(x), x @ weight.T
@@ -217,8 +221,8 @@ def test_per_token_quantization_keeps_an_outlier_row_from_hurting_the_others() -
 def test_weight_only_down_proj_computes_in_bf16_and_returns_the_graph_dtype() -> None:
     torch.manual_seed(5)
     weight = torch.randn(48, 64) * 0.05
-    q8 = native_woq.quantize_int8(weight)
-    down = native_woq.Int8WoqLinear(q8["qweight"], q8["scales"], torch.bfloat16, output=torch.float32)
+    q8 = quantize_int8(weight)
+    down = Int8WoqLinear(q8["qweight"], q8["scales"], torch.bfloat16, output=torch.float32)
     x = torch.randn(3, 64)
     x[:, 9] *= 100.0  # an outlier channel costs a weight-only layer nothing
     y, expected = down(x), x @ weight.T
@@ -240,7 +244,7 @@ def test_dynamic_build_stores_factors_and_weights(dynamic: tuple[Path, list[str]
     artifact_dir, progress, _ = dynamic
     assert progress[0] == f"calibrating on {SAMPLES} texts"
     assert (artifact_dir / smoothing.FACTORS_FILE).is_file()
-    assert (artifact_dir / native_woq.ARTIFACT_FILE).is_file()
+    assert (artifact_dir / packed_weights.ARTIFACT_FILE).is_file()
     factors = smoothing.load_factors(artifact_dir)
     assert factors is not None
     # down_proj is weight-only: nothing to smooth; the others are smoothed.

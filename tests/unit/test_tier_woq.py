@@ -19,9 +19,14 @@ from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import tier_log_probs
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.isa import CpuIsa
-from tierserve.worker.tiers import LoadedModel, TierContext, make_tier, native_woq
-from tierserve.worker.tiers.ipex_common import load_hf_model
-from tierserve.worker.tiers.woq import IPEX_SETTINGS_FILE, describe_low_precision_checkpoint
+from tierserve.worker.kernels import packed_weights
+from tierserve.worker.kernels.linears import DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
+from tierserve.worker.kernels.quantizers import quantize_int4, quantize_int8
+from tierserve.worker.kernels.scheme import NativeScheme, make_linear
+from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
+from tierserve.worker.tiers.checkpoints import describe_low_precision_checkpoint
+from tierserve.worker.tiers.loading import load_hf_model
+from tierserve.worker.tiers.woq_ipex import IPEX_SETTINGS_FILE
 
 TIERS = ("int8-woq", "int4-woq")
 FAST_WOQ_CPU = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", "avx512f", "avx2"})
@@ -163,8 +168,8 @@ def test_int4_recovers_weights_on_a_16_level_grid_per_group() -> None:
     scale = torch.rand(n, k // group) * 0.01 + 0.001
     low = torch.randn(n, k // group) * 0.05
     weight = levels * scale.repeat_interleave(group, 1) + low.repeat_interleave(group, 1)
-    packed = native_woq.quantize_int4(weight, group)
-    linear = native_woq.Int4WoqLinear(packed["qweight"], packed["scales_and_zeros"], group, torch.float32)
+    packed = quantize_int4(weight, group)
+    linear = Int4WoqLinear(packed["qweight"], packed["scales_and_zeros"], group, torch.float32)
     x = torch.randn(3, k)
     torch.testing.assert_close(linear(x), x @ weight.T, rtol=1e-4, atol=1e-4)
 
@@ -175,10 +180,10 @@ def test_int8_and_int4_linears_match_their_float_weights(activations: torch.dtyp
     weight = torch.randn(64, 128) * 0.05
     x = torch.randn(2, 5, 128)
     expected = x @ weight.T
-    q8 = native_woq.quantize_int8(weight)
-    int8 = native_woq.Int8WoqLinear(q8["qweight"], q8["scales"], activations)
-    q4 = native_woq.quantize_int4(weight, 32)
-    int4 = native_woq.Int4WoqLinear(q4["qweight"], q4["scales_and_zeros"], 32, activations)
+    q8 = quantize_int8(weight)
+    int8 = Int8WoqLinear(q8["qweight"], q8["scales"], activations)
+    q4 = quantize_int4(weight, 32)
+    int4 = Int4WoqLinear(q4["qweight"], q4["scales_and_zeros"], 32, activations)
     scale = expected.abs().mean().item()
     assert int8(x).shape == expected.shape
     assert (int8(x).float() - expected).abs().mean().item() < 0.02 * scale
@@ -191,8 +196,8 @@ def test_dynamic_int8_head_matches_its_float_weights(reduce_range: bool) -> None
     weight = torch.randn(96, 64) * 0.05
     x = torch.randn(1, 3, 64).to(torch.bfloat16)
     expected = x.float() @ weight.T
-    q8 = native_woq.quantize_int8(weight)
-    head = native_woq.DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range)
+    q8 = quantize_int8(weight)
+    head = DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range)
     y = head(x)
     assert y.shape == expected.shape and y.dtype == torch.bfloat16
     assert (y.float() - expected).abs().mean().item() < 0.03 * expected.abs().mean().item()
@@ -204,9 +209,9 @@ def test_native_int8_lowp_int8_runs_every_layer_with_dynamic_activations(tiny_mo
     scheme = tier.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128))
     assert scheme.dynamic_layers and scheme.describe().startswith("layers fbgemm quantized::linear_dynamic")
     assert tier.recipe_key() != tier_for("int8-woq").recipe_key()
-    tensors = native_woq.quantize_model(load_hf_model(tiny_model_dir)[0], scheme, lambda message: None)
-    linear = native_woq.make_linear(tensors, "layers.0.o", 8, scheme)
-    assert isinstance(linear, native_woq.DynamicInt8Linear)
+    tensors = packed_weights.quantize_model(load_hf_model(tiny_model_dir)[0], scheme, lambda message: None)
+    linear = make_linear(tensors, "layers.0.o", 8, scheme)
+    assert isinstance(linear, DynamicInt8Linear)
 
 
 @pytest.mark.parametrize(("lowp_mode", "dynamic"), [("AUTO", True), ("BF16", False), ("FP32", False)])
@@ -232,7 +237,7 @@ def artifact_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         folder = tmp_path_factory.mktemp(name)
         messages: list[str] = []
         tier_for(name).build(tiny_model_dir, folder, messages.append)
-        assert (folder / native_woq.ARTIFACT_FILE).is_file()
+        assert (folder / packed_weights.ARTIFACT_FILE).is_file()
         assert messages
         dirs[name] = folder
     return dirs
@@ -267,7 +272,7 @@ def test_loaded_model_says_what_runs(loaded: LoadedModel) -> None:
 
 
 def test_int4_kernel_names_its_group() -> None:
-    scheme = native_woq.NativeScheme(bits=4, group_size=32, head_bits=8, activations=torch.bfloat16)
+    scheme = NativeScheme(bits=4, group_size=32, head_bits=8, activations=torch.bfloat16)
     assert "_weight_int4pack_mm_for_cpu int4 group 32" in scheme.describe()
 
 
@@ -285,7 +290,7 @@ def test_second_load_reuses_the_artifact(
     def no_quantizing(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("load quantized again although the artifact exists")
 
-    monkeypatch.setattr(native_woq, "quantize_model", no_quantizing)
+    monkeypatch.setattr(packed_weights, "quantize_model", no_quantizing)
     for name in TIERS:
         again = tier_for(name).load(tiny_model_dir, artifact_dirs[name])
         assert generate(again, SamplingParams(), tokens=2)
@@ -295,13 +300,13 @@ def test_load_without_artifact_quantizes(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = native_woq.quantize_model
+    real = packed_weights.quantize_model
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(native_woq, "quantize_model", counting)
+    monkeypatch.setattr(packed_weights, "quantize_model", counting)
     tier_for("int4-woq").load(tiny_model_dir, tmp_path)
     assert calls == [1]
 
@@ -312,7 +317,7 @@ def test_artifact_for_another_group_size_is_not_used(
     scheme = tier_for("int4-woq", TierRecipe(group_size=64, kernel="native")).native_scheme(
         LlamaConfig(hidden_size=64, intermediate_size=128)
     )
-    assert native_woq.read_artifact(artifact_dirs["int4-woq"], scheme) is None
+    assert packed_weights.read_artifact(artifact_dirs["int4-woq"], scheme) is None
 
 
 def test_ipex_path_build_records_settings(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ The division is folded into whatever produces the input, only where that is exac
   shared by the query heads of a group (computed from their joint maxima);
 - lm_head: the final RMSNorm's weight, on an untied copy of the head (the embeddings keep theirs).
 
-Names follow `tierserve.worker.tiers.native_woq.fused_float_weights` ("layers.3.qkv", "lm_head"), so the
-factors line up with the quantized matrices. Llama-style decoders only (Llama, Mistral).
+Names follow `tierserve.worker.kernels.packed_weights.fused_float_weights` ("layers.3.qkv",
+"lm_head"), so the factors line up with the quantized matrices. Llama-style decoders only (Llama,
+Mistral).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _inputs(model: Any) -> dict[str, nn.Module]:
 def activation_ranges(model: Any, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per input channel, the largest |activation| each smoothed linear sees on `batches`
     (token id tensors [1, T]), in fp32. The first position (the attention sink, with the
-    largest activations) counts too: leaving it out made the int8 model worse here."""
+    largest activations) counts too: leaving it out made the int8 model worse (docs/tiers.md)."""
     ranges: dict[str, torch.Tensor] = {}
 
     def observer(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
@@ -98,8 +99,8 @@ def smoothing_factors(
     smooth_down: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The factor s per input channel of each smoothed linear (o_proj: per kv channel), and of
-    the lm_head with `smooth_head` (off by default: the int8 head cost nothing measurable on the
-    default model, so smoothing it only unties it from the embeddings). Without `smooth_down`
+    the lm_head with `smooth_head` (off by default: smoothing the head did not make the int8
+    model measurably better, docs/tiers.md, and it unties the head from the embeddings). Without `smooth_down`
     down_proj's factors are 1: a weight-only down_proj has no int8 input to smooth, and
     smoothing would only widen its weight columns."""
     heads, kv_heads, head_dim = _kv_groups(model)

@@ -1,9 +1,12 @@
 """What a tier is: a recipe that turns a model folder (and its cached artifact) into a
 ready-to-generate model.
 
-A new tier is one class in one file, registered by name with `@register_tier`. Tiers
-with an offline step (calibration, packing weights) implement `build`, which writes
-into the artifact folder; `load` then rebuilds the model from it quickly.
+A tier is one class registered by name with `@register_tier` (the name must be in
+`tierserve.domain.tiers.TIER_NAMES`; docs/tiers.md says what else a new tier takes). Tiers
+with an offline step (calibration, packing weights) implement `build`, which writes into
+the artifact folder; `load` then rebuilds the model from it quickly. A tier that can run on
+more than one kernel path is a `PathTier`: it picks one `KernelPath` at construction and
+delegates to it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ from tierserve.domain.tiers import TIER_NAMES
 from tierserve.worker.isa import CpuIsa
 
 Progress = Callable[[str], None]
+
+
+def cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels dispatch to here (e.g. AVX512), for kernel strings."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def bf16_autocast() -> contextlib.AbstractContextManager[Any]:
+    """CPU autocast to bfloat16: the run context of tiers that compute in bf16."""
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 @dataclass
@@ -82,6 +95,55 @@ class Tier(ABC):
     @abstractmethod
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         """Load the model and apply this tier's recipe, using what `build` wrote."""
+
+
+class KernelPath(ABC):
+    """One way to run a tier (e.g. IPEX's recipe, or tierserve's native kernels): the entries it
+    adds to the artifact key, its recipe checks, its offline step and its load."""
+
+    name: ClassVar[str]  # "ipex" or "native": the tier's `kernel_path()`
+
+    def key(self) -> dict[str, Any]:
+        """Artifact-key entries this path adds to the tier's."""
+        return {}
+
+    def check(self, model_config: Any) -> None:  # noqa: B027  # optional hook
+        """Refuse recipe settings this path cannot run (raise ConfigError)."""
+
+    def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:  # noqa: B027
+        """Write what `load` needs into artifact_dir."""
+
+    @abstractmethod
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        """Load the model on this path, using what `build` wrote."""
+
+
+class PathTier(Tier):
+    """A tier with more than one kernel path: `choose_path` picks one from the recipe and the
+    CPU, once, and `check`, `build`, `load` and the artifact key go to it."""
+
+    def __init__(self, context: TierContext) -> None:
+        super().__init__(context)
+        self.path = self.choose_path()
+
+    @abstractmethod
+    def choose_path(self) -> KernelPath:
+        """The kernel path for this recipe on this CPU."""
+
+    def kernel_path(self) -> str:
+        return self.path.name
+
+    def recipe_key(self) -> dict[str, Any]:
+        return {**super().recipe_key(), **self.path.key()}
+
+    def check(self, model_config: Any) -> None:
+        self.path.check(model_config)
+
+    def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
+        self.path.build(model_dir, artifact_dir, progress)
+
+    def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        return self.path.load(model_dir, artifact_dir)
 
 
 _REGISTRY: dict[str, type[Tier]] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tierserve.worker.tiers.base import LoadedModel, Tier, register_tier
-from tierserve.worker.tiers.ipex_common import ipex_optimize
+from tierserve.worker.tiers.ipex_llm import ipex_optimize
 
 
 @register_tier

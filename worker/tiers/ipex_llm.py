@@ -1,40 +1,14 @@
-"""Loading a Hugging Face causal LM and optimising it with ipex.llm.optimize."""
+"""IPEX's public LLM recipe: `ipex.llm.optimize` on the float model, in deployment mode."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from tierserve.worker.tiers.base import LoadedModel
-
-
-def load_hf_model(model_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    if not model.config.architectures:
-        # ipex.llm.optimize dispatches on architectures[0].
-        model.config.architectures = [type(model).__name__]
-    return model, tokenizer
-
-
-def cpu_capability() -> str:
-    """The vector ISA torch's CPU kernels dispatch to here (e.g. AVX512)."""
-    return str(torch.backends.cpu.get_cpu_capability())
-
-
-def graph_mode(optimized: Any) -> str:
-    """Whether IPEX's deployment mode really traced the model, in words for the kernel string."""
-    traced = getattr(optimized, "trace_graph", None) is not None
-    return "TorchScript graph" if traced else "eager (tracing fell back)"
-
-
-def bf16_autocast() -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+from tierserve.worker.kernels.ipex_internals import graph_mode
+from tierserve.worker.tiers.base import LoadedModel, cpu_capability
+from tierserve.worker.tiers.loading import load_hf_model
 
 
 def ipex_optimize(model_dir: Path, dtype: torch.dtype) -> LoadedModel:

@@ -1,0 +1,178 @@
+"""Every use of IPEX's private API, behind one version guard.
+
+The native kernel paths run PyTorch's own quantized linears inside IPEX's lowered decoder
+(fused RoPE, attention with its own KV cache, RMSNorm), and SmoothQuant calibration feeds
+IPEX's example inputs. Neither is public API: the functions that build the decoder, the
+attributes that hold its linears and the layout of its example inputs change between IPEX
+releases. This module was written against IPEX 2.8; on any other version its functions raise
+`UnsupportedIpexVersion` before touching anything. The public recipe (`ipex.llm.optimize`,
+`ipex.quantization.*`) stays in the tiers and needs no guard.
+
+Importing this module does not import IPEX; the first call does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tierserve.domain.errors import StartupError
+
+SUPPORTED_SERIES = "2.8."
+# Architectures whose lowered IPEX decoder layer has the fused q/k/v, o, gate/up and down
+# linear slots `install_linears` fills (and no biases on them).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Named in the version error, so an operator knows what would have to be ported.
+INTERNALS_USED = (
+    "intel_extension_for_pytorch.transformers.optimize: model_convert_reference, lowering_class_cpu, "
+    "model_convert_lowering, get_dummy_input, _set_optimized_model_for_generation; _IPEXRMSNormCPU; "
+    "output_hook; the lowered decoder layers' linear slots"
+)
+
+
+class UnsupportedIpexVersion(StartupError):
+    """The installed IPEX is not the series whose internals this module was written against."""
+
+
+def check_ipex_version(version: str, needed_by: str = "native kernel path") -> None:
+    if not version.startswith(SUPPORTED_SERIES):
+        raise UnsupportedIpexVersion(
+            f"tierserve's {needed_by} relies on IPEX {SUPPORTED_SERIES.rstrip('.')} internals "
+            f"({INTERNALS_USED}); found IPEX {version}. Install intel-extension-for-pytorch "
+            f"{SUPPORTED_SERIES}x, or choose a recipe on IPEX's public API"
+        )
+
+
+def require_supported_ipex(needed_by: str = "native kernel path") -> None:
+    """Raise `UnsupportedIpexVersion` unless the installed IPEX is the supported series."""
+    import intel_extension_for_pytorch as ipex
+
+    check_ipex_version(str(ipex.__version__), needed_by)
+
+
+def graph_mode(optimized: Any) -> str:
+    """Whether `ipex.llm.optimize`'s deployment mode really traced the model, in words for the
+    kernel string (read from IPEX's private `trace_graph` attribute; not claimed on other versions)."""
+    import intel_extension_for_pytorch as ipex
+
+    version = str(ipex.__version__)
+    if not version.startswith(SUPPORTED_SERIES):
+        return f"deployment mode (graph not checked on IPEX {version})"
+    traced = getattr(optimized, "trace_graph", None) is not None
+    return "TorchScript graph" if traced else "eager (tracing fell back)"
+
+
+# --- SmoothQuant calibration --------------------------------------------------------------------
+
+# Positions of input ids, attention mask and position ids in IPEX's example inputs for a
+# decoder-only model: (ids, mask, past_key_values, position_ids).
+_IDS, _MASK, _POSITIONS = 0, 1, 3
+_EXAMPLE_LENGTH = 4
+
+
+def calibration_example(model: Any) -> tuple[Any, ...]:
+    """IPEX's example inputs of a model prepared by `ipex.llm.optimize` (what `prepare` traces with)."""
+    require_supported_ipex("SmoothQuant calibration")
+    from intel_extension_for_pytorch.transformers.optimize import get_dummy_input
+
+    example: tuple[Any, ...] = get_dummy_input(model)
+    if len(example) != _EXAMPLE_LENGTH:
+        raise RuntimeError(
+            f"int8-sq expects IPEX example inputs (ids, mask, past_key_values, position_ids) for "
+            f"{model.config.architectures[0]}; got {len(example)} inputs"
+        )
+    return example
+
+
+def with_tokens(example: Sequence[Any], ids: torch.Tensor) -> list[Any]:
+    """`example` (from `calibration_example`) with the token ids [1, T] of a calibration text."""
+    inputs = list(example)
+    inputs[_IDS] = ids
+    inputs[_MASK] = torch.ones_like(ids)
+    inputs[_POSITIONS] = torch.arange(ids.shape[1]).unsqueeze(0)
+    return inputs
+
+
+# --- the native paths' decoder graph --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerLinears:
+    """The modules one lowered decoder layer runs in place of IPEX's linears."""
+
+    qkv: nn.Module  # q, k and v as one matrix
+    o: nn.Module
+    gate_up_silu_mul: nn.Module  # silu(gate) * up, from one fused matrix
+    down: nn.Module
+
+
+def lowered_decoder(model: Any, activations: torch.dtype) -> Any:
+    """IPEX's reference and lowered decoder (fused RoPE, attention, RMSNorm) of a float
+    Llama/Mistral model, at `activations`, with IPEX's own linears still in place and nothing
+    traced. The lm_head is dropped: the caller installs its own with `install_linears`.
+    Call under `torch.no_grad()`."""
+    require_supported_ipex()
+    import transformers
+    from intel_extension_for_pytorch.transformers import optimize as ipex_llm
+    from intel_extension_for_pytorch.transformers.models.cpu.fusions.mha_fusion import _IPEXRMSNormCPU
+
+    model = ipex_llm.model_convert_reference(model)
+    # Dropped now so the .to() below does not copy the tied float head.
+    model.lm_head = nn.Identity()
+    model = model.to(activations)
+    for norm in (
+        transformers.models.llama.modeling_llama.LlamaRMSNorm,
+        transformers.models.mistral.modeling_mistral.MistralRMSNorm,
+    ):
+        ipex_llm.lowering_class_cpu(model, norm, _IPEXRMSNormCPU, model.config, tpp=False, woq=False)
+    # is_quantization=True: no ipex.optimize (it would repack nn.Linear), no TPP, no trace yet.
+    return ipex_llm.model_convert_lowering(
+        model,
+        device="cpu",
+        dtype=activations,
+        sample_inputs=None,
+        deployment_mode=False,
+        is_quantization=True,
+        woq=False,
+    )
+
+
+def install_linears(
+    model: Any, layer_linears: Callable[[int], LayerLinears], lm_head: Callable[[], nn.Module]
+) -> None:
+    """Put our linears into a `lowered_decoder`: `layer_linears(i)` for decoder layer i, then
+    `lm_head()`. Built one layer at a time, so each layer's float linears are freed as it goes."""
+    require_supported_ipex()
+    for index, layer in enumerate(model.model.layers):
+        linears = layer_linears(index)
+        concat = layer.self_attn.concat_qkv
+        concat.concat_linear = linears.qkv
+        for i in range(int(concat.num_concat)):
+            if hasattr(concat, f"linear_{i}"):
+                delattr(concat, f"linear_{i}")
+        layer.mha_linear_add.linear = linears.o
+        layer.mlp_linear_add.linear = linears.down
+        layer.linear_silu_mul = linears.gate_up_silu_mul
+    model.lm_head = lm_head()
+
+
+def trace_for_generation(model: Any, bf16_autocast: bool) -> Any:
+    """Trace and freeze a `lowered_decoder` on IPEX's example inputs and hand the graph to the
+    `generate` IPEX installed. Call under `torch.no_grad()`."""
+    require_supported_ipex()
+    from intel_extension_for_pytorch.transformers import optimize as ipex_llm
+    from intel_extension_for_pytorch.transformers.models.reference.models import output_hook
+
+    sample_inputs = ipex_llm.get_dummy_input(model, return_dict=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        trace: Any = torch.jit.trace  # untyped in torch
+        traced = trace(model, example_kwarg_inputs=sample_inputs, strict=False, check_trace=False)
+        traced = torch.jit.freeze(traced)
+    model = ipex_llm._set_optimized_model_for_generation(model, optimized_model=traced)
+    # IPEX's reference models return tuples; this hook turns them back into transformers outputs.
+    model.register_forward_hook(output_hook, with_kwargs=True)
+    return model

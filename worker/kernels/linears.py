@@ -1,0 +1,150 @@
+"""Linear modules that run stored quantized weights on PyTorch's own CPU kernels (no bias).
+
+- `Int8WoqLinear`: `aten._weight_int8pack_mm`, int8 weights with one scale per output channel,
+  float activations.
+- `Int4WoqLinear`: `aten._weight_int4pack_mm_for_cpu`, 4-bit weights with a scale and zero
+  point per group of input channels, float activations.
+- `DynamicInt8Linear`: fbgemm's `quantized::linear_dynamic`, int8 weights per output channel,
+  activations quantized to int8 per token at run time.
+- `DenseLinear`: an unquantized matrix at the activation dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+# Group sizes `_weight_int4pack_mm_for_cpu` accepts.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Int8WoqLinear(nn.Module):
+    """y = x @ (qweight * scales).T via aten._weight_int8pack_mm, computed at `activations`
+    (its fast path wants bfloat16) and returned at `output` (default: the same)."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        activations: torch.dtype,
+        output: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(s) for s in qweight.shape)
+        self.activations = activations
+        self.output = output or activations
+        self.register_buffer("weight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(activations).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.activations).contiguous()
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features).to(self.output)
+
+
+if TYPE_CHECKING:
+    _PackedLinear = Any
+else:  # TorchScript needs the real class to type the packed weights
+    _PackedLinear = torch.classes.quantized.LinearPackedParamsBase
+
+
+@functools.cache
+def _per_token_linear_dynamic() -> Any:
+    """fbgemm's dynamic linear with one activation scale per row (token), as a TorchScript
+    function so that the row-count branch survives `torch.jit.trace`.
+
+    fbgemm quantizes its whole input with one scale: right for one decode token, but in a
+    prompt an attention-sink token (activations ~1000x the others) would crush every other
+    row. Dividing each row by its own abs-max first gives every row the full int8 range;
+    the output rows are multiplied back (the linear commutes with per-row scaling)."""
+
+    def linear(x: torch.Tensor, packed: _PackedLinear, reduce_range: bool) -> torch.Tensor:
+        if x.size(0) == 1:
+            y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+            return y
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        scaled: torch.Tensor = torch.ops.quantized.linear_dynamic(x / scale, packed, reduce_range)
+        return scaled * scale
+
+    return torch.jit.script(linear)
+
+
+class DynamicInt8Linear(nn.Module):
+    """y = x @ (qweight * scales).T with x quantized per token to int8 at run time (fbgemm).
+    `reduce_range`: 7-bit activations, needed where fbgemm sums u8 x s8 products in int16
+    (CPUs without VNNI)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, reduce_range: bool) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(s) for s in qweight.shape)
+        self.reduce_range = reduce_range
+        quantized = torch._make_per_channel_quantized_tensor(
+            qweight.contiguous(), scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
+        )
+        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed, self.reduce_range)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] (even column low) -> int32 [N, K] in 0..15."""
+    low = (nibbles & 0x0F).to(torch.int32)
+    high = (nibbles >> 4).to(torch.int32)
+    return torch.stack([low, high], dim=-1).reshape(nibbles.shape[0], -1).contiguous()
+
+
+class Int4WoqLinear(nn.Module):
+    """y = x @ dequant(q).T via aten._weight_int4pack_mm_for_cpu, group-wise scales and zeros."""
+
+    def __init__(
+        self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, activations: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.out_features = int(nibbles.shape[0])
+        self.in_features = int(nibbles.shape[1]) * 2
+        self.group_size = group_size
+        self.activations = activations
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(activations).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.activations).contiguous()
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.weight, self.group_size, self.scales_and_zeros
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class DenseLinear(nn.Module):
+    """An unquantized linear layer at the activation dtype (no bias)."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, activations: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.activations = activations
+        self.register_buffer("weight", weight.to(activations).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.activations), self.weight)
+
+
+class GateUpSiluMul(nn.Module):
+    """silu(x @ gate.T) * (x @ up.T) with gate and up as one matrix: one kernel call."""
+
+    def __init__(self, linear: nn.Module, intermediate: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.intermediate = intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.linear(x)
+        return nn.functional.silu(y[..., : self.intermediate]) * y[..., self.intermediate :]

@@ -1,0 +1,93 @@
+"""How a native model's linear layers are stored and run, and the module each one becomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tierserve.worker.kernels.linears import DenseLinear, DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
+from tierserve.worker.kernels.quantizers import Bits
+
+_DYNAMIC_INT8 = (
+    "fbgemm quantized::linear_dynamic int8 per-channel weights, per-token dynamic int8 activations"
+)
+
+
+@dataclass(frozen=True)
+class NativeScheme:
+    """How the linear layers are stored and run. 16 bits means unquantized (activation dtype)."""
+
+    bits: Literal[4, 8]
+    group_size: int  # int4: one of linears.INT4_GROUP_SIZES; int8: 0 (one scale per output channel)
+    head_bits: Bits  # lm_head
+    activations: torch.dtype  # torch.bfloat16 or torch.float32
+    # lm_head with 8 bits: quantize its activations per token at run time (fbgemm) instead of
+    # multiplying int8 weights with float activations. Same stored weights.
+    head_dynamic: bool = False
+    # Every int8 layer as fbgemm's dynamic int8 linear (IPEX's lowp_mode INT8): int8 dot
+    # products instead of converting every weight, at an accuracy cost (docs/tiers.md).
+    dynamic_layers: bool = False
+    # fbgemm's 7-bit activation range, needed where u8 x s8 products are summed in int16
+    # (CPUs without VNNI); with VNNI the full 8 bits are exact.
+    reduce_range: bool = True
+    # With dynamic_layers: down_proj still weight-only (`_weight_int8pack_mm`, bfloat16 inputs):
+    # its input, silu(gate) * up, is the hardest activation to put in int8. Same stored weights.
+    down_weight_only: bool = False
+
+    def describe(self) -> str:
+        act = str(self.activations).removeprefix("torch.")
+        layers = _describe_format(self.bits, self.group_size)
+        if self.bits == 8 and self.dynamic_layers:
+            layers = _DYNAMIC_INT8
+        head = _describe_format(self.head_bits, self.group_size)
+        if self.head_bits == 8 and (self.head_dynamic or self.dynamic_layers):
+            head = _DYNAMIC_INT8
+        if self.reduce_range and _DYNAMIC_INT8 in (layers, head):
+            act += ", dynamic int8 activations in a 7-bit range"
+        down = ""
+        if self.bits == 8 and self.dynamic_layers and self.down_weight_only:
+            down = f"; down_proj {_describe_format(8, 0)} (weight-only, bfloat16 inputs)"
+        return f"layers {layers}{down}; lm_head {head}; {act} activations"
+
+
+def _describe_format(bits: Bits, group_size: int) -> str:
+    if bits == 4:
+        return f"aten._weight_int4pack_mm_for_cpu int4 group {group_size} asymmetric"
+    if bits == 8:
+        return "aten._weight_int8pack_mm int8 per-channel symmetric"
+    return "unquantized linear"
+
+
+def make_linear(tensors: dict[str, torch.Tensor], name: str, bits: Bits, scheme: NativeScheme) -> nn.Module:
+    """The module for stored matrix `name` (e.g. "layers.3.qkv") at `bits`."""
+    if bits == 4:
+        return Int4WoqLinear(
+            tensors[f"{name}.qweight"],
+            tensors[f"{name}.scales_and_zeros"],
+            scheme.group_size,
+            scheme.activations,
+        )
+    if bits == 8 and scheme.dynamic_layers:
+        return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.reduce_range)
+    if bits == 8:
+        return Int8WoqLinear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.activations)
+    return DenseLinear(tensors[f"{name}.weight"], scheme.activations)
+
+
+def down_linear(tensors: dict[str, torch.Tensor], name: str, scheme: NativeScheme) -> nn.Module:
+    """A layer's down_proj: weight-only with bfloat16 inputs where the scheme says so."""
+    if scheme.bits == 8 and scheme.dynamic_layers and scheme.down_weight_only:
+        return Int8WoqLinear(
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"], torch.bfloat16, scheme.activations
+        )
+    return make_linear(tensors, name, scheme.bits, scheme)
+
+
+def head_linear(tensors: dict[str, torch.Tensor], scheme: NativeScheme) -> nn.Module:
+    """The lm_head: fbgemm's dynamic int8 linear where the scheme says so."""
+    if scheme.head_bits == 8 and (scheme.head_dynamic or scheme.dynamic_layers):
+        return DynamicInt8Linear(tensors["lm_head.qweight"], tensors["lm_head.scales"], scheme.reduce_range)
+    return make_linear(tensors, "lm_head", scheme.head_bits, scheme)
