@@ -29,8 +29,10 @@ from tierserve.worker.tiers.loading import load_hf_model
 from tierserve.worker.tiers.woq_ipex import IPEX_SETTINGS_FILE
 
 TIERS = ("int8-woq", "int4-woq")
-FAST_WOQ_CPU = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", "avx512f", "avx2"})
-ZEN4 = CpuIsa.from_flags({"avx512f", "avx512_bf16", "avx512_vnni", "avx2"})
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}
+FAST_WOQ_CPU = CpuIsa.from_flags({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", *AVX512})
+ZEN4 = CpuIsa.from_flags({"avx512_bf16", "avx512_vnni", *AVX512})
+AVX2_ONLY = CpuIsa.from_flags({"avx2", "fma"})
 # The tiny model is 64 wide with a 128-wide MLP.
 TINY_RECIPE = TierRecipe(group_size=32, kernel="native")
 
@@ -137,6 +139,16 @@ def test_native_refuses_what_only_ipex_does(name: str) -> None:
     with pytest.raises(ConfigError, match="native WOQ kernel path supports"):
         tier_for(name, TierRecipe()).check(smollm_like_config(architectures=["GPT2LMHeadModel"]))
     tier_for(name, TierRecipe(lowp_mode="INT8", kernel="ipex")).check(smollm_like_config())
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_ipex_path_computes_in_fp32_where_ipex_cannot_run_bf16(name: str) -> None:
+    config = smollm_like_config()
+    assert tier_for(name, TierRecipe(kernel="ipex"), AVX2_ONLY).path.settings(config)["lowp_mode"] == "FP32"
+    assert tier_for(name, TierRecipe(kernel="ipex"), ZEN4).path.settings(config)["lowp_mode"] == "BF16"
+    for lowp in ("BF16", "INT8"):
+        with pytest.raises(ConfigError, match=f"lowp_mode {lowp} runs IPEX at bfloat16"):
+            tier_for(name, TierRecipe(kernel="ipex", lowp_mode=lowp), AVX2_ONLY).check(config)  # type: ignore[arg-type]
 
 
 def test_ipex_path_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -390,7 +402,8 @@ def test_gptq_checkpoint_is_described_by_what_it_holds(gptq_checkpoint: Path) ->
     [
         # fp32 activations: the same weights give the same log-probs up to float rounding.
         ("FP32", 1e-3),
-        # The default, bf16 activations: bf16 rounding only (measured 0.24 at most here).
+        # The default: bf16 activations where IPEX runs bfloat16 (bf16 rounding only, measured 0.24
+        # at most), fp32 elsewhere.
         ("AUTO", 0.6),
     ],
 )
@@ -405,7 +418,7 @@ def test_ipex_loads_a_gptq_int4_checkpoint(
         lowp_mode=lowp_mode,  # type: ignore[arg-type]
         low_precision_checkpoint=str(gptq_checkpoint),
     )
-    tier = tier_for("int4-woq", recipe)
+    tier = tier_for("int4-woq", recipe, CpuIsa.detect())  # it runs the kernels of this CPU
     tier.build(tiny_model_dir, tmp_path, lambda message: None)
     loaded = tier.load(tiny_model_dir, tmp_path)
     assert "ipex WOQ low_precision_checkpoint gptq INT4 group 32, lm_head unquantized" in loaded.kernel

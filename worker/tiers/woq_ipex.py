@@ -40,6 +40,19 @@ class IpexWoq(KernelPath):
             checkpoint = Path(tier.recipe.low_precision_checkpoint).expanduser()
             if not checkpoint.exists():
                 raise ConfigError(f"{tier.name}: low_precision_checkpoint {checkpoint} does not exist")
+        lowp = self.lowp_mode()
+        if lowp != "FP32" and not tier.context.isa.ipex_bf16:
+            raise ConfigError(
+                f"{tier.name}: lowp_mode {lowp} runs IPEX at bfloat16, which needs AVX512 BW/VL/DQ or "
+                f"AVX-NE-CONVERT (this CPU: {tier.context.isa.summary()}); use lowp_mode FP32 or AUTO"
+            )
+
+    def lowp_mode(self) -> str:
+        """AUTO is bf16 compute where IPEX can run bfloat16, fp32 elsewhere (AVX2-only CPUs)."""
+        lowp = self.tier.recipe.lowp_mode
+        if lowp == "AUTO":
+            return "BF16" if self.tier.context.isa.ipex_bf16 else "FP32"
+        return lowp
 
     def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
         # IPEX quantizes while optimizing, at load; record what it will be asked for.
@@ -55,7 +68,7 @@ class IpexWoq(KernelPath):
         """What IPEX is asked for: weight width, group size (-1: per channel), lowp mode, dtype."""
         tier = self.tier
         group = tier.group_size(model_config)
-        lowp = "BF16" if tier.recipe.lowp_mode == "AUTO" else tier.recipe.lowp_mode
+        lowp = self.lowp_mode()
         return {
             "weight_dtype": f"INT{tier.bits}",
             "group_size": group if group else -1,
