@@ -1,7 +1,7 @@
 """Prediction: what a request would get on a worker now — wait, TTFT and TPOT.
 
 A worker serves one stream at a time; the next is the waiting request whose first
-token is due first (tierserve/deadlines.py). So a new request waits for the
+token is due first (tierserve/domain/deadlines.py). So a new request waits for the
 remaining work of the request generating there and of every waiting request due
 no later than itself: each one's prefill if it has not started, plus its
 remaining tokens at the worker's TPOT. Remaining tokens count up to

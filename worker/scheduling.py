@@ -4,7 +4,7 @@ A worker generates one request at a time on all of its cores. Serving the waitin
 first come, first served makes a request with a tight first-token budget wait behind every
 request with a loose one that arrived before it; earliest deadline first lets it go ahead
 while the loose ones still have slack, which is what keeps both within budget (deadlines:
-tierserve/deadlines.py). Equal deadlines keep their arrival order.
+tierserve/domain/deadlines.py). Equal deadlines keep their arrival order.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ class RouterConfig(_Strict):
     # the connection dropped when one goes unanswered for keepalive_timeout_s, so a worker whose
     # network link is cut mid-stream fails that stream within about their sum, and the request
     # fails over (TCP alone notices after minutes). Workers accept a ping a second at most
-    # (tierserve/grpcserver.py MIN_PING_INTERVAL_MS), hence keepalive_time_s >= 1.
+    # (tierserve/rpc/server.py MIN_PING_INTERVAL_MS), hence keepalive_time_s >= 1.
     keepalive_time_s: float = Field(default=5.0, ge=1.0, allow_inf_nan=False)
     keepalive_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
 
@@ -170,7 +170,7 @@ class MetricsConfig(_Strict):
 
 
 class PlacementConfig(_Strict):
-    """How workers are placed on cores (see tierserve/placement.py). With `tiers` set, the
+    """How workers are placed on cores (see tierserve/ops/placement.py). With `tiers` set, the
     launcher plans the workers itself from the machine's topology; else `[[workers]]` are used
     as written and only checked against these rules."""
 
