@@ -59,8 +59,8 @@ node-example: ## stream a generation with the Node.js example (examples/node) fr
 	@test -d examples/node/node_modules || (cd examples/node && npm ci --no-audit --no-fund)
 	node examples/node/client.js --address $${TIERSERVE_ADDRESS:-127.0.0.1:50051}
 
-bench: model ## latency of each tier through the router vs transformers eager fp32, same run (JSON in bench-results/)
-	$(PY) -m bench.skeleton_latency --out bench-results/skeleton.json
+bench: model ## every tier, transformers eager fp32 and llama.cpp: speed, accuracy, % of the bandwidth floor (bench-results/)
+	$(TIERSERVE) bench tiers --out bench-results/tiers.json
 
 bench-routing: model ## every routing policy on one seeded Poisson trace at several loads (JSON, .md, .png in bench-results/)
 	$(TIERSERVE) bench routing --out bench-results/routing.json

@@ -33,15 +33,7 @@ class CpuIsa:
 
     @classmethod
     def detect(cls, cpuinfo: Path = CPUINFO) -> CpuIsa:
-        try:
-            text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return cls.from_flags(set())
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "flags":
-                return cls.from_flags(set(value.split()))
-        return cls.from_flags(set())
+        return cls.from_flags(cpu_flags(cpuinfo))
 
     @property
     def ipex_woq_fast(self) -> bool:
@@ -59,3 +51,16 @@ class CpuIsa:
         names = ["AMX", "AVX512_FP16", "AVX512_BF16", "AVX512_VNNI", "AVX512", "AVX2"]
         present = [n for n in names if getattr(self, n.lower())]
         return " ".join(present) or "no AVX2"
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The `flags` of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()

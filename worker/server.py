@@ -24,26 +24,9 @@ from tierserve.worker.preparation import prepare_tier
 from tierserve.worker.registration import start_heartbeat, stop_heartbeat
 from tierserve.worker.service import WorkerServicer
 from tierserve.worker.state import LoadReport, WorkerState
+from tierserve.worker.warmup import WARMUP_NEW_TOKENS, WARMUP_PROMPT, long_prefill_params, warm_up
 
 log = logging.getLogger(__name__)
-
-WARMUP_PROMPT = (
-    "The history of computing is a story of machines that grew smaller and faster every decade, "
-    "from rooms full of vacuum tubes to chips that fit in a pocket."
-)
-WARMUP_NEW_TOKENS = 16
-# The self-measurement also times prefill of the warm-up prompt repeated this many times: two
-# prompt lengths give the router a prefill line (fixed cost + per token) before any traffic.
-WARMUP_PREFILL_REPEAT = 4
-
-
-def _long_prefill_params(engine: Engine) -> GenerationParams | None:
-    """The warm-up prompt repeated, within half the context window; None when not even twice fits."""
-    short = GenerationParams(WARMUP_PROMPT, 1, SamplingParams(), (), "warmup-length")
-    repeat = min(WARMUP_PREFILL_REPEAT, engine.context_tokens // (2 * engine.prepare(short).prompt_tokens))
-    if repeat < 2:
-        return None
-    return GenerationParams(" ".join([WARMUP_PROMPT] * repeat), 2, SamplingParams(), (), "warmup-prefill")
 
 
 def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engine, LoadReport]:
@@ -68,15 +51,8 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
     log.info("accuracy card: %s", prepared.card)
 
     warm_started = time.perf_counter()
-    long_params = _long_prefill_params(engine)
-    # Greedy and sampled decoding trace different graphs; run both (and the long prompt's
-    # prefill) before any client arrives.
-    for run in range(state.config.warmup_runs):
-        for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=1)):
-            params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, sampling, (), f"warmup-{run}")
-            engine.generate(engine.prepare(params), params, emit=lambda _: None)
-        if long_params is not None:
-            engine.generate(engine.prepare(long_params), long_params, emit=lambda _: None)
+    long_params = long_prefill_params(engine)
+    warm_up(engine, state.config.warmup_runs, long_params)
     # Then one measured run, warm, as the worker's self-measurement before any traffic.
     params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, SamplingParams(), (), "self-measurement")
     outcome = engine.generate(engine.prepare(params), params, emit=lambda _: None)

@@ -1,36 +1,45 @@
 """The pure parts of `tierserve bench tiers`: prompts of exact token counts, speed-ups, dominance,
-the report's table and file names. No model is loaded (only the real tokenizer)."""
+the memory-bandwidth floor, the llama.cpp peer's model parameters, the report's table and file names,
+and the warm-up it shares with the worker. No real model is loaded (only the real tokenizer)."""
 
 from __future__ import annotations
 
-import ast
+import ctypes
 import json
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from tests.tiny_model import default_model_dir
-from tierserve.benchmarks import tiers
-from tierserve.benchmarks.tiers import (
-    BASELINE,
+from tierserve.benchmarks.tiers import floor
+from tierserve.benchmarks.tiers.floor import decode_weight_bytes, floor_ms, percent_of_floor
+from tierserve.benchmarks.tiers.llamacpp import (
     LLAMACPP,
-    PathMeasurement,
-    WorkerSpec,
     card_from_log_probs,
     compare_tokenizations,
-    exact_token_prompt,
+    llama_model_params,
+    llama_params_note,
+    open_llama,
+    tokenization_note,
+)
+from tierserve.benchmarks.tiers.measure import BASELINE, WARMUP_RUNS, WorkerSpec, exact_token_prompt
+from tierserve.benchmarks.tiers.report import (
+    PathMeasurement,
     find_dominators,
     four_bit_source_note,
     mark_dominated,
     markdown_table,
     output_paths,
+    render_markdown,
     result_row,
-    select_tiers,
     speedup,
-    tokenization_note,
 )
+from tierserve.benchmarks.tiers.run import select_tiers
 from tierserve.domain.config import ConfigError, DataConfig
 from tierserve.domain.textsets import eval_path, read_paragraphs
 
@@ -240,17 +249,40 @@ def test_worker_spec_round_trips(tmp_path: Path) -> None:
     assert WorkerSpec.load(tmp_path / "spec.json") == spec
 
 
-def test_warm_up_is_the_workers() -> None:
-    """The benchmark copies worker.server's warm-up (importing that module would import IPEX)."""
-    source = Path(__file__).resolve().parents[2] / "worker" / "server.py"
-    constants = {
-        node.targets[0].id: ast.literal_eval(node.value)
-        for node in ast.parse(source.read_text(encoding="utf-8")).body
-        if isinstance(node, ast.Assign)
-        and isinstance(node.targets[0], ast.Name)
-        and node.targets[0].id in ("WARMUP_PROMPT", "WARMUP_NEW_TOKENS")
-    }
-    assert constants == {"WARMUP_PROMPT": tiers.WARMUP_PROMPT, "WARMUP_NEW_TOKENS": tiers.WARMUP_NEW_TOKENS}
+class RecordingEngine:
+    """Stands in for the Engine: records what it is asked to generate."""
+
+    context_tokens = 2048
+
+    def __init__(self) -> None:
+        self.generated: list[Any] = []
+
+    def prepare(self, params: Any) -> Any:
+        return SimpleNamespace(prompt_tokens=len(params.prompt.split()))
+
+    def generate(self, prepared: Any, params: Any, emit: Any) -> None:
+        self.generated.append(params)
+
+
+def test_benchmark_and_worker_share_one_warm_up_without_ipex() -> None:
+    from tierserve.worker.warmup import WARMUP_NEW_TOKENS, WARMUP_PROMPT, long_prefill_params, warm_up
+
+    engine: Any = RecordingEngine()
+    long_prefill = long_prefill_params(engine)
+    assert long_prefill is not None and long_prefill.prompt.startswith(WARMUP_PROMPT + " " + WARMUP_PROMPT)
+    warm_up(engine, WARMUP_RUNS, long_prefill)
+    assert len(engine.generated) == 3 * WARMUP_RUNS == 6
+    greedy, sampled, prefill = engine.generated[:3]
+    assert greedy.sampling.temperature == 0 and sampled.sampling.temperature > 0
+    assert greedy.prompt == sampled.prompt == WARMUP_PROMPT and greedy.max_new_tokens == WARMUP_NEW_TOKENS
+    assert prefill is long_prefill
+    # The subprocess entry (llama.cpp's too) and the warm-up import neither IPEX nor torch.
+    code = (
+        "import sys, tierserve.benchmarks.tiers.run, tierserve.worker.warmup; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'intel_extension_for_pytorch')))"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
 
 
 def test_tokenizer_comparison_reports_mismatches_and_special_prefixes() -> None:
@@ -269,3 +301,117 @@ def test_tokenizer_comparison_reports_mismatches_and_special_prefixes() -> None:
     assert not differ["matches"]
     assert differ["mismatches"] == [{"text": 1, "hf_tokens": 2, "gguf_tokens": 2, "first_mismatch": 1}]
     assert "DIFFER" in tokenization_note(differ)
+
+
+def test_floor_is_bytes_over_bandwidth_and_percent_is_floor_over_tpot() -> None:
+    assert floor_ms(538_000_000, 20e9) == pytest.approx(26.9)
+    assert percent_of_floor(26.9, 29.0) == pytest.approx(92.76, abs=0.01)
+    assert floor_ms(None, 20e9) is None and floor_ms(1000, None) is None
+    assert percent_of_floor(None, 29.0) is None and percent_of_floor(26.9, None) is None
+    fast = measurement("bf16", [[40_000, 10_000, 12_000, 14_000]])
+    fast.weight_bytes = 270_000_000
+    data = result_row(fast, 54.0, bandwidth_bytes_per_s=20e9)
+    assert (data["weight_mb"], data["floor_ms"], data["floor_pct"]) == (270.0, 13.5, 112.5)
+    assert result_row(fast, 54.0)["floor_pct"] is None  # no bandwidth measured: no floor
+    json.dumps(data, allow_nan=False)
+
+
+def test_the_floor_column_and_its_method_are_rendered() -> None:
+    measured = measurement("int8-woq", [[50_000, 20_000, 20_000]])
+    measured.weight_bytes = 135_000_000
+    rows = [result_row(measured, 40.0, 9e9)]
+    table = markdown_table(rows).splitlines()
+    assert "| % of floor |" in table[0] and "| 20.00 | 75% |" in table[2]
+    bandwidth = {"gb_per_s": 9.0, "buffer_mib": 256, "threads": 2, "repeats": 10}
+    meta = {
+        "machine": {"cpu_model": "cpu", "cpu_isa": "AVX2", "usable_cpus": [0, 1]},
+        "settings": {"threads": 2, "runs": 1, "new_tokens": 3},
+        "read_bandwidth": bandwidth,
+    }
+    text = render_markdown(rows, meta)
+    assert "9.0 GB/s" in text and "- int8-woq: 135.0 MB per token, floor 15.00 ms" in text
+    assert "not measured" in render_markdown(rows, {**meta, "read_bandwidth": None})
+
+
+def tiny_llama(tied: bool) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_decode_bytes_count_what_a_step_streams() -> None:
+    # Per layer: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128; two norms of 64. Final norm 64.
+    layers = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64) + 64
+    head = 1000 * 64
+    tied = tiny_llama(tied=True)
+    assert decode_weight_bytes(tied) == 4 * (layers + head)  # the tied embedding is the head: counted once
+    untied = tiny_llama(tied=False)
+    assert decode_weight_bytes(untied) == 4 * (layers + head)  # the lookup table alone is left out
+    assert decode_weight_bytes(tiny_llama(tied=False).to(torch.bfloat16)) == 2 * (layers + head)
+    # Weights held only inside a packed object (fbgemm's dynamic int8 linear) count at one byte each.
+    weight = torch.quantize_per_channel(
+        torch.randn(1000, 64), torch.full((1000,), 0.01), torch.zeros(1000, dtype=torch.long), 0, torch.qint8
+    )
+    untied.lm_head = torch.nn.Module()
+    untied.lm_head.packed = torch.ops.quantized.linear_prepack(weight, None)
+    assert decode_weight_bytes(untied) == 4 * layers + head
+
+
+def test_read_bandwidth_buffer_outgrows_the_l3_cache(tmp_path: Path) -> None:
+    for index, (level, size) in enumerate([("1", "48K"), ("2", "1024K"), ("3", "32768K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "size").write_text(size + "\n")
+    assert floor.l3_cache_bytes(tmp_path) == 32 * 2**20
+    assert floor.l3_cache_bytes(tmp_path / "absent") is None
+    assert floor.buffer_bytes_for(32 * 2**20) == 256 * 2**20 and floor.buffer_bytes_for(None) == 256 * 2**20
+    assert floor.buffer_bytes_for(105 * 2**20) == 8 * 105 * 2**20
+    measured = floor.measure_read_bandwidth(threads=1, buffer_bytes=16 * 2**20, repeats=2)
+    assert measured.bytes_per_s > 0 and measured.buffer_bytes == 16 * 2**20
+    assert measured.to_json()["buffer_mib"] == 16
+
+
+def test_llama_cpp_weight_repacking_is_off_on_amx_cpus() -> None:
+    assert llama_model_params({"avx2", "avx512f", "amx_bf16", "amx_tile", "amx_int8"}) == {
+        "use_extra_bufts": False
+    }
+    assert llama_model_params({"avx2", "amx_tile"}) == {"use_extra_bufts": False}
+    assert llama_model_params({"avx2", "avx512f", "avx512_bf16"}) == {}
+    note = llama_params_note({"use_extra_bufts": False})
+    assert note is not None and "use_extra_bufts = False" in note and "AMX" in note
+    assert llama_params_note({}) is None
+
+
+class FakeModelParams(ctypes.Structure):
+    _fields_ = [("vocab_only", ctypes.c_bool), ("use_extra_bufts", ctypes.c_bool)]
+
+
+def test_llama_model_params_reach_the_model_that_llama_cpp_python_builds() -> None:
+    def defaults() -> FakeModelParams:
+        return FakeModelParams(vocab_only=False, use_extra_bufts=True)
+
+    low_level = SimpleNamespace(llama_model_default_params=defaults)
+
+    class Llama:  # as llama-cpp-python's: model parameters from the low-level defaults, kwargs dropped
+        def __init__(self, **kwargs: Any) -> None:
+            self.model_params = low_level.llama_model_default_params()
+            self.kwargs = kwargs
+
+    llama_cpp = SimpleNamespace(llama_cpp=low_level, Llama=Llama)
+    llm = open_llama(llama_cpp, {"use_extra_bufts": False}, model_path="m.gguf", n_ctx=8)
+    assert llm.model_params.use_extra_bufts is False and llm.kwargs == {"model_path": "m.gguf", "n_ctx": 8}
+    assert low_level.llama_model_default_params is defaults  # restored
+    assert open_llama(llama_cpp, {}).model_params.use_extra_bufts is True
+    with pytest.raises(RuntimeError, match="no model parameter use_repack"):
+        open_llama(llama_cpp, {"use_repack": False})
+    assert low_level.llama_model_default_params is defaults

@@ -148,7 +148,7 @@ def test_ipex_path_computes_in_fp32_where_ipex_cannot_run_bf16(name: str) -> Non
     assert tier_for(name, TierRecipe(kernel="ipex"), ZEN4).path.settings(config)["lowp_mode"] == "BF16"
     for lowp in ("BF16", "INT8"):
         with pytest.raises(ConfigError, match=f"lowp_mode {lowp} runs IPEX at bfloat16"):
-            tier_for(name, TierRecipe(kernel="ipex", lowp_mode=lowp), AVX2_ONLY).check(config)  # type: ignore[arg-type]
+            tier_for(name, TierRecipe(kernel="ipex", lowp_mode=lowp), AVX2_ONLY).check(config)
 
 
 def test_ipex_path_refuses_a_missing_checkpoint(tmp_path: Path) -> None:

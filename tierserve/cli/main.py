@@ -290,7 +290,7 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_bench_tiers(args: argparse.Namespace, console: Console) -> int:
-    from tierserve.benchmarks.tiers import run_tiers_benchmark
+    from tierserve.benchmarks.tiers.run import run_tiers_benchmark
 
     return run_tiers_benchmark(
         Path(args.out), args.config, args.tiers, args.runs, args.new_tokens, not args.no_llamacpp, console

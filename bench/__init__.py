@@ -1,1 +1,0 @@
-"""Benchmarks for tierserve; run each as `python -m bench.<name>`."""
