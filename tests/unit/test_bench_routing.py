@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from tierserve_client.v1 import generate_pb2
 
+from tierserve.benchmarks.calibration import calibrated_facts, pool_capacity, service_of
 from tierserve.benchmarks.livepool import WorkerFacts
 from tierserve.benchmarks.loadgen import (
     LOOSE,
@@ -29,7 +30,6 @@ from tierserve.benchmarks.overhead import overhead_figures, overhead_pool_config
 from tierserve.benchmarks.routing import (
     default_policies,
     derive_budgets,
-    estimated_capacity,
     markdown_table,
     request_record,
 )
@@ -279,8 +279,6 @@ def test_budgets_and_capacity_follow_the_measured_workers() -> None:
     budgets = derive_budgets(facts)
     assert (budgets.tight_ttft_ms, budgets.tight_tpot_ms) == (150.0, 12.5)
     assert (budgets.loose_ttft_ms, budgets.loose_tpot_ms) == (1000.0, 40.0)
-    # a: 0.1 + 10 x 0.02 = 0.3 s per request; b: 0.05 + 10 x 0.01 = 0.15 s.
-    assert estimated_capacity(facts, 10) == pytest.approx(1 / 0.3 + 1 / 0.15)
     assert default_policies(["first_healthy", "slo", "round_robin"]) == ["slo", "round_robin"]
     assert default_policies(["first_healthy"]) == ["first_healthy"]
 
@@ -347,3 +345,31 @@ def test_the_overhead_bench_puts_its_router_beside_the_client_and_the_worker_apa
     assert [(w.tier, w.cores) for w in config.workers] == [("bf16", [1, 2, 3])]
     alone = overhead_pool_config(None, "bf16", [5], new_tokens=64)
     assert alone.router.cores == [] and alone.workers[0].cores == [5]
+
+
+def test_calibration_rates_a_tier_by_its_busy_time_and_sums_its_workers() -> None:
+    # Two requests on fp32: 0.5 s and 1.5 s busy -> 2 requests / 2 s; TTFT 100 and 300 ms.
+    fp32 = service_of("fp32", [call(0.0, [0.1, 0.2, 0.5]), call(10.0, [10.3, 10.8, 11.5])])
+    assert fp32.service_rate_rps == pytest.approx(1.0)
+    assert fp32.ttft_ms == pytest.approx(200.0)
+    assert fp32.tpot_ms == pytest.approx(statistics.median([200.0, 600.0]))
+    int4 = service_of("int4-woq", [call(0.0, [0.05, 0.25])])
+    assert int4.service_rate_rps == pytest.approx(4.0)
+    facts = [
+        WorkerFacts("a", "fp32", "x", ttft_ms=1.0, tpot_ms=1.0, ppl_delta_pct=0.0),
+        WorkerFacts("b", "fp32", "y", ttft_ms=1.0, tpot_ms=1.0, ppl_delta_pct=0.0),
+        WorkerFacts("c", "int4-woq", "z", ttft_ms=1.0, tpot_ms=1.0, ppl_delta_pct=4.0),
+    ]
+    assert pool_capacity(facts, [fp32, int4]) == pytest.approx(1.0 + 1.0 + 4.0)
+    calibrated = calibrated_facts(facts, [fp32, int4])
+    assert [(f.ttft_ms, f.tpot_ms) for f in calibrated] == [
+        (fp32.ttft_ms, fp32.tpot_ms),
+        (fp32.ttft_ms, fp32.tpot_ms),
+        (int4.ttft_ms, int4.tpot_ms),
+    ]
+    assert calibrated[2].ppl_delta_pct == 4.0
+
+
+def test_calibration_refuses_a_failed_request_rather_than_averaging_it() -> None:
+    with pytest.raises(RuntimeError, match="calibrating tier bf16: UNAVAILABLE"):
+        service_of("bf16", [call(0.0, [0.1, 0.2]), call(1.0, [1.2], status="UNAVAILABLE")])

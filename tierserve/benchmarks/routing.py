@@ -8,10 +8,12 @@ the policy's name). For each offered load, each policy in turn (the order rotate
 receives the same trace: `--requests` requests drawn once from a seeded mix (tight and loose budgets;
 tolerances 0, 1 and 10%; varied prompt and output lengths) with Poisson arrivals scaled to the load.
 
-Offered loads are fractions of the pool's estimated capacity: the sum over workers of 1 / (TTFT + mean
-new tokens x TPOT), from each worker's measured figures (one stream at a time per worker). Budgets are
-derived from the same figures (tight: 3x the fastest TTFT and 1.25x the fastest TPOT; loose: 10x the
-slowest TTFT and 2x the slowest TPOT) unless --budgets sets them. Figures: see routing_metrics.
+Offered loads are fractions of the pool's measured capacity: each tier first serves the trace's
+first requests one at a time (see `calibration`), and the capacity is the sum over workers of the
+requests per busy second their tier completed. Budgets are derived from the same calibration (tight:
+3x the fastest TTFT and 1.25x the fastest TPOT; loose: 10x the slowest TTFT and 2x the slowest TPOT)
+unless --budgets sets them. `--calibrate-only` stops after the calibration and writes its figures.
+Figures: see routing_metrics.
 
 Writes <out> (JSON), <out>.md (the table) and <out>.png (attainment and goodput against load).
 """
@@ -35,6 +37,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tierserve_client.options import CHANNEL_OPTIONS
 from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
+from tierserve.benchmarks.calibration import (
+    CALIBRATION_REQUESTS,
+    TierService,
+    calibrate,
+    calibrated_facts,
+    pool_capacity,
+)
 from tierserve.benchmarks.livepool import (
     MATPLOTLIB_MISSING,
     WorkerFacts,
@@ -58,7 +67,6 @@ from tierserve.benchmarks.loadgen import (
 from tierserve.benchmarks.routing_metrics import Observed, goodput_target, summarize_level
 from tierserve.domain.config import ConfigError
 from tierserve.domain.tiers import TIER_NAMES
-from tierserve.ops.capacity import busy_seconds
 
 DEFAULT_LOADS = (0.25, 0.5, 0.75, 1.0, 1.25)
 REFERENCE_POLICY = "slo"
@@ -97,11 +105,6 @@ def parse_budgets(text: str) -> Budgets:
             f"--budgets wants four non-negative ms: TIGHT_TTFT,TIGHT_TPOT,LOOSE_TTFT,LOOSE_TPOT; got {text!r}"
         )
     return Budgets(*values)
-
-
-def estimated_capacity(facts: Sequence[WorkerFacts], mean_new_tokens: float) -> float:
-    """Requests per second the pool completes with every worker busy, one stream each."""
-    return sum(1.0 / busy_seconds(f.ttft_ms, f.tpot_ms, mean_new_tokens) for f in facts if f.tpot_ms > 0)
 
 
 def observe(call: SentCall, budgets: Budgets) -> Observed:
@@ -219,15 +222,16 @@ class _LevelPlan:
     rates: str | None
     trace: Sequence[TraceItem]
 
-    def resolve(self, facts: Sequence[WorkerFacts]) -> tuple[Budgets, float, list[tuple[float, float]]]:
+    def resolve(
+        self, facts: Sequence[WorkerFacts], capacity: float
+    ) -> tuple[Budgets, list[tuple[float, float]]]:
         budgets = parse_budgets(self.budgets) if self.budgets else derive_budgets(facts)
-        capacity = estimated_capacity(facts, statistics.fmean(item.new_tokens for item in self.trace))
         if self.rates:
             levels = [(r / capacity, r) for r in _floats(self.rates, "--rates")]
         else:
             loads = self.loads or ",".join(map(str, DEFAULT_LOADS))
             levels = [(f, f * capacity) for f in _floats(loads, "--loads")]
-        return budgets, capacity, [(round(load, 4), rate) for load, rate in levels]
+        return budgets, [(round(load, 4), rate) for load, rate in levels]
 
 
 async def _measure(
@@ -238,27 +242,45 @@ async def _measure(
     plan: _LevelPlan,
     timeout_s: float,
     console: Console,
-) -> tuple[
-    list[WorkerFacts],
-    dict[str, float | None],
-    Budgets,
-    float,
-    list[tuple[float, float]],
-    list[dict[str, Any]],
-]:
-    """Warm every router, measure the pool, then run every level (one event loop for all of it)."""
+    calibrate_only: bool = False,
+) -> _Measured:
+    """Warm every router, calibrate the pool, then run every level (one event loop for all of it)."""
     for address in routers.values():
         await _warm_router(address, tiers, words)
-    facts = worker_facts(main_router)
-    cards = tier_cards(facts)
-    budgets, capacity, levels = plan.resolve(facts)
+    services = await calibrate(main_router, tiers, plan.trace, words, timeout_s)
+    facts = calibrated_facts(worker_facts(main_router), services)
+    capacity = pool_capacity(facts, services)
+    budgets, levels = plan.resolve(facts, capacity)
+    for s in services:
+        console.print(
+            f"calibration {s.tier}: {s.requests} requests, {s.service_rate_rps:.3f} req/s busy, "
+            f"TTFT p50 {s.ttft_ms:.1f} ms, TPOT p50 {s.tpot_ms:.2f} ms",
+            highlight=False,
+        )
     console.print(
-        f"capacity estimate {capacity:.2f} req/s; budgets {asdict(budgets)}; "
+        f"capacity {capacity:.3f} req/s; budgets {asdict(budgets)}; "
         f"loads {', '.join(f'{load:g}' for load, _ in levels)}; policies {', '.join(routers)}",
         highlight=False,
     )
-    rows = await _run_levels(routers, plan.trace, levels, budgets, words, cards, timeout_s, console)
-    return facts, cards, budgets, capacity, levels, rows
+    rows = (
+        []
+        if calibrate_only
+        else await _run_levels(
+            routers, plan.trace, levels, budgets, words, tier_cards(facts), timeout_s, console
+        )
+    )
+    return _Measured(facts, tier_cards(facts), budgets, capacity, services, levels, rows)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    facts: list[WorkerFacts]
+    cards: dict[str, float | None]
+    budgets: Budgets
+    capacity: float
+    services: list[TierService]
+    levels: list[tuple[float, float]]
+    rows: list[dict[str, Any]]
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -313,12 +335,12 @@ def render_markdown(
                 "# tierserve routing policies",
                 "",
                 f"{meta['requests']} requests per level (seed {meta['seed']}), Poisson arrivals; offered "
-                f"loads are fractions of the estimated capacity {meta['capacity_rps']:.2f} req/s. "
+                f"loads are fractions of the measured capacity {meta['capacity_rps']:.2f} req/s. "
                 f"Budgets: tight TTFT {b['tight_ttft_ms']} ms / TPOT {b['tight_tpot_ms']} ms, loose TTFT "
                 f"{b['loose_ttft_ms']} ms / TPOT {b['loose_tpot_ms']} ms. "
                 "Latencies and SLO attainment as measured by the client. SLO attained and goodput count "
-                "both latency budgets (the issue's definition); full service level also asks for the "
-                "tier to be within the request's accuracy tolerance.",
+                "both latency budgets (the routing target's definition); full service level also asks "
+                "for the tier to be within the request's accuracy tolerance.",
                 "",
                 markdown_table(rows),
                 "",
@@ -399,6 +421,7 @@ def run_routing_benchmark(
     tolerances: str | None = None,
     run_dir: Path | None,
     console: Console,
+    calibrate_only: bool = False,
 ) -> int:
     registered = available_policies()
     chosen = [p.strip() for p in policies.split(",")] if policies else default_policies(registered)
@@ -440,9 +463,32 @@ def run_routing_benchmark(
             console.print(f"router for policy {policy} at {routers[policy]}")
         served = sorted({w.tier for w in config.workers}, key=TIER_NAMES.index)
         plan = _LevelPlan(budgets, loads, rates, trace)
-        facts, cards, chosen_budgets, capacity, levels, rows = asyncio.run(
-            _measure(routers, launcher.router_address, served, words, plan, timeout_s, console)
+        measured = asyncio.run(
+            _measure(
+                routers, launcher.router_address, served, words, plan, timeout_s, console, calibrate_only
+            )
         )
+    facts, cards, chosen_budgets, capacity = (
+        measured.facts,
+        measured.cards,
+        measured.budgets,
+        measured.capacity,
+    )
+    levels, rows = measured.levels, measured.rows
+    if calibrate_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        calibration = {
+            "capacity_rps": capacity,
+            "services": [asdict(s) for s in measured.services],
+            "workers": [asdict(f) for f in facts],
+            "budgets": asdict(chosen_budgets),
+            "requests_per_tier": min(CALIBRATION_REQUESTS, len(trace)),
+            "seed": seed,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+        }
+        out.write_text(json.dumps({"calibration": calibration}, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {out}", highlight=False)
+        return 0
     target = goodput_target(rows, REFERENCE_POLICY)
     meta: dict[str, Any] = {
         "machine": {"usable_cpus": usable_cpus(), "python": platform.python_version()},
@@ -457,7 +503,11 @@ def run_routing_benchmark(
         "mean_new_tokens": statistics.fmean(item.new_tokens for item in trace),
         "loads": [load for load, _ in levels],
         "rates_rps": [rate for _, rate in levels],
-        "capacity_rule": "sum over workers of 1 / (TTFT + mean new tokens x TPOT), from measured p50s",
+        "capacity_rule": (
+            f"sum over workers of their tier's requests per busy second, serving the trace's first "
+            f"{CALIBRATION_REQUESTS} requests one at a time"
+        ),
+        "calibration": [asdict(s) for s in measured.services],
         "budget_rule": "tight: 3x fastest TTFT, 1.25x fastest TPOT; loose: 10x slowest TTFT, 2x slowest TPOT"
         if not budgets
         else "set by --budgets",

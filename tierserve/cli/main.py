@@ -359,6 +359,7 @@ def cmd_bench_routing(args: argparse.Namespace, console: Console) -> int:
         tolerances=args.tolerances,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
+        calibrate_only=args.calibrate_only,
     )
 
 
@@ -585,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of requests sent strict: refused rather than served late (default 0)",
     )
     routing.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
+    routing.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="measure each tier's service rate and the pool's capacity, write them to --out, and stop",
+    )
     routing.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
     routing.set_defaults(run=cmd_bench_routing)
 
