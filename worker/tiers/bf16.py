@@ -3,8 +3,10 @@
 - "ipex": `ipex.llm.optimize` at bfloat16 under CPU autocast (TorchScript graph,
   oneDNN-prepacked weights). oneDNN prepacks bf16 weights only on CPUs with AVX512 BW/VL/DQ
   or AVX-NE-CONVERT (`CpuIsa.ipex_bf16`).
-- "native": the transformers model with its weights stored at bfloat16, on PyTorch's own
-  kernels, for CPUs where IPEX cannot prepack bf16 (AVX2-only CPUs).
+- "native", for CPUs where IPEX cannot prepack bf16 (AVX2-only CPUs): the weights rounded to
+  bfloat16, run in IPEX's float32 graph. The model then answers as with bf16 weights (activations
+  stay float32) at float32 speed and memory: PyTorch's own bf16 kernels on such CPUs are slower
+  than float32 (see docs/tiers.md).
 
 `kernel = "auto"` takes "ipex" where the CPU allows it.
 """
@@ -21,11 +23,9 @@ from tierserve.worker.tiers.base import (
     LoadedModel,
     PathTier,
     bf16_autocast,
-    cpu_capability,
     register_tier,
 )
 from tierserve.worker.tiers.ipex_llm import ipex_optimize
-from tierserve.worker.tiers.loading import load_hf_model
 
 
 class IpexBf16(KernelPath):
@@ -41,19 +41,12 @@ class NativeBf16(KernelPath):
     name: ClassVar[str] = "native"
 
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
-        model, tokenizer = load_hf_model(model_dir)
-        model = model.to(torch.bfloat16)
-        return LoadedModel(
-            model=model,
-            tokenizer=tokenizer,
-            backend=f"torch {torch.__version__}",
-            kernel=(
-                "transformers eager, bf16 weights (native: IPEX cannot prepack bf16 without "
-                f"AVX512 BW/VL/DQ), CPU ISA {cpu_capability()}"
-            ),
-            dtype=torch.bfloat16,
-            context_tokens=int(model.config.max_position_embeddings),
+        loaded = ipex_optimize(model_dir, torch.float32, weights_rounded_to=torch.bfloat16)
+        loaded.kernel = (
+            "native: weights rounded to bf16 in the " + loaded.kernel + " (IPEX cannot run bf16 on this CPU: "
+            "no AVX512 BW/VL/DQ or AVX-NE-CONVERT)"
         )
+        return loaded
 
 
 @register_tier

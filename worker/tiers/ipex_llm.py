@@ -11,12 +11,19 @@ from tierserve.worker.tiers.base import LoadedModel, cpu_capability
 from tierserve.worker.tiers.loading import load_hf_model
 
 
-def ipex_optimize(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
-    """Apply the IPEX LLM recipe at `dtype`, with TorchScript tracing (deployment mode)."""
+def ipex_optimize(
+    model_dir: Path, dtype: torch.dtype, weights_rounded_to: torch.dtype | None = None
+) -> LoadedModel:
+    """Apply the IPEX LLM recipe at `dtype`, with TorchScript tracing (deployment mode). With
+    `weights_rounded_to`, every weight is first rounded to that dtype (and kept at `dtype`)."""
     import intel_extension_for_pytorch as ipex
 
     model, tokenizer = load_hf_model(model_dir)
     context_tokens = int(model.config.max_position_embeddings)
+    if weights_rounded_to is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.to(weights_rounded_to).to(parameter.dtype))
     with torch.inference_mode():
         optimized = ipex.llm.optimize(model, dtype=dtype, inplace=True, deployment_mode=True)
     dtype_name = str(dtype).removeprefix("torch.")
