@@ -126,7 +126,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            if code == grpc.StatusCode.CANCELLED:
+            if code == grpc.StatusCode.CANCELLED and progress.summary_sent:
+                # The client has the whole stream; it may close before the status arrives.
+                code = None
+            elif code == grpc.StatusCode.CANCELLED:
                 code = departure_code(context)
             span.end(code)
 
@@ -183,7 +186,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise
         finally:
             worker.end(ticket)
-            if code == grpc.StatusCode.CANCELLED and context.cancelled():
+            if code == grpc.StatusCode.CANCELLED and progress.summary_sent:
+                # Complete: the SDKs stop reading at the summary and may close before the status.
+                code = None
+            elif code == grpc.StatusCode.CANCELLED and context.cancelled():
                 code = departure_code(context)
             self.metrics.finished(worker.tier, worker.worker_id, code)
 

@@ -50,11 +50,14 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     requests: list[generate_pb2.GenerateRequest] = field(default_factory=list)
     # Real time spent on each token (0: none), for load tests that need a busy worker.
     token_delay_s: float = 0.0
+    # While clear, streams stay open after their summary, as a busy worker's can before its status.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
     # Streams take turns token by token: one token at a time, like one model (with token_delay_s).
     _slot: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.gate.set()
+        self.closing.set()
 
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -111,6 +114,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 text="".join(texts),
             )
         )
+        await self.closing.wait()
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from tierserve_client.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.unit.fake_engine import worker_state
 from tests.unit.fake_pool import FakeWorker, RunningPool, running_pool
@@ -154,3 +154,39 @@ def test_worker_metrics_move_with_traffic() -> None:
         assert value(after, "tierserve_worker_in_flight", **labels) == 0
 
     run(scenario)
+
+
+def test_a_client_that_leaves_after_its_summary_counts_as_served(tmp_path: Path) -> None:
+    # The SDKs stop reading at the summary; the worker's status may not have reached the router yet.
+    worker = FakeWorker("fp32-0", "fp32")
+
+    async def scenario() -> Samples:
+        async with running_pool([worker]) as pool:
+            assert pool.servicer is not None
+            endpoint = serve_metrics(pool.servicer.metrics.registry, "127.0.0.1", 0, tmp_path / "router.port")
+            try:
+                worker.closing.clear()
+                async with grpc.aio.insecure_channel(pool.address) as channel:
+                    call = router_pb2_grpc.RouterStub(channel).Generate(
+                        generate_pb2.GenerateRequest(prompt="hello", max_new_tokens=3)
+                    )
+                    async for response in call:
+                        if response.HasField("summary"):
+                            call.cancel()
+                            break
+                await asyncio.sleep(0.2)
+                worker.closing.set()
+                deadline = asyncio.get_running_loop().time() + 5
+                while True:
+                    after = await read(endpoint)
+                    ended = total(after, "tierserve_router_requests_total")
+                    if ended or asyncio.get_running_loop().time() > deadline:
+                        return after
+                    await asyncio.sleep(0.05)
+            finally:
+                endpoint.close()
+
+    after = asyncio.run(scenario())
+    labels = {"tier": "fp32", "worker": "fp32-0"}
+    assert value(after, "tierserve_router_requests_total", **labels, status="ok") == 1
+    assert total(after, "tierserve_router_requests_total") == 1
