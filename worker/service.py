@@ -101,9 +101,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
         # Until the stream completes or a status is set, the client has left.
         code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
+        summary_sent = False
         try:
             async for response in self._generate(request, context):
                 if response.HasField("summary"):
+                    summary_sent = True
                     span.set(
                         {
                             "tierserve.generated_tokens": response.summary.generated_tokens,
@@ -117,7 +119,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            if code == grpc.StatusCode.CANCELLED:
+            if code == grpc.StatusCode.CANCELLED and summary_sent:
+                # Complete: the caller may close once it has the summary, before the status.
+                code = None
+            elif code == grpc.StatusCode.CANCELLED:
                 code = departure_code(context)
             self.metrics.finished(code)
             span.end(code)

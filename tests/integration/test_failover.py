@@ -24,7 +24,10 @@ pytestmark = pytest.mark.integration
 REQUESTS = 8
 NEW_TOKENS = 48
 # Each prompt's own continuation, so a resumed stream that repeated or skipped text would show.
-PROMPT = "Request {slot}: write a long story about a lighthouse keeper and the sea."
+# A story to continue: an instruction alone may be answered at once with the end-of-turn token.
+PROMPT = (
+    "Story {slot}. Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who"
+)
 # One request samples: whichever worker finishes it, its summary reports the seed that replays it.
 SAMPLED_SLOT, SEED = 0, 1234
 
