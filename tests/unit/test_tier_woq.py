@@ -1,6 +1,7 @@
 """Tiers int8-woq and int4-woq: kernel choice by ISA and recipe, recipe checks, the quantizers,
-the native path end to end on the tiny random model (build, reuse the artifact, generate), and
-the IPEX path loading a GPTQ int4 `low_precision_checkpoint`."""
+the native path end to end on the tiny random model (build, reuse the artifact, generate), the
+IPEX path loading a GPTQ int4 `low_precision_checkpoint`, and the IPEX path's int4 with exact
+zero points and an int8 lm_head."""
 
 from __future__ import annotations
 
@@ -8,25 +9,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+import intel_extension_for_pytorch
 import pytest
 import torch
+from intel_extension_for_pytorch.quantization import (
+    WoqLowpMode,
+    WoqWeightDtype,
+    get_weight_only_quant_qconfig_mapping,
+)
 from transformers import LlamaConfig
 
 from tests.gptq_checkpoint import dequantize_gptq, unpack_int4_rows, write_gptq_checkpoint
-from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
+from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir, copy_tokenizer
 from tierserve.domain.config import ConfigError, TierRecipe
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import tier_log_probs
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.isa import CpuIsa
-from tierserve.worker.kernels import packed_weights
+from tierserve.worker.kernels import ipex_internals, packed_weights
 from tierserve.worker.kernels.linears import DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
-from tierserve.worker.kernels.quantizers import quantize_int4, quantize_int8
+from tierserve.worker.kernels.quantizers import quantize_int4, quantize_int4_float_zero, quantize_int8
 from tierserve.worker.kernels.scheme import NativeScheme, make_linear
 from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
 from tierserve.worker.tiers.checkpoints import describe_low_precision_checkpoint
 from tierserve.worker.tiers.loading import load_hf_model
-from tierserve.worker.tiers.woq_ipex import IPEX_SETTINGS_FILE
+from tierserve.worker.tiers.woq_ipex import EXACT_INT4_FORMAT, IPEX_SETTINGS_FILE
 
 TIERS = ("int8-woq", "int4-woq")
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}
@@ -456,3 +463,103 @@ def test_int8_woq_refuses_an_int4_checkpoint(
     tier.build(tiny_model_dir, tmp_path, lambda message: None)
     with pytest.raises(ConfigError, match="holds gptq INT4 weights; serve it as int4-woq"):
         tier.load(tiny_model_dir, tmp_path)
+
+
+# ------------------------------------------------------------------ IPEX path: exact int4 zero points
+
+
+def snap_to_q4_1_grid(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """`weight` on 16 levels per group of `group` input channels from the group's own (float)
+    minimum, as GGUF Q4_1 stores it."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // group, group)
+    low = groups.amin(dim=-1, keepdim=True)
+    step = (groups.amax(dim=-1, keepdim=True) - low) / 15
+    return (torch.round((groups - low) / step) * step + low).reshape(rows, columns)
+
+
+def test_exact_int4_linear_recovers_a_q4_1_grid_that_ipex_rtn_does_not() -> None:
+    torch.manual_seed(0)
+    n, k, group = 96, 256, 32
+    levels = torch.randint(0, 16, (n, k)).float()
+    levels[:, ::group], levels[:, 1::group] = 0, 15  # every group spans its grid, as in Q4_1
+    step = torch.rand(n, k // group) * 0.01 + 0.001
+    # A float minimum, not a multiple of the step; some groups lie all on one side of zero.
+    low = (torch.rand(n, k // group) - 0.6) * 0.2
+    weight = levels * step.repeat_interleave(group, 1) + low.repeat_interleave(group, 1)
+    qconfig = get_weight_only_quant_qconfig_mapping(
+        weight_dtype=WoqWeightDtype.INT4, lowp_mode=WoqLowpMode.NONE, group_size=group
+    ).global_qconfig
+    x = torch.randn(3, k)
+    expected = x @ weight.T
+    packed = quantize_int4_float_zero(weight, group)
+    exact = ipex_internals.int4_woq_linear(
+        packed["qweight"],
+        packed["scales"],
+        packed["zero_points"],
+        in_features=k,
+        group_size=group,
+        qconfig=qconfig,
+    )
+    torch.testing.assert_close(exact(x), expected, rtol=1e-4, atol=1e-4)
+    rtn = ipex_internals.woq_linear_from_float(weight, qconfig)  # IPEX's own, integer zero points
+    assert (rtn(x) - expected).abs().max() > 100 * (exact(x) - expected).abs().max()
+
+
+def test_only_ipex_int4_without_checkpoint_keys_the_exact_format(tmp_path: Path) -> None:
+    assert tier_for("int4-woq", TierRecipe(kernel="ipex")).recipe_key()["ipex_format"] == EXACT_INT4_FORMAT
+    checkpoint = tmp_path / "gptq.safetensors"
+    checkpoint.write_bytes(b"weights")
+    for name, recipe in [
+        ("int8-woq", TierRecipe(kernel="ipex")),
+        ("int4-woq", TierRecipe(kernel="native")),
+        ("int4-woq", TierRecipe(kernel="ipex", low_precision_checkpoint=str(checkpoint))),
+        # IPEX's int8 compute reads the zero points as int8: no exact ones to keep.
+        ("int4-woq", TierRecipe(kernel="ipex", lowp_mode="INT8")),
+    ]:
+        assert "ipex_format" not in tier_for(name, recipe).recipe_key(), (name, recipe)
+
+
+def test_exact_int4_needs_a_known_lowered_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ipex_internals.woq_slots_known(smollm_like_config())
+    assert not ipex_internals.woq_slots_known(smollm_like_config(architectures=["GPT2LMHeadModel"]))
+    assert not ipex_internals.woq_slots_known(smollm_like_config(attention_bias=True))
+    monkeypatch.setattr(intel_extension_for_pytorch, "__version__", "2.9.0+cpu")
+    assert not ipex_internals.woq_slots_known(smollm_like_config())
+
+
+@pytest.fixture(scope="module")
+def q4_1_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with every decoder linear on a Q4_1 grid (groups of 32), as the default
+    model's weights are; the tied embedding and lm_head stay float."""
+    model, _ = load_hf_model(tiny_model_dir)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.copy_(snap_to_q4_1_grid(module.weight, 32))
+    path = tmp_path_factory.mktemp("tiny-q4-1")
+    model.save_pretrained(path, safe_serialization=True)
+    copy_tokenizer(tiny_model_dir, path)
+    return path
+
+
+def test_ipex_int4_keeps_exact_zero_points_and_an_int8_lm_head(
+    q4_1_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = tier_for("int4-woq", TierRecipe(group_size=32, kernel="ipex"), CpuIsa.detect())
+    tier.build(q4_1_model_dir, tmp_path, lambda message: None)
+    loaded = tier.load(q4_1_model_dir, tmp_path)
+    assert "exact zero points; lm_head INT8 per-channel" in loaded.kernel
+    assert "TorchScript graph" in loaded.kernel
+    greedy = generate(loaded, SamplingParams())
+    assert 1 <= len(greedy) <= 6
+
+    chunk: list[int] = loaded.tokenizer(SCORED_TEXT)["input_ids"]
+    float_model = float_log_probs(q4_1_model_dir, chunk, None)
+    exact_error = log_prob_distance(tier_log_probs(loaded, chunk), float_model)
+    # IPEX's own int4 weights, which a model of unknown lowered layout keeps.
+    monkeypatch.setattr(ipex_internals, "woq_slots_known", lambda model_config: False)
+    own = tier.load(q4_1_model_dir, tmp_path)
+    assert "exact zero points" not in own.kernel
+    own_error = log_prob_distance(tier_log_probs(own, chunk), float_model)
+    assert exact_error < 0.2 * own_error, (exact_error, own_error)

@@ -1,8 +1,9 @@
 """Every use of IPEX's private API, behind one version guard.
 
 The native kernel paths run PyTorch's own quantized linears inside IPEX's lowered decoder
-(fused RoPE, attention with its own KV cache, RMSNorm), and SmoothQuant calibration feeds
-IPEX's example inputs. Neither is public API: the functions that build the decoder, the
+(fused RoPE, attention with its own KV cache, RMSNorm), SmoothQuant calibration feeds IPEX's
+example inputs, and int4-woq's IPEX path replaces the weight-only linears IPEX quantized with
+its own before tracing. None of that is public API: the functions that build the decoder, the
 attributes that hold its linears and the layout of its example inputs change between IPEX
 releases. This module was written against IPEX 2.8; on any other version its functions raise
 `UnsupportedIpexVersion` before touching anything. The public recipe (`ipex.llm.optimize`,
@@ -30,7 +31,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 INTERNALS_USED = (
     "intel_extension_for_pytorch.transformers.optimize: model_convert_reference, lowering_class_cpu, "
     "model_convert_lowering, get_dummy_input, _set_optimized_model_for_generation; _IPEXRMSNormCPU; "
-    "output_hook; the lowered decoder layers' linear slots"
+    "output_hook; the lowered decoder layers' linear slots; "
+    "intel_extension_for_pytorch.nn.modules.WeightOnlyQuantizedLinear"
 )
 
 
@@ -167,12 +169,149 @@ def trace_for_generation(model: Any, bf16_autocast: bool) -> Any:
     from intel_extension_for_pytorch.transformers import optimize as ipex_llm
     from intel_extension_for_pytorch.transformers.models.reference.models import output_hook
 
-    sample_inputs = ipex_llm.get_dummy_input(model, return_dict=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
-        trace: Any = torch.jit.trace  # untyped in torch
-        traced = trace(model, example_kwarg_inputs=sample_inputs, strict=False, check_trace=False)
-        traced = torch.jit.freeze(traced)
+    traced = _trace_and_freeze(model, bf16_autocast)
     model = ipex_llm._set_optimized_model_for_generation(model, optimized_model=traced)
     # IPEX's reference models return tuples; this hook turns them back into transformers outputs.
     model.register_forward_hook(output_hook, with_kwargs=True)
     return model
+
+
+def _trace_and_freeze(model: Any, bf16_autocast: bool) -> Any:
+    """A lowered model traced on IPEX's example inputs and frozen, as IPEX's deployment mode does."""
+    from intel_extension_for_pytorch.transformers import optimize as ipex_llm
+
+    sample_inputs = ipex_llm.get_dummy_input(model, return_dict=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        trace: Any = torch.jit.trace  # untyped in torch
+        traced = trace(model, example_kwarg_inputs=sample_inputs, strict=False, check_trace=False)
+        return torch.jit.freeze(traced)
+
+
+# --- int4-woq's IPEX path: IPEX's weight-only linears with weights of our own ----------------------
+
+# Where `ipex.llm.optimize` puts a Llama/Mistral decoder layer's weight-only linears (under
+# model.layers.<i>), and which float weights each holds (q, k and v concatenated).
+_WOQ_LAYER_SLOTS = {
+    "self_attn.concat_qkv.concat_linear": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mha_linear_add.linear": ("self_attn.o_proj",),
+    "linear_silu_mul.linear_s": ("mlp.gate_proj",),
+    "linear_silu_mul.linear_m": ("mlp.up_proj",),
+    "mlp_linear_add.linear": ("mlp.down_proj",),
+}
+
+
+def woq_slots_known(model_config: Any) -> bool:
+    """Whether `woq_layer_weights` and `replace_woq_linears` know the layout IPEX lowers this
+    model into: a supported architecture without biases on the linears, on the IPEX series this
+    module was written against. Other models and versions keep IPEX's own quantized weights."""
+    import intel_extension_for_pytorch as ipex
+
+    architecture = (getattr(model_config, "architectures", None) or [""])[0]
+    biases = getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False)
+    return (
+        str(ipex.__version__).startswith(SUPPORTED_SERIES)
+        and architecture in SUPPORTED_ARCHITECTURES
+        and not biases
+    )
+
+
+def woq_layer_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The float weights of a Llama/Mistral model by the path of the weight-only linear
+    `ipex.llm.optimize` lowers each into (the lm_head not included). Read them before
+    `ipex.llm.optimize`, which drops the float weights."""
+    require_supported_ipex("int4-woq's IPEX path")
+    weights = {}
+    for index, layer in enumerate(model.model.layers):
+        for slot, sources in _WOQ_LAYER_SLOTS.items():
+            parts = [layer.get_submodule(source).weight.detach() for source in sources]
+            weights[f"model.layers.{index}.{slot}"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return weights
+
+
+def _linear_shell(out_features: int, in_features: int, qconfig: Any) -> nn.Linear:
+    """A weightless nn.Linear carrying a weight-only qconfig: what IPEX's constructors read."""
+    shell = nn.Linear(in_features, out_features, bias=False, device="meta")
+    shell.qconfig = qconfig
+    return shell
+
+
+def int4_woq_linear(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    in_features: int,
+    group_size: int,
+    qconfig: Any,
+) -> nn.Module:
+    """IPEX's int4 weight-only linear with the given weights: two levels per byte (even input
+    channel in the low nibble) [N, ceil(K / 2)], scales and float zero points [N, groups];
+    weight = (level - zero_point) * scale. group_size -1: one group per output channel. Its
+    lowp mode comes from `qconfig` (an `ipex.quantization` weight-only qconfig)."""
+    require_supported_ipex("int4-woq's IPEX path")
+    from intel_extension_for_pytorch.nn.modules import WeightOnlyQuantizedLinear
+    from intel_extension_for_pytorch.quantization import WoqWeightDtype
+
+    linear: nn.Module = WeightOnlyQuantizedLinear.from_float_and_qweight(
+        mod=_linear_shell(scales.shape[0], in_features, qconfig),
+        qweight=qweight,
+        dtype=WoqWeightDtype.INT4,
+        scales=scales,
+        zero_points=zero_points,
+        group_size=group_size,
+    )
+    return linear
+
+
+def woq_linear_from_float(weight: torch.Tensor, qconfig: Any) -> nn.Module:
+    """IPEX's weight-only linear of a float weight [N, K], quantized by IPEX itself as `qconfig`
+    says (what `ipex.llm.optimize` does to each linear)."""
+    require_supported_ipex("int4-woq's IPEX path")
+    from intel_extension_for_pytorch.nn.modules import WeightOnlyQuantizedLinear
+
+    out_features, in_features = weight.shape
+    shell = _linear_shell(out_features, in_features, qconfig)
+    shell.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    linear: nn.Module = WeightOnlyQuantizedLinear.from_float(mod=shell)
+    return linear
+
+
+def replace_woq_linears(model: Any, layers: dict[str, nn.Module], lm_head: nn.Module) -> None:
+    """Put our weight-only linears into a model `ipex.llm.optimize(deployment_mode=False)` lowered
+    (not traced yet): `layers` by the paths of `woq_layer_weights`, and the lm_head. IPEX's fused
+    ops (linear+add, silu*mul) read each module's packed weights when they run. Every weight-only
+    linear IPEX made must be replaced, or the model would run some of IPEX's own weights."""
+    require_supported_ipex("int4-woq's IPEX path")
+    from intel_extension_for_pytorch.nn.modules import WeightOnlyQuantizedLinear
+
+    for path, module in {**layers, "lm_head": lm_head}.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if not isinstance(getattr(parent, name, None), WeightOnlyQuantizedLinear):
+            raise RuntimeError(f"IPEX's lowered model has no weight-only linear at {path}")
+        setattr(parent, name, module)
+    ours = {id(module) for module in (*layers.values(), lm_head)}
+    left = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, WeightOnlyQuantizedLinear) and id(module) not in ours
+    ]
+    if left:
+        raise RuntimeError(f"IPEX weight-only linears not replaced: {', '.join(left[:5])}")
+
+
+def trace_optimized_for_generation(model: Any, bf16_autocast: bool) -> Any:
+    """What `ipex.llm.optimize(deployment_mode=True)` does after lowering, for a model it lowered
+    with deployment_mode=False: trace and freeze on IPEX's example inputs, and hand the graph to
+    `generate`. Call under `torch.no_grad()` or inference mode."""
+    require_supported_ipex("int4-woq's IPEX path")
+    from intel_extension_for_pytorch.transformers import optimize as ipex_llm
+
+    # ipex.llm.optimize has registered its output hook already; traced with return_dict on,
+    # the graph would return a ModelOutput instead of IPEX's tuple.
+    return_dict = model.config.return_dict
+    model.config.return_dict = False
+    try:
+        traced = _trace_and_freeze(model, bf16_autocast)
+    finally:
+        model.config.return_dict = return_dict
+    return ipex_llm._set_optimized_model_for_generation(model, optimized_model=traced)

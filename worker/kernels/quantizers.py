@@ -1,4 +1,5 @@
-"""Round-to-nearest weight quantizers, in the layouts the native kernels read."""
+"""Round-to-nearest weight quantizers, in the layouts the native kernels (and IPEX's int4
+kernels) read."""
 
 from __future__ import annotations
 
@@ -18,6 +19,27 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": qweight.contiguous(), "scales": scales.contiguous()}
 
 
+def _int4_levels(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min/max 4-bit levels per group of `group_size` input channels: (levels [N, K] as uint8,
+    each group's minimum and step [N, K / group_size]), so weight ≈ level * step + minimum."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide {k} input channels")
+    groups = w.reshape(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    step = ((high - low) / 15.0).clamp(min=1e-12)
+    levels = torch.round((groups - low[..., None]) / step[..., None]).clamp(0, 15).to(torch.uint8)
+    return levels.reshape(n, k), low, step
+
+
+def pack_int4(levels: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit levels per byte, the even column in the low nibble (an odd width padded with 0)."""
+    if levels.shape[1] % 2:
+        levels = torch.nn.functional.pad(levels, (0, 1))
+    return (levels[:, 0::2] | (levels[:, 1::2] << 4)).contiguous()
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     """Asymmetric 4-bit per group of `group_size` input channels: weight ≈ q * scale + min.
 
@@ -25,17 +47,23 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tens
     output channel, (scale, zero) in the form `_weight_int4pack_mm_for_cpu` wants:
     weight = (q - 8) * scale + zero, so zero = min + 8 * scale.
     """
-    w = weight.detach().float()
-    n, k = w.shape
-    if k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide {k} input channels")
-    groups = w.reshape(n, k // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15.0).clamp(min=1e-12)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
-    nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    levels, low, scale = _int4_levels(weight, group_size)
     scales_and_zeros = torch.stack([scale, low + 8.0 * scale], dim=-1).transpose(0, 1).contiguous()
-    return {"qweight": nibbles, "scales_and_zeros": scales_and_zeros}
+    return {"qweight": pack_int4(levels), "scales_and_zeros": scales_and_zeros}
+
+
+def quantize_int4_float_zero(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """The same 4-bit levels as `quantize_int4`, in the form IPEX's weight-only int4 kernels take:
+    weight ≈ (q - zero_point) * scale, with the zero point a float (-min / scale), not rounded to
+    an integer, so a weight already on a 4-bit grid with a float minimum (GGUF Q4_1) is kept
+    exactly. Zero points of groups that do not span 0 lie outside [0, 15].
+    """
+    levels, low, scale = _int4_levels(weight, group_size)
+    return {
+        "qweight": pack_int4(levels),
+        "scales": scale.contiguous(),
+        "zero_points": (-low / scale).contiguous(),
+    }
 
 
 def quantize_weight(weight: torch.Tensor, bits: Bits, group_size: int) -> dict[str, torch.Tensor]:

@@ -1,16 +1,29 @@
-"""The weight-only tiers on IPEX's recipe: `ipex.llm.optimize` with a weight-only qconfig."""
+"""The weight-only tiers on IPEX's recipe: `ipex.llm.optimize` with a weight-only qconfig.
+
+int4 without a `low_precision_checkpoint` does not keep the weights IPEX quantizes itself:
+IPEX rounds every group's zero point to an integer, which shifts the 16-level grid against
+the model's own (the default model's weights are dequantized GGUF Q4_1, a float minimum per
+block of 32), and it quantizes the lm_head to int4 as well. IPEX's int4 kernels take float zero
+points, so this path lowers the model without tracing, replaces every weight-only linear with
+one quantized min/max per group with an exact zero point (`quantize_int4_float_zero`) and the
+lm_head with IPEX's int8 per-channel one, and then traces. Not with lowp_mode INT8, whose
+kernels read the zero points as int8. Measurements: docs/tiers.md.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from tierserve.domain.config import ConfigError
+from tierserve.worker.kernels import ipex_internals
 from tierserve.worker.kernels.ipex_internals import graph_mode
+from tierserve.worker.kernels.quantizers import quantize_int4_float_zero
 from tierserve.worker.tiers.base import KernelPath, LoadedModel, Progress, bf16_autocast, cpu_capability
 from tierserve.worker.tiers.checkpoints import (
     checkpoint_width,
@@ -22,7 +35,12 @@ from tierserve.worker.tiers.loading import load_hf_model
 if TYPE_CHECKING:
     from tierserve.worker.tiers.woq import WoqTier
 
+log = logging.getLogger(__name__)
+
 IPEX_SETTINGS_FILE = "woq-ipex.json"
+# How the int4 layers are stored when IPEX's own quantization is replaced (`exact_int4`); keys
+# the artifact, so cards measured on IPEX's own int4 weights are not reused.
+EXACT_INT4_FORMAT = "int4 exact float zero points, lm_head int8 per-channel"
 
 
 class IpexWoq(KernelPath):
@@ -30,6 +48,15 @@ class IpexWoq(KernelPath):
 
     def __init__(self, tier: WoqTier) -> None:
         self.tier = tier
+
+    def key(self) -> dict[str, Any]:
+        return {"ipex_format": EXACT_INT4_FORMAT} if self.exact_int4() else {}
+
+    def exact_int4(self) -> bool:
+        """Whether this recipe replaces IPEX's own int4 weights (see the module docstring); `load`
+        does so where IPEX's lowered layout of the model is known (`woq_slots_known`)."""
+        tier = self.tier
+        return tier.bits == 4 and not tier.recipe.low_precision_checkpoint and self.lowp_mode() != "INT8"
 
     def check(self, model_config: Any) -> None:
         tier = self.tier
@@ -79,24 +106,13 @@ class IpexWoq(KernelPath):
 
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         import intel_extension_for_pytorch as ipex
-        from intel_extension_for_pytorch.quantization import (
-            WoqLowpMode,
-            WoqWeightDtype,
-            get_weight_only_quant_qconfig_mapping,
-        )
 
         tier = self.tier
         model, tokenizer = load_hf_model(model_dir)
         tier.check(model.config)
         context_tokens = int(model.config.max_position_embeddings)
         settings = self.settings(model.config)
-        # IPEX's NONE: compute at the activation dtype, which is fp32 for lowp FP32.
-        lowp_modes = {"BF16": WoqLowpMode.BF16, "FP32": WoqLowpMode.NONE, "INT8": WoqLowpMode.INT8}
-        qconfig = get_weight_only_quant_qconfig_mapping(
-            weight_dtype=WoqWeightDtype.INT4 if tier.bits == 4 else WoqWeightDtype.INT8,
-            lowp_mode=lowp_modes[settings["lowp_mode"]],
-            group_size=settings["group_size"],
-        )
+        qconfig = _qconfig(tier.bits, settings["lowp_mode"], settings["group_size"])
         dtype = torch.float32 if settings["dtype"] == "float32" else torch.bfloat16
         group = settings["group_size"]
         weights = f"INT{tier.bits} {'per-channel' if group == -1 else f'group {group}'}"
@@ -112,10 +128,35 @@ class IpexWoq(KernelPath):
                     f"serve it as {'int4-woq' if width == 'INT4' else 'a tier of that width'}"
                 )
             weights = describe_low_precision_checkpoint(extra["low_precision_checkpoint"])
-        with torch.inference_mode():
-            optimized = ipex.llm.optimize(
-                model, dtype=dtype, inplace=True, quantization_config=qconfig, deployment_mode=True, **extra
+        exact = self.exact_int4() and ipex_internals.woq_slots_known(model.config)
+        if self.exact_int4() and not exact:
+            log.warning(
+                "%s: exact int4 weights need a Llama or Mistral model without biases on IPEX %sx "
+                "(here %s on IPEX %s); keeping IPEX's own int4 weights (integer zero points, int4 "
+                "lm_head), which cost accuracy (docs/tiers.md)",
+                tier.name,
+                ipex_internals.SUPPORTED_SERIES,
+                (model.config.architectures or ["this model"])[0],
+                ipex.__version__,
             )
+        with torch.inference_mode():
+            if exact:
+                # Quantized from the float weights, which ipex.llm.optimize converts and drops.
+                layers, lm_head = _exact_int4_linears(model, group, settings["lowp_mode"])
+                weights = f"{weights} exact zero points; lm_head INT8 per-channel"
+            optimized = ipex.llm.optimize(
+                model,
+                dtype=dtype,
+                inplace=True,
+                quantization_config=qconfig,
+                deployment_mode=not exact,
+                **extra,
+            )
+            if exact:
+                ipex_internals.replace_woq_linears(optimized, layers, lm_head)
+                optimized = ipex_internals.trace_optimized_for_generation(
+                    optimized, bf16_autocast=dtype == torch.bfloat16
+                )
         speed = (
             "AMX fast kernels"
             if tier.context.isa.ipex_woq_fast
@@ -135,3 +176,42 @@ class IpexWoq(KernelPath):
             context_tokens=context_tokens,
             run_context=bf16_autocast if dtype == torch.bfloat16 else contextlib.nullcontext,
         )
+
+
+def _qconfig(bits: int, lowp_mode: str, group_size: int) -> Any:
+    """IPEX's weight-only qconfig mapping (group_size -1: one group per output channel)."""
+    from intel_extension_for_pytorch.quantization import (
+        WoqLowpMode,
+        WoqWeightDtype,
+        get_weight_only_quant_qconfig_mapping,
+    )
+
+    # IPEX's NONE: compute at the activation dtype, which is fp32 for lowp FP32.
+    lowp_modes = {"BF16": WoqLowpMode.BF16, "FP32": WoqLowpMode.NONE, "INT8": WoqLowpMode.INT8}
+    return get_weight_only_quant_qconfig_mapping(
+        weight_dtype=WoqWeightDtype.INT4 if bits == 4 else WoqWeightDtype.INT8,
+        lowp_mode=lowp_modes[lowp_mode],
+        group_size=group_size,
+    )
+
+
+def _exact_int4_linears(model: Any, group_size: int, lowp_mode: str) -> tuple[dict[str, Any], Any]:
+    """IPEX weight-only linears for the float `model`: every decoder linear int4 with exact zero
+    points (by its path in IPEX's lowered model), and the lm_head int8 per output channel."""
+    layer_qconfig = _qconfig(4, lowp_mode, group_size).global_qconfig
+    layers = {}
+    for path, weight in ipex_internals.woq_layer_weights(model).items():
+        # -1 (IPEX's per output channel) is one group as wide as the row.
+        packed = quantize_int4_float_zero(weight, group_size if group_size > 0 else weight.shape[1])
+        layers[path] = ipex_internals.int4_woq_linear(
+            packed["qweight"],
+            packed["scales"],
+            packed["zero_points"],
+            in_features=weight.shape[1],
+            group_size=group_size,
+            qconfig=layer_qconfig,
+        )
+    lm_head = ipex_internals.woq_linear_from_float(
+        model.lm_head.weight, _qconfig(8, lowp_mode, -1).global_qconfig
+    )
+    return layers, lm_head
