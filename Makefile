@@ -65,5 +65,5 @@ bench: model ## every tier, transformers eager fp32 and llama.cpp: speed, accura
 bench-routing: model ## every routing policy on one seeded Poisson trace at several loads (JSON, .md, .png in bench-results/)
 	$(TIERSERVE) bench routing --out bench-results/routing.json
 
-bench-overhead: model ## the same requests through the router and straight to a worker, interleaved (bench-results/)
+bench-overhead: model ## the same requests through the router (gRPC and its HTTP API) and straight to a worker, interleaved (bench-results/)
 	$(TIERSERVE) bench overhead --out bench-results/overhead.json

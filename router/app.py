@@ -16,13 +16,17 @@ import grpc
 from tierserve_client.v1 import router_pb2, router_pb2_grpc
 
 from tierserve.domain.config import TierserveConfig
+from tierserve.router.limits import ClientLimits
 from tierserve.router.metrics import RouterMetrics
 from tierserve.router.policies.registry import RoutingPolicy, make_policy
 from tierserve.router.pool import WorkerPool
 from tierserve.router.registration import router_interceptors
 from tierserve.router.service import RouterServicer
 from tierserve.rpc.server import ServerHandle, start_server
+from tierserve.rpc.stalls import StalledStreamGuard, client_connection_options
 from tierserve.rpc.tls import router_server_credentials
+
+GENERATE_METHOD = f"/{router_pb2.DESCRIPTOR.services_by_name['Router'].full_name}/Generate"
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Router:
     interceptors: list[grpc.aio.ServerInterceptor]
     # TLS for clients ([security]); None: plaintext.
     credentials: grpc.ServerCredentials | None
+    # Per-client bounds on Generate streams and watches (also in `interceptors`).
+    client_limits: ClientLimits | None = None
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
@@ -54,6 +60,14 @@ class Router:
             port_file,
             credentials=self.credentials,
             interceptors=self.interceptors,
+            # What a drain waits for, and refuses anew with a retry hint.
+            work_methods=[GENERATE_METHOD],
+            options=client_connection_options(
+                self.config.router.client_keepalive_time_s,
+                self.config.router.client_keepalive_timeout_s,
+                self.config.router.max_connection_idle_s,
+                self.config.router.max_streams_per_connection,
+            ),
         )
 
         async def report_pool_health(pool: WorkerPool) -> None:
@@ -67,10 +81,22 @@ def build_router(config: TierserveConfig, clock: Callable[[], float] = time.mono
     """Everything the router process serves with, from its config; `clock` times registrations."""
     # What can refuse the config (policy name, token and certificate files) first, before any channel opens.
     policy = make_policy(config.router.policy)
-    interceptors = router_interceptors(config.security)
+    # After authentication, so a refused caller holds nothing: per-client limits (per peer without
+    # tokens; with tokens each token's own, counted by the token check), then the stream idle guard.
+    client_limits = ClientLimits(
+        0 if config.security.tokens_file else config.router.max_concurrent_per_peer,
+        config.router.max_watchers_per_client,
+        config.router.max_watchers,
+    )
+    interceptors = [
+        *router_interceptors(config),
+        client_limits,
+        StalledStreamGuard(config.limits.stream_idle_timeout_s),
+    ]
     credentials = router_server_credentials(config.security)
     pool = WorkerPool(config, clock=clock)
     metrics = RouterMetrics()
     metrics.watch_pool(lambda: pool.workers)
+    pool.departures.append(metrics.forget_worker)
     servicer = RouterServicer(pool, policy, config.limits, config.service_level, metrics)
-    return Router(config, pool, policy, metrics, servicer, interceptors, credentials)
+    return Router(config, pool, policy, metrics, servicer, interceptors, credentials, client_limits)

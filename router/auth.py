@@ -2,8 +2,8 @@
 
 Every Router call must carry `authorization: Bearer <token>` naming a token of the tokens file:
 none is UNAUTHENTICATED, an unknown one PERMISSION_DENIED. Each client (token) may have a bounded
-number of Generate streams open; past it RESOURCE_EXHAUSTED. Health and reflection stay open, so
-probes and balancers work without a token.
+number of Generate streams open (router/limits.py; counted once the request has arrived); past it
+RESOURCE_EXHAUSTED. Health and reflection stay open, so probes and balancers work without a token.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import Any
 import grpc
 
 from tierserve.domain.config import ConfigError
+from tierserve.router.limits import GENERATE_METHOD, OpenStreams, holding_a_place
 
 PROTECTED_PREFIX = "/tierserve.v1.Router/"
-LIMITED_METHOD = "/tierserve.v1.Router/Generate"
-# Retry hint sent with a client's RESOURCE_EXHAUSTED: its own streams must end first.
-CLIENT_LIMIT_RETRY_MS = 1000
+LIMITED_METHOD = GENERATE_METHOD
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,8 @@ def refusing(
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, tokens: dict[bytes, TokenEntry]) -> None:
         self._tokens = tokens
-        # Open Generate streams per client name.
-        self.open_streams: dict[str, int] = {}
+        # Open Generate streams per client (token) name, counted while their handlers run.
+        self.generate = OpenStreams("Generate streams", 0)
 
     async def intercept_service(
         self,
@@ -116,38 +115,4 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return refusing(handler, grpc.StatusCode.PERMISSION_DENIED, "unknown token")
         if details.method != LIMITED_METHOD or not entry.max_concurrent:
             return handler
-        if self.open_streams.get(entry.name, 0) >= entry.max_concurrent:
-            return refusing(
-                handler,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"client {entry.name} already has {entry.max_concurrent} requests open, its limit; "
-                "retry when one ends",
-                (("retry-after-ms", str(CLIENT_LIMIT_RETRY_MS)),),
-            )
-        return self._counted(handler, entry.name)
-
-    def _counted(self, handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
-        """Count the stream from now (interception runs before the call, so a burst cannot slip
-        past the limit) until it ends, however it ends."""
-        self.open_streams[name] = self.open_streams.get(name, 0) + 1
-        inner = handler.unary_stream
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.open_streams[name] -= 1
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for response in inner(request, context):
-                    yield response
-            finally:
-                release()
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return holding_a_place(handler, self.generate, lambda _: entry.name, entry.max_concurrent)

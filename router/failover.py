@@ -2,8 +2,10 @@
 stream that already sent tokens resumes elsewhere without the client seeing a seam.
 
 A request that fails before its first token is simply sent again. One that fails after tokens
-were streamed is resumed: the next worker gets the prompt plus the text already streamed as its
-prompt and only the tokens still owed, and its token indexes are shifted to continue the stream.
+were streamed is resumed: the next worker gets the same request with the text already streamed as
+its `response_prefix` (appended to the prompt; for chat messages, after the template opens the
+assistant's turn, so the text continues that turn) and only the tokens still owed, and its token
+indexes are shifted to continue the stream.
 
 Sampling across a resume: a sampled request (temperature > 0) always has a seed, the caller's or one
 the router draws (reported in the summary), and a stream resumed after n tokens samples the rest
@@ -21,18 +23,22 @@ from dataclasses import dataclass, field
 import grpc
 from tierserve_client.v1 import generate_pb2
 
+from tierserve.domain.config import LimitsConfig
+from tierserve.domain.errors import InvalidRequest
+from tierserve.domain.requests import validate_generate_request
+
 # Each worker is tried at most once per request, and never more than this many times in all.
 MAX_FAILOVERS = 3
-# Statuses that say the worker (not the request) failed: a dead or unreachable process, a broken
-# connection, a crash inside it. The client's own faults are never retried.
-WORKER_FAULT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.ABORTED,
-    }
-)
+# Statuses that say the worker is down: its process is dead, unreachable or stopping, or the
+# connection to it broke. It leaves the rotation until a health check passes.
+WORKER_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# Statuses of a worker that answered with an error: a crash inside it, which may be its own fault
+# or the request's (one request's values can break a model's numerics). Another worker may take the
+# request, but a worker that answers stays in rotation: one request must not take workers out.
+# What the worker knows to be the request's fault it answers as such (INVALID_ARGUMENT), and the
+# client's own faults are never retried.
+WORKER_ERROR_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+WORKER_FAULT_CODES = WORKER_DOWN_CODES | WORKER_ERROR_CODES
 
 
 SEED_BITS = 63  # seeds the workers draw themselves have as many bits
@@ -65,6 +71,24 @@ def is_worker_fault(code: grpc.StatusCode, client_left: bool) -> bool:
     return code in WORKER_FAULT_CODES
 
 
+def is_worker_down(code: grpc.StatusCode, client_left: bool) -> bool:
+    """Whether a worker fault takes the worker out of rotation: it is down, not merely answering
+    an error (which a request's own values may cause)."""
+    if code == grpc.StatusCode.CANCELLED:
+        return not client_left
+    return code in WORKER_DOWN_CODES
+
+
+def resume_refusal(request: generate_pb2.GenerateRequest, limits: LimitsConfig) -> str | None:
+    """Why a resumed request may not be sent, or None: a continuation must keep the limits the
+    original request was checked against (the text streamed so far may have taken it past one)."""
+    try:
+        validate_generate_request(request, limits)
+    except InvalidRequest as error:
+        return str(error)
+    return None
+
+
 @dataclass
 class StreamProgress:
     """What the client has received so far, across every worker that served the request."""
@@ -84,6 +108,10 @@ class StreamProgress:
     client_ttft_us: float = 0.0
     # The summary is on its way to the client: the stream is complete, whatever happens next.
     summary_sent: bool = False
+    # Why generation ended, as the worker marked its last token (unspecified: not ended yet).
+    finish_reason: generate_pb2.FinishReason.ValueType = generate_pb2.FINISH_REASON_UNSPECIFIED
+    # The status of the last worker that failed this request.
+    last_failure_code: grpc.StatusCode | None = None
 
     def __post_init__(self) -> None:
         # A sampled request gets its seed here rather than on a worker, so a resume can derive the
@@ -99,10 +127,21 @@ class StreamProgress:
     def remaining_tokens(self) -> int:
         return self.max_new_tokens - self.tokens_sent
 
+    @property
+    def complete(self) -> bool:
+        """Every token of the request reached the client (a worker that fails now failed after its
+        last token, before its summary): the tokens asked for, or the last one the worker marked
+        as ending generation (end of sequence, a stop string, the context window)."""
+        return self.tokens_sent > 0 and (
+            self.remaining_tokens <= 0 or self.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+        )
+
     def can_fail_over(self) -> bool:
-        return self.failovers < MAX_FAILOVERS and self.remaining_tokens > 0
+        # A complete stream is closed, never resumed past its end.
+        return self.failovers < MAX_FAILOVERS and not self.complete
 
     def failed(self, failure: WorkerStreamFailed) -> None:
+        self.last_failure_code = failure.code
         self.failed_workers.append(failure.worker_id)
         self.failure_reasons.append(f"{failure.worker_id} {failure.code.name}")
         self.offset = self.tokens_sent
@@ -114,7 +153,7 @@ class StreamProgress:
             return self.request
         resumed = generate_pb2.GenerateRequest()
         resumed.CopyFrom(self.request)
-        resumed.prompt = self.request.prompt + self.text_sent
+        resumed.response_prefix = self.request.response_prefix + self.text_sent
         resumed.max_new_tokens = self.remaining_tokens
         if self.request.temperature > 0:
             resumed.seed = resume_seed(self.request.seed, self.tokens_sent)
@@ -130,6 +169,8 @@ class StreamProgress:
         token.index += self.offset
         self.tokens_sent += 1
         self.text_sent += token.text
+        if token.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+            self.finish_reason = token.finish_reason
 
     def sent_summary(self) -> None:
         """The summary is on its way to the client: nothing may follow it."""

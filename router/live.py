@@ -180,4 +180,7 @@ class PromptTokenEstimator:
         return self._ratio.value or self._reported or self.DEFAULT_CHARS_PER_TOKEN
 
     def estimate(self, prompt: str) -> int:
-        return max(1, round(len(prompt) / self.chars_per_token))
+        return self.estimate_chars(len(prompt))
+
+    def estimate_chars(self, prompt_chars: int) -> int:
+        return max(1, round(prompt_chars / self.chars_per_token))

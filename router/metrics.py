@@ -9,6 +9,7 @@ the policy's free-text reason.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -27,6 +28,17 @@ from tierserve.rpc.metrics import (
     has_budget,
     status_label,
 )
+
+# Every value of the status label, and of the failover kinds.
+STATUS_LABELS = tuple(dict.fromkeys([status_label(None), *(status_label(code) for code in grpc.StatusCode)]))
+FAILOVER_KINDS = ("resumed", "retried")
+
+# The door a request came in by: the `protocol` label of the request metrics. The HTTP API
+# (router/http/) sets it in the task that serves each of its requests; gRPC calls keep the default.
+GRPC = "grpc"
+HTTP = "http"
+request_protocol: ContextVar[str] = ContextVar("tierserve_request_protocol", default=GRPC)
+PROTOCOLS = (GRPC, HTTP)
 
 # Routing decision categories.
 ELIGIBLE = "eligible"
@@ -84,14 +96,15 @@ class RouterMetrics:
         per_worker = ["tier", "worker"]
         self.requests = Counter(
             "tierserve_router_requests",
-            "Generate requests by the worker's tier and the final status (tier none: never routed)",
-            [*per_worker, "status"],
+            "Generate requests by the worker's tier, the final status (tier none: never routed) and the "
+            "protocol they came by (grpc, http)",
+            [*per_worker, "status", "protocol"],
             registry=self.registry,
         )
         self.ttft = Histogram(
             "tierserve_router_ttft_seconds",
-            "Time to first token as the router saw it, waiting included",
-            per_worker,
+            "Time to first token as the router saw it, waiting included, by protocol (grpc, http)",
+            [*per_worker, "protocol"],
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
@@ -136,13 +149,13 @@ class RouterMetrics:
         """A request that never reached a worker; `routed`: the policy refused it (not validation)."""
         if routed:
             self.decisions.labels(policy, REJECTED, NO_TIER).inc()
-        self.requests.labels(NO_TIER, NO_WORKER, status_label(code)).inc()
+        self.requests.labels(NO_TIER, NO_WORKER, status_label(code), request_protocol.get()).inc()
 
     def token(self, tier: str, worker: str, token: generate_pb2.Token, seen_ttft_s: float | None) -> None:
         """One relayed token; the first with the TTFT the router saw."""
         self.tokens.labels(tier, worker).inc()
         if seen_ttft_s is not None:
-            self.ttft.labels(tier, worker).observe(seen_ttft_s)
+            self.ttft.labels(tier, worker, request_protocol.get()).observe(seen_ttft_s)
         elif token.index > 0:
             self.tpot.labels(tier, worker).observe(token.latency_us / 1e6)
 
@@ -151,7 +164,23 @@ class RouterMetrics:
             self.slo.labels(tier, worker, SLO_MET if met else SLO_MISSED).inc()
 
     def failed_over(self, tier: str, worker: str, code: grpc.StatusCode, resumed: bool) -> None:
-        self.failovers.labels(tier, worker, status_label(code), "resumed" if resumed else "retried").inc()
+        kind = FAILOVER_KINDS[0] if resumed else FAILOVER_KINDS[1]
+        self.failovers.labels(tier, worker, status_label(code), kind).inc()
+
+    def forget_worker(self, worker: str, tier: str) -> None:
+        """Drop every series of a worker that left the pool (DNS churn, an expired registration):
+        the series stay as many as the workers the pool has, however many came and went."""
+        for status in STATUS_LABELS:
+            for protocol in PROTOCOLS:
+                self.requests.remove(tier, worker, status, protocol)
+            for kind in FAILOVER_KINDS:
+                self.failovers.remove(tier, worker, status, kind)
+        for result in (SLO_MET, SLO_MISSED):
+            self.slo.remove(tier, worker, result)
+        for protocol in PROTOCOLS:
+            self.ttft.remove(tier, worker, protocol)
+        for per_worker in (self.tpot, self.tokens):
+            per_worker.remove(tier, worker)
 
     def finished(self, tier: str, worker: str, code: grpc.StatusCode | None) -> None:
-        self.requests.labels(tier, worker, status_label(code)).inc()
+        self.requests.labels(tier, worker, status_label(code), request_protocol.get()).inc()

@@ -16,8 +16,8 @@ from tierserve_client.v1 import generate_pb2, router_pb2, worker_pb2, worker_pb2
 
 from tierserve.domain.config import TierserveConfig
 from tierserve.domain.deadlines import first_token_deadline
-from tierserve.domain.errors import InvalidRequest, Unsatisfiable
-from tierserve.router.discovery import is_dns_target, resolve
+from tierserve.domain.errors import InvalidRequest, NoWorkerAvailable, Unsatisfiable
+from tierserve.router.discovery import LookupFailed, is_dns_target, resolve
 from tierserve.router.live import LiveStats, PromptTokenEstimator
 from tierserve.router.prediction import (
     Prediction,
@@ -27,13 +27,15 @@ from tierserve.router.prediction import (
     next_free_us,
     predict,
 )
-from tierserve.router.registration import Registrations
+from tierserve.router.registration import Registrant, Registrations
 from tierserve.rpc.server import keepalive_options
 from tierserve.rpc.tls import worker_channel_credentials, worker_channel_options
 
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+# A DNS lookup that takes longer has failed (the last known workers stay).
+DNS_TIMEOUT_S = 5.0
 # Describe again every this many health rounds, for the worker's own live figures.
 DESCRIBE_EVERY = 5
 
@@ -117,12 +119,14 @@ class WorkerHandle:
         else:
             self.live.record_token(token.latency_us, self.streams_on_cores())
 
-    def mark_failed(self, reason: str) -> None:
-        """A request failed here through the worker's fault: out of rotation until its next health
-        check passes."""
+    def mark_failed(self, reason: str, down: bool = True) -> None:
+        """A request failed here through the worker's fault. When the worker is `down` (dead,
+        unreachable, stopping), out of rotation until its next health check passes; a worker that
+        answered with an error stays in (the request's own values may have caused it)."""
         self.requests_failed += 1
         self.last_error = reason
-        self.health = router_pb2.WORKER_HEALTH_UNREACHABLE
+        if down:
+            self.health = router_pb2.WORKER_HEALTH_UNREACHABLE
 
     def learn(
         self, summary: generate_pb2.Summary, prediction: Prediction | None, seen_ttft_us: float
@@ -160,11 +164,10 @@ class WorkerHandle:
 
 def worker_channel_args(config: TierserveConfig) -> list[tuple[str, object]]:
     """Options of every router-to-worker channel: message limits, keepalive (so a cut link fails
-    the worker's streams within seconds and they fail over), and the TLS server name if any."""
+    the worker's streams within seconds and they fail over). Each channel adds its worker's TLS name."""
     return [
         *CHANNEL_OPTIONS,
         *keepalive_options(config.router.keepalive_time_s, config.router.keepalive_timeout_s),
-        *worker_channel_options(config.security),
     ]
 
 
@@ -190,15 +193,26 @@ class WorkerPool:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.workers: list[WorkerHandle] = []
-        self.registrations = Registrations(config.router.registration_ttl_s, clock)
+        self.registrations = Registrations(
+            config.router.registration_ttl_s, clock, config.router.max_registrations
+        )
         # Registered handles replaced by a newer registration, closed once their requests finish.
         self._retired: list[WorkerHandle] = []
         self.prompt_tokens = PromptTokenEstimator(config.router.ewma_alpha)
         self._router_config = config.router
         self._credentials = worker_channel_credentials(config.security)
+        self._security = config.security
         self._channel_options = worker_channel_args(config)
         # dns:/// workers: (config name, tier, target), expanded to one handle per address each round.
         self._dns_targets = [(w.name, w.tier, w.address) for w in config.workers if is_dns_target(w.address)]
+        # Targets whose last lookup failed (told once per outage).
+        self._lookups_failing: set[str] = set()
+        # Tiers this pool serves: configured, or registered since it started. A pinned one with no
+        # worker now is unavailable, not a tier the pool does not serve.
+        self._tiers = {w.tier for w in config.workers}
+        # Called with (worker id, tier) when a worker leaves the pool (DNS, expired registration),
+        # e.g. to drop its metric series.
+        self.departures: list[Callable[[str, str], None]] = []
         for worker in config.workers:
             # Workers with register_with join by Register instead.
             if not is_dns_target(worker.address) and not worker.register_with:
@@ -207,12 +221,14 @@ class WorkerPool:
         self._task: asyncio.Task[None] | None = None
         self.first_round_done = asyncio.Event()
 
-    def _handle(self, worker_id: str, tier: str, address: str) -> WorkerHandle:
-        # Mutual TLS when [security] configures it: workers accept only the pool CA's client certs.
+    def _handle(self, worker_id: str, tier: str, address: str, name: str = "") -> WorkerHandle:
+        # Mutual TLS when [security] configures it: workers accept only the router's client
+        # certificate, and the router only the certificate of worker `name` (default: the id).
+        options = [*self._channel_options, *worker_channel_options(self._security, name or worker_id)]
         channel = (
-            grpc.aio.secure_channel(address, self._credentials, options=self._channel_options)
+            grpc.aio.secure_channel(address, self._credentials, options=options)
             if self._credentials is not None
-            else grpc.aio.insecure_channel(address, options=self._channel_options)
+            else grpc.aio.insecure_channel(address, options=options)
         )
         return WorkerHandle(
             worker_id=worker_id,
@@ -228,26 +244,60 @@ class WorkerPool:
         """Follow every dns:/// target: a handle per address it resolves to now ("name@ip:port");
         handles of vanished addresses leave once their requests have finished."""
         for name, tier, target in self._dns_targets:
-            current = set(await resolve(target))
+            mine = [w for w in self.workers if w.worker_id.startswith(f"{name}@")]
+            try:
+                current = set(await asyncio.wait_for(resolve(target), DNS_TIMEOUT_S))
+            except (LookupFailed, TimeoutError) as error:
+                # A failed lookup says nothing about the workers: keep them; health checks tell.
+                if target not in self._lookups_failing:
+                    self._lookups_failing.add(target)
+                    log.warning(
+                        "worker %s: DNS lookup failed (%s); keeping the %d worker(s) it last resolved to",
+                        name,
+                        str(error) or "timed out",
+                        len(mine),
+                    )
+                continue
+            if target in self._lookups_failing:
+                self._lookups_failing.discard(target)
+                log.info("worker %s: DNS answers again", name)
             mine = [w for w in self.workers if w.worker_id.startswith(f"{name}@")]
             known = {w.address for w in mine}
             for address in sorted(current - known):
                 log.info("worker %s: found %s", name, address)
-                self.workers.append(self._handle(f"{name}@{address}", tier, address))
-            for gone in (w for w in mine if w.address not in current and w.load.outstanding == 0):
+                self.workers.append(self._handle(f"{name}@{address}", tier, address, name))
+            for gone in [w for w in mine if w.address not in current and w.load.outstanding == 0]:
                 log.info("worker %s: %s no longer resolves; dropped", name, gone.address)
                 self.workers.remove(gone)
+                self._departed(gone)
                 await gone.channel.close()
                 link_peers(self.workers)
 
-    def register(self, worker_id: str, address: str, tier: str) -> bool:
-        """A Register call: add the worker on its first (health-polled from the next round, like
-        the others), refresh its expiry on each later one. True when this call added it."""
+    def _departed(self, handle: WorkerHandle) -> None:
+        """Tell `departures` a worker left, unless a handle of the same id and tier is still here
+        (re-registered at another address: its figures go on)."""
+        if not any(w.worker_id == handle.worker_id and w.tier == handle.tier for w in self.workers):
+            for departure in self.departures:
+                departure(handle.worker_id, handle.tier)
+
+    def check_pinned_tier(self, tier: str) -> None:
+        """A pinned tier this pool serves (configured, or registered since it started; with
+        registrations open, any tier may join) but has no worker of now (they left: DNS, expired
+        registrations) is unavailable, as when its workers are all down: NoWorkerAvailable."""
+        if not tier or any(w.tier == tier for w in self.workers):
+            return
+        if tier in self._tiers or self.registrations.ttl_s:
+            raise NoWorkerAvailable(f"no worker of tier {tier!r} is in the pool now; retry shortly")
+
+    def register(self, worker_id: str, address: str, tier: str, registrant: Registrant) -> bool:
+        """A Register call by `registrant` (its authenticated credential): add the worker on its
+        first (health-polled from the next round, like the others), refresh its expiry on each later
+        one. True when this call added it."""
         if not self.registrations.ttl_s:
             raise Unsatisfiable("this router takes no registrations; set [router] registration_ttl_s")
         if any(w.worker_id == worker_id and not w.registered for w in self.workers):
             raise InvalidRequest("worker_id", f"{worker_id!r} is a configured worker; register another name")
-        if not self.registrations.heartbeat(worker_id, address, tier):
+        if not self.registrations.heartbeat(worker_id, address, tier, registrant):
             return False
         # Re-registered at another address or tier (e.g. restarted): the old handle stops taking requests.
         for old in [w for w in self.workers if w.worker_id == worker_id]:
@@ -255,6 +305,7 @@ class WorkerPool:
             self._retired.append(old)
             link_peers(self.workers)
         log.info("worker %s registered at %s (%s)", worker_id, address, tier)
+        self._tiers.add(tier)
         handle = self._handle(worker_id, tier, address)
         handle.registered = True
         self.workers.append(handle)
@@ -275,6 +326,8 @@ class WorkerPool:
                 self.workers.remove(handle)
                 closing.append(handle)
                 link_peers(self.workers)
+        for handle in closing:
+            self._departed(handle)
         for handle in closing:
             await handle.channel.close()
 
@@ -332,6 +385,8 @@ class WorkerPool:
                 self._described(worker, info)
         except grpc.aio.AioRpcError as error:
             worker.health = router_pb2.WORKER_HEALTH_UNREACHABLE
+            # Shown by ListWorkers: why a worker never came up (e.g. its certificate names another).
+            worker.last_error = f"health check: {error.code().name}: {error.details()}"
             if was_healthy:
                 log.warning(
                     "worker %s at %s unreachable: %s", worker.worker_id, worker.address, error.details()

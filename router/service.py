@@ -15,13 +15,19 @@ from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tierserve.domain.config import LimitsConfig, ServiceLevelConfig
 from tierserve.domain.errors import InvalidRequest, Overloaded, TierserveError, status_for
-from tierserve.domain.requests import apply_service_level, validate_generate_request
-from tierserve.router.failover import StreamProgress, WorkerStreamFailed, is_worker_fault
-from tierserve.router.metrics import RouterMetrics
+from tierserve.domain.requests import apply_service_level, prompt_chars, validate_generate_request
+from tierserve.router.failover import (
+    StreamProgress,
+    WorkerStreamFailed,
+    is_worker_down,
+    is_worker_fault,
+    resume_refusal,
+)
+from tierserve.router.metrics import RouterMetrics, request_protocol
 from tierserve.router.policies.registry import RouteRequest, RoutingDecision, RoutingPolicy
 from tierserve.router.pool import WorkerHandle, WorkerPool
 from tierserve.router.prediction import Ticket
-from tierserve.router.registration import registration_from_request
+from tierserve.router.registration import current_registrant, registration_from_request
 from tierserve.router.summary import closing_summary, complete_summary
 from tierserve.rpc.departures import departure_code
 from tierserve.rpc.tracing import RequestSpan, start_request_span
@@ -71,13 +77,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         span = start_request_span(
             "tierserve.Router/Generate",
             context.invocation_metadata(),
-            {"tierserve.request_id": request.request_id, "tierserve.pinned_tier": request.tier},
+            {
+                "tierserve.request_id": request.request_id,
+                "tierserve.pinned_tier": request.tier,
+                # grpc or http (the OpenAI-compatible API calls this servicer in-process).
+                "tierserve.protocol": request_protocol.get(),
+            },
         )
         try:
             params = validate_generate_request(request, self._limits)
             apply_service_level(request, self._service_level)
-            prompt_tokens = self._pool.prompt_tokens.estimate(request.prompt)
+            prompt_tokens = self._pool.prompt_tokens.estimate_chars(prompt_chars(request))
             route = route_request(request, prompt_tokens, params.max_new_tokens)
+            self._pool.check_pinned_tier(request.tier)
             decision = self._policy.choose(route, self._pool.workers)
         except Overloaded as error:
             self.metrics.refused(self._policy.name, status_for(error)[0], routed=True)
@@ -114,9 +126,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         code = None
                         return
                     progress.failed(failure)
-                    failed = self._pool.by_id(failure.worker_id)
-                    self.metrics.failed_over(failed.tier, failed.worker_id, failure.code, progress.offset > 0)
-                    if progress.tokens_sent and not progress.remaining_tokens:
+                    if progress.complete:
+                        # Failed after its last token: close the stream, never resume past its end.
                         total_us = int((time.perf_counter() - arrival) * 1e6)
                         yield generate_pb2.GenerateResponse(summary=closing_summary(progress, total_us))
                         code = None
@@ -180,6 +191,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             code = None
         except WorkerStreamFailed as failure:
             code = failure.code
+            if not progress.summary_sent:
+                # Counted while this request still holds the worker: a worker that leaves the pool
+                # takes its metric series along once it has no requests, and none may come back.
+                self.metrics.failed_over(
+                    worker.tier, worker.worker_id, failure.code, progress.tokens_sent > 0
+                )
             raise
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
@@ -210,8 +227,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if not progress.can_fail_over():
             await context.abort(failure.code, str(failure))
         resumed = progress.worker_request()
+        refusal = resume_refusal(resumed, self._limits)
+        if refusal is not None:
+            await context.abort(
+                failure.code, f"{failure}; the stream cannot be resumed within the limits: {refusal}"
+            )
         route = route_request(
-            resumed, self._pool.prompt_tokens.estimate(resumed.prompt), progress.remaining_tokens
+            resumed, self._pool.prompt_tokens.estimate_chars(prompt_chars(resumed)), progress.remaining_tokens
         )
         others = [w for w in self._pool.workers if w.worker_id not in progress.failed_workers]
         try:
@@ -256,13 +278,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         else response.summary.queue_time_us + response.summary.ttft_us
                     )
                     worker.learn(response.summary, decision.prediction, seen_ttft_us)
-                    self._pool.prompt_tokens.learn(len(request.prompt), response.summary.prompt_tokens)
+                    self._pool.prompt_tokens.learn(prompt_chars(request), response.summary.prompt_tokens)
                 yield response
         except grpc.aio.AioRpcError as error:
             code, details = error.code(), error.details() or ""
-            if is_worker_fault(code, client_left=context.cancelled()):
-                worker.mark_failed(f"{code.name}: {details}")
+            client_left = context.cancelled()
+            if is_worker_fault(code, client_left):
+                worker.mark_failed(f"{code.name}: {details}", down=is_worker_down(code, client_left))
                 raise WorkerStreamFailed(worker.worker_id, code, details) from None
+            if progress.offset and code == grpc.StatusCode.INVALID_ARGUMENT and progress.last_failure_code:
+                # The client's request was accepted; the continuation the router made of it was not.
+                failures = "; ".join(progress.failure_reasons)
+                await context.abort(
+                    progress.last_failure_code,
+                    f"failed over ({failures}); resuming on {worker.worker_id} was refused: {details}",
+                )
             await context.abort(code, details)
         finally:
             # Reached also when our client leaves: cancel upstream so the worker stops generating.
@@ -277,7 +307,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RegisterResponse:
         try:
-            added = self._pool.register(*registration_from_request(request))
+            # The interceptor authenticated the caller (router/registration.py).
+            added = self._pool.register(*registration_from_request(request), current_registrant())
         except TierserveError as error:
             await context.abort(*status_for(error))
         return router_pb2.RegisterResponse(added=added, ttl_s=self._pool.registrations.ttl_s)

@@ -58,7 +58,8 @@ def closing_summary(progress: StreamProgress, total_time_us: int) -> generate_pb
         worker_id=progress.failed_workers[-1],
         generated_tokens=progress.tokens_sent,
         ttft_us=progress.first_token_latency_us,
-        finish_reason=generate_pb2.FINISH_REASON_LENGTH,
+        # As the worker marked its last token; unmarked, the stream ended on its token budget.
+        finish_reason=progress.finish_reason or generate_pb2.FINISH_REASON_LENGTH,
         routing_reason=CLOSED_BY_ROUTER,
         text=progress.text_sent,
     )

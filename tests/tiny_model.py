@@ -11,7 +11,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tierserve.domain.config import ModelConfig
 from tierserve.ops.modelprep import prepare_model
@@ -42,13 +51,25 @@ def copy_tokenizer(source: Path, target: Path) -> None:
         raise FileNotFoundError(f"no tokenizer files in {source}")
 
 
-def build_tiny_model_dir(path: Path, tokenizer_dir: Path | None = None) -> Path:
-    """Write a tiny random LlamaForCausalLM plus the default model's tokenizer into `path`."""
+# Families of decoder models the batched engine is checked on, by `architectures` name.
+FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
+    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
+    "MistralForCausalLM": (MistralConfig, MistralForCausalLM),
+}
+
+
+def build_tiny_model_dir(
+    path: Path, tokenizer_dir: Path | None = None, architecture: str = "LlamaForCausalLM"
+) -> Path:
+    """Write a tiny random model of `architecture` (Llama by default) plus the default model's
+    tokenizer into `path`."""
     from transformers import AutoTokenizer
 
     source = tokenizer_dir or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    config = LlamaConfig(
+    config_class, model_class = FAMILIES[architecture]
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -62,10 +83,10 @@ def build_tiny_model_dir(path: Path, tokenizer_dir: Path | None = None) -> Path:
         tie_word_embeddings=True,
         # Wider than the 0.02 default, so greedy text varies instead of repeating one token.
         initializer_range=0.3,
-        architectures=["LlamaForCausalLM"],
+        architectures=[architecture],
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     copy_tokenizer(source, path)

@@ -8,11 +8,7 @@ step once `cancelled()` turns true.
 from __future__ import annotations
 
 import secrets
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,121 +17,37 @@ from transformers.generation.streamers import BaseStreamer
 
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
-from tierserve.worker.textstream import IncrementalDetokenizer, StopStringFilter
+from tierserve.worker.chat import render_prompt
+from tierserve.worker.generation import (
+    FinishReason,
+    GenerationOutcome,
+    PreparedPrompt,
+    TokenEvent,
+    TokenSink,
+)
 from tierserve.worker.tiers.base import LoadedModel
 
-
-class FinishReason(StrEnum):
-    LENGTH = "length"
-    EOS = "eos"
-    STOP = "stop"
-    CONTEXT = "context"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    text: str
-    token_id: int
-    index: int
-    latency_us: int
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    max_new_tokens: int
-    # True when the context window, not max_new_tokens, bounds the generation.
-    context_bound: bool
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
-
-
-@dataclass
-class GenerationOutcome:
-    prompt_tokens: int
-    finish_reason: FinishReason
-    seed: int
-    token_latencies_us: list[int] = field(default_factory=list)
-    text: str = ""
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.token_latencies_us)
-
-    @property
-    def ttft_us(self) -> int:
-        return self.token_latencies_us[0] if self.token_latencies_us else 0
-
-    @property
-    def tpot_us(self) -> list[int]:
-        return self.token_latencies_us[1:]
-
-    def tpot_mean_us(self) -> float:
-        return statistics.fmean(self.tpot_us) if self.tpot_us else 0.0
+# Re-exported: the service and the benchmarks take them from here.
+__all__ = ["Engine", "FinishReason", "GenerationOutcome", "PreparedPrompt", "TokenEvent", "seed_for"]
 
 
 class _TimedTokenStream(BaseStreamer):  # type: ignore[misc]
-    """Receives each new token from `generate`, times it, turns it into text and emits it."""
+    """Hands each new token from `generate` to a TokenSink (the prompt, which `generate` passes
+    first, is skipped)."""
 
-    def __init__(
-        self,
-        decode: Callable[[Sequence[int]], str],
-        stops: Sequence[str],
-        eos_ids: set[int],
-        max_new_tokens: int,
-        emit: Callable[[TokenEvent], None],
-    ) -> None:
-        self._detokenizer = IncrementalDetokenizer(decode)
-        self._stop_filter = StopStringFilter(stops)
-        self._eos_ids = eos_ids
-        self._max_new_tokens = max_new_tokens
-        self._emit = emit
+    def __init__(self, sink: TokenSink) -> None:
+        self.sink = sink
         self._prompt_seen = False
-        self._last_time = time.perf_counter()
-        self.latencies_us: list[int] = []
-        self.text_parts: list[str] = []
-        self.saw_eos = False
-
-    @property
-    def stopped_by_string(self) -> bool:
-        return self._stop_filter.stopped
-
-    @property
-    def finished(self) -> bool:
-        return self.saw_eos or self.stopped_by_string or len(self.latencies_us) >= self._max_new_tokens
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate() first hands over the prompt itself
             self._prompt_seen = True
             return
         for token_id in value.reshape(-1).tolist():
-            self._on_token(int(token_id))
+            self.sink.push(int(token_id))
 
     def end(self) -> None:
         pass
-
-    def _on_token(self, token_id: int) -> None:
-        now = time.perf_counter()
-        latency_us = int((now - self._last_time) * 1e6)
-        self._last_time = now
-        index = len(self.latencies_us)
-        self.latencies_us.append(latency_us)
-        if token_id in self._eos_ids:
-            self.saw_eos = True
-            text = self._release_held_text()
-        else:
-            text = self._stop_filter.feed(self._detokenizer.push(token_id))
-            if index + 1 >= self._max_new_tokens and not self._stop_filter.stopped:
-                text += self._release_held_text()  # last token: nothing comes to complete held text
-        self.text_parts.append(text)
-        self._emit(TokenEvent(text=text, token_id=token_id, index=index, latency_us=latency_us))
-
-    def _release_held_text(self) -> str:
-        return self._stop_filter.feed(self._detokenizer.flush()) + self._stop_filter.flush()
 
 
 class _StopWhen(StoppingCriteria):  # type: ignore[misc]
@@ -168,7 +80,7 @@ class Engine:
 
     def prepare(self, params: GenerationParams) -> PreparedPrompt:
         """Tokenize and fit into the context window; raise InvalidRequest if the prompt cannot fit."""
-        encoded = self.tokenizer(params.prompt, return_tensors="pt")
+        encoded = self.tokenizer(render_prompt(self.tokenizer, params), return_tensors="pt")
         prompt_tokens = int(encoded["input_ids"].shape[1])
         if prompt_tokens == 0:
             raise InvalidRequest("prompt", "encodes to no tokens")
@@ -193,19 +105,9 @@ class Engine:
         emit: Callable[[TokenEvent], None],
         cancelled: Callable[[], bool] = lambda: False,
     ) -> GenerationOutcome:
-        seed = self._seed_for(params.sampling)
-        stream = _TimedTokenStream(
-            # No clean-up of "tokenization spaces": it rewrites " 'm" to "'m" depending on the
-            # window decoded, so streamed pieces would lose characters.
-            decode=lambda ids: self.tokenizer.decode(
-                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            ),
-            stops=params.stop,
-            eos_ids=self._eos_ids,
-            max_new_tokens=prompt.max_new_tokens,
-            emit=emit,
-        )
-        stop_when = _StopWhen(lambda: stream.finished or cancelled())
+        seed = seed_for(params.sampling)
+        sink = self.token_sink(params, prompt.max_new_tokens, emit)
+        stop_when = _StopWhen(lambda: sink.finished or cancelled())
         with torch.inference_mode(), self.loaded.run_context():
             if seed:
                 torch.manual_seed(seed)
@@ -213,15 +115,25 @@ class Engine:
                 input_ids=prompt.input_ids,
                 attention_mask=prompt.attention_mask,
                 generation_config=self._generation_config(prompt.max_new_tokens, params.sampling),
-                streamer=stream,
+                streamer=_TimedTokenStream(sink),
                 stopping_criteria=StoppingCriteriaList([stop_when]),
             )
-        return GenerationOutcome(
-            prompt_tokens=prompt.prompt_tokens,
-            finish_reason=self._finish_reason(stream, prompt, cancelled()),
-            seed=seed,
-            token_latencies_us=stream.latencies_us,
-            text="".join(stream.text_parts),
+        return sink.outcome(prompt, seed, cancelled())
+
+    def token_sink(
+        self, params: GenerationParams, max_new_tokens: int, emit: Callable[[TokenEvent], None]
+    ) -> TokenSink:
+        """Where a request's tokens go: timed, detokenized, cut at its stop strings, emitted."""
+        return TokenSink(
+            # No clean-up of "tokenization spaces": it rewrites " 'm" to "'m" depending on the
+            # window decoded, so streamed pieces would lose characters.
+            decode=lambda ids: self.tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ),
+            stops=params.stop,
+            eos_ids=self._eos_ids,
+            max_new_tokens=max_new_tokens,
+            emit=emit,
         )
 
     def _generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> GenerationConfig:
@@ -241,20 +153,9 @@ class Engine:
             **common,
         )
 
-    @staticmethod
-    def _seed_for(sampling: SamplingParams) -> int:
-        if sampling.greedy:
-            return 0
-        return sampling.seed or secrets.randbits(63)
 
-    @staticmethod
-    def _finish_reason(stream: _TimedTokenStream, prompt: PreparedPrompt, cancelled: bool) -> FinishReason:
-        if stream.saw_eos:
-            return FinishReason.EOS
-        if stream.stopped_by_string:
-            return FinishReason.STOP
-        if len(stream.latencies_us) >= prompt.max_new_tokens:
-            return FinishReason.CONTEXT if prompt.context_bound else FinishReason.LENGTH
-        if cancelled:
-            return FinishReason.CANCELLED
-        return FinishReason.LENGTH
+def seed_for(sampling: SamplingParams) -> int:
+    """The seed a request samples with: its own, or a fresh one it is told in its summary."""
+    if sampling.greedy:
+        return 0
+    return sampling.seed or secrets.randbits(63)

@@ -37,9 +37,23 @@ class WorkerStateCollector(Collector):
         labels = ["tier", "worker"]
         key = [self._state.config.tier, self._state.config.name]
         report = self._state.load_report
+        in_flight, queued = self._state.load_figures()
+        batch = self._state.batch_state()
         figures = (
-            ("tierserve_worker_queue_depth", "Requests waiting for the model", self._state.queued),
-            ("tierserve_worker_in_flight", "Requests generating now (0 or 1)", self._state.in_flight),
+            ("tierserve_worker_queue_depth", "Requests waiting for the model", queued),
+            ("tierserve_worker_in_flight", "Requests in the worker: generating or waiting", in_flight),
+            ("tierserve_worker_batch_running", "Streams decoding together now", batch.running),
+            ("tierserve_worker_batch_max", "Most streams decoding together", batch.max_batch),
+            (
+                "tierserve_worker_kv_cache_tokens",
+                "KV-cache positions held now (padding included)",
+                batch.kv_tokens_used,
+            ),
+            (
+                "tierserve_worker_kv_cache_budget_tokens",
+                "KV-cache positions the batch may hold",
+                batch.kv_tokens_budget,
+            ),
             (
                 "tierserve_worker_model_load_seconds",
                 "Time to load and optimise the model (0 while loading)",

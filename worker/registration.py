@@ -26,7 +26,8 @@ def advertised_address(config: WorkerConfig, bound_port: int) -> str:
 
 
 def registration_token(security: SecurityConfig) -> str:
-    """The first token of registration_token_file (tokens_file's format); empty without the file."""
+    """The first token of registration_token_file (`TOKEN NAME IDS` lines, as the router's; a worker
+    needs only the token); empty without the file."""
     if not security.registration_token_file:
         return ""
     text = read_pem(security.registration_token_file, "registration_token_file").decode()

@@ -16,8 +16,11 @@ from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.ops.pinning import pin_process
 from tierserve.rpc.metrics import serve_metrics
 from tierserve.rpc.server import serve_until_signalled, start_server
-from tierserve.rpc.tls import worker_server_credentials
+from tierserve.rpc.stalls import StalledStreamGuard
+from tierserve.rpc.tls import worker_interceptors, worker_server_credentials
 from tierserve.rpc.tracing import configure_tracing
+from tierserve.worker.batching.startup import start_batching
+from tierserve.worker.chat import install_chat_template
 from tierserve.worker.engine import Engine
 from tierserve.worker.numa import bind_memory
 from tierserve.worker.preparation import prepare_tier
@@ -39,6 +42,7 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
 
     prepared = prepare_tier(config, state.config.tier, report)
     loaded = prepared.loaded
+    log.info("chat template: %s", install_chat_template(loaded.tokenizer, config.model))
     engine = Engine(loaded, config.limits.max_context_tokens)
     load_ms = (time.perf_counter() - started) * 1e3
     log.info(
@@ -109,12 +113,27 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         register,
         port_file,
         credentials=worker_server_credentials(config.security, name),
+        # With mutual TLS, Worker calls only from the router's certificate; a stream the router
+        # stops reading is ended, so it cannot keep the model slot.
+        interceptors=[
+            *worker_interceptors(config.security),
+            StalledStreamGuard(config.limits.stream_idle_timeout_s),
+        ],
+        # What a drain waits for, and refuses anew (the router then sends it elsewhere).
+        work_methods=[f"/{worker_pb2.DESCRIPTOR.services_by_name['Worker'].full_name}/Generate"],
     )
     # Registered while loading too: the router lists it NOT_SERVING until it is warm.
     heartbeats = start_heartbeat(worker_config, handle.port, config.security)
     # Up while the model loads, so a scrape can already see ready 0 and the queue.
     endpoint = (
-        serve_metrics(servicer.metrics.registry, config.metrics.host, worker_config.metrics_port, port_file)
+        serve_metrics(
+            servicer.metrics.registry,
+            config.metrics.host,
+            worker_config.metrics_port,
+            port_file,
+            max_connections=config.metrics.max_connections,
+            timeout_s=config.metrics.connection_timeout_s,
+        )
         if config.metrics.enabled
         else None
     )
@@ -128,6 +147,10 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         if endpoint is not None:
             endpoint.close()
         raise
+    state.batch, batching = await loop.run_in_executor(executor, start_batching, engine, config.batching)
+    log.info("%s", batching)
+    if state.batch is None:
+        state.notices.append(batching)
     state.ready(engine, report)
     await handle.set_serving(True)
     log.info(
@@ -138,4 +161,6 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
     finally:
         if endpoint is not None:
             endpoint.close()
+        if state.batch is not None:
+            state.batch.stop()
     executor.shutdown(wait=False, cancel_futures=True)

@@ -151,33 +151,65 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         deadline = first_token_deadline(arrival, request.max_first_token_latency_ms)
-        async with self._state.model_slot(deadline) as queue_s:
-            if context.cancelled():
-                return
-            generation = loop.run_in_executor(
-                self._executor, engine.generate, prompt, params, emit, cancel.is_set
-            )
-            generation.add_done_callback(lambda _: events.put_nowait(None))
+        result: list[GenerationOutcome] = []
+        batch = self._state.batch
+        if batch is not None:
+            # Continuous batching: the request joins the running batch once a slot and the KV
+            # budget allow, earliest first-token deadline first.
             try:
-                while (event := await events.get()) is not None:
-                    self._record_live(event)
-                    yield generate_pb2.GenerateResponse(
-                        token=generate_pb2.Token(
-                            text=event.text, id=event.token_id, index=event.index, latency_us=event.latency_us
-                        )
-                    )
-                outcome = await generation
-            except Exception as error:
-                log.exception("generation failed for request %s", request.request_id)
+                ticket = batch.submit(prompt, params, emit, cancel.is_set, deadline)
+            except TierserveError as error:
                 await context.abort(*status_for(error))
+            generation = asyncio.wrap_future(ticket.future)
+            self._state.in_flight += 1
+            try:
+                async for response in self._stream(request, context, generation, events, cancel, result):
+                    yield response
             finally:
-                # The client left or the stream failed: stop the model within one step, and keep the
-                # slot until it has, so the next request never shares the cores with this one.
-                cancel.set()
-                await asyncio.wait([generation])
+                self._state.in_flight -= 1
+            queue_s = ticket.queue_s
+        else:
+            async with self._state.model_slot(deadline) as queue_s:
+                if context.cancelled():
+                    return
+                generation = loop.run_in_executor(
+                    self._executor, engine.generate, prompt, params, emit, cancel.is_set
+                )
+                async for response in self._stream(request, context, generation, events, cancel, result):
+                    yield response
+        outcome = result[0]
         summary = build_summary(request, self._state, outcome, queue_s, time.perf_counter() - arrival)
         self.metrics.completed(request, summary)
         yield generate_pb2.GenerateResponse(summary=summary)
+
+    async def _stream(
+        self,
+        request: generate_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        generation: asyncio.Future[GenerationOutcome],
+        events: asyncio.Queue[TokenEvent | None],
+        cancel: threading.Event,
+        result: list[GenerationOutcome],
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Stream the tokens of `generation` as they come, then put its outcome in `result`."""
+        generation.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                self._record_live(event)
+                yield generate_pb2.GenerateResponse(
+                    token=generate_pb2.Token(
+                        text=event.text, id=event.token_id, index=event.index, latency_us=event.latency_us
+                    )
+                )
+            result.append(await generation)
+        except Exception as error:
+            log.exception("generation failed for request %s", request.request_id)
+            await context.abort(*status_for(error))
+        finally:
+            # The client left or the stream failed: stop the model within one step, and keep the
+            # request until it has (one at a time: the next request never shares the cores with it).
+            cancel.set()
+            await asyncio.wait([generation])
 
     def _record_live(self, event: TokenEvent) -> None:
         if event.index == 0:

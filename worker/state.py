@@ -19,6 +19,7 @@ from tierserve.domain.errors import NoWorkerAvailable
 from tierserve.domain.latency import LatencyWindow
 from tierserve.ops.pinning import Pinning
 from tierserve.worker.accuracy import AccuracyCard
+from tierserve.worker.batching.engine import BatchEngine
 from tierserve.worker.engine import Engine
 from tierserve.worker.numa import NumaBinding
 from tierserve.worker.scheduling import DeadlineSlot
@@ -48,6 +49,8 @@ class WorkerState:
     numa: NumaBinding | None = None
     live: LatencyWindow = field(default_factory=LatencyWindow)
     engine: Engine | None = None
+    # Set when requests share the model through continuous batching (the default).
+    batch: BatchEngine | None = None
     load_report: LoadReport | None = None
     in_flight: int = 0
     queued: int = 0
@@ -81,7 +84,31 @@ class WorkerState:
             self.in_flight -= 1
             self._model_slot.release()
 
+    def load_figures(self) -> tuple[int, int]:
+        """Requests in the worker (generating or waiting) and, of those, waiting for the model."""
+        if self.batch is None:
+            return self.in_flight, self.queued
+        occupancy = self.batch.occupancy()
+        return occupancy.running + occupancy.waiting, occupancy.waiting
+
+    def batch_state(self) -> worker_pb2.BatchState:
+        if self.batch is None:
+            return worker_pb2.BatchState(
+                enabled=False, running=self.in_flight - self.queued, waiting=self.queued, max_batch=1
+            )
+        occupancy = self.batch.occupancy()
+        return worker_pb2.BatchState(
+            enabled=True,
+            running=occupancy.running,
+            waiting=occupancy.waiting,
+            max_batch=occupancy.max_batch,
+            kv_tokens_used=occupancy.kv_tokens_used,
+            kv_tokens_budget=occupancy.kv_tokens_budget,
+            kv_cache_mb=occupancy.kv_bytes / 2**20,
+        )
+
     def describe(self) -> worker_pb2.WorkerInfo:
+        in_flight, queued = self.load_figures()
         info = worker_pb2.WorkerInfo(
             worker_id=self.config.name,
             tier=self.config.tier,
@@ -93,8 +120,9 @@ class WorkerState:
             max_new_tokens_limit=self.max_new_tokens_limit,
             rss_mb=psutil.Process().memory_info().rss / 2**20,
             live_latency=self.live.to_proto(),
-            in_flight=self.in_flight,
-            queued=self.queued,
+            in_flight=in_flight,
+            queued=queued,
+            batch=self.batch_state(),
             notices=[*self.pinning.notices, *(self.numa.notices if self.numa else []), *self.notices],
             versions={
                 "torch": torch.__version__,

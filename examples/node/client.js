@@ -3,6 +3,10 @@
 //
 //   npm ci
 //   node client.js [--address 127.0.0.1:50051] [--max-new-tokens 16] [--tier bf16] "The capital of France is"
+//   node client.js --chat [--system "Answer briefly."] "What is the capital of France?"
+//
+// With --chat (or --system) the text is a user message, which the worker renders with the model's
+// chat template; without it, a prompt the model continues as it is.
 //
 // The stubs are built at run time from the proto files (protos/tierserve/v1), so this client always
 // speaks the contract checked in beside it.
@@ -37,13 +41,23 @@ function parse(argv) {
       tier: { type: 'string', default: '' },
       'max-token-latency-ms': { type: 'string', default: '0' },
       'timeout-s': { type: 'string', default: '120' },
+      chat: { type: 'boolean', default: false },
+      system: { type: 'string' },
     },
   });
+  const text = positionals.join(' ');
   const request = {
-    prompt: positionals.join(' ') || 'The capital of France is',
     tier: values.tier,
     max_token_latency_ms: Number(values['max-token-latency-ms']),
   };
+  if (values.chat || values.system !== undefined) {
+    // A conversation: an optional system message, then the user's.
+    request.messages = [];
+    if (values.system) request.messages.push({ role: 'system', content: values.system });
+    request.messages.push({ role: 'user', content: text || 'What is the capital of France?' });
+  } else {
+    request.prompt = text || 'The capital of France is';
+  }
   if (values['max-new-tokens'] !== undefined) request.max_new_tokens = Number(values['max-new-tokens']);
   return { address: values.address, request, timeoutS: Number(values['timeout-s']) };
 }
@@ -77,7 +91,12 @@ function main() {
       process.exitCode = 1;
       return;
     }
-    console.log(`text: ${request.prompt}${summary.text}`);
+    if (request.messages) {
+      for (const { role, content } of request.messages) console.log(`${role}: ${content}`);
+      console.log(`assistant: ${summary.text}`);
+    } else {
+      console.log(`text: ${request.prompt}${summary.text}`);
+    }
     console.log(
       `summary: worker ${summary.worker_id} (${summary.tier}), ${summary.generated_tokens} tokens, ` +
         `TTFT ${(summary.ttft_us / 1000).toFixed(1)} ms, TPOT mean ${(summary.tpot_mean_us / 1000).toFixed(1)} ms, ` +

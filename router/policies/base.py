@@ -123,9 +123,16 @@ def pinned(request: RouteRequest, workers: Sequence[WorkerView]) -> list[WorkerV
 
 
 def tolerable(request: RouteRequest, workers: Sequence[WorkerView]) -> list[WorkerView]:
-    """Workers within the accuracy tolerance; FAILED_PRECONDITION naming the losses when none is."""
+    """Workers within the accuracy tolerance; FAILED_PRECONDITION naming the losses when none is,
+    or UNAVAILABLE when a worker whose loss is not known yet is down (it may be within once back)."""
     kept = [w for w in workers if within_tolerance(request, w)]
     if not kept:
+        unknown = [w.worker_id for w in workers if w.quality_loss_pct is None and not w.healthy]
+        if unknown:
+            raise NoWorkerAvailable(
+                f"no worker known to be within max_quality_loss_pct={request.max_quality_loss_pct:g}%; "
+                f"the accuracy of {', '.join(unknown)} is not known until it is up; retry shortly"
+            )
         losses = ", ".join(
             f"{w.worker_id} {w.quality_loss_pct:+.2f}%"
             if w.quality_loss_pct is not None

@@ -52,7 +52,7 @@ def pool_config_data() -> dict[str, object]:
     return {
         "limits": {"max_new_tokens": 256, "default_max_new_tokens": 16},
         # The router pinned too, so the pinning test sees what `[router] cores` does.
-        "router": {"port": 0, "health_interval_s": 0.5, "cores": [cpus[-1]]},
+        "router": {"port": 0, "http_port": 0, "health_interval_s": 0.5, "cores": [cpus[-1]]},
         # A shorter card than the default keeps a fresh machine's first start quick.
         "data": {"eval_tokens": 384, "eval_chunk_tokens": 128},
         # Five workers on this machine's CPUs share them, on purpose.

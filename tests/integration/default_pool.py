@@ -26,7 +26,7 @@ def default_model_config(path: Path, workers: Sequence[tuple[str, str]], **secti
     cpus = sorted(os.sched_getaffinity(0))
     data: dict[str, Any] = {
         "limits": {"max_new_tokens": 512, "default_max_new_tokens": 16},
-        "router": {"port": 0, "health_interval_s": 0.3},
+        "router": {"port": 0, "http_port": 0, "health_interval_s": 0.3},
         # The session pool's card: its artifacts are cached already.
         "data": pool_config_data()["data"],
         # On a machine with fewer CPUs than workers they share, on purpose.

@@ -1,7 +1,8 @@
 """A small authoritative DNS server for the discovery test: answers A queries from a JSON file
 ({"name.": ["ip", ...]}) read afresh for every query, with TTL 0, so the test changes the answers by
-rewriting the file. Names it does not hold are NXDOMAIN; other record types of a held name get an
-empty answer. Run: python -m tests.integration.dns_server --address A --port P --zone FILE."""
+rewriting the file. Names it does not hold are NXDOMAIN; a name held as null is SERVFAIL (a DNS
+server that fails); other record types of a held name get an empty answer.
+Run: python -m tests.integration.dns_server --address A --port P --zone FILE."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ class ZoneFileResolver(BaseResolver):  # type: ignore[misc]
     def resolve(self, request: DNSRecord, handler: DNSHandler) -> Any:
         reply = request.reply()
         name = str(request.q.qname).lower()
-        records: dict[str, list[str]] = json.loads(self.zone.read_text(encoding="utf-8"))
+        records: dict[str, list[str] | None] = json.loads(self.zone.read_text(encoding="utf-8"))
         if name not in records:
             reply.header.rcode = RCODE.NXDOMAIN
+        elif records[name] is None:
+            reply.header.rcode = RCODE.SERVFAIL
         elif request.q.qtype == QTYPE.A:
-            for ip in records[name]:
+            for ip in records[name] or ():
                 reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=0))
         return reply
 

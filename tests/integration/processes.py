@@ -47,6 +47,8 @@ class Server:
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
+    # A router's HTTP API on a free port too: the default (8000) would collide between tests.
+    data = {**data, "router": {"http_port": 0, **data.get("router", {})}}
     path.write_text(config_to_toml(parse_config(data)), encoding="utf-8")
     return path
 

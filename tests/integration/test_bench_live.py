@@ -27,7 +27,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
     config = parse_config(
         {
             "model": {"path": str(model)},
-            "router": {"port": 0, "health_interval_s": 0.3},
+            "router": {"port": 0, "http_port": 0, "health_interval_s": 0.3},
             "data": {"eval_tokens": 64, "eval_chunk_tokens": 32},
             "workers": [
                 {"name": "fp32-0", "tier": "fp32", "warmup_runs": 1},
@@ -52,8 +52,8 @@ def test_plan_and_overhead_against_a_running_pool(
         assert {t["tier"] for t in plan["tiers"]} == {"fp32", "bf16"}
         assert all(t["tpot_ms"] > 0 and t["workers"] >= 1 for t in plan["tiers"])
         code = run_overhead_benchmark(
-            out, str(file), router=launcher.router_address, tier="fp32", requests=3, new_tokens=4,
-            timeout_s=60, run_dir=None, console=console,
+            out, str(file), router=launcher.router_address, http=launcher.http_url, tier="fp32", requests=3,
+            new_tokens=4, timeout_s=60, run_dir=None, console=console,
         )  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
@@ -62,7 +62,12 @@ def test_plan_and_overhead_against_a_running_pool(
     assert figures["rate_ratio"] > 0 and set(figures["targets"]) == {
         "per_token_p50_le_0.3ms", "ttft_p99_le_2ms", "token_rate_ge_0.97x",
     }  # fmt: skip
-    assert "router - direct" in out.with_suffix(".md").read_text()
+    # The HTTP API beside gRPC, in the same run.
+    over_grpc = report["http_figures"]
+    assert over_grpc["pairs"] == 3 and over_grpc["tokens_compared"] == 9 and over_grpc["rate_ratio"] > 0
+    assert set(over_grpc["tokens_per_s"]) == {"http", "grpc"}
+    markdown = out.with_suffix(".md").read_text()
+    assert "router - direct" in markdown and "http - grpc" in markdown
 
 
 def test_routing_benchmark_runs_every_policy_on_one_trace(

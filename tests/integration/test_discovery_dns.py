@@ -1,8 +1,9 @@
 """`dns:///NAME:PORT` discovery against a real DNS server, on the default model: a host (network
 namespace) whose resolver asks a DNS server the test runs there (dnslib, on the namespace's
 127.0.0.1:53), two workers on 127.0.0.2 and 127.0.0.3, and a router that finds them through the
-system resolver, one worker per address; the test changes the DNS answer and the router follows it.
-Needs root (network namespaces); skipped with the reason otherwise."""
+system resolver, one worker per address; the test changes the DNS answer and the router follows it,
+and keeps the workers it knows while the DNS server fails. Needs root (network namespaces); skipped
+with the reason otherwise."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +60,9 @@ def test_the_router_follows_a_real_dns_answer_one_worker_per_address(tmp_path: P
 
     def answer(*ips: str) -> None:
         zone.write_text(json.dumps({f"{NAME}.": list(ips)}), encoding="utf-8")
+
+    def fail() -> None:
+        zone.write_text(json.dumps({f"{NAME}.": None}), encoding="utf-8")  # SERVFAIL
 
     answer(*PODS.values())
     prefix = ["ip", "netns", "exec", host.namespace]
@@ -140,6 +145,12 @@ def test_the_router_follows_a_real_dns_answer_one_worker_per_address(tmp_path: P
 
         answer(*PODS.values())  # and comes back
         wait_until(lambda: serving(*PODS), "the router finds pod-a again", servers, FOLLOW_S)
+        fail()  # the DNS server fails: no answer is not an empty answer
+        failing = "DNS lookup failed"
+        wait_until(lambda: failing in router.log.read_text(), "the lookup fails", servers, FOLLOW_S)
+        time.sleep(1.0)  # a few more failed rounds
+        assert set(statuses(address)) == set(ids.values()) and serving(*PODS)
+        assert {generate(address).worker_id for _ in range(2)} == set(PODS)
         answer()  # the name answers nothing: the router keeps no pod, and stays up
         wait_until(lambda: not statuses(address), "the router drops every pod", servers, FOLLOW_S)
         assert list_workers(address).workers == [] and router.process.poll() is None

@@ -53,7 +53,7 @@ def start_pool(config: Path, tmp_path: Path) -> tuple[str, subprocess.Popen[byte
 def write_config(path: Path, model: Path, workers: list[dict[str, object]]) -> Path:
     data = {
         "model": {"path": str(model)},
-        "router": {"port": 0, "health_interval_s": 0.3},
+        "router": {"port": 0, "http_port": 0, "health_interval_s": 0.3},
         "workers": workers,
     }
     path.write_text(config_to_toml(parse_config(data)))

@@ -281,17 +281,22 @@ def test_a_worker_on_another_host_registers_over_its_link_and_rejoins_after_a_cu
     tmp_path: Path, one_host: Host
 ) -> None:
     ttl_s = 3.0
+    # The worker's registration token, bound to its id; router and worker read the same file here.
+    (tmp_path / "registration.txt").write_text("remote-secret remote-host remote\n")
+    security = {"registration_token_file": str(tmp_path / "registration.txt")}
     # The router listens on its end of the link only; the worker, inside its namespace, on its own.
     router, address = start_router(
         tmp_path,
         one_host.near,
         router={"host": one_host.near, "port": 0, "health_interval_s": 0.3, "registration_ttl_s": ttl_s},
+        security=security,
     )
     servers = [router]
     try:
         worker_config = write_config(
             tmp_path / "worker.toml",
             default_model(
+                security=security,
                 workers=[
                     {
                         "name": "remote",
@@ -302,7 +307,7 @@ def test_a_worker_on_another_host_registers_over_its_link_and_rejoins_after_a_cu
                         "register_with": address,
                         "heartbeat_interval_s": 0.5,
                     }
-                ]
+                ],
             ),
         )
         prefix = ["ip", "netns", "exec", one_host.namespace]

@@ -40,21 +40,22 @@ def test_metrics_move_after_traffic(live_pool: LivePool) -> None:
     def moved(before: Samples, after: Samples, name: str, **extra: str) -> float:
         return value(after, name, **labels, **extra) - value(before, name, **labels, **extra)
 
+    grpc_calls = {"status": "ok", "protocol": "grpc"}
     # A call's counters move when the call ends, which can be just after the client has its summary.
     deadline = time.monotonic() + 10
     while True:
         router_after = metrics(live_pool, "router")
         worker_after = metrics(live_pool, "worker-bf16-0")
         ended = [
-            moved(router_before, router_after, "tierserve_router_requests_total", status="ok"),
+            moved(router_before, router_after, "tierserve_router_requests_total", **grpc_calls),
             moved(worker_before, worker_after, "tierserve_worker_requests_total", status="ok"),
         ]
         if all(ended) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
 
-    assert moved(router_before, router_after, "tierserve_router_requests_total", status="ok") == 1
-    assert moved(router_before, router_after, "tierserve_router_ttft_seconds_count") == 1
+    assert moved(router_before, router_after, "tierserve_router_requests_total", **grpc_calls) == 1
+    assert moved(router_before, router_after, "tierserve_router_ttft_seconds_count", protocol="grpc") == 1
     assert moved(router_before, router_after, "tierserve_router_tpot_seconds_count") == len(tokens) - 1
     assert moved(router_before, router_after, "tierserve_router_tokens_total") == len(tokens)
     decisions_before = total(router_before, "tierserve_router_routing_decisions_total", reason="pinned")

@@ -18,7 +18,7 @@ from tierserve_client.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_
 from tests.integration.default_model import START_TIMEOUT_S, default_model, start_router
 from tests.integration.processes import Server, spawn, stop, wait_until, write_config
 from tests.unit.test_security import mutual_tls
-from tierserve.ops.certs import PoolCertificates, make_pool_certificates
+from tierserve.ops.certs import Issued, PoolCertificates, make_pool_certificates
 
 pytestmark = pytest.mark.integration
 
@@ -60,9 +60,12 @@ def stop_all(servers: list[Server]) -> dict[str, int]:
 
 
 def test_a_worker_registers_serves_and_expires_when_its_heartbeats_stop(tmp_path: Path) -> None:
-    # No [[workers]]: every worker of this router joins by Register.
+    # No [[workers]]: every worker of this router joins by Register; no credentials, so open
+    # registration must be asked for (and the router warns).
     router, address = start_router(
-        tmp_path, router={"port": 0, "health_interval_s": 0.3, "registration_ttl_s": TTL_S}
+        tmp_path,
+        router={"port": 0, "health_interval_s": 0.3, "registration_ttl_s": TTL_S},
+        security={"allow_open_registration": True},
     )
     servers = [router]
     try:
@@ -90,6 +93,7 @@ def test_a_worker_registers_serves_and_expires_when_its_heartbeats_stop(tmp_path
             assert client.list_workers().workers == [] and router.process.poll() is None
         log = router.log.read_text()
         assert "reg-0 at 127.0.0.1" in log and "no heartbeat in time" in log
+        assert "registration is open" in log
     finally:
         codes = stop_all(servers)
     assert codes == {"router": 0}
@@ -97,26 +101,34 @@ def test_a_worker_registers_serves_and_expires_when_its_heartbeats_stop(tmp_path
 
 def secured(certs: PoolCertificates, tmp_path: Path) -> dict[str, object]:
     """Every part of [security]: TLS requiring client certificates, client tokens, a registration
-    token, mutual TLS from the router to its workers."""
+    token bound to the ids sec-*, mutual TLS from the router to its workers."""
     (tmp_path / "tokens.txt").write_text("client-secret alice\n")
-    (tmp_path / "registration.txt").write_text("worker-secret workers\n")
+    (tmp_path / "registration.txt").write_text("worker-secret workers sec-*\n")
     return {
         **mutual_tls(certs),
-        "client_ca": str(certs.ca),
+        "client_ca": str(certs.client_ca),
         "tokens_file": str(tmp_path / "tokens.txt"),
         "registration_token_file": str(tmp_path / "registration.txt"),
-        # The worker's client certificate to the router (a per-worker one would use {name}).
-        "registration_cert": str(certs.client.cert),
-        "registration_key": str(certs.client.key),
+        # Each worker's own client certificate to the router, named for it.
+        "registration_cert": str(certs.ca.parent / "worker-{name}-client.pem"),
+        "registration_key": str(certs.ca.parent / "worker-{name}-client.key"),
     }
 
 
-def register_refusal(address: str, certs: PoolCertificates, token: str) -> grpc.StatusCode:
-    """A Register from a TLS caller with the pool's client certificate, with `token` (or none)."""
+def register_refusal(
+    address: str,
+    certs: PoolCertificates,
+    token: str,
+    certificate: Issued | None = None,
+    worker_id: str = "intruder",
+) -> grpc.StatusCode:
+    """A Register from a TLS caller with `certificate` (an API client's by default), with `token`
+    (or none)."""
+    issued = certificate or certs.client
     credentials = grpc.ssl_channel_credentials(
-        certs.ca.read_bytes(), certs.client.key.read_bytes(), certs.client.cert.read_bytes()
+        certs.ca.read_bytes(), issued.key.read_bytes(), issued.cert.read_bytes()
     )
-    request = router_pb2.RegisterRequest(worker_id="intruder", address="127.0.0.1:1", tier="fp32")
+    request = router_pb2.RegisterRequest(worker_id=worker_id, address="127.0.0.1:1", tier="fp32")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.secure_channel(address, credentials) as channel, pytest.raises(grpc.RpcError) as refused:
         router_pb2_grpc.RouterStub(channel).Register(request, timeout=10, metadata=metadata)
@@ -135,6 +147,18 @@ def test_a_worker_registers_with_a_secured_router_and_intruders_cannot(tmp_path:
         assert register_refusal(address, certs, "") == grpc.StatusCode.UNAUTHENTICATED
         # A client's token may generate, but not add a worker that would receive prompts.
         assert register_refusal(address, certs, "client-secret") == grpc.StatusCode.PERMISSION_DENIED
+        # The workers' token with an API client's certificate: a client cannot register.
+        assert register_refusal(address, certs, "worker-secret") == grpc.StatusCode.PERMISSION_DENIED
+        # A worker's own credentials, for an id they are not bound to.
+        sec0 = certs.worker_clients["sec-0"]
+        assert (
+            register_refusal(address, certs, "worker-secret", sec0, "intruder")
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
+        assert (
+            register_refusal(address, certs, "worker-secret", sec0, "sec-1")
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
         worker_config = write_config(
             tmp_path / "worker.toml",
             default_model(security=security, workers=[registering_worker("sec-0", "bf16", address)]),

@@ -18,7 +18,7 @@ from tierserve.worker.state import LoadReport, WorkerState
 class FakeEngine:
     """Stands in for the model: three tokens at set latencies."""
 
-    latencies_us = (40_000, 12_000, 14_000)
+    latencies_us: tuple[int, ...] = (40_000, 12_000, 14_000)
     context_tokens = 2048
     # What Describe reports of the loaded model.
     loaded = SimpleNamespace(backend="fake", kernel="fake kernel", dtype="torch.bfloat16")

@@ -18,10 +18,11 @@ from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worke
 
 from tierserve.domain.config import SecurityConfig, TierserveConfig
 from tierserve.router.app import build_router
+from tierserve.router.http.server import start_http_api
 from tierserve.router.pool import WorkerPool
 from tierserve.router.service import RouterServicer
 from tierserve.rpc.server import start_server
-from tierserve.rpc.tls import worker_server_credentials
+from tierserve.rpc.tls import worker_interceptors, worker_server_credentials
 
 
 @dataclass
@@ -52,6 +53,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     token_delay_s: float = 0.0
     # While clear, streams stay open after their summary, as a busy worker's can before its status.
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    # The model ends generation with end of sequence at this token index (marked as the last token,
+    # as real workers mark it); None: streams run to max_new_tokens.
+    eos_at: int | None = None
     # Streams take turns token by token: one token at a time, like one model (with token_delay_s).
     _slot: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -81,7 +85,11 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         await self.arrivals.put(request.request_id)
         await self.gate.wait()
         count = request.max_new_tokens or 4
-        words = len(request.prompt.split())
+        if self.eos_at is not None:
+            count = min(count, self.eos_at + 1)
+        # A resumed stream continues its prefix (the text streamed before the failover).
+        prompt = request.prompt + request.response_prefix
+        words = len(prompt.split())
         texts = []
         for index in range(count):
             if index == self.fail_after:
@@ -91,9 +99,10 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 await asyncio.Event().wait()
             latency = self.ttft_us if index == 0 else self.tpot_us
             texts.append(f" w{words + index}" if self.count_words else " x")
-            yield generate_pb2.GenerateResponse(
-                token=generate_pb2.Token(text=texts[-1], id=1, index=index, latency_us=latency)
-            )
+            token = generate_pb2.Token(text=texts[-1], id=1, index=index, latency_us=latency)
+            if index == self.eos_at:
+                token.finish_reason = generate_pb2.FINISH_REASON_EOS
+            yield generate_pb2.GenerateResponse(token=token)
             if self.token_delay_s:
                 async with self._slot:
                     await asyncio.sleep(self.token_delay_s)
@@ -106,7 +115,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 request_id=request.request_id,
                 worker_id=self.name,
                 tier=self.tier,
-                prompt_tokens=max(1, len(request.prompt) // 4),
+                prompt_tokens=max(1, len(prompt) // 4),
                 generated_tokens=count,
                 ttft_us=self.ttft_us,
                 tpot_mean_us=self.tpot_us,
@@ -126,14 +135,21 @@ class RunningPool:
     servicer: RouterServicer
     # The fake workers' servers, in the order given, for tests that stop one.
     worker_servers: list[grpc.aio.Server] = field(default_factory=list)
+    # The OpenAI-compatible API's base URL ("http://127.0.0.1:PORT/v1") when started (`http=True`).
+    http_url: str = ""
 
 
 @contextlib.asynccontextmanager
 async def running_pool(
-    workers: list[FakeWorker], security: dict[str, object] | None = None, **router: object
+    workers: list[FakeWorker],
+    security: dict[str, object] | None = None,
+    limits: dict[str, object] | None = None,
+    http: bool = False,
+    **router: object,
 ) -> AsyncIterator[RunningPool]:
     """A router built as the router process builds it (TLS, mutual TLS to the workers and tokens as
-    `security`, a [security] table, configures), except that it stays NOT_SERVING."""
+    `security`, a [security] table, configures; `limits` a [limits] table), except that it stays
+    NOT_SERVING. With `http`, the OpenAI-compatible API too, on a free port."""
     secured = SecurityConfig.model_validate(security or {})
     handles = []
     for fake in workers:
@@ -143,13 +159,16 @@ async def running_pool(
             return [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name]
 
         credentials = worker_server_credentials(secured, fake.name)
-        handle = await start_server("127.0.0.1", 0, register, credentials=credentials)
+        handle = await start_server(
+            "127.0.0.1", 0, register, credentials=credentials, interceptors=worker_interceptors(secured)
+        )
         await handle.set_serving(True)
         handles.append(handle)
     config = TierserveConfig.model_validate(
         {
-            "router": {"port": 0, "health_interval_s": 0.05, **router},
+            "router": {"port": 0, "http_port": 0, "health_interval_s": 0.05, **router},
             "security": security or {},
+            "limits": limits or {},
             "workers": [
                 {"name": f.name, "tier": f.tier, "address": f"127.0.0.1:{h.port}"}
                 for f, h in zip(workers, handles, strict=True)
@@ -159,6 +178,7 @@ async def running_pool(
     app = build_router(config)
     router_handle = await app.start(follow_pool_health=False)
     await app.pool.first_round_done.wait()
+    api = await start_http_api(app, [router_handle.drain]) if http else None
     address = f"127.0.0.1:{router_handle.port}"
     channel = (
         grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(Path(secured.ca).read_bytes()))
@@ -172,8 +192,11 @@ async def running_pool(
             router_pb2_grpc.RouterStub(channel),
             app.servicer,
             [h.server for h in handles],
+            api.url if api is not None else "",
         )
     finally:
+        if api is not None:
+            await api.close()
         await channel.close()
         await router_handle.server.stop(0)
         await app.pool.close()

@@ -8,6 +8,7 @@ run time, so these tests fail as soon as one is edited without the other.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 from tierserve.domain.config import TierserveConfig, WorkerConfig, load_config
 from tierserve.domain.cores import format_cpu_list
 from tierserve.domain.tiers import TIER_NAMES
+from tierserve.ops.launcher import ROUTER_STOP_MARGIN_S, STOP_TIMEOUT_S
 from tierserve.ops.topology import read_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -381,6 +383,31 @@ def test_only_the_router_publishes_ports(services: dict[str, dict[str, Any]]) ->
     for name, service in services.items():
         if name != "router":
             assert not service.get("ports"), f"service {name} publishes ports"
+
+
+def _duration_s(value: object) -> float:
+    """A Compose duration ("45s", "1m30s", "2h") in seconds; Compose's default, 10 s, when unset."""
+    if value is None:
+        return 10.0
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", str(value))
+    assert match and any(match.groups()), f"not a duration this test reads: {value!r}"
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3600.0 + minutes * 60.0 + seconds
+
+
+def test_no_service_is_killed_while_it_drains(
+    config: TierserveConfig, services: dict[str, dict[str, Any]]
+) -> None:
+    # SIGKILL follows SIGTERM after stop_grace_period: the router's must cover its drain and the
+    # margin `tierserve up` gives it too; a worker's what `tierserve up` waits for one.
+    router = _duration_s(services["router"].get("stop_grace_period"))
+    assert router >= config.router.drain_grace_s + ROUTER_STOP_MARGIN_S, (
+        f"router: stop_grace_period {router:.0f} s, drain_grace_s {config.router.drain_grace_s:.0f} s"
+    )
+    for worker in config.workers:
+        name, service = _service_of(services, worker)
+        grace = _duration_s(service.get("stop_grace_period"))
+        assert grace >= STOP_TIMEOUT_S, f"service {name}: stop_grace_period {grace:.0f} s"
 
 
 # ---------------------------------------------------------------- metrics

@@ -21,8 +21,8 @@ def exported() -> dict[str, set[str]]:
     router = RouterMetrics()
     router.watch_pool(list)  # no workers: the pool's families are still described
     worker = WorkerMetrics(worker_state())
-    router.requests.labels("fp32", "fp32-0", "ok").inc()
-    router.ttft.labels("fp32", "fp32-0").observe(0.1)
+    router.requests.labels("fp32", "fp32-0", "ok", "grpc").inc()
+    router.ttft.labels("fp32", "fp32-0", "grpc").observe(0.1)
     for registry in (router.registry, worker.registry):
         assert isinstance(registry, CollectorRegistry)
         for family in registry.collect():

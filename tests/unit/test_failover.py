@@ -72,11 +72,11 @@ def test_a_worker_failing_mid_stream_is_resumed_without_a_seam() -> None:
             assert (summary.failovers, list(summary.failed_workers)) == (1, ["fp32-0"])
             assert summary.resumed_after_tokens == 2
             assert "(resumed at token 2)" in summary.routing_reason
-            # The second worker continued from the prompt plus the streamed text, for what was owed.
+            # The second worker continued from the streamed text, as the reply's prefix, for what was owed.
             resumed = workers[1].requests[-1]
-            assert (resumed.prompt, resumed.max_new_tokens) == (PROMPT + " w1 w2", 4)
-            # Its own prompt count (3 words here, as the fake counts chars / 4) less the streamed tokens.
-            assert summary.prompt_tokens == len(resumed.prompt) // 4 - 2
+            assert (resumed.prompt, resumed.response_prefix, resumed.max_new_tokens) == (PROMPT, " w1 w2", 4)
+            # Its own prompt count (the fake counts chars / 4, prefix included) less the streamed tokens.
+            assert summary.prompt_tokens == len(PROMPT + " w1 w2") // 4 - 2
             assert pool.servicer is not None
             labels = {"tier": "fp32", "worker": "fp32-0", "status": "unavailable", "kind": "resumed"}
             registry = pool.servicer.metrics.registry

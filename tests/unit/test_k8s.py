@@ -11,6 +11,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from tierserve.domain.config import TierserveConfig, parse_config
 from tierserve.domain.tiers import TIER_NAMES
+from tierserve.ops.launcher import ROUTER_STOP_MARGIN_S, STOP_TIMEOUT_S
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
@@ -138,3 +139,17 @@ def test_every_tier_has_a_worker_workload(objects: list[dict[str, Any]], config:
         tiers[worker.tier] = host
     missing = [tier for tier in TIER_NAMES if tier not in tiers]
     assert not missing, f"no worker Deployment or StatefulSet for tiers {missing}"
+
+
+def test_no_pod_is_killed_while_it_drains(objects: list[dict[str, Any]], config: TierserveConfig) -> None:
+    # The kubelet sends SIGKILL terminationGracePeriodSeconds (default 30) after SIGTERM: the
+    # router's must cover its drain and the margin `tierserve up` gives it too; a worker's what
+    # `tierserve up` waits for one.
+    router = by_kind(objects, "Deployment")["tierserve-router"]["spec"]["template"]["spec"]
+    grace = router.get("terminationGracePeriodSeconds", 30)
+    assert grace >= config.router.drain_grace_s + ROUTER_STOP_MARGIN_S, (
+        f"router: terminationGracePeriodSeconds {grace}, [router] drain_grace_s {config.router.drain_grace_s}"
+    )
+    for name, workload in by_kind(objects, "StatefulSet").items():
+        grace = workload["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        assert grace >= STOP_TIMEOUT_S, f"{name}: terminationGracePeriodSeconds {grace}"

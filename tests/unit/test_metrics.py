@@ -79,10 +79,12 @@ def test_router_metrics_move_with_traffic(tmp_path: Path) -> None:
         fp32_labels = {"tier": "fp32", "worker": "fp32-0"}
         int4_labels = {"tier": "int4-woq", "worker": "int4-0"}
         requests = "tierserve_router_requests_total"
-        assert value(after, requests, **fp32_labels, status="ok") == 4
-        assert value(after, requests, **int4_labels, status="ok") == 2
-        assert value(after, requests, tier="none", worker="none", status="resource_exhausted") == 1
-        assert value(after, requests, tier="none", worker="none", status="invalid_argument") == 1
+        grpc_calls = {"protocol": "grpc"}
+        assert value(after, requests, **fp32_labels, status="ok", **grpc_calls) == 4
+        assert value(after, requests, **int4_labels, status="ok", **grpc_calls) == 2
+        unrouted = {"tier": "none", "worker": "none", **grpc_calls}
+        assert value(after, requests, **unrouted, status="resource_exhausted") == 1
+        assert value(after, requests, **unrouted, status="invalid_argument") == 1
 
         decisions = "tierserve_router_routing_decisions_total"
         assert value(after, decisions, policy="slo", reason="eligible", tier="fp32") == 3
@@ -92,7 +94,7 @@ def test_router_metrics_move_with_traffic(tmp_path: Path) -> None:
         # Validation failures are not routing decisions; the strict refusal is.
         assert value(after, decisions, policy="slo", reason="rejected", tier="none") == 1
 
-        assert value(after, "tierserve_router_ttft_seconds_count", **fp32_labels) == 4
+        assert value(after, "tierserve_router_ttft_seconds_count", **fp32_labels, **grpc_calls) == 4
         assert value(after, "tierserve_router_tpot_seconds_count", **fp32_labels) == 4 * 3
         assert value(after, "tierserve_router_tpot_seconds_sum", **int4_labels) == pytest.approx(
             2 * 3 * 0.010
@@ -188,5 +190,5 @@ def test_a_client_that_leaves_after_its_summary_counts_as_served(tmp_path: Path)
 
     after = asyncio.run(scenario())
     labels = {"tier": "fp32", "worker": "fp32-0"}
-    assert value(after, "tierserve_router_requests_total", **labels, status="ok") == 1
+    assert value(after, "tierserve_router_requests_total", **labels, status="ok", protocol="grpc") == 1
     assert total(after, "tierserve_router_requests_total") == 1

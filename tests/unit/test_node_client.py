@@ -45,3 +45,25 @@ def test_node_client_reports_a_status_and_fails() -> None:
     code, err = asyncio.run(scenario())
     assert code == 1
     assert "error: INVALID_ARGUMENT: max_new_tokens" in err
+
+
+def test_node_client_sends_a_chat_with_a_system_message() -> None:
+    worker = FakeWorker("bf16-0", "bf16")
+
+    async def scenario() -> tuple[int, str, str]:
+        async with running_pool([worker]) as pool:
+            command = node_client_command(
+                pool.address, "--max-new-tokens", "2", "--system", "Be brief.", "--chat", "Hi there"
+            )
+            process = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+            return process.returncode or 0, out.decode(), err.decode()
+
+    code, out, err = asyncio.run(scenario())
+    assert code == 0, err
+    request = worker.requests[0]
+    assert [(m.role, m.content) for m in request.messages] == [("system", "Be brief."), ("user", "Hi there")]
+    assert request.prompt == ""
+    assert "user: Hi there\nassistant:  x x" in out

@@ -24,12 +24,14 @@ from tierserve.domain.errors import InvalidRequest, Unsatisfiable
 from tierserve.ops.certs import PoolCertificates, make_pool_certificates
 from tierserve.router.app import build_router
 from tierserve.router.pool import WorkerPool
-from tierserve.router.registration import Registrations, registration_from_request
+from tierserve.router.registration import OPEN_REGISTRANT, Registrations, registration_from_request
 from tierserve.rpc.server import ServerHandle, start_server
 from tierserve.rpc.tls import read_pem
 from tierserve.worker.registration import heartbeat, registration_options, start_heartbeat, stop_heartbeat
 
 TTL_S = 10.0
+# The heartbeat mechanics below hold whoever registers; authentication has its own tests.
+ANYONE = OPEN_REGISTRANT
 
 
 class FakeClock:
@@ -56,14 +58,14 @@ def registering_config(**router: object) -> TierserveConfig:
 def test_registrations_are_added_refreshed_and_expire_on_the_clock() -> None:
     clock = FakeClock()
     registrations = Registrations(TTL_S, clock)
-    assert registrations.heartbeat("w", "10.0.0.1:50061", "fp32")
+    assert registrations.heartbeat("w", "10.0.0.1:50061", "fp32", ANYONE)
     clock.now += 6
-    assert not registrations.heartbeat("w", "10.0.0.1:50061", "fp32")  # a refresh, not a new worker
+    assert not registrations.heartbeat("w", "10.0.0.1:50061", "fp32", ANYONE)  # a refresh, not a new worker
     clock.now += TTL_S - 0.1
     assert registrations.expired() == []
     clock.now += 0.1
     assert registrations.expired() == ["w"]
-    assert registrations.heartbeat("w", "10.0.0.9:50061", "fp32")  # a new address is a new worker
+    assert registrations.heartbeat("w", "10.0.0.9:50061", "fp32", ANYONE)  # a new address is a new worker
     registrations.forget("w")
     assert registrations.get("w") is None
 
@@ -73,8 +75,8 @@ def test_pool_adds_once_refreshes_and_drops_after_expiry_once_requests_finish() 
         clock = FakeClock()
         pool = WorkerPool(registering_config(), clock=clock)
         assert [w.worker_id for w in pool.workers] == ["fixed"]
-        assert pool.register("remote", "10.0.0.5:50061", "fp32")
-        assert not pool.register("remote", "10.0.0.5:50061", "fp32")
+        assert pool.register("remote", "10.0.0.5:50061", "fp32", ANYONE)
+        assert not pool.register("remote", "10.0.0.5:50061", "fp32", ANYONE)
         assert [w.worker_id for w in pool.workers] == ["fixed", "remote"]
         handle = pool.by_id("remote")
         assert (handle.address, handle.tier, handle.registered) == ("10.0.0.5:50061", "fp32", True)
@@ -82,7 +84,7 @@ def test_pool_adds_once_refreshes_and_drops_after_expiry_once_requests_finish() 
         assert [(s.worker_id, s.registered) for s in pool.snapshot()] == [("fixed", False), ("remote", True)]
 
         clock.now += TTL_S - 1
-        assert not pool.register("remote", "10.0.0.5:50061", "fp32")  # heartbeat: expiry now + TTL
+        assert not pool.register("remote", "10.0.0.5:50061", "fp32", ANYONE)  # heartbeat: expiry now + TTL
         clock.now += TTL_S - 1
         await pool.expire()
         assert pool.by_id("remote") is handle
@@ -95,7 +97,7 @@ def test_pool_adds_once_refreshes_and_drops_after_expiry_once_requests_finish() 
         await pool.expire()
         assert [w.worker_id for w in pool.workers] == ["fixed"]
         # After expiry the next heartbeat adds it again.
-        assert pool.register("remote", "10.0.0.5:50061", "fp32")
+        assert pool.register("remote", "10.0.0.5:50061", "fp32", ANYONE)
         await pool.close()
 
     asyncio.run(scenario())
@@ -104,9 +106,9 @@ def test_pool_adds_once_refreshes_and_drops_after_expiry_once_requests_finish() 
 def test_reregistering_at_a_new_address_replaces_the_worker() -> None:
     async def scenario() -> None:
         pool = WorkerPool(registering_config(), clock=FakeClock())
-        pool.register("remote", "10.0.0.5:50061", "fp32")
+        pool.register("remote", "10.0.0.5:50061", "fp32", ANYONE)
         old = pool.by_id("remote")
-        assert pool.register("remote", "10.0.0.5:50099", "fp32")  # restarted on another port
+        assert pool.register("remote", "10.0.0.5:50099", "fp32", ANYONE)  # restarted on another port
         assert [(w.worker_id, w.address) for w in pool.workers if w.registered] == [
             ("remote", "10.0.0.5:50099")
         ]
@@ -120,11 +122,11 @@ def test_registrations_that_cannot_be_taken_are_refused_with_the_reason() -> Non
     async def scenario() -> None:
         pool = WorkerPool(registering_config(), clock=FakeClock())
         with pytest.raises(InvalidRequest, match="configured worker") as caught:
-            pool.register("fixed", "10.0.0.5:50061", "bf16")
+            pool.register("fixed", "10.0.0.5:50061", "bf16", ANYONE)
         assert caught.value.field == "worker_id"
         closed = WorkerPool(registering_config(registration_ttl_s=0), clock=FakeClock())
         with pytest.raises(Unsatisfiable, match="registration_ttl_s"):
-            closed.register("remote", "10.0.0.5:50061", "fp32")
+            closed.register("remote", "10.0.0.5:50061", "fp32", ANYONE)
         await pool.close()
         await closed.close()
 
@@ -189,7 +191,8 @@ async def router_with_clock(
     config = parse_config(
         {
             "router": {"port": port, "health_interval_s": 0.05, "registration_ttl_s": TTL_S},
-            "security": security or {},
+            # Without a [security] table: open registration, as these tests are about the heartbeat.
+            "security": security if security is not None else {"allow_open_registration": True},
         }
     )
     router = build_router(config, clock=clock)
@@ -339,7 +342,7 @@ def test_a_heartbeat_that_recovers_says_so_even_when_the_router_already_had_it(
         task = start_heartbeat(config, bound_port=50999)
         await until(lambda: f"registration with router {address} failed" in caplog.text, "the outage")
         async with router_with_clock(FakeClock(), port=port) as router:
-            assert router.pool.register("back-0", "127.0.0.1:50999", "fp32")  # the lost reply's call
+            assert router.pool.register("back-0", "127.0.0.1:50999", "fp32", ANYONE)  # the lost reply's call
             await until(
                 lambda: f"registered with router {address} as back-0" in caplog.text, "the recovery", 10.0
             )
@@ -361,7 +364,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PoolCertificates:
 def write_tokens(tmp_path: Path) -> dict[str, object]:
     """A tokens file for clients and a registration token file for workers, as [security] fields."""
     (tmp_path / "tokens.txt").write_text("client-secret alice\n")
-    (tmp_path / "registration.txt").write_text("# the workers' token\nworker-secret workers\n")
+    (tmp_path / "registration.txt").write_text("# the workers' token\nworker-secret workers w-*,sec-*\n")
     return {
         "tokens_file": str(tmp_path / "tokens.txt"),
         "registration_token_file": str(tmp_path / "registration.txt"),
@@ -440,9 +443,10 @@ def secured_pool(certs: PoolCertificates, tmp_path: Path, client_ca: bool) -> di
     }
     if client_ca:
         security |= {
-            "client_ca": str(certs.ca),
-            "registration_cert": str(certs.client.cert),
-            "registration_key": str(certs.client.key),
+            "client_ca": str(certs.client_ca),
+            # Each worker's own client certificate, named for it.
+            "registration_cert": str(certs.ca.parent / "worker-{name}-client.pem"),
+            "registration_key": str(certs.ca.parent / "worker-{name}-client.key"),
         }
     return security
 

@@ -39,7 +39,7 @@ def test_a_resumed_sampled_stream_continues_with_the_derived_seed_and_reports_th
     progress.failed(WorkerStreamFailed("a", grpc.StatusCode.UNAVAILABLE, "killed"))
     resumed = progress.worker_request()
     assert resumed.seed == resume_seed(42, 4) and resumed.max_new_tokens == 6
-    assert resumed.prompt == "p" + "".join(f" w{i}" for i in range(4))
+    assert (resumed.prompt, resumed.response_prefix) == ("p", "".join(f" w{i}" for i in range(4)))
     # The same failure point resumes the same way.
     assert progress.worker_request().seed == resumed.seed
     summary = generate_pb2.Summary(generated_tokens=6, seed=resumed.seed, text=" rest")

@@ -232,10 +232,10 @@ def test_cancel_stops_the_stream_and_the_router_counts_it_cancelled() -> None:
                 with pytest.raises(asyncio.CancelledError):
                     await first
             for _ in range(200):  # the router notices the cancellation asynchronously
-                if requests.labels("fp32", "fp32-0", "cancelled")._value.get() == 1:
+                if requests.labels("fp32", "fp32-0", "cancelled", "grpc")._value.get() == 1:
                     break
                 await asyncio.sleep(0.01)
-            assert requests.labels("fp32", "fp32-0", "cancelled")._value.get() == 1
+            assert requests.labels("fp32", "fp32-0", "cancelled", "grpc")._value.get() == 1
             assert pool.pool.by_id("fp32-0").outstanding == 0
             fake.gate.set()
 

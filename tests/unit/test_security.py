@@ -89,7 +89,9 @@ def test_a_worker_refuses_callers_without_a_certificate_from_the_pool_ca(
     other_ca = make_pool_certificates(tmp_path / "other", [])
 
     async def describe(credentials: grpc.ChannelCredentials, address: str) -> worker_pb2.WorkerInfo:
-        async with grpc.aio.secure_channel(address, credentials) as channel:
+        # Verifying the worker by its own name, as the router does.
+        options = [("grpc.ssl_target_name_override", "fp32-0.worker.tierserve")]
+        async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             info: worker_pb2.WorkerInfo = await stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
             return info

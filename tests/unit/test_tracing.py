@@ -96,9 +96,39 @@ def test_router_and_worker_spans_continue_the_clients_trace(exporter: Any) -> No
     assert worker.parent.span_id == router.context.span_id
     assert router.attributes["tierserve.worker_id"] == "bf16-0"
     assert router.attributes["tierserve.request_id"] == "r-1"
+    assert router.attributes["tierserve.protocol"] == "grpc"
     assert router.attributes["rpc.grpc.status_code"] == 0
     assert worker.attributes["tierserve.generated_tokens"] == 3
     assert worker.attributes["tierserve.tier"] == "bf16"
+
+
+def test_an_http_request_gets_the_router_span_continuing_its_traceparent(exporter: Any) -> None:
+    """The OpenAI-compatible API runs the same servicer: the same span, marked as HTTP, its parent the
+    client's span named by the `traceparent` header."""
+    import aiohttp
+    from opentelemetry import propagate, trace
+
+    from tests.unit.fake_pool import FakeWorker, running_pool
+
+    async def scenario() -> None:
+        async with running_pool([FakeWorker("bf16-0", "bf16")], http=True) as pool:
+            with trace.get_tracer("test-client").start_as_current_span("http-client"):
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                body = {"model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": 2}
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(pool.http_url + "/completions", json=body, headers=carrier) as reply,
+                ):
+                    assert reply.status == 200
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    finished = {span.name: span for span in exporter.get_finished_spans()}
+    client, router = finished["http-client"], finished["tierserve.Router/Generate"]
+    assert router.parent.span_id == client.context.span_id
+    assert router.attributes["tierserve.protocol"] == "http"
+    assert router.attributes["tierserve.worker_id"] == "bf16-0"
+    assert router.attributes["rpc.grpc.status_code"] == 0
 
 
 def test_spans_are_no_ops_without_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

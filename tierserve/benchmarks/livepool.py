@@ -49,7 +49,7 @@ def bench_pool_config(
         data = {"workers": workers, "limits": {"max_new_tokens": max(512, max_new_tokens)}}
         if not share:  # more tiers than CPUs: they take turns, sharing on purpose
             data["placement"] = {"allow_shared_cores": True}
-    data.setdefault("router", {})["port"] = 0
+    data.setdefault("router", {}).update(port=0, http_port=0)
     for worker in data["workers"]:
         if not worker.get("address"):
             worker["port"] = 0

@@ -1,11 +1,15 @@
-"""`tierserve bench overhead`: what the router costs. The same requests go through the router and
-straight to one worker, in the same run, one at a time, interleaved (router first on even pairs,
-direct first on odd ones, so drift hits both alike).
+"""`tierserve bench overhead`: what the router costs, and what its OpenAI-compatible HTTP API costs
+beside its gRPC API. The same requests go through the router's gRPC API, through its HTTP API
+(`/v1/completions`, streamed) and straight to one worker, in the same run, one at a time,
+interleaved (the order rotates from one round to the next, so drift hits every path alike).
 
-    tierserve bench overhead --out bench-results/overhead.json [--router ADDR] [--tier fp32] [--requests 40]
+    tierserve bench overhead --out bench-results/overhead.json [--router ADDR [--http URL]] [--tier fp32]
 
-Without --router it starts a pool with one worker of --tier on every CPU (or --config's pool).
-Requests through the router pin the worker's tier. Everything is timed by the client:
+Without --router it starts a pool with one worker of --tier on every CPU (or --config's pool), and
+measures its HTTP API too; with --router, the HTTP API at --http (its base URL, ".../v1") if given.
+Requests through the router pin the worker's tier. Everything is timed by the client, and the same
+figures compare two paths: router (gRPC) against the worker directly, and HTTP against gRPC (both
+through the router; the HTTP path's targets are the same numbers, over the gRPC path):
 
 - per token: the gaps between arriving tokens, paired by token index across each router/direct pair;
   the figure is the p50 of (router gap - direct gap). Target: <= 0.3 ms.
@@ -29,12 +33,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from tierserve_client.options import CHANNEL_OPTIONS
 from tierserve_client.v1 import generate_pb2, router_pb2_grpc, worker_pb2_grpc
 
+from tierserve.benchmarks.httpcall import completion_body, served_model, timed_http_generate
 from tierserve.benchmarks.livepool import (
     bench_pool_config,
     prompt_words,
@@ -79,8 +85,12 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def overhead_figures(pairs: Sequence[tuple[CallResult, CallResult]]) -> dict[str, Any]:
-    """The figures from (router, direct) pairs of the same request (see the module docstring)."""
+def overhead_figures(
+    pairs: Sequence[tuple[CallResult, CallResult]], names: tuple[str, str] = ("router", "direct")
+) -> dict[str, Any]:
+    """The figures from (router, direct) pairs of the same request (see the module docstring); the
+    paths are keyed by `names` (("http", "grpc") for the HTTP API over gRPC)."""
+    a, b = names
     routed = [r for r, _ in pairs if r.status == "OK"]
     direct = [d for _, d in pairs if d.status == "OK"]
     token_diffs = [
@@ -98,19 +108,19 @@ def overhead_figures(pairs: Sequence[tuple[CallResult, CallResult]]) -> dict[str
     rate_r, rate_d = _rate(routed), _rate(direct)
     figures: dict[str, Any] = {
         "pairs": len(pairs),
-        "failed": {"router": len(pairs) - len(routed), "direct": len(pairs) - len(direct)},
+        "failed": {a: len(pairs) - len(routed), b: len(pairs) - len(direct)},
         "per_token_diff_p50_ms": _p(token_diffs, 0.50),
         "per_token_diff_p99_ms": _p(token_diffs, 0.99),
-        "token_gap_p50_ms": {"router": _p(gaps_r, 0.50), "direct": _p(gaps_d, 0.50)},
-        "ttft_p50_ms": {"router": _p(ttft_r, 0.50), "direct": _p(ttft_d, 0.50)},
-        "ttft_p99_ms": {"router": _p(ttft_r, 0.99), "direct": _p(ttft_d, 0.99)},
+        "token_gap_p50_ms": {a: _p(gaps_r, 0.50), b: _p(gaps_d, 0.50)},
+        "ttft_p50_ms": {a: _p(ttft_r, 0.50), b: _p(ttft_d, 0.50)},
+        "ttft_p99_ms": {a: _p(ttft_r, 0.99), b: _p(ttft_d, 0.99)},
         "ttft_p50_diff_ms": _diff(_p(ttft_r, 0.50), _p(ttft_d, 0.50)),
         "ttft_p99_diff_ms": _diff(_p(ttft_r, 0.99), _p(ttft_d, 0.99)),
-        "outside_worker_ttft_p50_ms": {"router": _p(outside_r, 0.50), "direct": _p(outside_d, 0.50)},
-        "outside_worker_ttft_p99_ms": {"router": _p(outside_r, 0.99), "direct": _p(outside_d, 0.99)},
+        "outside_worker_ttft_p50_ms": {a: _p(outside_r, 0.50), b: _p(outside_d, 0.50)},
+        "outside_worker_ttft_p99_ms": {a: _p(outside_r, 0.99), b: _p(outside_d, 0.99)},
         "added_ttft_p50_ms": _diff(_p(outside_r, 0.50), _p(outside_d, 0.50)),
         "added_ttft_p99_ms": _diff(_p(outside_r, 0.99), _p(outside_d, 0.99)),
-        "tokens_per_s": {"router": rate_r, "direct": rate_d},
+        "tokens_per_s": {a: rate_r, b: rate_d},
         "rate_ratio": rate_r / rate_d if rate_r and rate_d else None,
         "tokens_compared": len(token_diffs),
     }
@@ -144,80 +154,122 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "NOT met")
 
 
-def markdown_report(figures: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    t, gap = figures["targets"], figures["token_gap_p50_ms"]
-    ttft50, ttft99, rate = figures["ttft_p50_ms"], figures["ttft_p99_ms"], figures["tokens_per_s"]
-    out50, out99 = figures["outside_worker_ttft_p50_ms"], figures["outside_worker_ttft_p99_ms"]
+def markdown_report(
+    figures: Mapping[str, Any], meta: Mapping[str, Any], http_figures: Mapping[str, Any] | None = None
+) -> str:
     lines = [
         "# tierserve router overhead",
         "",
-        f"{figures['pairs']} interleaved router/direct pairs of the same greedy request "
+        f"{figures['pairs']} interleaved rounds of the same greedy request "
         f"({meta['new_tokens']} new tokens, worker {meta['worker_id']}, tier {meta['tier']}), "
         "timed by the client. TTFT outside the worker: the client's TTFT minus the worker's own queue "
-        "and prefill time (its summary); the router's added TTFT is judged on it.",
+        "and prefill time (its summary); the added TTFT is judged on it.",
         "",
-        "| figure | router | direct | router - direct | target | verdict |",
-        "|---|---:|---:|---:|---|---|",
-        f"| per-token gap p50 ms | {_f(gap['router'])} | {_f(gap['direct'])} "
-        f"| {_f(figures['per_token_diff_p50_ms'])} (paired p50) | <= {PER_TOKEN_TARGET_MS} ms "
-        f"| {_verdict(t['per_token_p50_le_0.3ms'])} |",
-        f"| TTFT p50 ms | {_f(ttft50['router'])} | {_f(ttft50['direct'])} "
-        f"| {_f(figures['ttft_p50_diff_ms'])} | | |",
-        f"| TTFT p99 ms | {_f(ttft99['router'])} | {_f(ttft99['direct'])} "
-        f"| {_f(figures['ttft_p99_diff_ms'])} | | |",
-        f"| TTFT outside the worker p50 ms | {_f(out50['router'])} | {_f(out50['direct'])} "
-        f"| {_f(figures['added_ttft_p50_ms'])} | | |",
-        f"| TTFT outside the worker p99 ms | {_f(out99['router'])} | {_f(out99['direct'])} "
-        f"| {_f(figures['added_ttft_p99_ms'])} | <= {TTFT_P99_TARGET_MS} ms "
-        f"| {_verdict(t['ttft_p99_le_2ms'])} |",
-        f"| streamed tokens/s | {_f(rate['router'], '.1f')} | {_f(rate['direct'], '.1f')} "
-        f"| ratio {_f(figures['rate_ratio'])} | >= {RATE_TARGET}x | {_verdict(t['token_rate_ge_0.97x'])} |",
+        "## The router (gRPC) against the worker directly",
+        "",
+        *_table(figures, "router", "direct"),
     ]
-    if any(figures["failed"].values()):
-        lines += ["", f"Failed calls: {figures['failed']}"]
+    if http_figures is not None:
+        lines += [
+            "",
+            "## The HTTP API (OpenAI-compatible, /v1/completions streamed) against gRPC, both through "
+            "the router",
+            "",
+            *_table(http_figures, "http", "grpc"),
+        ]
     lines += [f"- note: {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
-async def _measure_pairs(
+def _table(figures: Mapping[str, Any], a: str, b: str) -> list[str]:
+    """The figures of `a` against `b` (the pairs' first and second calls) as a markdown table."""
+    t, gap = figures["targets"], figures["token_gap_p50_ms"]
+    ttft50, ttft99, rate = figures["ttft_p50_ms"], figures["ttft_p99_ms"], figures["tokens_per_s"]
+    out50, out99 = figures["outside_worker_ttft_p50_ms"], figures["outside_worker_ttft_p99_ms"]
+    lines = [
+        f"| figure | {a} | {b} | {a} - {b} | target | verdict |",
+        "|---|---:|---:|---:|---|---|",
+        f"| per-token gap p50 ms | {_f(gap[a])} | {_f(gap[b])} "
+        f"| {_f(figures['per_token_diff_p50_ms'])} (paired p50) | <= {PER_TOKEN_TARGET_MS} ms "
+        f"| {_verdict(t['per_token_p50_le_0.3ms'])} |",
+        f"| TTFT p50 ms | {_f(ttft50[a])} | {_f(ttft50[b])} | {_f(figures['ttft_p50_diff_ms'])} | | |",
+        f"| TTFT p99 ms | {_f(ttft99[a])} | {_f(ttft99[b])} | {_f(figures['ttft_p99_diff_ms'])} | | |",
+        f"| TTFT outside the worker p50 ms | {_f(out50[a])} | {_f(out50[b])} "
+        f"| {_f(figures['added_ttft_p50_ms'])} | | |",
+        f"| TTFT outside the worker p99 ms | {_f(out99[a])} | {_f(out99[b])} "
+        f"| {_f(figures['added_ttft_p99_ms'])} | <= {TTFT_P99_TARGET_MS} ms "
+        f"| {_verdict(t['ttft_p99_le_2ms'])} |",
+        f"| streamed tokens/s | {_f(rate[a], '.1f')} | {_f(rate[b], '.1f')} "
+        f"| ratio {_f(figures['rate_ratio'])} | >= {RATE_TARGET}x | {_verdict(t['token_rate_ge_0.97x'])} |",
+    ]
+    if any(figures["failed"].values()):
+        lines += ["", f"Failed calls: {figures['failed']}"]
+    return lines
+
+
+# One round: the same request through the router (gRPC), straight to the worker, and through the
+# router's HTTP API (None when not measured).
+Round = tuple[CallResult, CallResult, CallResult | None]
+
+
+async def _measure_rounds(
     router_address: str,
     worker_address: str,
+    http_url: str | None,
     request: generate_pb2.GenerateRequest,
     count: int,
     timeout_s: float,
     console: Console,
-) -> list[tuple[CallResult, CallResult]]:
-    pairs: list[tuple[CallResult, CallResult]] = []
+) -> list[Round]:
+    rounds: list[Round] = []
     async with (
         grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS) as to_router,
         grpc.aio.insecure_channel(worker_address, options=CHANNEL_OPTIONS) as to_worker,
+        aiohttp.ClientSession() as session,
     ):
         router, worker = router_pb2_grpc.RouterStub(to_router), worker_pb2_grpc.WorkerStub(to_worker)
+        body = completion_body(await served_model(session, http_url), request) if http_url else {}
+
+        async def via_router() -> CallResult:
+            return await timed_generate(router, request, timeout_s)
+
+        async def direct() -> CallResult:
+            return await timed_generate(worker, request, timeout_s)
+
+        async def via_http() -> CallResult:
+            assert http_url is not None
+            return await timed_http_generate(session, http_url, body, timeout_s)
+
+        paths = [via_router, direct, *([via_http] if http_url else [])]
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task("router/direct pairs", total=count + WARMUP_PAIRS)
+            task = progress.add_task(f"rounds of {len(paths)} paths", total=count + WARMUP_PAIRS)
             for index in range(count + WARMUP_PAIRS):
-                if index % 2 == 0:
-                    routed = await timed_generate(router, request, timeout_s)
-                    direct = await timed_generate(worker, request, timeout_s)
-                else:
-                    direct = await timed_generate(worker, request, timeout_s)
-                    routed = await timed_generate(router, request, timeout_s)
+                results: dict[Any, CallResult] = {}
+                # Each path goes first in turn.
+                for path in paths[index % len(paths) :] + paths[: index % len(paths)]:
+                    results[path] = await path()
                 if index >= WARMUP_PAIRS:
-                    pairs.append((routed, direct))
+                    rounds.append((results[via_router], results[direct], results.get(via_http)))
                 progress.advance(task)
-    return pairs
+    return rounds
+
+
+def http_pairs(rounds: Sequence[Round]) -> list[tuple[CallResult, CallResult]]:
+    """(HTTP, gRPC) pairs of the rounds that measured the HTTP path: what it adds over gRPC."""
+    return [(http, routed) for routed, _, http in rounds if http is not None]
 
 
 def _measure(
     router_address: str,
+    http_url: str | None,
     tier: str,
     words: Sequence[str],
     requests: int,
     new_tokens: int,
     timeout_s: float,
     console: Console,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
     facts = [f for f in worker_facts(router_address) if f.tier == tier]
     if not facts:
         raise ConfigError(f"no serving worker of tier {tier!r} behind {router_address}")
@@ -226,7 +278,12 @@ def _measure(
         prompt=" ".join(words[:PROMPT_WORDS]), max_new_tokens=new_tokens, temperature=0.0, tier=tier
     )
     console.print(f"router {router_address} vs worker {target.worker_id} at {target.address} directly")
-    pairs = asyncio.run(_measure_pairs(router_address, target.address, request, requests, timeout_s, console))
+    if http_url:
+        console.print(f"and the router's HTTP API at {http_url}")
+    rounds = asyncio.run(
+        _measure_rounds(router_address, target.address, http_url, request, requests, timeout_s, console)
+    )
+    pairs = [(routed, direct) for routed, direct, _ in rounds]
     notes = []
     others = sorted({r.worker_id for r, _ in pairs if r.status == "OK" and r.worker_id != target.worker_id})
     if others:
@@ -234,8 +291,17 @@ def _measure(
             f"the router also sent some requests to {', '.join(others)} (another worker of tier {tier}); "
             "pairs are then not the same worker"
         )
-    meta = {"worker_id": target.worker_id, "tier": tier, "router": router_address, "worker": target.address}
-    return overhead_figures(pairs), {**meta, "notes": notes}
+    if not http_url:
+        notes.append("the HTTP API was not measured (give --http with --router)")
+    meta = {
+        "worker_id": target.worker_id,
+        "tier": tier,
+        "router": router_address,
+        "worker": target.address,
+        "http": http_url or "",
+    }
+    http_figures = overhead_figures(http_pairs(rounds), ("http", "grpc")) if http_url else None
+    return overhead_figures(pairs), http_figures, {**meta, "notes": notes}
 
 
 def run_overhead_benchmark(
@@ -244,6 +310,7 @@ def run_overhead_benchmark(
     *,
     router: str | None,
     tier: str,
+    http: str | None = None,
     requests: int,
     new_tokens: int,
     timeout_s: float,
@@ -255,15 +322,24 @@ def run_overhead_benchmark(
     started = time.perf_counter()
     if router:
         config: TierserveConfig = load_or_default(config_path)
-        figures, meta = _measure(router, tier, prompt_words(config), requests, new_tokens, timeout_s, console)
+        figures, http_figures, meta = _measure(
+            router, http, tier, prompt_words(config), requests, new_tokens, timeout_s, console
+        )
     else:
         config = overhead_pool_config(config_path, tier, usable_cpus(), new_tokens)
         with running_pool(config, run_dir, console) as launcher:
             if config.router.cores:
                 # After the pool started (its processes inherit affinity): the client beside the router.
                 os.sched_setaffinity(0, set(config.router.cores))
-            figures, meta = _measure(
-                launcher.router_address, tier, prompt_words(config), requests, new_tokens, timeout_s, console
+            figures, http_figures, meta = _measure(
+                launcher.router_address,
+                launcher.http_url or None,
+                tier,
+                prompt_words(config),
+                requests,
+                new_tokens,
+                timeout_s,
+                console,
             )
     meta.update(
         requests=requests,
@@ -277,12 +353,16 @@ def run_overhead_benchmark(
     stem = out.with_suffix("") if out.suffix == ".json" else out
     md_path = stem.with_name(stem.name + ".md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "figures": figures}, indent=2) + "\n", encoding="utf-8")
-    report = markdown_report(figures, meta)
+    results = {"meta": meta, "figures": figures, "http_figures": http_figures}
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    report = markdown_report(figures, meta, http_figures)
     md_path.write_text(report, encoding="utf-8")
     print(report)
     console.print(f"wrote {out}, {md_path}", highlight=False, markup=False)
-    return 0 if not any(figures["failed"].values()) else 1
+    failed = any(figures["failed"].values()) or (
+        http_figures is not None and any(http_figures["failed"].values())
+    )
+    return 1 if failed else 0
 
 
 def load_or_default(config_path: str | None) -> TierserveConfig:

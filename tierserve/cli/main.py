@@ -25,6 +25,10 @@ from tierserve.ops.capacity import PlanningError
 from tierserve.ops.modelprep import ModelPreparationError, prepare_model
 from tierserve.rpc.calls import DEFAULT_ROUTER_ADDRESS, is_serving, list_workers, watch_stats
 
+# The demo asks the default (instruction-tuned) model a question, as a chat; a model without a chat
+# template gets the prompt instead.
+DEMO_QUESTION = "What is the capital of France?"
+DEMO_SYSTEM = "Answer in one short sentence."
 DEMO_PROMPT = "The capital of France is"
 NON_TTY_WIDTH = 200
 
@@ -65,9 +69,9 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
         own = router_client_options(config.security, address)
         _print_workers(console, address, own)
         if args.demo:
-            console.print(f"\n[bold]demo request[/] to the router at {address}: {args.demo!r}")
-            demo = generate_pb2.GenerateRequest(prompt=args.demo, max_new_tokens=32)
-            _generate(console, address, demo, options=own)
+            _demo(console, address, args.demo, own)
+        if launcher.http_url:
+            console.print(f"OpenAI-compatible API at {launcher.http_url}", highlight=False)
         console.print(f"\n[green]serving[/] on {address} (run dir {run_dir}); press Ctrl-C to stop")
         launcher.watch()
     except KeyboardInterrupt:
@@ -78,6 +82,30 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
     finally:
         launcher.stop()
     return 0
+
+
+def _demo(console: Console, address: str, question: str, options: ClientOptions) -> None:
+    """One chat request (a prompt where the model has no chat template) once the pool serves."""
+    console.print(f"\n[bold]demo chat[/] to the router at {address}: {question!r}")
+    chat = _chat_request(question, DEMO_SYSTEM)
+    chat.max_new_tokens = 32
+    try:
+        _generate(console, address, chat, options=options)
+    except grpc.RpcError as error:
+        if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        console.print(f"[yellow]note:[/] {escape(error.details() or '')}; sending a prompt instead")
+        demo = generate_pb2.GenerateRequest(prompt=DEMO_PROMPT, max_new_tokens=32)
+        _generate(console, address, demo, options=options)
+
+
+def _chat_request(user: str, system: str | None = None) -> generate_pb2.GenerateRequest:
+    """A request of one user message, after a system message when one is given."""
+    request = generate_pb2.GenerateRequest()
+    if system:
+        request.messages.add(role="system", content=system)
+    request.messages.add(role="user", content=user)
+    return request
 
 
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
@@ -112,8 +140,13 @@ def _generate(
             else:
                 print_token(console, token.proto)
         if stream.summary is not None:
-            text = stream.summary.text
-            console.print(f"\n[bold]text:[/] {request.prompt}[green]{text}[/]", highlight=False)
+            text = escape(stream.summary.text)
+            if request.messages:
+                for message in request.messages:
+                    console.print(f"\n[bold]{message.role}:[/] {escape(message.content)}", highlight=False)
+                console.print(f"[bold]assistant:[/] [green]{text}[/]", highlight=False)
+            else:
+                console.print(f"\n[bold]text:[/] {escape(request.prompt)}[green]{text}[/]", highlight=False)
             console.print(summary_table(stream.summary.proto))
 
 
@@ -167,7 +200,6 @@ def _client_options(args: argparse.Namespace, address: str | None = None) -> Cli
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     request = generate_pb2.GenerateRequest(
-        prompt=args.prompt,
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
@@ -177,6 +209,11 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         max_first_token_latency_ms=args.max_first_token_latency_ms,
         strict=args.strict,
     )
+    # --system makes a chat on its own: a system message means something only to a chat template.
+    if args.chat or args.system is not None:
+        request.messages.extend(_chat_request(args.prompt, args.system).messages)
+    else:
+        request.prompt = args.prompt
     if args.max_quality_loss_pct is not None:
         request.max_quality_loss_pct = args.max_quality_loss_pct
     if args.max_new_tokens is not None:
@@ -273,14 +310,17 @@ def cmd_quantize(args: argparse.Namespace, console: Console) -> int:
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     from tierserve.ops.certs import make_pool_certificates, security_toml
 
-    names = [w.name for w in _load(args.config).workers]
-    certs = make_pool_certificates(Path(args.out), names, args.host or [])
+    config = _load(args.config)
+    names = [w.name for w in config.workers]
+    # Named as this config's [security] expects (worker_server_name, router_client_name).
+    certs = make_pool_certificates(Path(args.out), names, args.host or [], config.security)
     console.print(
-        f"wrote a local CA and certificates for the router and {len(names)} workers "
-        f"({', '.join(names)}) to {args.out}; add this to the config:\n",
+        f"wrote two local CAs (servers and the router's client; the router's callers) and "
+        f"certificates for the router, clients and {len(names)} workers ({', '.join(names)}) to "
+        f"{args.out}; add this to the config:\n",
         highlight=False,
     )
-    print(security_toml(certs))
+    print(security_toml(certs, config.security))
     return 0
 
 
@@ -370,6 +410,7 @@ def cmd_bench_overhead(args: argparse.Namespace, console: Console) -> int:
         Path(args.out),
         args.config,
         router=args.router,
+        http=args.http,
         tier=args.tier,
         requests=args.requests,
         new_tokens=args.new_tokens,
@@ -421,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = with_config(commands.add_parser("up", help="start the router and the workers; Ctrl-C stops them"))
     up.add_argument("--run-dir", help="where logs, port files and resolved configs go (default: a temp dir)")
-    up.add_argument("--demo", nargs="?", const=DEMO_PROMPT, help="send one demo request once serving")
+    up.add_argument(
+        "--demo", nargs="?", const=DEMO_QUESTION, help="ask one question (a chat request) once serving"
+    )
     up.add_argument(
         "--dry-run", action="store_true", help="print the placement plan and the pool's config, and exit"
     )
@@ -441,7 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.set_defaults(run=cmd_router)
 
     generate = commands.add_parser("generate", help="stream a generation from the router")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="the prompt to continue; with --chat, the user's message")
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message, rendered by the model's chat template",
+    )
+    generate.add_argument("--system", help="a system message before the user's (implies --chat)")
     generate.add_argument("--address", default=DEFAULT_ROUTER_ADDRESS)
     generate.add_argument("--tier", help="pin a tier (fp32, bf16, ...)")
     generate.add_argument("--max-new-tokens", type=int)
@@ -601,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overhead.add_argument("--out", required=True, help="results JSON (also writes .md)")
     overhead.add_argument("--router", help="an existing pool's router (default: start a one-worker pool)")
+    overhead.add_argument(
+        "--http",
+        help="with --router: its OpenAI-compatible API's base URL (http://HOST:8000/v1), measured too",
+    )
     overhead.add_argument("--tier", default="fp32", help="the worker's tier (default fp32)")
     overhead.add_argument("--requests", type=int, default=40, help="router/direct pairs measured")
     overhead.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per request")

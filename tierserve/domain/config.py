@@ -17,6 +17,8 @@ from tierserve.domain.cores import format_cpu_list, parse_cpu_list
 from tierserve.domain.tiers import TIER_NAMES, is_known_tier
 
 DEFAULT_ROUTER_PORT = 50051
+# The router's OpenAI-compatible HTTP API ([router] http_port).
+DEFAULT_ROUTER_HTTP_PORT = 8000
 DEFAULT_WORKER_BASE_PORT = 50061
 # Listening on every interface: not an address another host can dial.
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -49,6 +51,17 @@ class ModelConfig(_Strict):
     path: str = ""
     # Where prepared models and tier artifacts live. Empty: ~/.cache/tierserve.
     cache_dir: str = ""
+    # The chat template (Jinja, as transformers' `chat_template`) that renders chat messages, instead
+    # of the one the model's tokenizer brings: inline, or a file (at most one of the two). Empty: the
+    # tokenizer's own; a model without one answers chat requests with FAILED_PRECONDITION.
+    chat_template: str = ""
+    chat_template_file: str = ""
+
+    @model_validator(mode="after")
+    def _one_chat_template(self) -> ModelConfig:
+        if self.chat_template and self.chat_template_file:
+            raise ValueError("set chat_template or chat_template_file, not both")
+        return self
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -66,6 +79,12 @@ class LimitsConfig(_Strict):
     max_context_tokens: int = Field(default=0, ge=0)
     max_stop_strings: int = Field(default=8, ge=0)
     max_prompt_chars: int = Field(default=200_000, ge=1)
+    # Chat messages in one request (their content together counts against max_prompt_chars).
+    max_messages: int = Field(default=256, ge=1)
+    # A server stream whose reader has taken no message for this long is cancelled (flow control
+    # holds each message until the client reads), so a client that stops reading cannot keep a
+    # worker's model slot, a queue place or a per-client slot (tierserve/rpc/stalls.py).
+    stream_idle_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> LimitsConfig:
@@ -81,6 +100,13 @@ class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     # 0 lets the OS choose a free port (tests); the chosen port is written to the run dir.
     port: int = Field(default=DEFAULT_ROUTER_PORT, ge=0, le=65535)
+    # The OpenAI-compatible HTTP API (router/http/), served by the router process beside gRPC, with
+    # the same routing, authentication, limits and metrics: on http_host (empty: `host`) and
+    # http_port (0: a free port). The bound port is written beside the gRPC port file
+    # (router.http.port). TLS with router_cert when [security] sets it. http_enabled false: gRPC only.
+    http_enabled: bool = True
+    http_host: str = ""
+    http_port: int = Field(default=DEFAULT_ROUTER_HTTP_PORT, ge=0, le=65535)
     # Routing policy by name: slo (budgets and accuracy), round_robin, least_loaded,
     # power_of_two (accuracy-blind baselines), first_healthy.
     policy: str = "slo"
@@ -99,6 +125,9 @@ class RouterConfig(_Strict):
     # (once its requests finish). 0 turns Register off: anyone who can reach the router could
     # otherwise add a worker and receive prompts, so it is opt-in.
     registration_ttl_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Registered workers the router keeps at once; a Register for a new id past it is
+    # RESOURCE_EXHAUSTED, so a caller cannot grow the table (and the router's channels) without bound.
+    max_registrations: int = Field(default=256, ge=1)
     # CPUs the router process runs on (empty: wherever the OS puts it). Keep them apart from the
     # workers' cores: a router sharing a worker's core delays that worker's tokens and its own relay.
     cores: CpuList = Field(default_factory=list)
@@ -109,6 +138,27 @@ class RouterConfig(_Strict):
     # (tierserve/rpc/server.py MIN_PING_INTERVAL_MS), hence keepalive_time_s >= 1.
     keepalive_time_s: float = Field(default=5.0, ge=1.0, allow_inf_nan=False)
     keepalive_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    # Graceful drain on SIGTERM/SIGINT: the router turns NOT_SERVING and refuses new Generate calls
+    # (UNAVAILABLE with a retry hint) at once, gives the streams in flight this long to finish (a
+    # second signal stops at once), and only then closes its worker connections. A pod's
+    # terminationGracePeriodSeconds (compose: stop_grace_period) must exceed it.
+    drain_grace_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    # Connections from clients (tierserve/rpc/stalls.py): a keepalive ping every
+    # client_keepalive_time_s while calls are open, and the connection dropped (its calls cancelled)
+    # when one goes unanswered for client_keepalive_timeout_s, so a client that vanished releases what
+    # its streams held; a connection without calls for max_connection_idle_s is closed (0: never);
+    # at most max_streams_per_connection calls open on one connection.
+    client_keepalive_time_s: float = Field(default=30.0, ge=1.0, allow_inf_nan=False)
+    client_keepalive_timeout_s: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    max_connection_idle_s: float = Field(default=300.0, ge=0, allow_inf_nan=False)
+    max_streams_per_connection: int = Field(default=100, ge=1)
+    # Generate streams one client host may have open at once when no tokens are configured (with
+    # tokens, [security] max_concurrent_per_client and each token's own limit apply); 0: no limit.
+    # Behind a proxy every client shares its address: raise it, or use tokens.
+    max_concurrent_per_peer: int = Field(default=64, ge=0)
+    # Watch subscribers (WatchStats and health Watch together) per client host, and in all.
+    max_watchers_per_client: int = Field(default=8, ge=1)
+    max_watchers: int = Field(default=256, ge=1)
 
 
 class ServiceLevelConfig(_Strict):
@@ -167,6 +217,10 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     # Loopback by default; set "0.0.0.0" (containers, pods) for a Prometheus on another host.
     host: str = "127.0.0.1"
+    # Scrape connections served at once (more are closed at once), and how long one may take to send
+    # its request or read the answer before it is closed (tierserve/rpc/metrics.py).
+    max_connections: int = Field(default=8, ge=1)
+    connection_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
 
 
 class PlacementConfig(_Strict):
@@ -224,14 +278,23 @@ class SecurityConfig(_Strict):
     # Also require client certificates signed by this CA (PEM) from the router's clients.
     client_ca: str = ""
     # Router -> workers: mutual TLS. Each worker serves worker_cert/worker_key (`{name}` stands for
-    # the worker's name) and requires a client certificate signed by `ca`; the router presents
-    # router_client_cert/router_client_key. Needs `ca`.
+    # the worker's name) and requires a client certificate signed by `ca` that names the router
+    # (router_client_name); the router presents router_client_cert/router_client_key. Needs `ca`.
     worker_cert: str = ""
     worker_key: str = ""
     router_client_cert: str = ""
     router_client_key: str = ""
-    # Verify workers' certificates against this name instead of the dialled host (one shared name).
-    worker_server_name: str = ""
+    # The name worker {name}'s certificates carry (a DNS subject alternative name): the router
+    # verifies each worker's server certificate against it instead of the dialled host, so one
+    # worker's certificate cannot answer for another; a registration certificate names the worker
+    # ids it may register this way. Without `{name}`: one name shared by every worker (they are then
+    # not told apart); empty: the dialled host.
+    worker_server_name: str = "{name}.worker.tierserve"
+    # The name (DNS or URI subject alternative name; the common name if it has none) the router's
+    # client certificate carries: workers take Worker calls only from a certificate that names it
+    # (else PERMISSION_DENIED), so another certificate of the pool CA cannot pose as the router.
+    # Empty: any client certificate signed by `ca`.
+    router_client_name: str = "router.tierserve"
     # Bearer tokens the router accepts: one `TOKEN [NAME] [MAX_CONCURRENT]` per line, `#` comments.
     # Empty: no authentication. A call without a token is UNAUTHENTICATED, an unknown token
     # PERMISSION_DENIED.
@@ -242,13 +305,19 @@ class SecurityConfig(_Strict):
     # Self-registration on a secured pool. A worker with register_with calls Register over TLS when
     # router_cert is set (verifying the router by `ca`; the system's roots without it), presents
     # registration_cert/registration_key ({name}: the worker's name; a client certificate signed by
-    # client_ca) when client_ca is set, and sends the first token of registration_token_file
-    # (tokens_file's format) as its bearer token. With tokens on (this file or tokens_file), the
-    # router takes Register only with a token of this file: none is UNAUTHENTICATED, any other
-    # (a client's) PERMISSION_DENIED. These tokens serve Register only, never as client tokens.
+    # client_ca that names the worker as worker_server_name does) when client_ca is set, and sends
+    # the first token of registration_token_file as its bearer token. The router's file has one
+    # `TOKEN NAME IDS` a line: IDS (comma-separated) are the worker ids that token may register,
+    # `prefix*` for every id starting with prefix, `*` for any. Register needs every credential the
+    # router is configured for (a token of this file; with client_ca, a worker's certificate):
+    # none is UNAUTHENTICATED; a client's token or certificate, an id the credential is not bound
+    # to, or an id another credential holds, PERMISSION_DENIED. These tokens serve Register only.
     registration_cert: str = ""
     registration_key: str = ""
     registration_token_file: str = ""
+    # Let workers register with no credential at all (neither of the above configured): anyone who
+    # can reach the router may then add a worker and receive prompts. The router warns at start.
+    allow_open_registration: bool = False
 
     @model_validator(mode="after")
     def _pairs_complete(self) -> SecurityConfig:
@@ -318,8 +387,21 @@ class WorkerConfig(_Strict):
         return self.address or f"{self.host}:{self.port}"
 
 
+class BatchingConfig(_Strict):
+    """Continuous batching in every worker (worker/batching/): requests join and leave the
+    running batch between decode steps."""
+
+    enabled: bool = True
+    # Streams decoding together in one worker.
+    max_batch: int = Field(default=16, ge=1, le=256)
+    # KV-cache positions the batch may hold, all rows together, left padding included; a
+    # request is admitted only when its prompt plus max_new_tokens fit beside the others.
+    kv_cache_tokens: int = Field(default=32768, ge=64)
+
+
 class TierserveConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     service_level: ServiceLevelConfig = Field(default_factory=ServiceLevelConfig)

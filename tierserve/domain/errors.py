@@ -42,6 +42,16 @@ class Unsatisfiable(TierserveError):
     """The pool cannot ever meet the request's constraints (e.g. accuracy tolerance)."""
 
 
+class Unsupported(TierserveError):
+    """The server cannot serve this kind of request as configured (e.g. chat messages on a model
+    without a chat template); the same request will keep failing until its configuration changes."""
+
+
+class PermissionDenied(TierserveError):
+    """The caller is known but may not do this (e.g. register a worker id its credential is not
+    bound to, or one another credential holds)."""
+
+
 class WorkerFailed(TierserveError):
     """A worker answered with an error status; relayed with the worker's own code."""
 
@@ -55,6 +65,8 @@ _STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoWorkerAvailable, grpc.StatusCode.UNAVAILABLE),
     (Unsatisfiable, grpc.StatusCode.FAILED_PRECONDITION),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (Unsupported, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

@@ -17,6 +17,15 @@ from tierserve.domain.tiers import TIER_NAMES, is_known_tier
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_STRING_CHARS = 256
+# The smallest temperature that samples: below it the model's scores divided by it overflow float32
+# (3.4e38) to infinity, and sampling from them is NaN (an error, or garbage, depending on the kernel).
+# 0 is greedy decoding.
+MIN_TEMPERATURE = 1e-30
+# The roles a chat template knows; anything else would render as the template pleases, or fail in it.
+CHAT_ROLES = ("system", "user", "assistant")
+# What a chat template adds around each message (role header, end-of-turn), in characters: only for
+# the router's estimate of prompt tokens, which it corrects from every summary.
+CHAT_MARKUP_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -32,12 +41,23 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerationParams:
+    # Either a raw prompt or chat messages (the other empty); the worker turns messages into the
+    # prompt with the model's chat template (worker/chat.py).
     prompt: str
     max_new_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...]
     request_id: str
+    messages: tuple[ChatMessage, ...] = ()
+    # Text the reply already starts with (a resumed stream's text so far): appended to the prompt.
+    response_prefix: str = ""
 
 
 def _finite_non_negative(field: str, value: float) -> float:
@@ -52,12 +72,7 @@ def validate_generate_request(
     request: generate_pb2.GenerateRequest, limits: LimitsConfig
 ) -> GenerationParams:
     """Check every field of a request against the limits; raise InvalidRequest naming the field."""
-    if not request.prompt:
-        raise InvalidRequest("prompt", "must not be empty")
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(
-            "prompt", f"is {len(request.prompt)} characters, more than the limit of {limits.max_prompt_chars}"
-        )
+    messages = _validate_prompt(request, limits)
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
 
@@ -72,6 +87,12 @@ def validate_generate_request(
             )
 
     temperature = _finite_non_negative("temperature", request.temperature)
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            "temperature",
+            f"{temperature:g} is too small to sample with (the scores divided by it overflow); "
+            f"use 0 for greedy decoding, or at least {MIN_TEMPERATURE:g}",
+        )
     top_p = 1.0
     if request.HasField("top_p"):
         top_p = request.top_p
@@ -103,7 +124,54 @@ def validate_generate_request(
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=request.seed),
         stop=tuple(request.stop),
         request_id=request.request_id,
+        messages=messages,
+        response_prefix=request.response_prefix,
     )
+
+
+def _validate_prompt(request: generate_pb2.GenerateRequest, limits: LimitsConfig) -> tuple[ChatMessage, ...]:
+    """Exactly one of `prompt` and `messages`, within the limits; the messages as domain values."""
+    if request.prompt and request.messages:
+        raise InvalidRequest("messages", "set either prompt or messages, not both")
+    if len(request.response_prefix) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            "response_prefix",
+            f"is {len(request.response_prefix)} characters, more than the limit of {limits.max_prompt_chars}",
+        )
+    if not request.messages:
+        if not request.prompt:
+            raise InvalidRequest("prompt", "must not be empty (or send chat messages instead)")
+        if len(request.prompt) > limits.max_prompt_chars:
+            raise InvalidRequest(
+                "prompt",
+                f"is {len(request.prompt)} characters, more than the limit of {limits.max_prompt_chars}",
+            )
+        return ()
+    if len(request.messages) > limits.max_messages:
+        raise InvalidRequest(
+            "messages", f"{len(request.messages)} messages, more than the limit of {limits.max_messages}"
+        )
+    for index, message in enumerate(request.messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"messages[{index}].role",
+                f"unknown role {message.role!r}; known roles: {', '.join(CHAT_ROLES)}",
+            )
+        if not message.content:
+            raise InvalidRequest(f"messages[{index}].content", "must not be empty")
+    chars = sum(len(message.content) for message in request.messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidRequest(
+            "messages", f"are {chars} characters in all, more than the limit of {limits.max_prompt_chars}"
+        )
+    return tuple(ChatMessage(message.role, message.content) for message in request.messages)
+
+
+def prompt_chars(request: generate_pb2.GenerateRequest) -> int:
+    """About how many characters the worker will tokenize for this request, template markup included:
+    what the router estimates prompt tokens from."""
+    chat = sum(len(message.content) + CHAT_MARKUP_CHARS for message in request.messages)
+    return len(request.prompt) + chat + len(request.response_prefix)
 
 
 def within_budget(request: generate_pb2.GenerateRequest, ttft_us: float, tpot_mean_us: float) -> bool:

@@ -1,5 +1,6 @@
 """`tierserve up`: start the workers and the router as separate processes, wait until they serve,
-and stop them all cleanly (router first, so no request reaches a stopping worker)."""
+and stop them all cleanly: the router first, drained (its streams finish), then the workers, so no
+request is cut and none reaches a stopping worker."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from tierserve.ops.restarts import RestartBackoff
 from tierserve.rpc.tls import first_token
 
 STOP_TIMEOUT_S = 15.0
+# A router gets its [router] drain_grace_s and this much more to exit after SIGTERM.
+ROUTER_STOP_MARGIN_S = 15.0
 # How often `watch` looks at the pool's processes.
 WATCH_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 30
@@ -77,6 +80,8 @@ class PoolLauncher:
         self.workers: list[ManagedProcess] = []
         self.router: ManagedProcess | None = None
         self.router_address = ""
+        # The router's OpenAI-compatible API ("http://127.0.0.1:8000/v1"); empty when it has none.
+        self.http_url = ""
         # The config as routers see it (every local worker at its bound port), once started.
         self.resolved: TierserveConfig | None = None
         self.extra_routers: list[ManagedProcess] = []
@@ -101,6 +106,8 @@ class PoolLauncher:
         router_port = self._wait_for_port(self.router, time.monotonic() + 60)
         self.router_address = f"{_dial_host(self.config.router.host)}:{router_port}"
         (self.run_dir / "router.address").write_text(self.router_address + "\n", encoding="utf-8")
+        if self.config.router.http_enabled:
+            self.http_url = self._wait_for_http_url(self.router, time.monotonic() + 60)
         self._wait_until_serving(time.monotonic() + ready_timeout_s)
         return self.router_address
 
@@ -110,7 +117,7 @@ class PoolLauncher:
         local worker serving."""
         if self.resolved is None:
             raise LaunchError("start the pool before adding routers")
-        router = self.resolved.router.model_copy(update={"policy": policy, "port": 0})
+        router = self.resolved.router.model_copy(update={"policy": policy, "port": 0, "http_port": 0})
         config = self.resolved.model_copy(update={"router": router})
         config_file = self.run_dir / f"{name}.toml"
         config_file.write_text(config_to_toml(config), encoding="utf-8")
@@ -133,6 +140,7 @@ class PoolLauncher:
         log_path = self.run_dir / "logs" / f"{slug}.log"
         port_file = self.run_dir / f"{slug}.port"
         port_file.unlink(missing_ok=True)
+        port_file.with_suffix(".http.port").unlink(missing_ok=True)  # a router's, from an earlier run
         command = [
             sys.executable, "-m", "tierserve.cli", *args,
             "--config", str(config_file), "--port-file", str(port_file),
@@ -159,6 +167,25 @@ class PoolLauncher:
                 )
             time.sleep(0.1)
         return port
+
+    def _wait_for_http_url(self, managed: ManagedProcess, deadline: float) -> str:
+        """The router's OpenAI-compatible API, once it listens: the router writes its port beside
+        the gRPC one (router.port -> router.http.port) after the gRPC server has started."""
+        port_file = managed.port_file.with_suffix(".http.port")
+        while True:
+            try:
+                port = int(port_file.read_text(encoding="utf-8"))
+                break
+            except (FileNotFoundError, ValueError):
+                managed.check_alive()
+                if time.monotonic() > deadline:
+                    raise LaunchError(
+                        f"{managed.name} did not open its HTTP API in time; log:\n{managed.log_tail()}"
+                    ) from None
+                time.sleep(0.1)
+        router = self.config.router
+        scheme = "https" if self.config.security.router_tls else "http"
+        return f"{scheme}://{_dial_host(router.http_host or router.host)}:{port}/v1"
 
     def _resolve_worker_ports(self, deadline: float) -> TierserveConfig:
         """The config as the router must see it: every local worker at the port it really bound."""
@@ -227,20 +254,40 @@ class PoolLauncher:
                 self.console.print(f"restarting {managed.name} (restart {restarted.backoff.restarts})")
 
     def stop(self) -> None:
-        """SIGTERM the router, then the workers; SIGKILL whatever has not exited in time."""
+        """Drain the routers (SIGTERM: they refuse new requests and finish their streams within
+        [router] drain_grace_s), then stop the workers; SIGKILL whatever has not exited in time. A
+        second Ctrl-C or SIGTERM meanwhile is passed on: the routers stop at once."""
         routers = ([self.router] if self.router else []) + self.extra_routers
-        for group in (routers, self.workers):
-            for managed in group:
-                if managed.process.poll() is None:
-                    managed.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            for managed in group:
+        if any(managed.process.poll() is None for managed in routers):
+            self.console.print(
+                f"draining the router: its streams get up to {self.config.router.drain_grace_s:.0f} s "
+                "to finish (Ctrl-C again to stop at once)"
+            )
+        self._stop_group(routers, self.config.router.drain_grace_s + ROUTER_STOP_MARGIN_S)
+        self._stop_group(self.workers, STOP_TIMEOUT_S)
+
+    def _stop_group(self, group: list[ManagedProcess], timeout_s: float) -> None:
+        for managed in group:
+            if managed.process.poll() is None:
+                managed.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for managed in group:
+            while True:
                 try:
                     managed.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    break
                 except subprocess.TimeoutExpired:
                     self.console.print(f"[yellow]{managed.name} did not stop in time; killing it[/]")
                     managed.process.kill()
                     managed.process.wait()
+                    break
+                except KeyboardInterrupt:
+                    # Another signal: the second SIGTERM ends a drain at once (tierserve/rpc/drain.py).
+                    self.console.print("stopping at once")
+                    for other in group:
+                        if other.process.poll() is None:
+                            other.process.send_signal(signal.SIGTERM)
+                    deadline = min(deadline, time.monotonic() + STOP_TIMEOUT_S)
 
 
 def router_client_options(security: SecurityConfig, address: str) -> ClientOptions:

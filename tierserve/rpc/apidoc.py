@@ -28,8 +28,9 @@ reflection.
 
 Errors are gRPC status codes: `INVALID_ARGUMENT` (the message starts with the field's name),
 `RESOURCE_EXHAUSTED` when overloaded (trailing metadata `retry-after-ms` says when to retry),
-`FAILED_PRECONDITION` when no tier meets the accuracy tolerance, `UNAVAILABLE` when no worker can
-serve, `DEADLINE_EXCEEDED` and `CANCELLED`.
+`FAILED_PRECONDITION` when no tier meets the accuracy tolerance or `messages` come to a model without
+a chat template, `UNAVAILABLE` when no worker can serve or the server is shutting down (then with
+`retry-after-ms` too: retry on another replica), `DEADLINE_EXCEEDED` and `CANCELLED`.
 """
 
 _TYPES = {

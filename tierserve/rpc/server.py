@@ -2,7 +2,9 @@
 
 A server binds first (port 0 picks a free port, written to a port file so a
 launcher or test can find it), reports NOT_SERVING until its owner says it is
-ready, and on SIGTERM or SIGINT turns NOT_SERVING and stops with a grace period.
+ready, and on SIGTERM or SIGINT drains: it turns NOT_SERVING, refuses new work
+(UNAVAILABLE with a retry hint), lets the work in flight finish within a grace
+period (a second signal stops at once), and only then stops.
 """
 
 from __future__ import annotations
@@ -10,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from tierserve_client.options import MAX_MESSAGE_BYTES
 
 from tierserve.rpc.decoding import RequestDecodingInterceptor
+from tierserve.rpc.drain import DrainGate, StopSignals
+from tierserve.rpc.health import HealthServicer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
 ]
 STOP_GRACE_S = 5.0
+# Once the work in flight has finished: time for the last statuses to reach their clients before
+# the server cancels what is left (watch streams).
+STOP_LINGER_S = 1.0
 
 
 def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
@@ -61,11 +66,20 @@ def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
 class ServerHandle:
     """A started server and its health servicer; `mark_serving` flips every service to SERVING."""
 
-    def __init__(self, server: grpc.aio.Server, health: HealthServicer, services: list[str], port: int):
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health: HealthServicer,
+        services: list[str],
+        port: int,
+        drain: DrainGate | None = None,
+    ):
         self.server = server
         self.health = health
         self.services = services
         self.port = port
+        # Counts the work in flight, and refuses new work once the server drains.
+        self.drain = drain if drain is not None else DrainGate(())
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -89,12 +103,19 @@ async def start_server(
     port_file: Path | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    work_methods: Collection[str] = (),
+    options: Sequence[tuple[str, int]] = (),
 ) -> ServerHandle:
     """Create, register, bind and start a server; `register` adds servicers and returns their full names.
-    With `credentials` it listens with TLS only; `interceptors` see every call (authentication)."""
+    With `credentials` it listens with TLS only; `interceptors` see every call (authentication).
+    `work_methods` ("/package.Service/Method") are the calls a drain waits for and refuses anew;
+    `options` add to SERVER_OPTIONS (e.g. keepalive towards clients, tierserve/rpc/stalls.py)."""
+    # Inside the given interceptors, so a call they refuse is never counted as work and one they
+    # count (per-client limits) is released when the drain refuses it.
+    drain = DrainGate(work_methods)
     # Innermost: requests that do not parse are INVALID_ARGUMENT for every service.
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[*interceptors, RequestDecodingInterceptor()]
+        options=[*SERVER_OPTIONS, *options], interceptors=[*interceptors, drain, RequestDecodingInterceptor()]
     )
     services = register(server)
     health = HealthServicer()
@@ -108,7 +129,7 @@ async def start_server(
     if bound == 0:
         raise OSError(f"could not listen on {host}:{port} (address in use?)")
     await server.start()
-    handle = ServerHandle(server, health, services, bound)
+    handle = ServerHandle(server, health, services, bound, drain)
     await handle.set_serving(False)
     if port_file is not None:
         write_port_file(port_file, bound)
@@ -117,20 +138,51 @@ async def start_server(
 
 
 async def serve_until_signalled(
-    handle: ServerHandle, on_stop: Callable[[], Awaitable[None]] | None = None
+    handle: ServerHandle,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = STOP_GRACE_S,
+    after_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then stop gracefully: NOT_SERVING first, so balancers drain."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    """Run until SIGTERM/SIGINT, then drain and stop (`serve_until_stopped`); a second signal
+    stops at once."""
+    await serve_until_stopped(handle, StopSignals.install(), on_stop, grace_s, after_stop)
+
+
+async def serve_until_stopped(
+    handle: ServerHandle,
+    signals: StopSignals,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = STOP_GRACE_S,
+    after_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until `signals` asks for a drain, then, in this order: NOT_SERVING (so balancers stop
+    sending) and new work refused with a retry hint; `on_stop`; the work in flight finishes, for
+    at most `grace_s` or until a second signal; the server stops (cancelling what is left); and
+    `after_stop`, for what that work needed until its end (the router's channels to its workers)."""
     server_done = asyncio.ensure_future(handle.server.wait_for_termination())
-    stop_wait = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([server_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-    log.info("stopping (grace %.0f s)", STOP_GRACE_S)
+    asked = asyncio.ensure_future(signals.drain.wait())
+    await asyncio.wait([server_done, asked], return_when=asyncio.FIRST_COMPLETED)
+    handle.drain.close()
     await handle.health.enter_graceful_shutdown()
+    log.info(
+        "draining: no new requests; %d in flight, given %.0f s to finish (a second signal stops at once)",
+        handle.drain.in_flight,
+        grace_s,
+    )
     if on_stop is not None:
         await on_stop()
-    await handle.server.stop(STOP_GRACE_S)
-    stop_wait.cancel()
-    server_done.cancel()
+    idle = asyncio.ensure_future(handle.drain.idle())
+    hurry = asyncio.ensure_future(signals.now.wait())
+    await asyncio.wait([idle, hurry, server_done], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+    if idle.done():
+        log.info("drained: every request in flight has finished")
+    elif hurry.done():
+        log.warning("second signal: stopping now (%d requests in flight)", handle.drain.in_flight)
+    else:
+        log.warning("grace of %.0f s over: stopping %d requests in flight", grace_s, handle.drain.in_flight)
+    await handle.server.stop(STOP_LINGER_S if idle.done() else 0)
+    for waiting in (idle, hurry, asked, server_done):
+        waiting.cancel()
+    await asyncio.gather(idle, hurry, asked, server_done, return_exceptions=True)
+    if after_stop is not None:
+        await after_stop()

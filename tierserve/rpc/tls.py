@@ -1,4 +1,5 @@
-"""gRPC credentials from the [security] config: TLS to the router, mutual TLS to the workers.
+"""gRPC credentials from the [security] config: TLS to the router, mutual TLS to the workers, and
+the names each side must show (the router checks every worker's, workers check the router's).
 
 Files are read once, at start-up; a missing or unreadable file stops the process with its name.
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from tierserve.domain.config import ConfigError, SecurityConfig
+from tierserve.rpc.identity import WORKER_METHODS, CallerNameInterceptor, worker_name
 
 
 def read_pem(path: str, what: str) -> bytes:
@@ -53,10 +55,21 @@ def worker_channel_credentials(security: SecurityConfig) -> grpc.ChannelCredenti
     )
 
 
-def worker_channel_options(security: SecurityConfig) -> list[tuple[str, object]]:
+def worker_channel_options(security: SecurityConfig, name: str) -> list[tuple[str, object]]:
+    """The router's channel to worker `name` verifies the worker's certificate against the name that
+    worker's certificates carry (worker_server_name), not the dialled host, which every worker on a
+    host shares."""
     if security.worker_tls and security.worker_server_name:
-        return [("grpc.ssl_target_name_override", security.worker_server_name)]
+        return [("grpc.ssl_target_name_override", worker_name(security.worker_server_name, name))]
     return []
+
+
+def worker_interceptors(security: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
+    """A worker's check of its caller beyond the handshake: Worker calls only from the router's
+    certificate (router_client_name)."""
+    if not security.worker_tls or not security.router_client_name:
+        return []
+    return [CallerNameInterceptor(WORKER_METHODS, security.router_client_name, "router")]
 
 
 def first_token(security: SecurityConfig) -> str:

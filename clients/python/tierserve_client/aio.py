@@ -11,7 +11,7 @@ import grpc
 
 from tierserve_client.client import build_request
 from tierserve_client.options import ClientOptions, retry_hint_ms
-from tierserve_client.types import GenerateParams, GenerateResult, Summary, Token
+from tierserve_client.types import GenerateParams, GenerateResult, Prompt, Summary, Token
 from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 
@@ -95,7 +95,7 @@ class AsyncClient:
 
     def stream(
         self,
-        prompt: str | generate_pb2.GenerateRequest,
+        prompt: Prompt | generate_pb2.GenerateRequest,
         params: GenerateParams | None = None,
         timeout_s: float | None = None,
     ) -> AsyncTokenStream:
@@ -109,7 +109,7 @@ class AsyncClient:
 
     async def generate(
         self,
-        prompt: str | generate_pb2.GenerateRequest,
+        prompt: Prompt | generate_pb2.GenerateRequest,
         params: GenerateParams | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:

@@ -10,12 +10,12 @@ from typing import Any
 import grpc
 
 from tierserve_client.options import ClientOptions, retry_hint_ms
-from tierserve_client.types import GenerateParams, GenerateResult, Summary, Token
+from tierserve_client.types import GenerateParams, GenerateResult, Prompt, Summary, Token
 from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 
 def build_request(
-    prompt: str | generate_pb2.GenerateRequest, params: GenerateParams | None
+    prompt: Prompt | generate_pb2.GenerateRequest, params: GenerateParams | None
 ) -> generate_pb2.GenerateRequest:
     if isinstance(prompt, generate_pb2.GenerateRequest):
         return prompt
@@ -97,7 +97,7 @@ class Client:
 
     def stream(
         self,
-        prompt: str | generate_pb2.GenerateRequest,
+        prompt: Prompt | generate_pb2.GenerateRequest,
         params: GenerateParams | None = None,
         timeout_s: float | None = None,
     ) -> TokenStream:
@@ -114,7 +114,7 @@ class Client:
 
     def generate(
         self,
-        prompt: str | generate_pb2.GenerateRequest,
+        prompt: Prompt | generate_pb2.GenerateRequest,
         params: GenerateParams | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:

@@ -2,9 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Union
 
 from tierserve_client.v1 import generate_pb2
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation: `role` is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+    @classmethod
+    def system(cls, content: str) -> ChatMessage:
+        return cls("system", content)
+
+    @classmethod
+    def user(cls, content: str) -> ChatMessage:
+        return cls("user", content)
+
+    @classmethod
+    def assistant(cls, content: str) -> ChatMessage:
+        return cls("assistant", content)
+
+
+# A conversation: ChatMessage values, or mappings with "role" and "content" (as the OpenAI SDKs write them).
+Messages = Sequence[Union[ChatMessage, Mapping[str, str]]]
+# What to generate from: a prompt continued as it is, or a conversation the model's chat template renders.
+Prompt = Union[str, Messages]
+
+
+def chat_message(message: ChatMessage | Mapping[str, str]) -> generate_pb2.ChatMessage:
+    if isinstance(message, ChatMessage):
+        return generate_pb2.ChatMessage(role=message.role, content=message.content)
+    missing = [key for key in ("role", "content") if key not in message]
+    if missing:
+        raise ValueError(f"a chat message needs {' and '.join(missing)}: {dict(message)!r}")
+    return generate_pb2.ChatMessage(role=message["role"], content=message["content"])
 
 
 @dataclass(frozen=True)
@@ -110,11 +147,14 @@ class GenerateParams:
     tier: str = ""
     strict: bool = False
     request_id: str = ""
+    # Text the reply starts with (the model continues it; it is not repeated in the result).
+    response_prefix: str = ""
 
-    def to_request(self, prompt: str) -> generate_pb2.GenerateRequest:
+    def to_request(self, prompt: Prompt) -> generate_pb2.GenerateRequest:
+        """The wire request for a prompt (str) or a conversation (a sequence of messages)."""
         request = generate_pb2.GenerateRequest(
             request_id=self.request_id,
-            prompt=prompt,
+            response_prefix=self.response_prefix,
             temperature=self.temperature,
             top_k=self.top_k,
             seed=self.seed,
@@ -124,6 +164,10 @@ class GenerateParams:
             tier=self.tier,
             strict=self.strict,
         )
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.messages.extend(chat_message(message) for message in prompt)
         if self.max_new_tokens is not None:
             request.max_new_tokens = self.max_new_tokens
         if self.top_p is not None:

@@ -70,10 +70,15 @@ class GenerateRequest(_message.Message):
     MAX_QUALITY_LOSS_PCT_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    RESPONSE_PREFIX_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """/ Caller-chosen id, echoed in the summary; the router assigns one when empty."""
     prompt: _builtins.str
-    """/ The prompt text. Must not be empty."""
+    """/ The prompt text, continued as it is (no template applied). Set either
+    / `prompt` or `messages`, never both; a request with neither, or both, is
+    / INVALID_ARGUMENT.
+    """
     max_new_tokens: _builtins.int
     """/ How many tokens to generate at most. Unset: the server's default;
     / zero, negative or above the server's limit is INVALID_ARGUMENT.
@@ -111,10 +116,27 @@ class GenerateRequest(_message.Message):
     / meet the service level (RESOURCE_EXHAUSTED when the budgets cannot be
     / met now). False: the server's default.
     """
+    response_prefix: _builtins.str
+    """/ Text the reply starts with, already decided: the worker appends it to the
+    / prompt (for `messages`, after the chat template's start of the assistant
+    / turn, so it continues that turn) and generates what follows. It is not
+    / repeated in the tokens or the summary's text. The router sets it to
+    / resume a stream on another worker after a failure; a client may use it
+    / to begin the reply itself. At most `max_prompt_chars` characters.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """/ Generation stops before the first occurrence of any of these strings;
         / the stop string itself is not returned.
+        """
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """/ A conversation, instead of `prompt`: the worker renders it with the
+        / model's chat template (or the one configured in its `[model]` section),
+        / adds the assistant's turn, and generates that turn. A model without a
+        / chat template answers FAILED_PRECONDITION. At most the server's
+        / `max_messages` messages, their content within its `max_prompt_chars`.
         """
 
     def __init__(
@@ -133,10 +155,12 @@ class GenerateRequest(_message.Message):
         max_quality_loss_pct: _builtins.float | None = ...,
         tier: _builtins.str = ...,
         strict: _builtins.bool = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        response_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_max_quality_loss_pct", b"_max_quality_loss_pct", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "max_quality_loss_pct", b"max_quality_loss_pct", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_max_quality_loss_pct", b"_max_quality_loss_pct", "_top_p", b"_top_p", "max_first_token_latency_ms", b"max_first_token_latency_ms", "max_new_tokens", b"max_new_tokens", "max_quality_loss_pct", b"max_quality_loss_pct", "max_token_latency_ms", b"max_token_latency_ms", "prompt", b"prompt", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "strict", b"strict", "temperature", b"temperature", "tier", b"tier", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_max_quality_loss_pct", b"_max_quality_loss_pct", "_top_p", b"_top_p", "max_first_token_latency_ms", b"max_first_token_latency_ms", "max_new_tokens", b"max_new_tokens", "max_quality_loss_pct", b"max_quality_loss_pct", "max_token_latency_ms", b"max_token_latency_ms", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "response_prefix", b"response_prefix", "seed", b"seed", "stop", b"stop", "strict", b"strict", "temperature", b"temperature", "tier", b"tier", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
@@ -154,6 +178,34 @@ class GenerateRequest(_message.Message):
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """/ One turn of a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """/ Who speaks: "system" (instructions), "user" or "assistant"; any other
+    / role is INVALID_ARGUMENT.
+    """
+    content: _builtins.str
+    """/ What was said. Must not be empty."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
 class Token(_message.Message):
     """/ One generated token."""
 
@@ -163,6 +215,7 @@ class Token(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     LATENCY_US_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """/ Text this token completes. May be empty while a multi-byte character is
     / still incomplete, or while text is held back because it may start a stop
@@ -177,6 +230,12 @@ class Token(_message.Message):
     / first token the time from the start of generation (prefill included),
     / for later tokens the time since the previous token.
     """
+    finish_reason: Global___FinishReason.ValueType
+    """/ Set on the stream's last token only: why generation ends with it (the
+    / summary follows); unspecified on every other token. A router that loses
+    / the worker after this token closes the stream itself instead of resuming
+    / it past its end.
+    """
     def __init__(
         self,
         *,
@@ -184,10 +243,11 @@ class Token(_message.Message):
         id: _builtins.int = ...,
         index: _builtins.int = ...,
         latency_us: _builtins.int = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "index", b"index", "latency_us", b"latency_us", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "id", b"id", "index", b"index", "latency_us", b"latency_us", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

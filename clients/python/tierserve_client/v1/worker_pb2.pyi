@@ -173,6 +173,7 @@ class WorkerInfo(_message.Message):
     AFFINITY_FIELD_NUMBER: _builtins.int
     MEMORY_NODES_FIELD_NUMBER: _builtins.int
     NUMA_BINDING_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """/ The worker's name in the configuration."""
     tier: _builtins.str
@@ -255,6 +256,10 @@ class WorkerInfo(_message.Message):
         / from the kernel (empty when not bound).
         """
 
+    @_builtins.property
+    def batch(self) -> Global___BatchState:
+        """/ Continuous batching: the running batch and its limits."""
+
     def __init__(
         self,
         *,
@@ -286,14 +291,63 @@ class WorkerInfo(_message.Message):
         affinity: _abc.Iterable[_builtins.int] | None = ...,
         memory_nodes: _abc.Iterable[_builtins.int] | None = ...,
         numa_binding: _builtins.str = ...,
+        batch: Global___BatchState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "live_latency", b"live_latency", "warmup_latency", b"warmup_latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "batch", b"batch", "live_latency", b"live_latency", "warmup_latency", b"warmup_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "affinity", b"affinity", "backend", b"backend", "chars_per_token", b"chars_per_token", "cores", b"cores", "dtype", b"dtype", "in_flight", b"in_flight", "kernel", b"kernel", "live_latency", b"live_latency", "load_time_ms", b"load_time_ms", "max_context_tokens", b"max_context_tokens", "max_new_tokens_limit", b"max_new_tokens_limit", "memory_nodes", b"memory_nodes", "model", b"model", "model_path", b"model_path", "notices", b"notices", "numa_binding", b"numa_binding", "numa_node", b"numa_node", "queued", b"queued", "rss_mb", b"rss_mb", "threads", b"threads", "tier", b"tier", "versions", b"versions", "warmup_latency", b"warmup_latency", "warmup_prefill", b"warmup_prefill", "warmup_prompt_tokens", b"warmup_prompt_tokens", "warmup_time_ms", b"warmup_time_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "affinity", b"affinity", "backend", b"backend", "batch", b"batch", "chars_per_token", b"chars_per_token", "cores", b"cores", "dtype", b"dtype", "in_flight", b"in_flight", "kernel", b"kernel", "live_latency", b"live_latency", "load_time_ms", b"load_time_ms", "max_context_tokens", b"max_context_tokens", "max_new_tokens_limit", b"max_new_tokens_limit", "memory_nodes", b"memory_nodes", "model", b"model", "model_path", b"model_path", "notices", b"notices", "numa_binding", b"numa_binding", "numa_node", b"numa_node", "queued", b"queued", "rss_mb", b"rss_mb", "threads", b"threads", "tier", b"tier", "versions", b"versions", "warmup_latency", b"warmup_latency", "warmup_prefill", b"warmup_prefill", "warmup_prompt_tokens", b"warmup_prompt_tokens", "warmup_time_ms", b"warmup_time_ms", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerInfo: _TypeAlias = WorkerInfo  # noqa: Y015
+
+@_typing.final
+class BatchState(_message.Message):
+    """/ A worker's continuous batch: streams decoding together share each decode step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_USED_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_BUDGET_FIELD_NUMBER: _builtins.int
+    KV_CACHE_MB_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """/ False when the worker serves one request at a time (batching off, or the
+    / model's graph cannot be batched; the notices say why).
+    """
+    running: _builtins.int
+    """/ Streams decoding now."""
+    waiting: _builtins.int
+    """/ Requests waiting for a place in the batch."""
+    max_batch: _builtins.int
+    """/ Most streams decoding together."""
+    kv_tokens_used: _builtins.int
+    """/ KV-cache positions held now, all rows together, padding included."""
+    kv_tokens_budget: _builtins.int
+    """/ KV-cache positions the batch may hold."""
+    kv_cache_mb: _builtins.float
+    """/ Memory of the KV cache now, MiB."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        running: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
+        kv_tokens_used: _builtins.int = ...,
+        kv_tokens_budget: _builtins.int = ...,
+        kv_cache_mb: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "kv_cache_mb", b"kv_cache_mb", "kv_tokens_budget", b"kv_tokens_budget", "kv_tokens_used", b"kv_tokens_used", "max_batch", b"max_batch", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 
 @_typing.final
 class PrefillSample(_message.Message):

@@ -1,0 +1,275 @@
+"""Continuous batching on tiny random models through the real tier recipes: the batched forward
+against transformers, and the engine's per-sequence semantics with requests joining and leaving."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny_model import FAMILIES, build_tiny_model_dir
+from tierserve.domain.config import BatchingConfig
+from tierserve.domain.errors import InvalidRequest
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
+from tierserve.worker.batching.startup import start_batching
+from tierserve.worker.engine import Engine, FinishReason, TokenEvent
+from tierserve.worker.kernels.iakv_cache import BatchKvCache, empty_past, layer_caches
+from tierserve.worker.tiers.base import LoadedModel, make_tier
+
+PROMPTS = (
+    "Once upon a time",
+    "The quick brown fox jumps over the lazy dog and then",
+    "Hi",
+    "A list of colours: red, green,",
+    "In the beginning there was nothing but a very long and winding road that led",
+    "def main():",
+    "Q: what is two plus two? A:",
+    "Tea or coffee",
+)
+NEW_TOKENS = (12, 5, 16, 9, 7, 14, 3, 10)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", architecture=request.param)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def engine(request: pytest.FixtureRequest, llama_dir: Path) -> Engine:
+    return Engine(make_tier(request.param).load(llama_dir, llama_dir))
+
+
+@pytest.fixture
+def batch(engine: Engine) -> Iterator[BatchEngine]:
+    batch = BatchEngine(engine, BatchLimits(max_batch=8, kv_cache_tokens=4096))
+    yield batch
+    batch.stop()
+
+
+def params(
+    prompt: str, new_tokens: int, sampling: SamplingParams | None = None, stop: tuple[str, ...] = ()
+) -> GenerationParams:
+    return GenerationParams(prompt, new_tokens, sampling or SamplingParams(), stop, "test")
+
+
+def alone(engine: Engine, request: GenerationParams) -> str:
+    return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
+
+
+def submit(
+    batch: BatchEngine,
+    request: GenerationParams,
+    emit: Callable[[TokenEvent], None] = lambda _: None,
+    cancelled: Callable[[], bool] = lambda: False,
+    deadline: float | None = None,
+) -> Ticket:
+    prompt = batch.engine.prepare(request)
+    return batch.submit(
+        prompt, request, emit, cancelled, time.perf_counter() if deadline is None else deadline
+    )
+
+
+# ------------------------------------------------------------------ the batched forward
+
+
+def test_batched_decode_logits_match_transformers(family_dir: Path) -> None:
+    """Rows of different lengths prefilled alone, joined (the longer one arriving second moves
+    the batch right), then one decode step: each row's logits equal transformers' eager model
+    on that row's whole sequence."""
+    loaded = make_tier("fp32").load(family_dir, family_dir)
+    reference = AutoModelForCausalLM.from_pretrained(family_dir, torch_dtype=torch.float32).eval()
+    graph = loaded.model.trace_graph
+    layers = int(loaded.model.config.num_hidden_layers)
+    rows = [[5, 17, 300, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [99, 100]]
+    next_ids = [1000, 2000, 3000]
+    cache: BatchKvCache | None = None
+    with torch.inference_mode():
+        for ids in rows:
+            prompt = torch.tensor([ids])
+            out = graph(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                past_key_values=empty_past(layers, 1),
+                position_ids=torch.arange(len(ids)).unsqueeze(0),
+            )
+            row = BatchKvCache.of_sequence(layer_caches(out[1]), len(ids))
+            if cache is None:
+                cache = row
+            else:
+                cache.join(row)
+        assert cache is not None and cache.padding == [5, 0, 7]
+        out = graph(
+            input_ids=torch.tensor([[t] for t in next_ids]),
+            attention_mask=cache.attention_mask(),
+            past_key_values=cache.past_key_values(),
+            position_ids=torch.tensor([[len(ids)] for ids in rows]),
+        )
+        for row, (ids, token) in enumerate(zip(rows, next_ids, strict=True)):
+            expected = reference(torch.tensor([[*ids, token]])).logits[0, -1]
+            torch.testing.assert_close(out[0][row, -1], expected, atol=2e-3, rtol=1e-3)
+
+
+def test_a_row_leaving_keeps_the_others_right(family_dir: Path) -> None:
+    loaded = make_tier("fp32").load(family_dir, family_dir)
+    engine = Engine(loaded)
+    requests = [params(p, n) for p, n in zip(PROMPTS[:4], (3, 12, 6, 12), strict=True)]
+    expected = [alone(engine, r) for r in requests]
+    batch = BatchEngine(engine, BatchLimits(max_batch=4, kv_cache_tokens=4096))
+    try:
+        tickets = [submit(batch, r) for r in requests]
+        assert [t.future.result(timeout=120).text for t in tickets] == expected
+    finally:
+        batch.stop()
+
+
+# ------------------------------------------------------------------ per-sequence semantics
+
+
+def test_greedy_text_alone_equals_text_in_a_batch_of_8(engine: Engine, batch: BatchEngine) -> None:
+    requests = [params(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+    expected = [alone(engine, r) for r in requests]
+    tickets = []
+    for request in requests:  # staggered: rows join a batch that is already decoding
+        tickets.append(submit(batch, request))
+        time.sleep(0.01)
+    outcomes = [t.future.result(timeout=120) for t in tickets]
+    assert [o.text for o in outcomes] == expected
+    for outcome, request in zip(outcomes, requests, strict=True):
+        assert outcome.generated_tokens <= request.max_new_tokens
+        assert all(latency > 0 for latency in outcome.token_latencies_us)
+
+
+def test_seeded_request_gives_the_same_text_whatever_shares_its_batch(batch: BatchEngine) -> None:
+    seeded = params(PROMPTS[0], 12, SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234))
+    on_its_own = submit(batch, seeded).future.result(timeout=120)
+    crowd = [
+        submit(batch, params(p, 16, SamplingParams(temperature=1.0, seed=i + 1)))
+        for i, p in enumerate(PROMPTS[1:6])
+    ]
+    in_a_crowd = submit(batch, seeded).future.result(timeout=120)
+    for ticket in crowd:
+        ticket.future.result(timeout=120)
+    assert on_its_own.seed == in_a_crowd.seed == 1234
+    assert in_a_crowd.text == on_its_own.text
+    other_seed = params(PROMPTS[0], 12, SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=99))
+    assert submit(batch, other_seed).future.result(timeout=120).text != on_its_own.text
+
+
+def test_stop_string_ends_one_row_and_not_the_others(engine: Engine, batch: BatchEngine) -> None:
+    full = alone(engine, params(PROMPTS[1], 16))
+    stop = full[4:7]
+    assume_text = full[: full.index(stop)]
+    stopped = submit(batch, params(PROMPTS[1], 16, stop=(stop,)))
+    neighbour = submit(batch, params(PROMPTS[3], 16))
+    outcome = stopped.future.result(timeout=120)
+    assert outcome.finish_reason == FinishReason.STOP
+    assert outcome.text == assume_text
+    assert neighbour.future.result(timeout=120).text == alone(engine, params(PROMPTS[3], 16))
+
+
+def test_cancelled_row_stops_within_one_step_and_the_rest_go_on(engine: Engine, batch: BatchEngine) -> None:
+    cancel = threading.Event()
+    made: list[int] = []
+
+    def emit(event: TokenEvent) -> None:
+        made.append(event.index)
+        if event.index == 2:
+            cancel.set()
+
+    cancelled = submit(batch, params(PROMPTS[0], 40), emit=emit, cancelled=cancel.is_set)
+    neighbour = submit(batch, params(PROMPTS[4], 20))
+    outcome = cancelled.future.result(timeout=120)
+    assert outcome.finish_reason == FinishReason.CANCELLED
+    assert len(made) <= 4  # the token that set the flag, and at most one step more
+    assert neighbour.future.result(timeout=120).text == alone(engine, params(PROMPTS[4], 20))
+
+
+def test_waiting_requests_are_admitted_earliest_deadline_first(engine: Engine) -> None:
+    batch = BatchEngine(engine, BatchLimits(max_batch=1, kv_cache_tokens=4096))
+    try:
+        now = time.perf_counter()
+        first = submit(batch, params(PROMPTS[0], 16), deadline=now)
+        late = submit(batch, params(PROMPTS[1], 4), deadline=now + 60)
+        early = submit(batch, params(PROMPTS[2], 4), deadline=now + 1)
+        for ticket in (first, late, early):
+            ticket.future.result(timeout=120)
+        assert first.sequence.admitted_at < early.sequence.admitted_at < late.sequence.admitted_at
+    finally:
+        batch.stop()
+
+
+def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engine) -> None:
+    # Each request spans at most prompt + 24 tokens; a budget of 60 holds one at a time.
+    batch = BatchEngine(engine, BatchLimits(max_batch=8, kv_cache_tokens=60))
+    try:
+        with pytest.raises(InvalidRequest, match="KV cache of 60 tokens"):
+            submit(batch, params(PROMPTS[4], 60))
+        seen_running: list[int] = []
+        tickets = [
+            submit(batch, params(p, 24), emit=lambda _: seen_running.append(batch.occupancy().running))
+            for p in PROMPTS[:3]
+        ]
+        for ticket in tickets:
+            ticket.future.result(timeout=120)
+        assert seen_running and max(seen_running) == 1
+        occupancy = batch.occupancy()
+        assert (occupancy.running, occupancy.waiting, occupancy.kv_tokens_used) == (0, 0, 0)
+    finally:
+        batch.stop()
+
+
+def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:
+    during: list[tuple[int, int]] = []
+
+    def emit(event: TokenEvent) -> None:
+        if event.index == 6:
+            occupancy = batch.occupancy()
+            during.append((occupancy.running, occupancy.kv_tokens_used))
+
+    tickets = [submit(batch, params(p, 10), emit=emit) for p in PROMPTS[:3]]
+    for ticket in tickets:
+        ticket.future.result(timeout=120)
+    assert during and max(running for running, _ in during) >= 2
+    assert all(used > 0 for _, used in during)
+
+
+# ------------------------------------------------------------------ when not to batch
+
+
+def test_a_model_without_an_ipex_graph_is_served_one_at_a_time_with_a_notice(llama_dir: Path) -> None:
+    plain = make_tier("fp32").load(llama_dir, llama_dir)
+    eager = LoadedModel(
+        model=AutoModelForCausalLM.from_pretrained(llama_dir),
+        tokenizer=plain.tokenizer,
+        backend="transformers",
+        kernel="eager",
+        dtype=torch.float32,
+        context_tokens=plain.context_tokens,
+    )
+    batch, reason = start_batching(Engine(eager), BatchingConfig())
+    assert batch is None and "no IPEX decoder graph" in reason
+    batch, reason = start_batching(Engine(plain), BatchingConfig(enabled=False))
+    assert batch is None and "off" in reason
+
+
+def test_start_batching_checks_the_batched_text_then_serves(llama_dir: Path) -> None:
+    batch, reason = start_batching(
+        Engine(make_tier("fp32").load(llama_dir, llama_dir)), BatchingConfig(max_batch=4)
+    )
+    try:
+        assert batch is not None, reason
+        assert "up to 4 streams" in reason
+    finally:
+        if batch is not None:
+            batch.stop()

@@ -1,0 +1,1 @@
+"""Continuous batching: many streams share each decode step of one worker's model."""
