@@ -7,6 +7,12 @@ its `response_prefix` (appended to the prompt; for chat messages, after the temp
 assistant's turn, so the text continues that turn) and only the tokens still owed, and its token
 indexes are shifted to continue the stream.
 
+A continuation is checked against the limits before it is sent (the streamed text may have taken
+it past one); one that breaks them, or that the next worker refuses, ends the request with the
+failure it was to recover from, saying why. A stream is never resumed past its end: a worker that
+fails after the last token asked for, or after the token it marked as the last (`finish_reason`:
+end of sequence, a stop string, the context window), is closed with the router's own summary.
+
 Sampling across a resume: a sampled request (temperature > 0) always has a seed, the caller's or one
 the router draws (reported in the summary), and a stream resumed after n tokens samples the rest
 with `resume_seed(seed, n)`. The random generator's state cannot move between processes, so the

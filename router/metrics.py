@@ -8,6 +8,7 @@ the policy's free-text reason.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 
@@ -17,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from tierserve_client.v1 import generate_pb2, router_pb2
 
+from tierserve.router.occupancy import batch_occupancy
 from tierserve.router.pool import WorkerHandle
 from tierserve.rpc.metrics import (
     NO_TIER,
@@ -55,8 +57,8 @@ def decision_category(pinned_tier: str, best_effort: bool) -> str:
 
 
 class PoolCollector(Collector):
-    """Queue depth, in-flight requests, health and model load time per worker, read at scrape time so
-    the figures are never stale."""
+    """Queue depth, in-flight requests, health, model load time and continuous batch per worker, read
+    at scrape time so the figures are never stale (the batch: as of the worker's last Describe)."""
 
     def __init__(self, workers: Callable[[], Sequence[WorkerHandle]]) -> None:
         self._workers = workers
@@ -79,13 +81,43 @@ class PoolCollector(Collector):
             "Model load time the worker reported (0 until it has)",
             labels=labels,
         )
+        batch = BatchFamilies(labels)
         for worker in self._workers():
             key = [worker.worker_id, worker.tier]
             queued.add_metric(key, worker.load.queued)
             in_flight.add_metric(key, worker.in_flight)
             up.add_metric(key, 1.0 if worker.health == router_pb2.WORKER_HEALTH_SERVING else 0.0)
             load.add_metric(key, worker.info.load_time_ms / 1e3 if worker.info is not None else 0.0)
-        yield from (queued, in_flight, up, load)
+            if worker.info is not None and worker.info.HasField("batch"):
+                batch.add(key, batch_occupancy(worker.info.batch, time.monotonic() - worker.described_at))
+        yield from (queued, in_flight, up, load, *batch.families())
+
+
+class BatchFamilies:
+    """Each worker's continuous batch as it last reported it (Describe, polled with the health
+    checks): a worker that has not answered yet has no series."""
+
+    def __init__(self, labels: list[str]) -> None:
+        def gauge(name: str, documentation: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"tierserve_router_worker_{name}", documentation, labels=labels)
+
+        self.running = gauge("batch_running", "Streams decoding together on the worker")
+        self.waiting = gauge("batch_waiting", "Requests waiting on the worker for a place in its batch")
+        self.max_batch = gauge("batch_max", "Most streams the worker decodes together (1: no batching)")
+        self.kv_used = gauge("kv_cache_tokens", "KV-cache positions the worker's batch holds")
+        self.kv_budget = gauge("kv_cache_budget_tokens", "KV-cache positions the worker's batch may hold")
+        self.age = gauge("batch_age_seconds", "How old the worker's batch figures are")
+
+    def add(self, key: list[str], batch: router_pb2.BatchOccupancy) -> None:
+        self.running.add_metric(key, batch.running)
+        self.waiting.add_metric(key, batch.waiting)
+        self.max_batch.add_metric(key, batch.max_batch)
+        self.kv_used.add_metric(key, batch.kv_tokens_used)
+        self.kv_budget.add_metric(key, batch.kv_tokens_budget)
+        self.age.add_metric(key, batch.age_ms / 1e3)
+
+    def families(self) -> tuple[GaugeMetricFamily, ...]:
+        return (self.running, self.waiting, self.max_batch, self.kv_used, self.kv_budget, self.age)
 
 
 class RouterMetrics:

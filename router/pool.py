@@ -19,6 +19,7 @@ from tierserve.domain.deadlines import first_token_deadline
 from tierserve.domain.errors import InvalidRequest, NoWorkerAvailable, Unsatisfiable
 from tierserve.router.discovery import LookupFailed, is_dns_target, resolve
 from tierserve.router.live import LiveStats, PromptTokenEstimator
+from tierserve.router.occupancy import batch_occupancy
 from tierserve.router.prediction import (
     Prediction,
     PredictionErrors,
@@ -62,6 +63,8 @@ class WorkerHandle:
     last_error: str = ""
     # Joined by Register (and leaves when its heartbeats stop), not from the configuration.
     registered: bool = False
+    # When `info` was last answered (monotonic seconds): how old its batch figures are.
+    described_at: float = 0.0
     _rounds: int = field(default=0, repr=False)
 
     @property
@@ -83,13 +86,23 @@ class WorkerHandle:
         return self.load.outstanding
 
     @property
-    def has_room(self) -> bool:
-        # One request generates; up to queue_limit wait behind it.
-        return self.load.outstanding <= self.queue_limit
+    def batch_slots(self) -> int:
+        """Streams the worker decodes together (1 when it serves one request at a time)."""
+        if self.info is None or not self.info.batch.enabled:
+            return 1
+        return max(1, int(self.info.batch.max_batch))
 
-    def streams_on_cores(self) -> int:
-        """Streams that would generate on this worker's cores with one running here."""
-        return 1 + sum(1 for peer in self.peers if peer.load.busy)
+    @property
+    def has_room(self) -> bool:
+        # Up to batch_slots generate together; up to queue_limit wait behind them.
+        return self.load.outstanding < self.batch_slots + self.queue_limit
+
+    def streams_on_cores(self, joining: bool = True) -> int:
+        """Streams that would generate on this worker's cores with this one running here (its
+        batch, then the busy workers sharing its cores); `joining`: the request is not yet among
+        the outstanding ones."""
+        in_batch = min(self.load.outstanding + (1 if joining else 0), self.batch_slots)
+        return max(in_batch, 1) + sum(1 for peer in self.peers if peer.load.busy)
 
     @property
     def next_free_ms(self) -> float:
@@ -100,7 +113,16 @@ class WorkerHandle:
     ) -> Prediction:
         now = time.monotonic()
         deadline = first_token_deadline(now, first_token_budget_ms)
-        raw = predict(self.live, self.load, self.streams_on_cores(), prompt_tokens, deadline, new_tokens, now)
+        raw = predict(
+            self.live,
+            self.load,
+            self.streams_on_cores(),
+            prompt_tokens,
+            deadline,
+            new_tokens,
+            now,
+            batch_slots=self.batch_slots,
+        )
         return self.errors.correct(raw)
 
     def begin(self, prompt_tokens: int, new_tokens: int, first_token_budget_ms: float = 0.0) -> Ticket:
@@ -117,7 +139,7 @@ class WorkerHandle:
         if token.index == 0:
             self.live.record_first_token(token.latency_us)
         else:
-            self.live.record_token(token.latency_us, self.streams_on_cores())
+            self.live.record_token(token.latency_us, self.streams_on_cores(joining=False))
 
     def mark_failed(self, reason: str, down: bool = True) -> None:
         """A request failed here through the worker's fault. When the worker is `down` (dead,
@@ -157,6 +179,8 @@ class WorkerHandle:
         )
         if self.info is not None:
             status.info.CopyFrom(self.info)
+            if self.info.HasField("batch"):
+                status.batch.CopyFrom(batch_occupancy(self.info.batch, time.monotonic() - self.described_at))
         else:
             status.info.worker_id, status.info.tier = self.worker_id, self.tier
         return status
@@ -355,6 +379,7 @@ class WorkerPool:
     def _described(self, worker: WorkerHandle, info: worker_pb2.WorkerInfo) -> None:
         cores_changed = worker.info is None or list(worker.info.cores) != list(info.cores)
         worker.info = info
+        worker.described_at = time.monotonic()
         worker.live.seed(info)
         self.prompt_tokens.report(info.chars_per_token)
         if cores_changed:

@@ -141,14 +141,24 @@ def predict(
     deadline: float = math.inf,
     new_tokens: int = 0,
     now_s: float = 0.0,
+    batch_slots: int = 1,
 ) -> Prediction:
     """Wait, TTFT and TPOT for a request of `prompt_tokens` due at `deadline` arriving at this
     worker at `now_s`, with `streams` generating on its cores once it runs (itself included);
-    given its `new_tokens`, also how many waiting requests it would make late."""
+    given its `new_tokens`, also how many waiting requests it would make late. A worker that
+    batches (`batch_slots` > 1) starts a request at once while it has a free slot: no wait, and
+    the TPOT measured at that batch occupancy (`streams`)."""
     tpot_us, basis = stats.tpot_us(streams)
     fit = stats.prefill()
     if tpot_us is None or fit is None:
         return UNKNOWN
+    if batch_slots > 1:
+        if load.outstanding < batch_slots:
+            return Prediction(0.0, fit.ttft_us(prompt_tokens), tpot_us, basis)
+        # Full: it starts when a slot frees, i.e. when the k-th running request to finish does.
+        finishes = sorted(remaining_us(t, stats, tpot_us) for t in load.tickets)
+        wait_us = finishes[min(load.outstanding - batch_slots, len(finishes) - 1)]
+        return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis)
     wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.ahead_of(deadline))
     harm = (
         displaced(load, Ticket(prompt_tokens, new_tokens, deadline), stats, tpot_us, now_s)

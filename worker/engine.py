@@ -106,7 +106,7 @@ class Engine:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> GenerationOutcome:
         seed = seed_for(params.sampling)
-        sink = self.token_sink(params, prompt.max_new_tokens, emit)
+        sink = self.token_sink(params, prompt, emit)
         stop_when = _StopWhen(lambda: sink.finished or cancelled())
         with torch.inference_mode(), self.loaded.run_context():
             if seed:
@@ -121,7 +121,7 @@ class Engine:
         return sink.outcome(prompt, seed, cancelled())
 
     def token_sink(
-        self, params: GenerationParams, max_new_tokens: int, emit: Callable[[TokenEvent], None]
+        self, params: GenerationParams, prompt: PreparedPrompt, emit: Callable[[TokenEvent], None]
     ) -> TokenSink:
         """Where a request's tokens go: timed, detokenized, cut at its stop strings, emitted."""
         return TokenSink(
@@ -132,8 +132,9 @@ class Engine:
             ),
             stops=params.stop,
             eos_ids=self._eos_ids,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=prompt.max_new_tokens,
             emit=emit,
+            context_bound=prompt.context_bound,
         )
 
     def _generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> GenerationConfig:

@@ -28,6 +28,9 @@ class TokenEvent:
     token_id: int
     index: int
     latency_us: int
+    # Set on a sequence's last token (EOS, stop string, length or context): a router that loses
+    # the worker after it, before the summary, knows there is nothing left to resume.
+    finish_reason: FinishReason | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,9 @@ class TokenSink:
         eos_ids: set[int],
         max_new_tokens: int,
         emit: Callable[[TokenEvent], None],
+        context_bound: bool = False,
     ) -> None:
+        self._context_bound = context_bound
         self._detokenizer = IncrementalDetokenizer(decode)
         self._stop_filter = StopStringFilter(stops)
         self._eos_ids = eos_ids
@@ -116,7 +121,10 @@ class TokenSink:
             if index + 1 >= self._max_new_tokens and not self._stop_filter.stopped:
                 text += self._release_held_text()  # last token: nothing comes to complete held text
         self.text_parts.append(text)
-        self._emit(TokenEvent(text=text, token_id=token_id, index=index, latency_us=latency_us))
+        last = self._ending() if self.finished else None
+        self._emit(
+            TokenEvent(text=text, token_id=token_id, index=index, latency_us=latency_us, finish_reason=last)
+        )
 
     def _release_held_text(self) -> str:
         return self._stop_filter.feed(self._detokenizer.flush()) + self._stop_filter.flush()
@@ -131,12 +139,14 @@ class TokenSink:
         )
 
     def _finish_reason(self, prompt: PreparedPrompt, cancelled: bool) -> FinishReason:
+        if self.finished:
+            return self._ending()
+        return FinishReason.CANCELLED if cancelled else FinishReason.LENGTH
+
+    def _ending(self) -> FinishReason:
+        """Why a finished sequence ended."""
         if self.saw_eos:
             return FinishReason.EOS
         if self.stopped_by_string:
             return FinishReason.STOP
-        if len(self.latencies_us) >= prompt.max_new_tokens:
-            return FinishReason.CONTEXT if prompt.context_bound else FinishReason.LENGTH
-        if cancelled:
-            return FinishReason.CANCELLED
-        return FinishReason.LENGTH
+        return FinishReason.CONTEXT if self._context_bound else FinishReason.LENGTH

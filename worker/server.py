@@ -147,7 +147,9 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         if endpoint is not None:
             endpoint.close()
         raise
-    state.batch, batching = await loop.run_in_executor(executor, start_batching, engine, config.batching)
+    state.batch, batching = await loop.run_in_executor(
+        executor, start_batching, engine, config.batching, worker_config.tier
+    )
     log.info("%s", batching)
     if state.batch is None:
         state.notices.append(batching)

@@ -198,7 +198,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._record_live(event)
                 yield generate_pb2.GenerateResponse(
                     token=generate_pb2.Token(
-                        text=event.text, id=event.token_id, index=event.index, latency_us=event.latency_us
+                        text=event.text,
+                        id=event.token_id,
+                        index=event.index,
+                        latency_us=event.latency_us,
+                        finish_reason=FINISH_REASONS[event.finish_reason]
+                        if event.finish_reason
+                        else generate_pb2.FINISH_REASON_UNSPECIFIED,
                     )
                 )
             result.append(await generation)

@@ -1,7 +1,8 @@
 """`tierserve bench soak` for a minute on a small pool of the default model (real router and worker
-processes): load above capacity is refused with RESOURCE_EXHAUSTED and a retry hint, no process's
-resident memory or open descriptors grow past the stated bounds, and the pool serves once the load
-stops."""
+processes), bearer tokens on and a varied request mix: load above capacity is refused with
+RESOURCE_EXHAUSTED and a retry hint, calls without a valid token are refused as such, no process's
+resident memory or open descriptors grow past the stated bounds (reported before and after the load,
+with the bound), and the pool serves once the load stops."""
 
 from __future__ import annotations
 
@@ -36,13 +37,29 @@ def test_a_minute_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Pat
     report = json.loads(out.read_text())
     assert report["verdict"] == {"passed": True, "problems": []}
     assert report["config"]["admitted"] == 6 and report["config"]["warmup_s"] == 10
-    # The router and both workers, each sampled every 2 s and within the bounds.
+    # The router and both workers, each sampled every 2 s and within the bounds; their figures before
+    # the load and after it are reported beside the bounds checked.
     processes = {p["process"]: p for p in report["processes"]}
     assert set(processes) == {"router", "worker a", "worker b"}
     for process in processes.values():
         assert process["within_bounds"] and process["samples"] >= 25, process["problems"]
         assert process["growth"]["rss_mib"] <= BOUNDS.rss_growth_bytes / MIB
         assert process["growth"]["fds"] <= BOUNDS.fd_growth
+        assert process["bounds"] == {
+            "rss_growth_mib": BOUNDS.rss_growth_bytes / MIB,
+            "fd_growth": BOUNDS.fd_growth,
+        }
+        assert process["before_load"]["rss_mib"] > 0 and process["after_load"]["fds"] > 0
+    # Tokens on: every client carried one of three, one capped at a few streams; the calls without a
+    # valid token were all refused as such.
+    assert set(report["config"]["tokens"]) == {"soak-a", "soak-b", "soak-capped"}
+    unauthorized = report["without_valid_token"]
+    assert set(unauthorized["no token"]) == {"UNAUTHENTICATED"}
+    assert set(unauthorized["unknown token"]) == {"PERMISSION_DENIED"}
+    # Varied prompts: plain and chat, greedy and sampled, some with stop strings, of many lengths.
+    mix = report["mix"]
+    assert set(mix["kinds"]) == {"prompt", "chat", "sampled", "stop strings"}, mix
+    assert mix["prompt_words"]["distinct"] >= 10
     requests = report["requests"]
     # Above capacity: refused with RESOURCE_EXHAUSTED, every refusal with its retry hint, promptly.
     assert set(requests["by_code"]) == {"OK", "RESOURCE_EXHAUSTED"}, requests["by_code"]
@@ -52,3 +69,6 @@ def test_a_minute_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Pat
     # Once the load stopped, a plain request completed.
     assert report["recovery"]["recovered"] and report["recovery"]["status"] == "OK"
     assert "verdict: PASS" in result.stderr
+    markdown = out.with_suffix(".md").read_text()
+    assert "RSS MiB before / warm / max / last / after" in markdown and "verdict: PASS" in markdown
+    print(markdown)

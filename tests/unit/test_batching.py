@@ -103,11 +103,11 @@ def test_batched_decode_logits_match_transformers(family_dir: Path) -> None:
                 past_key_values=empty_past(layers, 1),
                 position_ids=torch.arange(len(ids)).unsqueeze(0),
             )
-            row = BatchKvCache.of_sequence(layer_caches(out[1]), len(ids))
+            joining = BatchKvCache.of_sequence(layer_caches(out[1]), len(ids))
             if cache is None:
-                cache = row
+                cache = joining
             else:
-                cache.join(row)
+                cache.join(joining)
         assert cache is not None and cache.padding == [5, 0, 7]
         out = graph(
             input_ids=torch.tensor([[t] for t in next_ids]),
@@ -269,7 +269,22 @@ def test_start_batching_checks_the_batched_text_then_serves(llama_dir: Path) -> 
     )
     try:
         assert batch is not None, reason
-        assert "up to 4 streams" in reason
+        assert (
+            "up to 4 streams" in reason
+            and "greedy tokens made in a batch equal to those made alone" in reason
+        )
     finally:
         if batch is not None:
             batch.stop()
+
+
+def test_only_the_last_token_says_why_the_sequence_ended(engine: Engine, batch: BatchEngine) -> None:
+    for run in ("alone", "batched"):
+        events: list[TokenEvent] = []
+        request = params(PROMPTS[1], 6)
+        if run == "alone":
+            outcome = engine.generate(engine.prepare(request), request, emit=events.append)
+        else:
+            outcome = submit(batch, request, emit=events.append).future.result(timeout=120)
+        assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+        assert events[-1].finish_reason == outcome.finish_reason != FinishReason.CANCELLED

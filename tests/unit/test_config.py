@@ -119,3 +119,22 @@ def test_tier_recipes_round_trip_and_default(tmp_path: Path) -> None:
 def test_bad_recipes_are_refused(tiers: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"tiers": tiers, "workers": [{"name": "w", "tier": "fp32"}]})
+
+
+def test_batching_survives_the_toml_round_trip(tmp_path: Path) -> None:
+    # The launcher hands workers the config as TOML: a pool started with batching off must stay off.
+    config = parse_config(
+        {
+            "batching": {"enabled": False, "max_batch": 4, "kv_cache_tokens": 4096},
+            "workers": [{"name": "w", "tier": "bf16"}],
+        }
+    )
+    path = tmp_path / "pool.toml"
+    path.write_text(config_to_toml(config))
+    loaded = load_config(path)
+    assert (loaded.batching.enabled, loaded.batching.max_batch, loaded.batching.kv_cache_tokens) == (
+        False,
+        4,
+        4096,
+    )
+    assert loaded == config

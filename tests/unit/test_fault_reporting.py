@@ -42,6 +42,14 @@ async def generate(stub: router_pb2_grpc.RouterStub, **fields: Any) -> list[gene
     return [response async for response in stub.Generate(request, timeout=10)]
 
 
+async def all_serving(pool: RunningPool) -> None:
+    """Every worker checked until SERVING: with the health loop slowed down (so it restores no
+    worker behind a test's back), a check that timed out on a loaded machine is not left standing."""
+    for worker in pool.pool.workers:
+        while not worker.healthy:
+            await pool.pool.check(worker)
+
+
 async def refusal(pool: RunningPool, **fields: Any) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(pool.stub, **fields)
@@ -196,6 +204,7 @@ def test_an_error_a_worker_answers_does_not_take_it_out_of_rotation() -> None:
         crashing = FakeWorker("fp32-0", "fp32", fail_after=0, fail_code=grpc.StatusCode.INTERNAL)
         other = FakeWorker("bf16-0", "bf16", cores=[1])
         async with running_pool([crashing, other], health_interval_s=600) as pool:
+            await all_serving(pool)
             summary = (await generate(pool.stub))[-1].summary
             assert summary.worker_id == "bf16-0" and list(summary.failed_workers) == ["fp32-0"]
             fp32 = pool.pool.by_id("fp32-0")
@@ -215,6 +224,7 @@ def test_a_request_a_worker_refuses_is_relayed_and_counts_against_no_worker() ->
         refusing = FakeWorker("fp32-0", "fp32", fail_after=0, fail_code=grpc.StatusCode.INVALID_ARGUMENT)
         other = FakeWorker("bf16-0", "bf16", cores=[1])
         async with running_pool([refusing, other], health_interval_s=600) as pool:
+            await all_serving(pool)
             refused = await refusal(pool)
             assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert len(refusing.requests) == 1  # the worker's answer, relayed
@@ -260,6 +270,7 @@ def test_a_worker_that_dies_after_its_last_token_is_not_resumed_past_the_end() -
         ending = FakeWorker("fp32-0", "fp32", count_words=True, eos_at=2, fail_after=3)
         other = FakeWorker("bf16-0", "bf16", cores=[1], count_words=True)
         async with running_pool([ending, other], health_interval_s=600) as pool:
+            await all_serving(pool)
             responses = await generate(pool.stub, max_new_tokens=10)
         tokens, summary = [r.token for r in responses[:-1]], responses[-1].summary
         assert [t.index for t in tokens] == [0, 1, 2]

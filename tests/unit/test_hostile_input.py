@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from tierserve_client.options import MAX_MESSAGE_BYTES
 from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
-from tests.hostile import CLEAR_CODES, generate_requests
+from tests.hostile import CLEAR_CODES, REFUSED, answer, edge_cases, generate_requests
 from tests.hostile import outcome as hostile_outcome
 from tests.unit.fake_pool import FakeWorker, running_pool
+from tierserve.domain.config import LimitsConfig
 
 CALL_TIMEOUT_S = 10.0
 
@@ -105,6 +106,19 @@ def test_a_message_over_the_size_limit_is_refused_and_the_router_serves_on(
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in (caught.value.details() or "")
     still_serves(stub)
+
+
+def test_every_edge_case_the_router_refuses_itself_names_its_field(stub: router_pb2_grpc.RouterStub) -> None:
+    # The explicit edge cases that tests/integration/test_hostile_input_live.py sends to real workers,
+    # for this router's limits (the defaults); those refused past the context are the worker's to refuse.
+    for case in edge_cases(LimitsConfig()):
+        if case.expected != REFUSED or case.mentions == "context":
+            continue
+        got = answer(stub, case.request, CALL_TIMEOUT_S)
+        assert got.code == grpc.StatusCode.INVALID_ARGUMENT, (
+            f"{case.name}: {got.code.name} {got.message:.300}"
+        )
+        assert case.mentions in got.message, f"{case.name}: {got.message:.300}"
 
 
 def test_the_router_serves_after_all_of_it(stub: router_pb2_grpc.RouterStub) -> None:

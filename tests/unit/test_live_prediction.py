@@ -156,3 +156,26 @@ def test_over_predicting_workers_are_corrected_down() -> None:
         errors.record(predicted, ttft_us=actual, tpot_us=8_000.0)
     assert errors.ttft_factor == pytest.approx(0.54)  # the median
     assert errors.tpot_factor == pytest.approx(0.8)
+
+
+def test_a_batching_worker_starts_a_request_at_once_while_it_has_a_free_slot() -> None:
+    stats = LiveStats(alpha=1.0)
+    stats.seed(warm_info())
+    for _ in range(3):
+        stats.record_token(9_000, streams=3)
+    load = WorkerLoad()
+    for _ in range(2):
+        load.begin(prompt_tokens=40, new_tokens=100).tokens = 10
+    # Two streams decoding, batch of 4: no wait, and the TPOT measured with three in the batch.
+    free = predict(stats, load, 3, 80, batch_slots=4)
+    assert free.wait_us == 0 and free.ttft_us == pytest.approx(80_000)
+    assert (free.tpot_us, free.basis) == (9_000, "measured at 3 streams")
+    # The same load on a worker serving one at a time: it waits for both.
+    serial = predict(stats, load, 3, 80)
+    assert serial.wait_us > 0
+    # A full batch: the request starts when the first running request finishes.
+    load.begin(prompt_tokens=40, new_tokens=100).tokens = 95
+    load.begin(prompt_tokens=40, new_tokens=100).tokens = 50
+    full = predict(stats, load, 4, 80, batch_slots=4)
+    # Four in the batch is unmeasured: the warm-up TPOT (10 ms) for its 5 tokens left.
+    assert full.wait_us == pytest.approx(5 * 10_000)

@@ -1,11 +1,12 @@
 """`tierserve bench soak`'s judgement: growth after warm-up against the stated bounds, how requests ended,
-and a process that disappears."""
+a process that disappears; its varied request mix, its tokens and callers without one; its markdown."""
 
 from __future__ import annotations
 
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 from tierserve.benchmarks.soak import (
     BOUNDS,
@@ -14,11 +15,19 @@ from tierserve.benchmarks.soak import (
     ProcessSeries,
     Sample,
     admitted,
-    request_maker,
     warmup_s,
 )
+from tierserve.benchmarks.soak_mix import (
+    CAPPED_STREAMS,
+    MAX_PROMPT_WORDS,
+    ProbeTally,
+    RequestMix,
+    SoakTokens,
+)
+from tierserve.benchmarks.soak_report import soak_markdown
 from tierserve.benchmarks.streamcall import CallResult
 from tierserve.domain.config import parse_config
+from tierserve.router.auth import bearer_token, load_tokens
 
 
 def series(*points: tuple[float, float, int]) -> ProcessSeries:
@@ -94,7 +103,87 @@ def test_room_warm_up_and_requests() -> None:
     )
     assert admitted(config) == 6
     assert warmup_s(60) == 10 and warmup_s(600) == 60
-    make = request_maker(["one", "two"], 16, random.Random(1))
-    requests = [make() for _ in range(50)]
-    assert {r.prompt for r in requests} == {"one", "two"}
-    assert all(8 <= r.max_new_tokens <= 16 for r in requests)
+
+
+def test_the_mix_varies_prompts_lengths_kinds_and_stays_within_its_bounds() -> None:
+    words = [f"w{i}" for i in range(500)]
+    mix = RequestMix(words, 16, random.Random(1))
+    requests = [mix() for _ in range(400)]
+    assert all(1 <= r.max_new_tokens <= 16 for r in requests)
+    assert all(bool(r.prompt) != bool(r.messages) for r in requests)
+    texts = [r.prompt or r.messages[-1].content for r in requests]
+    assert all(1 <= len(t.split()) <= MAX_PROMPT_WORDS for t in texts)
+    assert len(set(texts)) > 350 and len({len(t.split()) for t in texts}) > 40
+    chat = [r for r in requests if r.messages]
+    assert chat and all([m.role for m in r.messages] == ["system", "user"] for r in chat)
+    sampled = [r for r in requests if r.temperature > 0]
+    assert sampled and all(r.seed and 0 < r.top_p <= 1 for r in sampled)
+    assert any(r.stop for r in requests)
+    figures = mix.to_json()
+    assert set(figures["kinds"]) == {"prompt", "chat", "sampled", "stop strings"}
+    assert sum(figures["kinds"][k] for k in ("prompt", "chat")) == 400
+    assert figures["prompt_words"]["max"] <= MAX_PROMPT_WORDS
+
+
+def test_soak_tokens_are_a_tokens_file_the_router_reads_and_each_client_carries_one(tmp_path: Path) -> None:
+    tokens = SoakTokens.write(tmp_path)
+    assert tokens.path.stat().st_mode & 0o777 == 0o600
+    loaded = load_tokens(tokens.path, default_limit=0)
+    assert {(e.name, e.max_concurrent) for e in loaded.values()} == {
+        ("soak-a", 0),
+        ("soak-b", 0),
+        ("soak-capped", CAPPED_STREAMS),
+    }
+    names = [tokens.for_client(i)[0] for i in range(7)]
+    assert names[:3] == ["soak-a", "soak-b", "soak-capped"] and names[3] == "soak-a"
+    (key, value), *_ = tokens.for_client(2)[1]
+    assert key == "authorization" and bearer_token([(key, value)]) == tokens.tokens[2][0]
+    assert tokens.to_json(7)["soak-capped"] == {"clients": 2, "max_streams": CAPPED_STREAMS}
+
+
+def test_calls_without_a_valid_token_must_each_be_refused_as_such() -> None:
+    probes = ProbeTally()
+    assert probes.problems() == ["no call with no token was made", "no call with unknown token was made"]
+    probes.codes["no token"]["UNAUTHENTICATED"] += 3
+    probes.codes["unknown token"]["PERMISSION_DENIED"] += 2
+    assert probes.problems() == [] and probes.sent == 5
+    probes.codes["unknown token"]["OK"] += 1
+    assert probes.problems() == ["calls with unknown token must end PERMISSION_DENIED, got {'OK': 1}"]
+
+
+def test_the_markdown_report_shows_before_and_after_and_the_bound_checked() -> None:
+    router = series((0, 100, 30), (10, 120, 40), (30, 125, 41))
+    router.before_load = Sample(0, 90 * MIB, 20)
+    router.after_load = Sample(31, 126 * MIB, 38)
+    process = router.report(warmup_s=10)
+    tally = LoadTally(sent=2)
+    tally.record(result("OK"))
+    tally.record(result("RESOURCE_EXHAUSTED"))
+    probes = ProbeTally()
+    probes.codes["no token"]["UNAUTHENTICATED"] += 1
+    report = {
+        "config": {
+            "duration_s": 60,
+            "warmup_s": 10,
+            "clients": 16,
+            "admitted": 6,
+            "tokens": {"soak-a": {"clients": 16, "max_streams": None}},
+        },
+        "bounds": {"rss_growth_mib": 64, "fd_growth": 16, "refusal_p99_ms": 1000},
+        "processes": [process],
+        "requests": tally.to_json(),
+        "mix": RequestMix(["a"], 4, random.Random(0)).to_json(),
+        "without_valid_token": probes.to_json(),
+        "recovery": {"status": "OK", "ms": 120.0},
+        "verdict": {"passed": True, "problems": []},
+    }
+    markdown = soak_markdown(report)
+    bound_mib = BOUNDS.rss_growth_bytes / MIB
+    row = (
+        f"| worker a | 1 | 90 / 120 / 125 / 125 / 126 | +5.0 (<= {bound_mib:.0f}) | 20 / 40 / 41 / 41 / 38 |"
+    )
+    assert row in markdown, markdown
+    assert "| +1 (<= 16) | ok |" in markdown
+    assert "tokens on: soak-a (16 clients, no limit of its own)" in markdown
+    assert "calls without a valid token: no token: {'UNAUTHENTICATED': 1}" in markdown
+    assert "verdict: PASS" in markdown

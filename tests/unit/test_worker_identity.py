@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tierserve_client.v1 import router_pb2, router_pb2_grpc
 
 from tierserve.domain.config import ConfigError, parse_config
@@ -93,6 +95,21 @@ def test_ids_and_addresses_at_the_limits_are_taken() -> None:
     )
     for address in ("[::1]:5", "10.0.0.5:50061", "worker_fp32.internal:7"):
         assert registration_from_request(request(address=address))[1] == address
+
+
+@settings(max_examples=300, deadline=None)
+@given(worker_id=st.text(max_size=200), address=st.text(max_size=300), tier=st.sampled_from(["fp32", "x"]))
+def test_any_register_request_is_taken_plain_or_refused_naming_a_field(
+    worker_id: str, address: str, tier: str
+) -> None:
+    try:
+        taken = registration_from_request(request(worker_id, address, tier))
+    except InvalidRequest as error:
+        assert error.field in ("worker_id", "address", "tier")
+        return
+    taken_id, taken_address, _ = taken
+    assert len(taken_id) <= MAX_WORKER_ID_CHARS and len(taken_address) <= MAX_ADDRESS_CHARS
+    assert all(c.isascii() and c.isprintable() and not c.isspace() for c in taken_id + taken_address)
 
 
 # --- the table: capped, bound, never taken over -------------------------------------------------------

@@ -27,8 +27,8 @@ MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'tierserve[bench]
 def bench_pool_config(
     config_path: str | None, tiers: Sequence[str], cpus: Sequence[int], max_new_tokens: int
 ) -> TierserveConfig:
-    """The given config, or one worker per tier over these CPUs (an even split, or one CPU each in turn
-    when there are fewer CPUs than tiers); every port left to the OS so the pool never collides."""
+    """The given config, or one worker per tier named over these CPUs (an even split, or one CPU each in
+    turn when there are fewer CPUs than tiers); every port left to the OS so the pool never collides."""
     if config_path:
         data = load_config(Path(config_path)).model_dump()
     else:
@@ -40,7 +40,8 @@ def bench_pool_config(
         share = len(cpus) // len(tiers)
         workers = [
             {
-                "name": f"{tier}-0",
+                # A tier named twice gets two workers: fp32-0, fp32-1.
+                "name": f"{tier}-{tiers[:i].count(tier)}",
                 "tier": tier,
                 "cores": list(cpus[i * share : (i + 1) * share]) if share else [cpus[i % len(cpus)]],
             }

@@ -6,9 +6,14 @@ Starts a real pool (router and workers as their own processes; two workers by de
 and drives it from more closed-loop clients than it admits. The router takes one request per worker
 plus `[router] max_queue_per_worker` waiting behind it; the other clients are refused with
 RESOURCE_EXHAUSTED and a `retry-after-ms` hint, wait that hint (at most MAX_BACKOFF_S) and come back,
-as the SDK does. Each client keeps one connection for the whole run. Every few seconds the resident
-memory (RSS) and open file descriptors of the router and of every worker process are read (psutil).
-When the load stops, one plain request must complete: the pool recovered.
+as the SDK does. Each client keeps one connection for the whole run. The requests vary (windows of
+the evaluation text of any length up to a bound, chat messages, sampled ones, stop strings), and
+bearer tokens are on (unless --no-tokens): every client carries one of the soak's tokens, one token
+is capped at a few streams at once, and one more client keeps calling without a valid token, which
+must be refused every time (tierserve/benchmarks/soak_mix.py). Every few seconds the resident
+memory (RSS) and open file descriptors of the router and of every worker process are read (psutil),
+once before the load starts too. When the load stops, one plain request must complete: the pool
+recovered; then each process is read once more.
 
 The verdict compares, per process, the last sample under load with the first after warm-up (the first
 sixth of the run, at most a minute: the model touches its buffers, allocators grow their arenas, every
@@ -27,8 +32,11 @@ client connects). The bounds, and why:
 
 Requests must end well too: completed, or refused with RESOURCE_EXHAUSTED carrying a retry hint, the
 refusal at once (p99 within a second: the router answers, it does not queue its refusals). Any other
-status, a stream without its summary, a process that died, or a load that never went above capacity
-(nothing refused) fails the verdict. Exit status 1 on a failed verdict.
+status, a stream without its summary, a process that died, a call without a valid token that was not
+refused as such, or a load that never went above capacity (nothing refused) fails the verdict. Exit
+status 1 on a failed verdict. The report is written as JSON (--out) and as markdown beside it (the
+same name, .md): per process, RSS and descriptors before the load, after warm-up, last under load and
+after it, the growth judged and its bound.
 
 `tests/unit/test_overload.py` runs the same clients and bounds for a minute against in-process fake
 workers (one process, no model); `tests/integration/test_soak.py` runs this benchmark for a minute on a
@@ -41,6 +49,7 @@ import asyncio
 import json
 import random
 import statistics
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -51,14 +60,14 @@ from typing import Any
 import grpc
 import psutil
 from rich.console import Console
-from rich.table import Table
 from tierserve_client.options import CHANNEL_OPTIONS
 from tierserve_client.v1 import generate_pb2, router_pb2_grpc
 
-from tierserve.benchmarks.chaos import PROMPTS
-from tierserve.benchmarks.livepool import bench_pool_config, running_pool, usable_cpus
+from tierserve.benchmarks.livepool import bench_pool_config, prompt_words, running_pool, usable_cpus
+from tierserve.benchmarks.soak_mix import Metadata, ProbeTally, RequestMix, SoakTokens, probe_client
+from tierserve.benchmarks.soak_report import print_report, soak_markdown
 from tierserve.benchmarks.streamcall import CallResult, GenerateStub, timed_generate
-from tierserve.domain.config import TierserveConfig
+from tierserve.domain.config import TierserveConfig, parse_config
 
 MIB = 1024 * 1024
 OVERLOAD_CODE = "RESOURCE_EXHAUSTED"
@@ -111,7 +120,9 @@ class ProcessSeries:
     name: str
     pid: int
     samples: list[Sample] = field(default_factory=list)
-    # Taken after the load stopped and the recovery request completed (not judged).
+    # Taken before the first request, and after the load stopped and the recovery request completed
+    # (both reported, not judged: the judged growth is after warm-up).
+    before_load: Sample | None = None
     after_load: Sample | None = None
     died_at_s: float | None = None
 
@@ -159,7 +170,9 @@ class ProcessSeries:
         else:
             problems.append("no sample after warm-up")
         report |= {
+            "before_load": self.before_load.to_json() if self.before_load else None,
             "after_load": self.after_load.to_json() if self.after_load else None,
+            "bounds": {"rss_growth_mib": bounds.rss_growth_bytes / MIB, "fd_growth": bounds.fd_growth},
             "within_bounds": not problems,
             "problems": problems,
             "series": [[round(s.at_s, 1), round(s.rss_bytes / MIB, 1), s.fds] for s in self.samples],
@@ -239,11 +252,13 @@ async def overload_client(
     make_request: Callable[[], generate_pb2.GenerateRequest],
     max_backoff_s: float = MAX_BACKOFF_S,
     timeout_s: float = CALL_TIMEOUT_S,
+    metadata: Metadata = (),
 ) -> None:
-    """Send requests one after another until `until`; after a refusal wait its retry hint (capped)."""
+    """Send requests one after another until `until` (each with `metadata`, e.g. a bearer token);
+    after a refusal wait its retry hint (capped)."""
     while time.monotonic() < until:
         tally.sent += 1
-        result = await timed_generate(stub, make_request(), timeout_s)
+        result = await timed_generate(stub, make_request(), timeout_s, metadata)
         tally.record(result)
         if result.status == OVERLOAD_CODE:
             await asyncio.sleep(min((result.retry_after_ms or 0) / 1e3, max_backoff_s))
@@ -254,41 +269,41 @@ def admitted(config: TierserveConfig) -> int:
     return len(config.workers) * (1 + config.router.max_queue_per_worker)
 
 
-def request_maker(
-    prompts: Sequence[str], new_tokens: int, rng: random.Random
-) -> Callable[[], generate_pb2.GenerateRequest]:
-    """Greedy requests: one of a few fixed prompts, and `new_tokens / 2` to `new_tokens` tokens. Few
-    shapes, all met during warm-up: caches keyed by shape (the kernels' primitive caches, allocator
-    size classes) are full by then, so what grows after is what requests leave behind."""
-
-    def make() -> generate_pb2.GenerateRequest:
-        return generate_pb2.GenerateRequest(
-            prompt=rng.choice(prompts), max_new_tokens=rng.randint(max(1, new_tokens // 2), new_tokens)
-        )
-
-    return make
-
-
 async def drive(
     address: str,
     series: Sequence[ProcessSeries],
     duration_s: float,
     clients: int,
     make_request: Callable[[], generate_pb2.GenerateRequest],
+    tokens: SoakTokens | None = None,
+    probes: ProbeTally | None = None,
 ) -> tuple[LoadTally, CallResult]:
-    """The load, the samples taken meanwhile, and the request sent once the load stopped."""
+    """The load, the samples taken meanwhile, and the request sent once the load stopped. With
+    `tokens`, client i carries token i (in turn), and one more client calls without a valid token,
+    its calls counted in `probes`."""
     tally = LoadTally()
     # A subchannel pool of its own per channel: every client its own connection, as separate clients
     # have (channels of one process to one target would otherwise share one).
     options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(clients)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(clients + 1)]
+    metadata = [tokens.for_client(i)[1] if tokens else () for i in range(clients)]
     try:
+        for process in series:
+            process.before_load = process.read(0.0)
         started = time.monotonic()
         until = started + duration_s
         tasks = [
-            asyncio.create_task(overload_client(router_pb2_grpc.RouterStub(c), until, tally, make_request))
-            for c in channels
+            asyncio.create_task(
+                overload_client(
+                    router_pb2_grpc.RouterStub(c), until, tally, make_request, metadata=metadata[i]
+                )
+            )
+            for i, c in enumerate(channels[:clients])
         ]
+        if tokens and probes:
+            tasks.append(
+                asyncio.create_task(probe_client(router_pb2_grpc.RouterStub(channels[-1]), until, probes))
+            )
         every_s = sample_every_s(duration_s)
         while (now := time.monotonic()) < until:
             for process in series:
@@ -301,7 +316,8 @@ async def drive(
         for task in pending:
             task.cancel()
         plain = generate_pb2.GenerateRequest(prompt="The pool is quiet again, and", max_new_tokens=8)
-        recovery = await timed_generate(router_pb2_grpc.RouterStub(channels[0]), plain, RECOVERY_TIMEOUT_S)
+        stub = router_pb2_grpc.RouterStub(channels[0])
+        recovery = await timed_generate(stub, plain, RECOVERY_TIMEOUT_S, metadata[0])
         for process in series:
             process.after_load = process.read(time.monotonic() - started)
     finally:
@@ -310,50 +326,11 @@ async def drive(
     return tally, recovery
 
 
-def print_report(report: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"soak: {report['config']['duration_s']:.0f} s, warm-up {report['config']['warmup_s']:.0f} s"
-    )
-    for column in (
-        "process",
-        "pid",
-        "RSS MiB first/max/last",
-        "RSS growth",
-        "fds first/max/last",
-        "fd growth",
-        "",
-    ):
-        table.add_column(column, justify="left" if column in ("process", "") else "right")
-    for p in report["processes"]:
-        if "growth" in p:
-            first, peak, last, growth = p["first_after_warmup"], p["max"], p["last"], p["growth"]
-            rss = f"{first['rss_mib']:.0f}/{peak['rss_mib']:.0f}/{last['rss_mib']:.0f}"
-            fds = f"{first['fds']}/{peak['fds']}/{last['fds']}"
-            cells = [rss, f"{growth['rss_mib']:+.1f}", fds, f"{growth['fds']:+d}"]
-        else:
-            cells = ["-"] * 4
-        table.add_row(
-            p["process"], str(p["pid"]), *cells, "ok" if p["within_bounds"] else "; ".join(p["problems"])
-        )
-    console.print(table)
-    r, recovery, verdict = report["requests"], report["recovery"], report["verdict"]
-    console.print(
-        f"requests: sent {r['sent']}, completed {r['completed']}, refused {r['refused']} "
-        f"(refusal p50 {r['refusal_ms']['p50']} ms, p99 {r['refusal_ms']['p99']} ms; retry hints "
-        f"{r['retry_hint_ms']['min']}-{r['retry_hint_ms']['max']} ms, {r['refusals_without_hint']} without), "
-        f"by code {r['by_code']}, unfinished {r['unfinished']}",
-        highlight=False,
-    )
-    console.print(
-        f"after the load: a plain request {recovery['status']} in {recovery['ms']:.0f} ms", highlight=False
-    )
-    bounds = report["bounds"]
-    console.print(
-        f"verdict: {'PASS' if verdict['passed'] else 'FAIL'} (bounds per process after warm-up: RSS growth "
-        f"<= {bounds['rss_growth_mib']:.0f} MiB, fd growth <= {bounds['fd_growth']}; refusals p99 <= "
-        f"{bounds['refusal_p99_ms']:.0f} ms)" + "".join(f"\n  - {p}" for p in verdict["problems"]),
-        highlight=False,
-    )
+def tokens_config(config: TierserveConfig, tokens: SoakTokens) -> TierserveConfig:
+    """`config` with the soak's tokens file as the router's (any other tokens file replaced)."""
+    data = config.model_dump()
+    data.setdefault("security", {})["tokens_file"] = str(tokens.path)
+    return parse_config(data, source="soak config")
 
 
 def run_soak_benchmark(
@@ -365,29 +342,40 @@ def run_soak_benchmark(
     seed: int,
     run_dir: Path | None,
     console: Console,
+    with_tokens: bool = True,
 ) -> int:
     config = bench_pool_config(config_path, ("fp32", "bf16"), usable_cpus(), new_tokens)
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tierserve-soak-"))
+    tokens = SoakTokens.write(run_dir) if with_tokens else None
+    if tokens:
+        config = tokens_config(config, tokens)
     room = admitted(config)
     clients = clients or 2 * room + 4
     if clients <= room:
         console.print(
             f"[yellow]{clients} clients fit the pool's room for {room} requests: nothing will be refused[/]"
         )
-    make_request = request_maker(PROMPTS, new_tokens, random.Random(seed))
+    mix = RequestMix(prompt_words(config), new_tokens, random.Random(seed))
+    probes = ProbeTally()
     with running_pool(config, run_dir, console) as launcher:
         assert launcher.router is not None
         series = [ProcessSeries("router", launcher.router.process.pid)] + [
             ProcessSeries(m.name, m.process.pid) for m in launcher.workers
         ]
-        console.print(f"soak: {clients} clients against room for {room} requests, for {duration_s:.0f} s")
+        console.print(
+            f"soak: {clients} clients against room for {room} requests, for {duration_s:.0f} s, "
+            f"tokens {'on' if tokens else 'off'}"
+        )
         tally, recovery = asyncio.run(
-            drive(launcher.router_address, series, duration_s, clients, make_request)
+            drive(launcher.router_address, series, duration_s, clients, mix, tokens, probes)
         )
     warmup = warmup_s(duration_s)
     processes = [s.report(warmup) for s in series]
     recovered = recovery.ok and recovery.generated_tokens > 0
     problems = [f"{p['process']}: {problem}" for p in processes for problem in p["problems"]]
     problems += tally.problems()
+    if tokens:
+        problems += probes.problems()
     if not recovered:
         problems.append(f"the request after the load ended {recovery.status} {recovery.error}".rstrip())
     report = {
@@ -401,6 +389,7 @@ def run_soak_benchmark(
             "new_tokens": new_tokens,
             "seed": seed,
             "workers": [w.name for w in config.workers],
+            "tokens": tokens.to_json(clients) if tokens else None,
         },
         "bounds": {
             "rss_growth_mib": BOUNDS.rss_growth_bytes / MIB,
@@ -409,6 +398,8 @@ def run_soak_benchmark(
         },
         "processes": processes,
         "requests": tally.to_json(),
+        "mix": mix.to_json(),
+        "without_valid_token": probes.to_json() if tokens else None,
         "recovery": {
             "status": recovery.status,
             "error": recovery.error,
@@ -420,6 +411,8 @@ def run_soak_benchmark(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    markdown = out.with_suffix(".md")
+    markdown.write_text(soak_markdown(report), encoding="utf-8")
     print_report(report, console)
-    console.print(f"-> {out}", highlight=False)
+    console.print(f"-> {out}, {markdown}", highlight=False)
     return 0 if not problems else 1

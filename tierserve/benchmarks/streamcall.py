@@ -43,6 +43,8 @@ class CallResult:
     # The worker's own time to the first token (its queue + prefill, from the summary), so a
     # benchmark can tell what happened outside the worker from the model's run-to-run noise.
     worker_ttft_ms: float | None = None
+    # The generated text as the summary gives it (greedy runs of one prompt can be compared).
+    text: str = ""
 
     @property
     def ok(self) -> bool:
@@ -70,12 +72,16 @@ class CallResult:
 
 
 async def timed_generate(
-    stub: GenerateStub, request: generate_pb2.GenerateRequest, timeout_s: float | None = None
+    stub: GenerateStub,
+    request: generate_pb2.GenerateRequest,
+    timeout_s: float | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> CallResult:
-    """Send one request and time its stream; a status error is recorded, not raised."""
+    """Send one request (with `metadata`, e.g. a bearer token) and time its stream; a status error is
+    recorded, not raised."""
     result = CallResult(sent_s=time.perf_counter())
     try:
-        async for response in stub.Generate(request, timeout=timeout_s):
+        async for response in stub.Generate(request, timeout=timeout_s, metadata=metadata or None):
             if response.HasField("token"):
                 result.token_times_s.append(time.perf_counter())
             else:
@@ -85,6 +91,7 @@ async def timed_generate(
                 result.predicted_ttft_ms = summary.predicted_ttft_us / 1e3
                 result.predicted_tpot_ms = summary.predicted_tpot_us / 1e3
                 result.best_effort = summary.best_effort
+                result.text = summary.text
                 if not summary.failovers:  # a resumed summary's TTFT is not one worker's
                     result.worker_ttft_ms = (summary.queue_time_us + summary.ttft_us) / 1e3
     except grpc.aio.AioRpcError as error:

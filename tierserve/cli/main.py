@@ -315,9 +315,9 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     # Named as this config's [security] expects (worker_server_name, router_client_name).
     certs = make_pool_certificates(Path(args.out), names, args.host or [], config.security)
     console.print(
-        f"wrote two local CAs (servers and the router's client; the router's callers) and "
-        f"certificates for the router, clients and {len(names)} workers ({', '.join(names)}) to "
-        f"{args.out}; add this to the config:\n",
+        f"wrote a pool CA (servers, the router's client certificate), a client CA (the router's "
+        f"callers) and certificates for the router, a client and {len(names)} workers "
+        f"({', '.join(names)}) to {args.out}; add this to the config:\n",
         highlight=False,
     )
     print(security_toml(certs, config.security))
@@ -433,6 +433,7 @@ def cmd_bench_chaos(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
+        tier=args.tier,
     )
 
 
@@ -446,6 +447,23 @@ def cmd_bench_soak(args: argparse.Namespace, console: Console) -> int:
         clients=args.clients,
         new_tokens=args.new_tokens,
         seed=args.seed,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        console=console,
+        with_tokens=not args.no_tokens,
+    )
+
+
+def cmd_bench_throughput(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.throughput.run import run_throughput_benchmark
+
+    return run_throughput_benchmark(
+        Path(args.out),
+        args.config,
+        tiers=args.tiers,
+        concurrency=args.concurrency,
+        requests_per_level=args.requests_per_level,
+        new_tokens=args.new_tokens,
+        timeout_s=args.timeout_s,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
     )
@@ -671,6 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--clients", type=int, default=4, help="clients sending in closed loop")
     chaos.add_argument("--kill-every-s", type=float, default=10.0, help="seconds between kill -9s")
     chaos.add_argument("--new-tokens", type=int, default=64, help="largest max_new_tokens of a request")
+    chaos.add_argument(
+        "--tier",
+        default="fp32",
+        help="the tier every request is pinned to (the pool needs two workers of it; default pool: two)",
+    )
     chaos.add_argument("--seed", type=int, default=7, help="seed of the request mix and the victims")
     chaos.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
     chaos.set_defaults(run=cmd_bench_chaos)
@@ -687,8 +710,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soak.add_argument("--new-tokens", type=int, default=16, help="largest max_new_tokens of a request")
     soak.add_argument("--seed", type=int, default=7, help="seed of the request mix")
+    soak.add_argument(
+        "--no-tokens",
+        action="store_true",
+        help="no bearer tokens (default: the router checks the soak's own tokens on every call)",
+    )
     soak.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")
     soak.set_defaults(run=cmd_bench_soak)
+
+    throughput = with_config(
+        bench_commands.add_parser(
+            "throughput",
+            help="tokens/s, TPOT and TTFT by concurrent streams per tier, continuous batching on and off",
+        )
+    )
+    throughput.add_argument("--out", required=True, help="results JSON (also writes .md and .png)")
+    throughput.add_argument("--tiers", help="comma-separated tiers (default: every tier of the pool)")
+    throughput.add_argument(
+        "--concurrency", default="1,2,4,8,16", help="concurrent streams per level (default 1,2,4,8,16)"
+    )
+    throughput.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=0,
+        help="requests per level (default: two per stream, at least eight)",
+    )
+    throughput.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per request")
+    throughput.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request")
+    throughput.add_argument("--run-dir", help="the pools' run dir (default: a new temp dir each)")
+    throughput.set_defaults(run=cmd_bench_throughput)
     return parser
 
 

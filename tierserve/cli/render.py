@@ -90,7 +90,7 @@ def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
     )
     for column in (
         "worker", "tier", "address", "health", "cores", "thr", "accuracy",
-        "warm-up", "relayed", "busy", "load s",
+        "warm-up", "relayed", "busy", "batch", "KV", "load s",
     ):  # fmt: skip
         table.add_column(column, overflow="fold")
     for worker in workers:
@@ -107,6 +107,8 @@ def workers_table(workers: list[router_pb2.WorkerStatus]) -> Table:
             _latency(info.warmup_latency),
             _latency(worker.relayed_latency),
             str(worker.in_flight),
+            batch_cell(worker),
+            kv_cell(worker),
             f"{info.load_time_ms / 1e3:.1f}" if info.load_time_ms else "-",
         )
     return table
@@ -116,6 +118,40 @@ def _ewma_p50_p95(ewma_us: float, p50_us: int, p95_us: int) -> str:
     if not ewma_us and not p50_us:
         return "-"
     return f"{ms(ewma_us)} / {ms(p50_us)} / {ms(p95_us)}"
+
+
+# Batch figures older than this are marked with their age (the router describes workers every few
+# health rounds).
+STALE_BATCH_MS = 10_000
+
+
+def _tokens(count: int) -> str:
+    return f"{count / 1e3:.1f}k" if count >= 1000 else str(count)
+
+
+def batch_cell(worker: router_pb2.WorkerStatus) -> str:
+    """Streams decoding / most the worker decodes together, "+N" waiting on the worker; "off" when
+    it serves one at a time; "-" before it has reported."""
+    if not worker.HasField("batch"):
+        return "-"
+    batch = worker.batch
+    text = f"{batch.running}/{batch.max_batch}" if batch.enabled else "off"
+    if batch.waiting:
+        text += f" +{batch.waiting}"
+    if batch.age_ms > STALE_BATCH_MS:
+        text += f" ({batch.age_ms / 1e3:.0f}s ago)"
+    return text
+
+
+def kv_cell(worker: router_pb2.WorkerStatus) -> str:
+    """KV-cache positions used / budget and its memory; "-" without a budget."""
+    batch = worker.batch
+    if not worker.HasField("batch") or not batch.kv_tokens_budget:
+        return "-"
+    return (
+        f"{_tokens(batch.kv_tokens_used)}/{_tokens(batch.kv_tokens_budget)} "
+        f"({batch.kv_share:.0%}, {batch.kv_cache_mb:.0f} MiB)"
+    )
 
 
 def _concurrency(figures: router_pb2.LiveFigures) -> str:
@@ -131,13 +167,14 @@ def top_table(stats: router_pb2.PoolStats) -> Table:
         caption=(
             "ms; TTFT/TPOT: moving average / p50 / p95 of relayed tokens; prefill: fixed + per prompt token; "
             "TPOT@n: by streams on the worker's cores; wait: predicted for a request now; "
-            "basis: warm-up (worker's self-measurement) until traffic, then live"
+            "basis: warm-up (worker's self-measurement) until traffic, then live; batch: streams decoding "
+            "/ most, +waiting, as the worker last reported; KV: cache positions used / budget"
         ),
         caption_justify="left",
     )
     for column in (
         "worker", "tier", "health", "loss %", "busy", "queued", "TTFT", "TPOT", "TPOT@n",
-        "prefill", "tok/s", "wait", "basis",
+        "prefill", "tok/s", "wait", "basis", "batch", "KV",
     ):  # fmt: skip
         table.add_column(column, overflow="fold")
     for worker in stats.workers:
@@ -159,5 +196,7 @@ def top_table(stats: router_pb2.PoolStats) -> Table:
             f"{relayed.tokens_per_second:.1f}",
             ms(live.predicted_wait_us),
             live.basis or "-",
+            batch_cell(worker),
+            kv_cell(worker),
         )
     return table

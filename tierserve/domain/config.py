@@ -509,6 +509,7 @@ def config_to_toml(config: TierserveConfig) -> str:
         lines.append("")
 
     emit("[model]", config.model.model_dump())
+    emit("[batching]", config.batching.model_dump())
     emit("[limits]", config.limits.model_dump())
     emit("[router]", config.router.model_dump())
     emit("[service_level]", config.service_level.model_dump())

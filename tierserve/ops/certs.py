@@ -270,6 +270,7 @@ def security_toml(certs: PoolCertificates, security: SecurityConfig | None = Non
             f'# registration_cert = "{out / "worker-{name}-client.pem"}"   # a worker registering itself',
             f'# registration_key = "{out / "worker-{name}-client.key"}"',
             '# tokens_file = "tokens.txt"          # bearer tokens: `TOKEN [NAME] [MAX_CONCURRENT]` per line',
+            '# registration_token_file = "registration.txt"   # workers\' tokens: `TOKEN NAME IDS` per line',
             "",
         ]
     )

@@ -126,7 +126,7 @@ class BatchEngine:
         sequence = _Sequence(
             prompt=prompt,
             params=params,
-            sink=self.engine.token_sink(params, prompt.max_new_tokens, emit),
+            sink=self.engine.token_sink(params, prompt, emit),
             seed=seed,
             cancelled=cancelled,
             deadline=deadline,
@@ -194,7 +194,9 @@ class BatchEngine:
             heapq.heapify(self._waiting)
             for _, _, sequence in left:
                 sequence.admitted_at = time.perf_counter()
-                sequence.future.set_result(sequence.sink.outcome(sequence.prompt, sequence.seed, cancelled=True))
+                sequence.future.set_result(
+                    sequence.sink.outcome(sequence.prompt, sequence.seed, cancelled=True)
+                )
         while self._waiting:
             _, _, head = self._waiting[0]
             if len(self._running) >= self.limits.max_batch:

@@ -26,15 +26,15 @@ from tierserve_client.v1 import generate_pb2 as tierserve_dot_v1_dot_generate__p
 from tierserve_client.v1 import worker_pb2 as tierserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tierserve/v1/router.proto\x12\x0ctierserve.v1\x1a\x1btierserve/v1/generate.proto\x1a\x19tierserve/v1/worker.proto\"C\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\"0\n\x10RegisterResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x08\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"\x14\n\x12ListWorkersRequest\"\xf5\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12*\n\x06health\x18\x03 \x01(\x0e\x32\x1a.tierserve.v1.WorkerHealth\x12&\n\x04info\x18\x04 \x01(\x0b\x32\x18.tierserve.v1.WorkerInfo\x12\x33\n\x0frelayed_latency\x18\x05 \x01(\x0b\x32\x1a.tierserve.v1.LatencyStats\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x16\n\x0erequests_total\x18\x07 \x01(\x03\x12\x17\n\x0frequests_failed\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x0e\n\x06queued\x18\n \x01(\x05\x12\x13\n\x0bqueue_limit\x18\x0b \x01(\x05\x12\'\n\x04live\x18\x0c \x01(\x0b\x32\x19.tierserve.v1.LiveFigures\x12\x12\n\nregistered\x18\r \x01(\x08\"D\n\x0f\x43oncurrencyTpot\x12\x0f\n\x07streams\x18\x01 \x01(\x05\x12\x0f\n\x07tpot_us\x18\x02 \x01(\x01\x12\x0f\n\x07samples\x18\x03 \x01(\x03\"\xee\x01\n\x0bLiveFigures\x12\x14\n\x0cttft_ewma_us\x18\x01 \x01(\x01\x12\x14\n\x0ctpot_ewma_us\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_base_us\x18\x03 \x01(\x01\x12\x1c\n\x14prefill_per_token_us\x18\x04 \x01(\x01\x12:\n\x13tpot_by_concurrency\x18\x05 \x03(\x0b\x32\x1d.tierserve.v1.ConcurrencyTpot\x12\r\n\x05\x62\x61sis\x18\x06 \x01(\t\x12\x19\n\x11predicted_wait_us\x18\x07 \x01(\x01\x12\x16\n\x0etokens_relayed\x18\x08 \x01(\x03\"R\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.tierserve.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x02 \x01(\t\"(\n\x11WatchStatsRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\"^\n\tPoolStats\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.tierserve.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x03 \x01(\t*\x86\x01\n\x0cWorkerHealth\x12\x1d\n\x19WORKER_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_HEALTH_SERVING\x10\x01\x12\x1d\n\x19WORKER_HEALTH_NOT_SERVING\x10\x02\x12\x1d\n\x19WORKER_HEALTH_UNREACHABLE\x10\x03\x32\xbe\x02\n\x06Router\x12K\n\x08Generate\x12\x1d.tierserve.v1.GenerateRequest\x1a\x1e.tierserve.v1.GenerateResponse0\x01\x12R\n\x0bListWorkers\x12 .tierserve.v1.ListWorkersRequest\x1a!.tierserve.v1.ListWorkersResponse\x12H\n\nWatchStats\x12\x1f.tierserve.v1.WatchStatsRequest\x1a\x17.tierserve.v1.PoolStats0\x01\x12I\n\x08Register\x12\x1d.tierserve.v1.RegisterRequest\x1a\x1e.tierserve.v1.RegisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tierserve/v1/router.proto\x12\x0ctierserve.v1\x1a\x1btierserve/v1/generate.proto\x1a\x19tierserve/v1/worker.proto\"C\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\"0\n\x10RegisterResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x08\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"\x14\n\x12ListWorkersRequest\"\xa2\x03\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12*\n\x06health\x18\x03 \x01(\x0e\x32\x1a.tierserve.v1.WorkerHealth\x12&\n\x04info\x18\x04 \x01(\x0b\x32\x18.tierserve.v1.WorkerInfo\x12\x33\n\x0frelayed_latency\x18\x05 \x01(\x0b\x32\x1a.tierserve.v1.LatencyStats\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x16\n\x0erequests_total\x18\x07 \x01(\x03\x12\x17\n\x0frequests_failed\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x0e\n\x06queued\x18\n \x01(\x05\x12\x13\n\x0bqueue_limit\x18\x0b \x01(\x05\x12\'\n\x04live\x18\x0c \x01(\x0b\x32\x19.tierserve.v1.LiveFigures\x12\x12\n\nregistered\x18\r \x01(\x08\x12+\n\x05\x62\x61tch\x18\x0e \x01(\x0b\x32\x1c.tierserve.v1.BatchOccupancy\"\xd2\x01\n\x0e\x42\x61tchOccupancy\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\x12\x11\n\toccupancy\x18\x05 \x01(\x01\x12\x16\n\x0ekv_tokens_used\x18\x06 \x01(\x03\x12\x18\n\x10kv_tokens_budget\x18\x07 \x01(\x03\x12\x10\n\x08kv_share\x18\x08 \x01(\x01\x12\x13\n\x0bkv_cache_mb\x18\t \x01(\x01\x12\x0e\n\x06\x61ge_ms\x18\n \x01(\x03\"D\n\x0f\x43oncurrencyTpot\x12\x0f\n\x07streams\x18\x01 \x01(\x05\x12\x0f\n\x07tpot_us\x18\x02 \x01(\x01\x12\x0f\n\x07samples\x18\x03 \x01(\x03\"\xee\x01\n\x0bLiveFigures\x12\x14\n\x0cttft_ewma_us\x18\x01 \x01(\x01\x12\x14\n\x0ctpot_ewma_us\x18\x02 \x01(\x01\x12\x17\n\x0fprefill_base_us\x18\x03 \x01(\x01\x12\x1c\n\x14prefill_per_token_us\x18\x04 \x01(\x01\x12:\n\x13tpot_by_concurrency\x18\x05 \x03(\x0b\x32\x1d.tierserve.v1.ConcurrencyTpot\x12\r\n\x05\x62\x61sis\x18\x06 \x01(\t\x12\x19\n\x11predicted_wait_us\x18\x07 \x01(\x01\x12\x16\n\x0etokens_relayed\x18\x08 \x01(\x03\"R\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.tierserve.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x02 \x01(\t\"(\n\x11WatchStatsRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\"^\n\tPoolStats\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.tierserve.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x03 \x01(\t*\x86\x01\n\x0cWorkerHealth\x12\x1d\n\x19WORKER_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_HEALTH_SERVING\x10\x01\x12\x1d\n\x19WORKER_HEALTH_NOT_SERVING\x10\x02\x12\x1d\n\x19WORKER_HEALTH_UNREACHABLE\x10\x03\x32\xbe\x02\n\x06Router\x12K\n\x08Generate\x12\x1d.tierserve.v1.GenerateRequest\x1a\x1e.tierserve.v1.GenerateResponse0\x01\x12R\n\x0bListWorkers\x12 .tierserve.v1.ListWorkersRequest\x1a!.tierserve.v1.ListWorkersResponse\x12H\n\nWatchStats\x12\x1f.tierserve.v1.WatchStatsRequest\x1a\x17.tierserve.v1.PoolStats0\x01\x12I\n\x08Register\x12\x1d.tierserve.v1.RegisterRequest\x1a\x1e.tierserve.v1.RegisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tierserve_client.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERHEALTH']._serialized_start=1150
-  _globals['_WORKERHEALTH']._serialized_end=1284
+  _globals['_WORKERHEALTH']._serialized_start=1408
+  _globals['_WORKERHEALTH']._serialized_end=1542
   _globals['_REGISTERREQUEST']._serialized_start=99
   _globals['_REGISTERREQUEST']._serialized_end=166
   _globals['_REGISTERRESPONSE']._serialized_start=168
@@ -42,17 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSREQUEST']._serialized_start=218
   _globals['_LISTWORKERSREQUEST']._serialized_end=238
   _globals['_WORKERSTATUS']._serialized_start=241
-  _globals['_WORKERSTATUS']._serialized_end=614
-  _globals['_CONCURRENCYTPOT']._serialized_start=616
-  _globals['_CONCURRENCYTPOT']._serialized_end=684
-  _globals['_LIVEFIGURES']._serialized_start=687
-  _globals['_LIVEFIGURES']._serialized_end=925
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=927
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1009
-  _globals['_WATCHSTATSREQUEST']._serialized_start=1011
-  _globals['_WATCHSTATSREQUEST']._serialized_end=1051
-  _globals['_POOLSTATS']._serialized_start=1053
-  _globals['_POOLSTATS']._serialized_end=1147
-  _globals['_ROUTER']._serialized_start=1287
-  _globals['_ROUTER']._serialized_end=1605
+  _globals['_WORKERSTATUS']._serialized_end=659
+  _globals['_BATCHOCCUPANCY']._serialized_start=662
+  _globals['_BATCHOCCUPANCY']._serialized_end=872
+  _globals['_CONCURRENCYTPOT']._serialized_start=874
+  _globals['_CONCURRENCYTPOT']._serialized_end=942
+  _globals['_LIVEFIGURES']._serialized_start=945
+  _globals['_LIVEFIGURES']._serialized_end=1183
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1185
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1267
+  _globals['_WATCHSTATSREQUEST']._serialized_start=1269
+  _globals['_WATCHSTATSREQUEST']._serialized_end=1309
+  _globals['_POOLSTATS']._serialized_start=1311
+  _globals['_POOLSTATS']._serialized_end=1405
+  _globals['_ROUTER']._serialized_start=1545
+  _globals['_ROUTER']._serialized_end=1863
 # @@protoc_insertion_point(module_scope)

@@ -144,6 +144,7 @@ class WorkerStatus(_message.Message):
     QUEUE_LIMIT_FIELD_NUMBER: _builtins.int
     LIVE_FIELD_NUMBER: _builtins.int
     REGISTERED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """/ Name from the router's configuration."""
     address: _builtins.str
@@ -184,6 +185,12 @@ class WorkerStatus(_message.Message):
         / short request arriving now.
         """
 
+    @_builtins.property
+    def batch(self) -> Global___BatchOccupancy:
+        """/ The worker's continuous batch (occupancy and KV-cache use), as the
+        / worker last reported it; unset until it has answered Describe once.
+        """
+
     def __init__(
         self,
         *,
@@ -200,14 +207,79 @@ class WorkerStatus(_message.Message):
         queue_limit: _builtins.int = ...,
         live: Global___LiveFigures | None = ...,
         registered: _builtins.bool = ...,
+        batch: Global___BatchOccupancy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "live", b"live", "relayed_latency", b"relayed_latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "info", b"info", "live", b"live", "relayed_latency", b"relayed_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "health", b"health", "in_flight", b"in_flight", "info", b"info", "last_error", b"last_error", "live", b"live", "queue_limit", b"queue_limit", "queued", b"queued", "registered", b"registered", "relayed_latency", b"relayed_latency", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "batch", b"batch", "health", b"health", "in_flight", b"in_flight", "info", b"info", "last_error", b"last_error", "live", b"live", "queue_limit", b"queue_limit", "queued", b"queued", "registered", b"registered", "relayed_latency", b"relayed_latency", "requests_failed", b"requests_failed", "requests_total", b"requests_total", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
+
+@_typing.final
+class BatchOccupancy(_message.Message):
+    """/ A worker's continuous batch as the router last heard it: the worker's
+    / Describe `batch` (polled with its health checks), with shares and age.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    OCCUPANCY_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_USED_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_BUDGET_FIELD_NUMBER: _builtins.int
+    KV_SHARE_FIELD_NUMBER: _builtins.int
+    KV_CACHE_MB_FIELD_NUMBER: _builtins.int
+    AGE_MS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """/ False when the worker serves one request at a time (batching off, or
+    / its model cannot be batched; its notices say why).
+    """
+    running: _builtins.int
+    """/ Streams decoding together on the worker."""
+    waiting: _builtins.int
+    """/ Requests waiting on the worker for a place in its batch."""
+    max_batch: _builtins.int
+    """/ Most streams the worker decodes together (1 without batching)."""
+    occupancy: _builtins.float
+    """/ running / max_batch, from 0 to 1."""
+    kv_tokens_used: _builtins.int
+    """/ KV-cache positions held, all rows together, padding included."""
+    kv_tokens_budget: _builtins.int
+    """/ KV-cache positions the batch may hold (0 without batching)."""
+    kv_share: _builtins.float
+    """/ kv_tokens_used / kv_tokens_budget, from 0 to 1 (0 without a budget)."""
+    kv_cache_mb: _builtins.float
+    """/ Memory of the KV cache, MiB."""
+    age_ms: _builtins.int
+    """/ How old these figures are: time since the worker's Describe answer,
+    / milliseconds.
+    """
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        running: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
+        occupancy: _builtins.float = ...,
+        kv_tokens_used: _builtins.int = ...,
+        kv_tokens_budget: _builtins.int = ...,
+        kv_share: _builtins.float = ...,
+        kv_cache_mb: _builtins.float = ...,
+        age_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_ms", b"age_ms", "enabled", b"enabled", "kv_cache_mb", b"kv_cache_mb", "kv_share", b"kv_share", "kv_tokens_budget", b"kv_tokens_budget", "kv_tokens_used", b"kv_tokens_used", "max_batch", b"max_batch", "occupancy", b"occupancy", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchOccupancy: _TypeAlias = BatchOccupancy  # noqa: Y015
 
 @_typing.final
 class ConcurrencyTpot(_message.Message):
