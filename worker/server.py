@@ -148,7 +148,7 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
             endpoint.close()
         raise
     state.batch, batching = await loop.run_in_executor(
-        executor, start_batching, engine, config.batching, worker_config.tier
+        executor, start_batching, engine, config.batching_for(worker_config), worker_config.tier
     )
     log.info("%s", batching)
     if state.batch is None:

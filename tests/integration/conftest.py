@@ -21,6 +21,7 @@ from tierserve.domain.tiers import TIER_NAMES
 from tierserve.rpc.calls import list_workers
 
 POOL_START_TIMEOUT_S = 1200
+ONE_AT_A_TIME_TIER = "int8-sq"
 
 
 @dataclass
@@ -45,10 +46,15 @@ class LivePool:
 def pool_config_data() -> dict[str, object]:
     """Every tier, one worker each, alternating over the usable CPUs (on 2 cores: fp32 and bf16 apart)."""
     cpus = sorted(os.sched_getaffinity(0))
-    workers = [
+    workers: list[dict[str, object]] = [
         {"name": f"{tier}-0", "tier": tier, "cores": [cpus[index % len(cpus)]], "warmup_runs": 1}
         for index, tier in enumerate(TIER_NAMES)
     ]
+    # One worker serves one request at a time (a batch of one), so the queueing tests have a
+    # queue to look at; the others batch, as by default.
+    for worker in workers:
+        if worker["tier"] == ONE_AT_A_TIME_TIER:
+            worker["max_batch"] = 1
     return {
         "limits": {"max_new_tokens": 256, "default_max_new_tokens": 16},
         # The router pinned too, so the pinning test sees what `[router] cores` does.

@@ -68,7 +68,10 @@ class Reference:
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     tmp_path = tmp_path_factory.mktemp("cancel")
-    address, launcher, _ = start_pool(default_model_config(tmp_path / "pool.toml", [("w", "bf16")]), tmp_path)
+    # A batch of one: the queueing tests need requests that wait for the model (a batching worker
+    # would start them at once); cancellation inside a batch is tested in tests/unit/test_batching.py.
+    config = default_model_config(tmp_path / "pool.toml", [("w", "bf16")], batching={"max_batch": 1})
+    address, launcher, _ = start_pool(config, tmp_path)
     try:
         with grpc.insecure_channel(address) as channel:
             (worker,) = (

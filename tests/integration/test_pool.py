@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from tests.integration.conftest import LivePool
+from tests.integration.conftest import ONE_AT_A_TIME_TIER, LivePool
 from tierserve.domain.cores import parse_cpu_list
 from tierserve.worker.isa import CpuIsa
 
@@ -291,8 +291,10 @@ def test_concurrent_cancellations_lose_no_later_request(live_pool: LivePool) -> 
 
 
 def test_a_waiting_request_with_a_tighter_first_token_budget_goes_first(live_pool: LivePool) -> None:
-    """Earliest deadline first at the worker: a tight request queued behind a loose one overtakes it."""
-    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(live_pool.worker_addresses()["bf16-0"]))
+    """Earliest deadline first at the worker: a tight request queued behind a loose one overtakes it
+    (on the pool's worker with a batch of one: a batching worker queues only once its batch is full)."""
+    worker = f"{ONE_AT_A_TIME_TIER}-0"
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(live_pool.worker_addresses()[worker]))
     first_token_at: dict[str, float] = {}
 
     def send(name: str, ttft_budget_ms: float, new_tokens: int) -> None:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.tiny_model import FAMILIES, build_tiny_model_dir
-from tierserve.domain.config import BatchingConfig
+from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
@@ -288,3 +288,14 @@ def test_only_the_last_token_says_why_the_sequence_ended(engine: Engine, batch: 
             outcome = submit(batch, request, emit=events.append).future.result(timeout=120)
         assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
         assert events[-1].finish_reason == outcome.finish_reason != FinishReason.CANCELLED
+
+
+def test_a_worker_may_set_its_own_batch_size() -> None:
+    config = parse_config(
+        {
+            "batching": {"max_batch": 8, "kv_cache_tokens": 1024},
+            "workers": [{"name": "a", "tier": "fp32"}, {"name": "b", "tier": "bf16", "max_batch": 1}],
+        }
+    )
+    assert [config.batching_for(w).max_batch for w in config.workers] == [8, 1]
+    assert config.batching_for(config.workers[1]).kv_cache_tokens == 1024

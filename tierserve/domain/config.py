@@ -367,6 +367,9 @@ class WorkerConfig(_Strict):
     # The "host:port" that router dials; empty: `host` and the port this worker bound.
     advertise_address: str = ""
     heartbeat_interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    # Streams this worker decodes together; 0 = [batching] max_batch (1: one at a time, in
+    # earliest-deadline order).
+    max_batch: int = Field(default=0, ge=0, le=256)
 
     @model_validator(mode="after")
     def _tier_known(self) -> WorkerConfig:
@@ -414,6 +417,12 @@ class TierserveConfig(_Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     # May be empty only when [placement] names the tiers (the launcher then plans the workers).
     workers: list[WorkerConfig] = Field(default_factory=list)
+
+    def batching_for(self, worker: WorkerConfig) -> BatchingConfig:
+        """The batching settings of one worker: [batching], with the worker's own max_batch."""
+        if not worker.max_batch:
+            return self.batching
+        return self.batching.model_copy(update={"max_batch": worker.max_batch})
 
     @model_validator(mode="after")
     def _some_workers(self) -> TierserveConfig:
