@@ -212,7 +212,10 @@ def _float_edges() -> list[EdgeCase]:
         EdgeCase("top_p 1.4e-45, temperature 1", _request(top_p=FLOAT32_TINY, **sampled), OK),
         EdgeCase("top_p 1 (the limit), temperature 1", _request(top_p=1.0, **sampled), OK),
         EdgeCase(
-            "top_p 1.0000001 (next float32 past 1)", _request(top_p=FLOAT32_ABOVE_ONE), REFUSED, "top_p"
+            "top_p 1.0000001 (next float32 past 1)",
+            _request(top_p=FLOAT32_ABOVE_ONE),
+            REFUSED,
+            "got 1.00000012",
         ),
         EdgeCase("top_p 5e-324 (float32: 0)", _request(top_p=5e-324), REFUSED, "top_p"),
         EdgeCase("top_p -0.0", _request(top_p=-0.0), REFUSED, "top_p"),
@@ -333,7 +336,8 @@ def _length_edges(limits: LimitsConfig) -> list[EdgeCase]:
         EdgeCase("stop: an empty string", _request(stop=[""]), REFUSED, "stop"),
         EdgeCase("stop: NUL", _request(stop=["\x00"]), OK),
         EdgeCase("tier 'FP32' (wrong case)", _request(tier="FP32"), REFUSED, "tier"),
-        EdgeCase("tier of 10,000 chars", _request(tier="t" * 10_000), REFUSED, "tier"),
+        # Quoted whole in the refusal, it would not fit the status's metadata (8 KiB by default).
+        EdgeCase("tier of 20,000 chars", _request(tier="t" * 20_000), REFUSED, "tier"),
         EdgeCase(
             f"response_prefix {chars} chars ('a': past the context)",
             _request(response_prefix="a" * chars),
@@ -380,6 +384,7 @@ def _chat_edges(limits: LimitsConfig) -> list[EdgeCase]:
         EdgeCase("messages: empty content", _chat(("user", "")), REFUSED, "messages[0].content"),
         EdgeCase("messages: role 'tool'", _chat(("tool", "x")), REFUSED, "messages[0].role"),
         EdgeCase("messages: role ''", _chat(("", "x")), REFUSED, "messages[0].role"),
+        EdgeCase("messages: role of 20,000 chars", _chat(("r" * 20_000, "x")), REFUSED, "messages[0].role"),
         EdgeCase("messages: role 'User' (wrong case)", _chat(("User", "x")), REFUSED, "messages[0].role"),
         EdgeCase("messages and prompt both", _chat(("user", "x"), prompt=EDGE_PROMPT), REFUSED, "messages"),
         EdgeCase(

@@ -48,7 +48,7 @@ HEALTH_TIMEOUT_S = 10.0
 # Prompts a real model answers quickly: short ones, or one character repeated 40,000 times or more.
 # For most characters that is more than the default model's 8,192-token context (the tokenizer takes
 # at most 4 of them a token), refused after tokenizing, without a forward pass; runs of a few (spaces,
-# '#', '-', '=', '*': up to 64 a token) stay within it, at most some 4,000 tokens: a prefill of seconds.
+# '#', '-', '=', '*': up to 64 a token) stay within it, at most some 3,100 tokens: a prefill of seconds.
 # Past 200,000 characters (limits.max_prompt_chars) the router refuses them unread.
 QUICK_PROMPTS = st.one_of(odd_text(max_size=200), repeated(40_000, 260_000))
 # Up to 4 new tokens, or numbers no limit allows.

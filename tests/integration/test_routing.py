@@ -56,21 +56,27 @@ def test_tight_budget_goes_to_a_fast_tier_and_zero_tolerance_to_fp32(live_pool: 
 
 
 def test_a_saturated_worker_makes_the_router_choose_another(live_pool: LivePool) -> None:
+    """fp32 batches: it is saturated once its batch is full of long requests, and only then does
+    the router predict a wait there and send a tight first-token budget elsewhere."""
     service_level: dict[str, Any] = {"max_quality_loss_pct": 1.0, "max_first_token_latency_ms": 1500.0}
     assert summary(live_pool, **service_level).tier == "fp32"
+    workers = router(live_pool).ListWorkers(router_pb2.ListWorkersRequest()).workers
+    slots = max(1, next(w for w in workers if w.info.tier == "fp32").info.batch.max_batch)
     long_request = generate_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=256, tier="fp32")
-    stream = router(live_pool).Generate(long_request, timeout=120)
+    streams = [router(live_pool).Generate(long_request, timeout=300) for _ in range(slots)]
     try:
-        assert next(stream).HasField("token")  # fp32 is now generating: ~256 tokens of work ahead
+        for stream in streams:  # every slot generating: ~256 tokens of work ahead in each
+            assert next(stream).HasField("token")
         busy = summary(live_pool, **service_level)
         assert busy.tier != "fp32" and not busy.best_effort, busy.routing_reason
         assert busy.predicted_ttft_us <= 1500e3
         stats = next(router(live_pool).WatchStats(router_pb2.WatchStatsRequest(interval_ms=100), timeout=30))
         fp32 = next(w for w in stats.workers if w.info.tier == "fp32")
-        assert fp32.in_flight == 1 and fp32.live.predicted_wait_us > 1500e3
+        assert fp32.in_flight == slots and fp32.live.predicted_wait_us > 1500e3
         assert fp32.live.basis == "live" and fp32.live.tpot_by_concurrency
     finally:
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
 
 
 def test_top_shows_every_worker_live(live_pool: LivePool) -> None:

@@ -26,6 +26,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 # What a chat template adds around each message (role header, end-of-turn), in characters: only for
 # the router's estimate of prompt tokens, which it corrects from every summary.
 CHAT_MARKUP_CHARS = 16
+# How much of a caller's string an error message quotes.
+SHOWN_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class GenerationParams:
     messages: tuple[ChatMessage, ...] = ()
     # Text the reply already starts with (a resumed stream's text so far): appended to the prompt.
     response_prefix: str = ""
+
+
+def shown(text: str) -> str:
+    """A caller's string as an error message quotes it: at most SHOWN_CHARS characters. The whole of a
+    long one would not fit in the status's metadata (8 KiB by default): the client would get
+    RESOURCE_EXHAUSTED about the metadata instead of the refusal."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 def _finite_non_negative(field: str, value: float) -> float:
@@ -97,7 +108,8 @@ def validate_generate_request(
     if request.HasField("top_p"):
         top_p = request.top_p
         if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
-            raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p:g}")
+            # Nine digits tell any float32 apart: 1.0000001 is not shown as the allowed 1.
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {top_p:.9g}")
     if request.top_k < 0:
         raise InvalidRequest("top_k", f"must not be negative, got {request.top_k}")
 
@@ -116,7 +128,9 @@ def validate_generate_request(
     if request.HasField("max_quality_loss_pct"):
         _finite_non_negative("max_quality_loss_pct", request.max_quality_loss_pct)
     if request.tier and not is_known_tier(request.tier):
-        raise InvalidRequest("tier", f"unknown tier {request.tier!r}; known tiers: {', '.join(TIER_NAMES)}")
+        raise InvalidRequest(
+            "tier", f"unknown tier {shown(request.tier)}; known tiers: {', '.join(TIER_NAMES)}"
+        )
 
     return GenerationParams(
         prompt=request.prompt,
@@ -155,7 +169,7 @@ def _validate_prompt(request: generate_pb2.GenerateRequest, limits: LimitsConfig
         if message.role not in CHAT_ROLES:
             raise InvalidRequest(
                 f"messages[{index}].role",
-                f"unknown role {message.role!r}; known roles: {', '.join(CHAT_ROLES)}",
+                f"unknown role {shown(message.role)}; known roles: {', '.join(CHAT_ROLES)}",
             )
         if not message.content:
             raise InvalidRequest(f"messages[{index}].content", "must not be empty")
