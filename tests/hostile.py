@@ -307,7 +307,13 @@ def _length_edges(limits: LimitsConfig) -> list[EdgeCase]:
             REFUSED,
             "request_id",
         ),
-        EdgeCase(f"max_new_tokens {tokens} (the limit)", _request(max_new_tokens=tokens), OK),
+        # A question answered in a word: the limit is admitted (the worker's KV budget counts all of
+        # it), and the answer ends long before it.
+        EdgeCase(
+            f"max_new_tokens {tokens} (the limit), a one-word answer",
+            _chat(("user", "Is water wet? Answer yes or no."), max_new_tokens=tokens),
+            OK,
+        ),
         EdgeCase(
             f"max_new_tokens {tokens + 1}", _request(max_new_tokens=tokens + 1), REFUSED, "max_new_tokens"
         ),

@@ -20,9 +20,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_minute_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Path) -> None:
-    # Room for 2 x (1 + 2) requests against 16 clients: most of them are refused at any moment.
+    # Room for 2 x (2 + 2) requests (a batch of 2 and a queue of 2 on each worker) against 16 clients:
+    # half of them are refused at any moment.
     router = {"port": 0, "health_interval_s": 0.3, "max_queue_per_worker": 2}
-    config = default_model_config(tmp_path / "pool.toml", [("a", "bf16"), ("b", "fp32")], router=router)
+    batching = {"max_batch": 2}
+    config = default_model_config(
+        tmp_path / "pool.toml", [("a", "bf16"), ("b", "fp32")], router=router, batching=batching
+    )
     out = tmp_path / "soak.json"
     result = subprocess.run(
         [
@@ -36,7 +40,7 @@ def test_a_minute_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Pat
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["verdict"] == {"passed": True, "problems": []}
-    assert report["config"]["admitted"] == 6 and report["config"]["warmup_s"] == 10
+    assert report["config"]["admitted"] == 8 and report["config"]["warmup_s"] == 10
     # The router and both workers, each sampled every 2 s and within the bounds; their figures before
     # the load and after it are reported beside the bounds checked.
     processes = {p["process"]: p for p in report["processes"]}
@@ -59,12 +63,16 @@ def test_a_minute_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Pat
     # Varied prompts: plain and chat, greedy and sampled, some with stop strings, of many lengths.
     mix = report["mix"]
     assert set(mix["kinds"]) == {"prompt", "chat", "sampled", "stop strings"}, mix
-    assert mix["prompt_words"]["distinct"] >= 10
+    assert mix["prompt_words"]["distinct"] >= 10 and mix["primed"] == 8
     requests = report["requests"]
     # Above capacity: refused with RESOURCE_EXHAUSTED, every refusal with its retry hint, promptly.
     assert set(requests["by_code"]) == {"OK", "RESOURCE_EXHAUSTED"}, requests["by_code"]
     assert requests["refused"] > 0 and requests["completed"] > 0 and requests["unfinished"] == 0
+    # Refused for the pool's capacity, and for the capped token's own limit.
+    assert 0 < requests["refused_for_client_limit"] < requests["refused"]
     assert requests["refusals_without_hint"] == 0 and requests["retry_hint_ms"]["min"] > 0
+    # Both workers served: each process's figures are of a worker under load.
+    assert set(requests["served_by"]) == {"a", "b"}, requests["served_by"]
     assert requests["refusal_ms"]["p99"] <= BOUNDS.refusal_p99_s * 1e3
     # Once the load stopped, a plain request completed.
     assert report["recovery"]["recovered"] and report["recovery"]["status"] == "OK"

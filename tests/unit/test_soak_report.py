@@ -88,6 +88,19 @@ def test_a_load_that_is_never_refused_was_not_above_capacity() -> None:
     tally = LoadTally(sent=1)
     tally.record(result("OK"))
     assert tally.problems() == ["nothing was refused: the load never went above the pool's capacity"]
+    # Refused only by a client's own limit (its token's): the pool itself was never full.
+    capped = result("RESOURCE_EXHAUSTED")
+    capped.error = "client soak-capped already has 2 Generate streams open, its limit; retry when one ends"
+    tally.sent += 1
+    tally.record(capped)
+    assert tally.problems() == [
+        "only clients' own limits refused requests: the load never went above the pool's capacity"
+    ]
+    full = result("RESOURCE_EXHAUSTED")
+    full.error = "every eligible worker's queue is full (a, b); retry later"
+    tally.sent += 1
+    tally.record(full)
+    assert tally.problems() == [] and tally.to_json()["refused_for_client_limit"] == 1
 
 
 def test_room_warm_up_and_requests() -> None:
@@ -101,8 +114,22 @@ def test_room_warm_up_and_requests() -> None:
             ],
         }
     )
-    assert admitted(config) == 6
+    # Each worker's batch (16 by default) plus its queue of 2.
+    assert admitted(config) == 2 * (16 + 2)
+    small = config.model_copy(update={"batching": config.batching.model_copy(update={"max_batch": 2})})
+    assert admitted(small) == 2 * (2 + 2)
+    unbatched = config.model_copy(update={"batching": config.batching.model_copy(update={"enabled": False})})
+    assert admitted(unbatched) == 2 * (1 + 2)
     assert warmup_s(60) == 10 and warmup_s(600) == 60
+
+
+def test_a_worker_that_served_nothing_is_named() -> None:
+    tally = LoadTally(sent=2)
+    served = CallResult(sent_s=0.0, done_s=0.1, budget_met=True, worker_id="a")
+    tally.record(served)
+    tally.record(result("RESOURCE_EXHAUSTED"))
+    assert tally.to_json()["served_by"] == {"a": 1}
+    assert tally.idle_workers(["a", "b"]) == ["worker b served no request"]
 
 
 def test_the_mix_varies_prompts_lengths_kinds_and_stays_within_its_bounds() -> None:
@@ -120,9 +147,18 @@ def test_the_mix_varies_prompts_lengths_kinds_and_stays_within_its_bounds() -> N
     assert sampled and all(r.seed and 0 < r.top_p <= 1 for r in sampled)
     assert any(r.stop for r in requests)
     figures = mix.to_json()
+    assert figures["primed"] == 0
     assert set(figures["kinds"]) == {"prompt", "chat", "sampled", "stop strings"}
     assert sum(figures["kinds"][k] for k in ("prompt", "chat")) == 400
     assert figures["prompt_words"]["max"] <= MAX_PROMPT_WORDS
+
+
+def test_the_first_requests_of_a_primed_mix_are_of_the_largest_shape() -> None:
+    mix = RequestMix([f"w{i}" for i in range(100)], 8, random.Random(2), primed=3)
+    first, then = [mix() for _ in range(3)], [mix() for _ in range(50)]
+    assert all(r.max_new_tokens == 8 for r in first)
+    assert all(len((r.prompt or r.messages[-1].content).split()) == MAX_PROMPT_WORDS for r in first)
+    assert any(r.max_new_tokens < 8 for r in then) and mix.to_json()["primed"] == 3
 
 
 def test_soak_tokens_are_a_tokens_file_the_router_reads_and_each_client_carries_one(tmp_path: Path) -> None:

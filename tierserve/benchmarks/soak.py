@@ -3,8 +3,9 @@
     tierserve bench soak --out bench-results/soak.json [--config F] [--duration-s 600] [--clients N]
 
 Starts a real pool (router and workers as their own processes; two workers by default, or --config's)
-and drives it from more closed-loop clients than it admits. The router takes one request per worker
-plus `[router] max_queue_per_worker` waiting behind it; the other clients are refused with
+and drives it from more closed-loop clients than it admits. The router takes, per worker, as many
+requests as the worker generates together (its batch) plus `[router] max_queue_per_worker` waiting
+behind them; the other clients are refused with
 RESOURCE_EXHAUSTED and a `retry-after-ms` hint, wait that hint (at most MAX_BACKOFF_S) and come back,
 as the SDK does. Each client keeps one connection for the whole run. The requests vary (windows of
 the evaluation text of any length up to a bound, chat messages, sampled ones, stop strings), and
@@ -33,7 +34,9 @@ client connects). The bounds, and why:
 Requests must end well too: completed, or refused with RESOURCE_EXHAUSTED carrying a retry hint, the
 refusal at once (p99 within a second: the router answers, it does not queue its refusals). Any other
 status, a stream without its summary, a process that died, a call without a valid token that was not
-refused as such, or a load that never went above capacity (nothing refused) fails the verdict. Exit
+refused as such, a worker that served no request (nothing was learnt about it), or a load that never
+went above capacity (nothing refused) fails the verdict. The pool admits, per worker, its batch
+(`[batching] max_batch`, or one without batching) plus its queue. Exit
 status 1 on a failed verdict. The report is written as JSON (--out) and as markdown beside it (the
 same name, .md): per process, RSS and descriptors before the load, after warm-up, last under load and
 after it, the growth judged and its bound.
@@ -67,10 +70,13 @@ from tierserve.benchmarks.livepool import bench_pool_config, prompt_words, runni
 from tierserve.benchmarks.soak_mix import Metadata, ProbeTally, RequestMix, SoakTokens, probe_client
 from tierserve.benchmarks.soak_report import print_report, soak_markdown
 from tierserve.benchmarks.streamcall import CallResult, GenerateStub, timed_generate
-from tierserve.domain.config import TierserveConfig, parse_config
+from tierserve.domain.config import TierserveConfig, WorkerConfig, parse_config
 
 MIB = 1024 * 1024
 OVERLOAD_CODE = "RESOURCE_EXHAUSTED"
+# In the message of a refusal for the caller's own limit of open streams (router/limits.py), not
+# for the pool's capacity.
+CLIENT_LIMIT_MARK = "open, its limit"
 # Deadline of every request: an admitted request waits behind at most a queue of others.
 CALL_TIMEOUT_S = 120.0
 # The request sent once the load stops must complete within this.
@@ -190,10 +196,17 @@ class LoadTally:
     refusal_s: list[float] = field(default_factory=list)
     refusals_without_hint: int = 0
     hints_ms: list[int] = field(default_factory=list)
+    # Completed requests by the worker that served them.
+    served_by: Counter[str] = field(default_factory=Counter)
+    # Refusals for a client's own limit of streams (its token's), not for the pool's capacity.
+    client_limit_refusals: int = 0
 
     def record(self, result: CallResult) -> None:
         self.codes[result.status] += 1
+        if result.ok:
+            self.served_by[result.worker_id] += 1
         if result.status == OVERLOAD_CODE:
+            self.client_limit_refusals += CLIENT_LIMIT_MARK in result.error
             self.refusal_s.append(result.done_s - result.sent_s)
             if result.retry_after_ms is None:
                 self.refusals_without_hint += 1
@@ -211,6 +224,10 @@ class LoadTally:
             problems.append("no request completed")
         if not self.codes[OVERLOAD_CODE]:
             problems.append("nothing was refused: the load never went above the pool's capacity")
+        elif self.codes[OVERLOAD_CODE] == self.client_limit_refusals:
+            problems.append(
+                "only clients' own limits refused requests: the load never went above the pool's capacity"
+            )
         unexpected = {code: n for code, n in self.codes.items() if code not in ("OK", OVERLOAD_CODE)}
         if unexpected:
             problems.append(f"requests ended otherwise than completed or refused: {unexpected}")
@@ -230,6 +247,7 @@ class LoadTally:
             "sent": self.sent,
             "completed": self.codes["OK"],
             "refused": self.codes[OVERLOAD_CODE],
+            "refused_for_client_limit": self.client_limit_refusals,
             "by_code": dict(self.codes),
             "unfinished": self.sent - sum(self.codes.values()),
             "refusals_without_hint": self.refusals_without_hint,
@@ -242,7 +260,12 @@ class LoadTally:
                 "min": min(self.hints_ms, default=None),
                 "max": max(self.hints_ms, default=None),
             },
+            "served_by": dict(self.served_by),
         }
+
+    def idle_workers(self, names: Sequence[str]) -> list[str]:
+        """Of these workers, those that completed no request: the soak says nothing about them."""
+        return [f"worker {name} served no request" for name in names if not self.served_by[name]]
 
 
 async def overload_client(
@@ -265,8 +288,14 @@ async def overload_client(
 
 
 def admitted(config: TierserveConfig) -> int:
-    """Requests the pool's router takes at once: one generating on each worker plus its queue."""
-    return len(config.workers) * (1 + config.router.max_queue_per_worker)
+    """Requests the pool's router takes at once: on each worker, those generating together (its batch,
+    or one without batching) plus its queue."""
+
+    def slots(worker: WorkerConfig) -> int:
+        batching = config.batching_for(worker)
+        return batching.max_batch if batching.enabled else 1
+
+    return sum(slots(w) + config.router.max_queue_per_worker for w in config.workers)
 
 
 async def drive(
@@ -285,7 +314,10 @@ async def drive(
     # A subchannel pool of its own per channel: every client its own connection, as separate clients
     # have (channels of one process to one target would otherwise share one).
     options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(clients + 1)]
+    probing = tokens is not None and probes is not None
+    channels = [
+        grpc.aio.insecure_channel(address, options=options) for _ in range(clients + (1 if probing else 0))
+    ]
     metadata = [tokens.for_client(i)[1] if tokens else () for i in range(clients)]
     try:
         for process in series:
@@ -300,7 +332,7 @@ async def drive(
             )
             for i, c in enumerate(channels[:clients])
         ]
-        if tokens and probes:
+        if probing and probes is not None:
             tasks.append(
                 asyncio.create_task(probe_client(router_pb2_grpc.RouterStub(channels[-1]), until, probes))
             )
@@ -355,7 +387,7 @@ def run_soak_benchmark(
         console.print(
             f"[yellow]{clients} clients fit the pool's room for {room} requests: nothing will be refused[/]"
         )
-    mix = RequestMix(prompt_words(config), new_tokens, random.Random(seed))
+    mix = RequestMix(prompt_words(config), new_tokens, random.Random(seed), primed=room)
     probes = ProbeTally()
     with running_pool(config, run_dir, console) as launcher:
         assert launcher.router is not None
@@ -374,6 +406,7 @@ def run_soak_benchmark(
     recovered = recovery.ok and recovery.generated_tokens > 0
     problems = [f"{p['process']}: {problem}" for p in processes for problem in p["problems"]]
     problems += tally.problems()
+    problems += tally.idle_workers([w.name for w in config.workers])
     if tokens:
         problems += probes.problems()
     if not recovered:

@@ -5,7 +5,9 @@ The mix: prompts are windows of the evaluation text, of any length up to MAX_PRO
 any offset; a share are chat messages (a system and a user turn), a share are sampled (temperature,
 top-p, a seed) rather than greedy, a share carry stop strings; max_new_tokens is drawn from 1 to the
 largest. The prompt lengths are bounded, so the shapes a worker sees (prompt length, batch size) are
-bounded too, and most of them are met during the warm-up.
+bounded too, and most of them are met during the warm-up; the first requests (`primed`, one per place
+the pool admits) are all of the largest shape, so that buffers and allocator arenas reach their
+high-water mark before the first sample that is judged.
 
 Tokens: the soak writes a tokens file (SOAK_TOKENS: two without a limit of their own, one capped at
 CAPPED_STREAMS streams at once) and hands them to its clients in turn, so every call goes through the
@@ -54,16 +56,23 @@ class RequestMix:
     words: Sequence[str]
     new_tokens: int
     rng: random.Random
+    # How many of the first requests are of the largest shape (the longest prompt, every token).
+    primed: int = 0
+    made: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     prompt_words: set[int] = field(default_factory=set)
 
     def __call__(self) -> generate_pb2.GenerateRequest:
         rng = self.rng
-        length = rng.randint(1, min(MAX_PROMPT_WORDS, len(self.words)))
+        longest = min(MAX_PROMPT_WORDS, len(self.words))
+        largest = self.made < self.primed
+        self.made += 1
+        length = longest if largest else rng.randint(1, longest)
         start = rng.randrange(len(self.words) - length + 1)
         text = " ".join(self.words[start : start + length])
         self.prompt_words.add(length)
-        request = generate_pb2.GenerateRequest(max_new_tokens=rng.randint(1, self.new_tokens))
+        tokens = self.new_tokens if largest else rng.randint(1, self.new_tokens)
+        request = generate_pb2.GenerateRequest(max_new_tokens=tokens)
         if rng.random() < CHAT_SHARE:
             request.messages.add(role="system", content=SYSTEM_PROMPT)
             request.messages.add(role="user", content=text)
@@ -81,6 +90,7 @@ class RequestMix:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "primed": min(self.primed, self.made),
             "kinds": dict(self.kinds),
             "prompt_words": {
                 "min": min(self.prompt_words, default=0),

@@ -47,9 +47,10 @@ def request_lines(report: dict[str, Any]) -> list[str]:
     r, recovery, mix = report["requests"], report["recovery"], report["mix"]
     lines = [
         f"requests: sent {r['sent']}, completed {r['completed']}, refused {r['refused']} "
-        f"(refusal p50 {r['refusal_ms']['p50']} ms, p99 {r['refusal_ms']['p99']} ms; retry hints "
+        f"({r['refused_for_client_limit']} for the client's own limit; "
+        f"refusal p50 {r['refusal_ms']['p50']} ms, p99 {r['refusal_ms']['p99']} ms; retry hints "
         f"{r['retry_hint_ms']['min']}-{r['retry_hint_ms']['max']} ms, {r['refusals_without_hint']} without), "
-        f"by code {r['by_code']}, unfinished {r['unfinished']}",
+        f"by code {r['by_code']}, unfinished {r['unfinished']}; served by {r['served_by']}",
         f"mix: {mix['kinds']}; prompts of {mix['prompt_words']['min']}-{mix['prompt_words']['max']} words "
         f"({mix['prompt_words']['distinct']} lengths)",
     ]
