@@ -121,7 +121,12 @@ class FakeStub:
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    def Generate(self, request: generate_pb2.GenerateRequest, timeout: float | None = None) -> Any:
+    def Generate(
+        self,
+        request: generate_pb2.GenerateRequest,
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> Any:
         self.seen.append(request.request_id)
         return self._stream(request)
 
