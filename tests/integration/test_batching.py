@@ -79,7 +79,8 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch_of_8(live_pool: LivePool, 
         done.set()
         watcher.join()
 
-    assert together == alone
+    for (prompt, _), one, many in zip(REQUESTS, alone, together, strict=True):
+        assert many == one, f"{tier}: {prompt!r} alone {one!r}, in the batch {many!r}"
     assert most_running >= 4, f"the worker never decoded more than {most_running} streams together"
     after = _describe(address)
     assert (after.batch.running, after.batch.waiting, after.batch.kv_tokens_used) == (0, 0, 0)

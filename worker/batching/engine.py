@@ -260,10 +260,12 @@ class BatchEngine:
         # Cancellation is seen within one step even for rows that made a token this step.
         finished += [s for s in self._running if s not in finished and s.cancelled()]
         if finished:
+            # Out of the batch before their outcomes go out: a caller that has its summary never
+            # sees its request still running.
+            self._keep([s for s in self._running if s not in finished])
             for sequence in finished:
                 if not sequence.future.done():
                     self._finish(sequence)
-            self._keep([s for s in self._running if s not in finished])
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, past: Any, positions: torch.Tensor
