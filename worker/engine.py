@@ -82,12 +82,13 @@ class Engine:
         """Tokenize and fit into the context window; raise InvalidRequest if the prompt cannot fit."""
         encoded = self.tokenizer(render_prompt(self.tokenizer, params), return_tensors="pt")
         prompt_tokens = int(encoded["input_ids"].shape[1])
+        field = "messages" if params.messages else "prompt"  # what the caller sent
         if prompt_tokens == 0:
-            raise InvalidRequest("prompt", "encodes to no tokens")
+            raise InvalidRequest(field, "encodes to no tokens")
         room = self.context_tokens - prompt_tokens
         if room <= 0:
             raise InvalidRequest(
-                "prompt",
+                field,
                 f"is {prompt_tokens} tokens; the model's context holds {self.context_tokens} "
                 "(prompt plus generated tokens)",
             )

@@ -16,6 +16,8 @@ from collections import Counter
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tierserve.domain.requests import shown
+
 # A grpc.health.v1 ServingStatus value.
 ServingStatus = int
 SERVING: ServingStatus = health_pb2.HealthCheckResponse.SERVING
@@ -40,7 +42,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         if request.service not in self._status:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            # Quoted short: a long name would overflow the status metadata (RESOURCE_EXHAUSTED).
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {shown(request.service)}")
         return health_pb2.HealthCheckResponse(status=self._status[request.service])
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
