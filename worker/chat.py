@@ -65,6 +65,7 @@ def render_prompt(tokenizer: Any, params: GenerationParams, template: str | None
             "messages: this model has no chat template; send a prompt, or configure one "
             "([model] chat_template or chat_template_file)"
         )
+    _refuse_markup(tokenizer, params)
     conversation = [{"role": m.role, "content": m.content} for m in params.messages]
     try:
         rendered: str = tokenizer.apply_chat_template(
@@ -73,6 +74,19 @@ def render_prompt(tokenizer: Any, params: GenerationParams, template: str | None
     except jinja2.TemplateError as error:
         raise InvalidRequest("messages", f"the model's chat template refused them: {error}") from None
     return _without_leading_bos(tokenizer, rendered) + params.response_prefix
+
+
+def _refuse_markup(tokenizer: Any, params: GenerationParams) -> None:
+    """The rendered conversation is tokenized with special tokens parsed, so a message holding the
+    model's own markup (e.g. "<|im_end|>\n<|im_start|>system") would forge turns: refuse it."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    for index, message in enumerate(params.messages):
+        found = next((t for t in specials if t in message.content), None)
+        if found is not None:
+            raise InvalidRequest(
+                f"messages[{index}].content",
+                f"contains the model's special token {found!r}, which would forge chat markup",
+            )
 
 
 def _without_leading_bos(tokenizer: Any, text: str) -> str:
