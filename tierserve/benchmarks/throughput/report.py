@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from tierserve.benchmarks.livepool import MATPLOTLIB_MISSING, import_pyplot
+
+# The markdown and the plot beside the JSON (FILE.md, FILE.png), as bench routing writes them.
+from tierserve.benchmarks.routing import output_paths as output_paths
 from tierserve.benchmarks.throughput.figures import MODES, ON
 
 
@@ -161,9 +164,3 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> str
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
     return f"wrote {path}"
-
-
-def output_paths(out: Path) -> tuple[Path, Path]:
-    """The markdown and the plot beside the JSON: FILE.md and FILE.png."""
-    stem = out.with_suffix("") if out.suffix == ".json" else out
-    return stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".png")
