@@ -151,7 +151,7 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         executor, start_batching, engine, config.batching_for(worker_config), worker_config.tier
     )
     log.info("%s", batching)
-    if state.batch is None:
+    if state.batch is None or not state.batch.chunked_prefill:  # one at a time, or long prompts stall
         state.notices.append(batching)
     state.ready(engine, report)
     await handle.set_serving(True)

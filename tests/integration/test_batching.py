@@ -1,10 +1,12 @@
 """Continuous batching on the default model, over real sockets: on fp32 and bf16 a greedy
 request's text is the same alone and inside a batch of 8 mixed-length requests, and the worker
-really decoded them together (its Describe shows the running batch)."""
+really decoded them together (its Describe shows the running batch); a ~2,000-token prompt is
+prefilled in chunks while other streams go on decoding."""
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -84,3 +86,65 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch_of_8(live_pool: LivePool, 
     assert most_running >= 4, f"the worker never decoded more than {most_running} streams together"
     after = _describe(address)
     assert (after.batch.running, after.batch.waiting, after.batch.kv_tokens_used) == (0, 0, 0)
+
+
+# About 2,000 tokens: eight chunks of the default 256.
+LONG_PROMPT = (
+    " ".join(
+        f"Note {i}: the ferry left the harbour at dawn, carrying mail, bread and three goats."
+        for i in range(110)
+    )
+    + "\nWhich note mentions the goats first?"
+)
+STREAMS = 4
+
+
+def _timed(address: str, prompt: str, max_new_tokens: int, arrivals: list[float]) -> generate_pb2.Summary:
+    """Generate, appending each token's arrival time (perf_counter) to `arrivals` as it comes."""
+    with grpc.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        request = generate_pb2.GenerateRequest(
+            prompt=prompt, max_new_tokens=max_new_tokens, request_id="chunked"
+        )
+        summary: generate_pb2.Summary | None = None
+        for response in stub.Generate(request, timeout=600):
+            if response.HasField("token"):
+                arrivals.append(time.perf_counter())
+            else:
+                summary = response.summary
+    assert summary is not None
+    return summary
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_decode(live_pool: LivePool) -> None:
+    """The running streams keep receiving tokens between the long prompt's arrival and its first
+    token (prefilled in one forward, they would get at most the one in flight), and its greedy
+    text is the text it gets alone."""
+    address = live_pool.worker_addresses()["fp32-0"]
+    info = _describe(address)
+    assert info.batch.enabled, f"batching off: {list(info.notices)}"
+    assert not [n for n in info.notices if "chunked prefill" in n], list(info.notices)
+    alone = _timed(address, LONG_PROMPT, 16, [])
+    assert alone.prompt_tokens >= 1500
+
+    arrivals: list[list[float]] = [[] for _ in range(STREAMS)]
+    with ThreadPoolExecutor(max_workers=STREAMS) as pool:
+        streams = [
+            pool.submit(_timed, address, prompt, 64, times)
+            for (prompt, _), times in zip(REQUESTS, arrivals, strict=False)
+        ]
+        deadline = time.monotonic() + 300
+        while not all(len(times) >= 3 for times in arrivals):
+            assert time.monotonic() < deadline and not any(s.done() for s in streams), "streams did not start"
+            time.sleep(0.01)
+        long_tokens: list[float] = []
+        sent = time.perf_counter()
+        long = _timed(address, LONG_PROMPT, 16, long_tokens)
+        for stream in streams:
+            stream.result()
+
+    first = long_tokens[0]
+    during = [sum(1 for t in times if sent < t < first) for times in arrivals]
+    assert all(times[-1] > first for times in arrivals), "a stream ended before the long prompt's first token"
+    assert min(during) >= 3, f"tokens each stream received while the long prompt prefilled: {during}"
+    assert long.text == alone.text

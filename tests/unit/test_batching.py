@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_model import FAMILIES, build_tiny_model_dir
 from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
@@ -33,21 +32,6 @@ PROMPTS = (
     "Tea or coffee",
 )
 NEW_TOKENS = (12, 5, 16, 9, 7, 14, 3, 10)
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", architecture=request.param)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
-
-
-@pytest.fixture(scope="module", params=["fp32", "bf16"])
-def engine(request: pytest.FixtureRequest, llama_dir: Path) -> Engine:
-    return Engine(make_tier(request.param).load(llama_dir, llama_dir))
 
 
 @pytest.fixture

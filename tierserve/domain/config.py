@@ -400,6 +400,10 @@ class BatchingConfig(_Strict):
     # KV-cache positions the batch may hold, all rows together, left padding included; a
     # request is admitted only when its prompt plus max_new_tokens fit beside the others.
     kv_cache_tokens: int = Field(default=32768, ge=64)
+    # Most prompt tokens a worker prefills per step: a longer prompt is prefilled over several
+    # steps, each followed by the running streams' decode step, so it holds them for one chunk
+    # at a time. A value above every prompt's length prefills each prompt in one forward.
+    prefill_chunk_tokens: int = Field(default=256, ge=16)
 
 
 class TierserveConfig(_Strict):

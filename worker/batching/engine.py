@@ -1,12 +1,19 @@
 """Continuous batching on IPEX's traced decoder graph: requests join at a step boundary and
 leave the step they finish.
 
-One thread runs the loop. Each step it drops the rows that finished or were cancelled,
-admits at most one waiting request (earliest first-token deadline first) if a batch slot and
-the KV-cache budget allow, prefills it alone and copies its cache into the batch
-(`iakv_cache.BatchKvCache`), then runs one decode forward for every running row and samples each
-row's next token with that row's own settings. Decode reads the weights once per step for the
-whole batch, which is why a batch costs little more per step than one stream.
+One thread runs the loop. Each step it drops the rows that finished or were cancelled, admits
+at most one waiting request (earliest first-token deadline first) if no other is prefilling and
+a batch slot and the KV-cache budget allow, runs one chunk (at most `prefill_chunk_tokens`
+tokens) of the prefilling request's prompt alone, then one decode forward for every running row,
+sampling each row's next token with that row's own settings. After its last chunk the prefilling
+request samples its first token and its cache is copied into the batch
+(`iakv_cache.BatchKvCache`). So a long prompt holds the running streams for one chunk per step,
+not for the whole prompt. Decode reads the weights once per step for the whole batch, which is
+why a batch costs little more per step than one stream.
+
+A prompt's first chunk goes through the traced graph; later chunks go through the eager model
+(`kernels.chunked_prefill`, which says why). Without chunking (`prefill_chunk_tokens` None,
+where the start-up check found the eager path wrong) each prompt is prefilled in one forward.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from tierserve.domain.requests import GenerationParams
 from tierserve.worker.batching.sampler import next_token, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
+from tierserve.worker.kernels.chunked_prefill import chunkable, continue_prefill
 from tierserve.worker.kernels.iakv_cache import BatchKvCache, empty_past, layer_caches
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ class BatchLimits:
     max_batch: int = 16
     # Positions of the KV cache the batch may hold, all rows together, padding included.
     kv_cache_tokens: int = 32768
+    # Most prompt tokens one step prefills; None: a whole prompt in one forward.
+    prefill_chunk_tokens: int | None = 256
 
 
 @dataclass(eq=False)
@@ -56,6 +66,8 @@ class _Sequence:
     generator: torch.Generator | None = None
     next_token: int = 0
     position: int = 0
+    # While prefilling: the prompt's cache so far (a batch of one).
+    prefill_cache: BatchKvCache | None = None
 
     @property
     def span(self) -> int:
@@ -90,6 +102,10 @@ class BatchOccupancy:
     kv_tokens_used: int
     kv_tokens_budget: int
     kv_bytes: int
+    # Of `running`, the request whose prompt is being prefilled (0 or 1), and its prompt tokens
+    # not prefilled yet.
+    prefilling: int = 0
+    prefill_tokens_left: int = 0
 
 
 class BatchEngine:
@@ -99,6 +115,7 @@ class BatchEngine:
         self.engine = engine
         self.limits = limits
         model = engine.loaded.model
+        self._model = model
         self._graph: Any = model.trace_graph
         self._num_layers = int(model.config.num_hidden_layers)
         self._run_context = engine.loaded.run_context
@@ -106,6 +123,8 @@ class BatchEngine:
         self._order = itertools.count()
         self._running: list[_Sequence] = []
         self._cache: BatchKvCache | None = None
+        # The one request whose prompt is being prefilled, chunk by chunk; not yet a batch row.
+        self._prefilling: _Sequence | None = None
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
@@ -145,16 +164,26 @@ class BatchEngine:
             self._wake.notify()
         return Ticket(sequence)
 
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether long prompts are prefilled a chunk per step (else in one forward)."""
+        return self.limits.prefill_chunk_tokens is not None
+
     def occupancy(self) -> BatchOccupancy:
         with self._wake:
-            cache = self._cache
+            caches = [c for c in (self._cache, self._prefill_cache()) if c is not None]
+            prefilling = self._prefilling
             return BatchOccupancy(
-                running=len(self._running),
+                running=len(self._members()),
                 waiting=len(self._waiting),
                 max_batch=self.limits.max_batch,
-                kv_tokens_used=cache.batch * cache.length if cache is not None else 0,
+                kv_tokens_used=sum(c.batch * c.length for c in caches),
                 kv_tokens_budget=self.limits.kv_cache_tokens,
-                kv_bytes=cache.bytes() if cache is not None else 0,
+                kv_bytes=sum(c.bytes() for c in caches),
+                prefilling=int(prefilling is not None),
+                prefill_tokens_left=(
+                    prefilling.prompt.prompt_tokens - _prefilled(prefilling) if prefilling else 0
+                ),
             )
 
     def stop(self) -> None:
@@ -169,25 +198,34 @@ class BatchEngine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._members():
                     self._wake.wait()
-                if self._stopping and not self._running and not self._waiting:
+                if self._stopping and not self._members() and not self._waiting:
                     return
-                admitted = self._next_admission()
+                self._drop_cancelled_waiters()
+                if self._prefilling is None:
+                    self._prefilling = self._next_admission()
+                prefilling = self._prefilling
             try:
                 with torch.inference_mode(), self._run_context():
-                    if admitted is not None:
-                        self._prefill(admitted)
+                    if prefilling is not None:
+                        self._prefill_step(prefilling)
                     if self._running:
                         self._decode_step()
             except Exception as error:  # a failed forward fails every row it carried
                 log.exception("batched forward failed")
                 self._fail_all(error)
 
-    def _next_admission(self) -> _Sequence | None:
-        """The waiting request due first, if a slot and the KV budget allow it (called locked).
-        Cancelled waiters leave here; the first one that does not fit blocks the rest, so a big
-        request is not starved by small ones behind it."""
+    def _members(self) -> list[_Sequence]:
+        """The requests holding a batch slot and KV-cache room: the rows, and the one prefilling."""
+        return [*self._running, *([self._prefilling] if self._prefilling is not None else [])]
+
+    def _prefill_cache(self) -> BatchKvCache | None:
+        return self._prefilling.prefill_cache if self._prefilling is not None else None
+
+    def _drop_cancelled_waiters(self) -> None:
+        """Cancelled waiters leave with their outcome, even while a prompt is prefilling (called
+        locked)."""
         left = [entry for entry in self._waiting if entry[2].cancelled()]
         if left:
             self._waiting = [entry for entry in self._waiting if not entry[2].cancelled()]
@@ -197,44 +235,87 @@ class BatchEngine:
                 sequence.future.set_result(
                     sequence.sink.outcome(sequence.prompt, sequence.seed, cancelled=True)
                 )
-        while self._waiting:
-            _, _, head = self._waiting[0]
-            if len(self._running) >= self.limits.max_batch:
-                return None
-            rows = len(self._running) + 1
-            widest = max([head.span, *(s.span for s in self._running)])
-            if rows * widest > self.limits.kv_cache_tokens:
-                return None
-            heapq.heappop(self._waiting)
-            return head
-        return None
 
-    def _prefill(self, sequence: _Sequence) -> None:
-        sequence.admitted_at = time.perf_counter()
-        sequence.sink.start()
+    def _next_admission(self) -> _Sequence | None:
+        """The waiting request due first, if a slot and the KV budget allow it (called locked).
+        The first one that does not fit blocks the rest, so a big request is not starved by
+        small ones behind it."""
+        if not self._waiting:
+            return None
+        _, _, head = self._waiting[0]
+        members = self._members()
+        if len(members) >= self.limits.max_batch:
+            return None
+        widest = max([head.span, *(s.span for s in members)])
+        if (len(members) + 1) * widest > self.limits.kv_cache_tokens:
+            return None
+        heapq.heappop(self._waiting)
+        head.admitted_at = time.perf_counter()
+        head.sink.start()
+        return head
+
+    def _prefill_step(self, sequence: _Sequence) -> None:
+        """One chunk of `sequence`'s prompt; after the last, its first token, and it joins the
+        batch. A cancelled request leaves before its next chunk."""
+        if sequence.cancelled():
+            self._end_prefill()
+            self._finish(sequence)
+            return
         ids = sequence.prompt.input_ids
         length = int(ids.shape[1])
+        start = _prefilled(sequence)
+        chunk = self.limits.prefill_chunk_tokens or length
+        if not chunkable(self._model, length):
+            chunk = length
+        end = min(length, start + chunk)
         try:
-            logits, past = self._forward(
-                ids, torch.ones_like(ids), empty_past(self._num_layers, 1), torch.arange(length).unsqueeze(0)
-            )
+            logits, past = self._prefill_chunk(sequence, ids[:, start:end], start)
+            row = BatchKvCache.of_sequence(layer_caches(past), end)
+            if end < length:
+                with self._wake:
+                    sequence.prefill_cache = row
+                return
             token = next_token(logits[0, -1], sequence.params.sampling, sequence.generator)
         except Exception as error:
+            self._end_prefill()
             sequence.future.set_exception(error)
             return
         sequence.position = length
         sequence.next_token = token
-        sequence.sink.push(token)
-        if sequence.sink.finished or sequence.cancelled():
-            self._finish(sequence)
-            return
-        row = BatchKvCache.of_sequence(layer_caches(past), length)
         with self._wake:
-            if self._cache is None:
-                self._cache = row
-            else:
-                self._cache.join(row)
-            self._running.append(sequence)
+            sequence.prefill_cache = row  # the whole prompt: nothing left to prefill
+        sequence.sink.push(token)
+        done = sequence.sink.finished or sequence.cancelled()
+        with self._wake:  # from prefilling to a row in one move: occupancy never loses it
+            self._prefilling, sequence.prefill_cache = None, None
+            if not done:
+                if self._cache is None:
+                    self._cache = row
+                else:
+                    self._cache.join(row)
+                self._running.append(sequence)
+        if done:
+            self._finish(sequence)
+
+    def _prefill_chunk(self, sequence: _Sequence, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, Any]:
+        """(logits, past) of a prompt chunk at positions `start`..: the first through the traced
+        graph (no cache yet), later ones over the cache of those before."""
+        if start == 0:
+            return self._forward(
+                ids,
+                torch.ones_like(ids),
+                empty_past(self._num_layers, 1),
+                torch.arange(int(ids.shape[1])).unsqueeze(0),
+            )
+        cache = sequence.prefill_cache
+        assert cache is not None
+        return continue_prefill(self._model, ids, cache.past_key_values(), start)
+
+    def _end_prefill(self) -> None:
+        with self._wake:
+            if self._prefilling is not None:
+                self._prefilling.prefill_cache = None
+            self._prefilling = None
 
     def _decode_step(self) -> None:
         cache = self._cache
@@ -288,7 +369,13 @@ class BatchEngine:
 
     def _fail_all(self, error: Exception) -> None:
         with self._wake:
-            running, self._running, self._cache = self._running, [], None
+            running, self._running, self._cache = self._members(), [], None
+        self._end_prefill()
         for sequence in running:
             if not sequence.future.done():
                 sequence.future.set_exception(error)
+
+
+def _prefilled(sequence: _Sequence) -> int:
+    """Prompt positions already in a prefilling sequence's cache."""
+    return sequence.prefill_cache.length if sequence.prefill_cache is not None else 0
