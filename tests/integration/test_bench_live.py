@@ -51,6 +51,10 @@ def test_plan_and_overhead_against_a_running_pool(
         plan = json.loads(capsys.readouterr().out)
         assert {t["tier"] for t in plan["tiers"]} == {"fp32", "bf16"}
         assert all(t["tpot_ms"] > 0 and t["workers"] >= 1 for t in plan["tiers"])
+        # No traffic yet, so no TPOT by concurrency: one stream per worker, said so.
+        for tier in plan["tiers"]:
+            assert tier["streams_per_worker"] == 1 and tier["workers"] == tier["one_stream_workers"]
+            assert tier["max_batch"] >= 1 and "one stream" in tier["streams_basis"]
         code = run_overhead_benchmark(
             out, str(file), router=launcher.router_address, http=launcher.http_url, tier="fp32", requests=3,
             new_tokens=4, timeout_s=60, run_dir=None, console=console,

@@ -17,14 +17,13 @@ from tierserve.ops.capacity import (
     Requirements,
     TierFigures,
     busy_seconds,
-    figures_from_bench,
     figures_from_workers,
-    load_bench_file,
     make_plan,
     offered_load,
     token_budget,
     workers_needed,
 )
+from tierserve.ops.capacity_bench import figures_from_bench, load_bench_file
 
 
 def test_budget_is_the_session_time_left_over_every_token() -> None:

@@ -340,14 +340,8 @@ def cmd_bench_tiers(args: argparse.Namespace, console: Console) -> int:
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from tierserve.ops.capacity import (
-        Requirements,
-        TierFigures,
-        figures_from_bench,
-        figures_from_workers,
-        load_bench_file,
-        make_plan,
-    )
+    from tierserve.ops.capacity import Requirements, TierFigures, figures_from_workers, make_plan
+    from tierserve.ops.capacity_bench import figures_from_files
     from tierserve.ops.capacity_report import print_plan
 
     requirements = Requirements(
@@ -364,7 +358,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     figures: list[TierFigures] = []
     notes: list[str] = []
     if args.from_bench:
-        figures, notes = figures_from_bench(load_bench_file(Path(args.from_bench)), args.from_bench)
+        figures, notes = figures_from_files([Path(name) for name in args.from_bench])
     elif args.router:
         reply = list_workers(args.router, options=_client_options(args, args.router))
         figures, notes = figures_from_workers(list(reply.workers))
@@ -463,6 +457,23 @@ def cmd_bench_throughput(args: argparse.Namespace, console: Console) -> int:
         concurrency=args.concurrency,
         requests_per_level=args.requests_per_level,
         new_tokens=args.new_tokens,
+        timeout_s=args.timeout_s,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        console=console,
+    )
+
+
+def cmd_bench_prefill_stall(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.benchmarks.prefill_stall import run_prefill_stall_benchmark
+
+    return run_prefill_stall_benchmark(
+        Path(args.out),
+        args.config,
+        tier=args.tier,
+        streams=args.streams,
+        prompt_words_count=args.prompt_words,
+        chunks=args.chunks,
+        stream_tokens=args.stream_tokens,
         timeout_s=args.timeout_s,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
@@ -582,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan",
         help="capacity planning: the per-token budget your application implies, the tiers that meet it, "
-        "and the workers each needs",
+        "the concurrent streams each worker serves within it, and the workers each tier needs",
     )
     plan.add_argument("--sessions-per-hour", type=float, default=1000.0, help="user sessions per hour")
     plan.add_argument("--requests-per-session", type=float, default=5.0, help="requests per session")
@@ -596,8 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--max-quality-loss-pct", type=float, help="only recommend tiers within this loss")
     measured = plan.add_mutually_exclusive_group()
-    measured.add_argument("--router", help="measured figures from a live pool's ListWorkers (host:port)")
-    measured.add_argument("--from-bench", help="measured figures from a `tierserve bench tiers` JSON file")
+    measured.add_argument(
+        "--router",
+        help="measured figures from a live pool's ListWorkers (host:port), with TPOT by concurrent streams",
+    )
+    measured.add_argument(
+        "--from-bench",
+        action="append",
+        metavar="FILE",
+        help="measured figures from a `tierserve bench tiers` or `bench throughput` JSON file (repeat to "
+        "combine: tiers for the accuracy cards, throughput for streams per worker)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_client_security(plan)
     plan.set_defaults(run=cmd_plan)
@@ -739,6 +759,26 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--timeout-s", type=float, default=1800.0, help="deadline of each request")
     throughput.add_argument("--run-dir", help="the pools' run dir (default: a new temp dir each)")
     throughput.set_defaults(run=cmd_bench_throughput)
+
+    stall = with_config(
+        bench_commands.add_parser(
+            "prefill-stall",
+            help="how long a long prompt holds the decoding streams, with chunked prefill and without",
+        )
+    )
+    stall.add_argument("--out", required=True, help="results JSON (also writes .md)")
+    stall.add_argument("--tier", default="bf16", help="the tier measured (default bf16)")
+    stall.add_argument("--streams", type=int, default=8, help="streams decoding when the prompt arrives")
+    stall.add_argument(
+        "--prompt-words", type=int, default=1500, help="words of the long prompt (1500: ~2,000 tokens)"
+    )
+    stall.add_argument(
+        "--chunks", default="256,off", help="prefill_chunk_tokens values; off: one forward (default 256,off)"
+    )
+    stall.add_argument("--stream-tokens", type=int, default=384, help="greedy tokens per decoding stream")
+    stall.add_argument("--timeout-s", type=float, default=900.0, help="deadline of each request")
+    stall.add_argument("--run-dir", help="the pools' run dir (default: a new temp dir each)")
+    stall.set_defaults(run=cmd_bench_prefill_stall)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from tierserve.ops.capacity import BUDGET_FORMULA, MEETS_RULE, WORKERS_FORMULA, Plan
+from tierserve.ops.capacity import BUDGET_FORMULA, MEETS_RULE, STREAMS_RULE, WORKERS_FORMULA, Plan
 
 
 def _opt(value: float | None, spec: str) -> str:
@@ -40,14 +40,16 @@ def print_plan(console: Console, plan: Plan) -> None:
     table = Table(
         title=f"tiers at target utilization {req.target_utilization:.0%}",
         title_justify="left",
-        caption=f"{MEETS_RULE}\n{WORKERS_FORMULA}",
+        caption=f"{MEETS_RULE}\n{STREAMS_RULE}\n{WORKERS_FORMULA}",
         caption_justify="left",
     )
+    left = ("tier", "meets budget", "source")
     for column in (
-        "tier", "TTFT ms", "TPOT ms", "ms/token incl. TTFT", "ppl delta %",
-        "busy s/request", "load (Erlangs)", "workers", "meets budget", "source",
+        "tier", "TTFT ms", "TPOT ms", "ppl delta %", "streams/worker c", "TPOT ms at c",
+        "ms/token incl. TTFT at c", "busy s/request", "load (Erlangs)", "workers", "workers at 1 stream",
+        "meets budget", "source",
     ):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("tier", "meets budget", "source") else "right")
+        table.add_column(column, justify="left" if column in left else "right")
     best = plan.recommended()
     for tier in plan.tiers:
         verdict = "[green]yes[/]" if tier.meets_budget else "[red]no[/]"
@@ -58,20 +60,30 @@ def print_plan(console: Console, plan: Plan) -> None:
             name,
             f"{tier.ttft_ms:.1f}",
             f"{tier.tpot_ms:.2f}",
-            f"{tier.effective_ms_per_token:.2f}",
             _opt(tier.ppl_delta_pct, "+.2f"),
+            str(tier.streams_per_worker),
+            f"{tier.tpot_at_streams_ms:.2f}",
+            f"{tier.effective_ms_per_token:.2f}",
             f"{tier.busy_s:.3f}",
             f"{tier.load_erlangs:.2f}",
             str(tier.workers),
+            str(tier.one_stream_workers),
             verdict,
             tier.source,
         )
     console.print(table)
+    for tier in plan.tiers:
+        console.print(f"{tier.tier}: {tier.streams_per_worker} stream(s) per worker: {tier.streams_basis}")
     if best is not None:
         console.print(
             f"* recommended: [bold]{best.tier}[/], the most accurate tier that meets the budget"
             + (f" within {tolerance:g}% loss" if tolerance is not None else "")
-            + f": {best.workers} worker(s)"
+            + f": {best.workers} worker(s) at {best.streams_per_worker} stream(s) each"
+            + (
+                f" ({best.one_stream_workers} at one stream each)"
+                if best.one_stream_workers != best.workers
+                else ""
+            )
         )
     elif budget.feasible:
         console.print(
