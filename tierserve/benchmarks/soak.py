@@ -200,6 +200,8 @@ class LoadTally:
     served_by: Counter[str] = field(default_factory=Counter)
     # Refusals for a client's own limit of streams (its token's), not for the pool's capacity.
     client_limit_refusals: int = 0
+    # Requests that ended neither completed nor refused for overload, by code and message.
+    unexpected: Counter[str] = field(default_factory=Counter)
 
     def record(self, result: CallResult) -> None:
         self.codes[result.status] += 1
@@ -212,6 +214,8 @@ class LoadTally:
                 self.refusals_without_hint += 1
             else:
                 self.hints_ms.append(result.retry_after_ms)
+        elif not result.ok:
+            self.unexpected[f"{result.status}: {result.error[:200]}"] += 1
 
     def refusal_p99_s(self) -> float:
         if len(self.refusal_s) < 2:
@@ -230,7 +234,10 @@ class LoadTally:
             )
         unexpected = {code: n for code, n in self.codes.items() if code not in ("OK", OVERLOAD_CODE)}
         if unexpected:
-            problems.append(f"requests ended otherwise than completed or refused: {unexpected}")
+            problems.append(
+                f"requests ended otherwise than completed or refused: {unexpected}; "
+                f"most common: {self.unexpected.most_common(3)}"
+            )
         if unfinished := self.sent - sum(self.codes.values()):
             problems.append(f"{unfinished} requests never ended")
         if self.refusals_without_hint:
