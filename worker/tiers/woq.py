@@ -60,9 +60,15 @@ class WoqTier(PathTier):
         return self.recipe.group_size
 
     def native_scheme_head(self) -> str:
-        """How the native path runs the lm_head. AUTO: int8 dynamic (the faster, docs/tiers.md);
-        an explicit BF16 or FP32 lowp_mode keeps float activations everywhere."""
-        return "dynamic-int8" if self.recipe.lowp_mode in ("AUTO", "INT8") else "weight-only"
+        """How the native path runs the lm_head. AUTO: int8 dynamic (the faster, docs/tiers.md)
+        where fbgemm keeps 8-bit activations (VNNI); without VNNI its 7-bit activations cost about
+        1% perplexity on the head alone, so AUTO keeps the head weight-only there. An explicit
+        BF16 or FP32 lowp_mode keeps float activations everywhere; INT8 asks for dynamic."""
+        if self.recipe.lowp_mode == "INT8":
+            return "dynamic-int8"
+        if self.recipe.lowp_mode == "AUTO" and self.context.isa.avx512_vnni:
+            return "dynamic-int8"
+        return "weight-only"
 
     def native_scheme(self, model_config: Any) -> NativeScheme:
         """How the native path stores and runs this recipe's linears."""
