@@ -160,6 +160,38 @@ def test_the_mask_stand_in_does_not_outlive_a_failed_chunk(llama_dir: Path) -> N
     assert vars(decoder).get("_prepare_decoder_attention_mask") is own_hook
 
 
+def test_the_mask_stand_in_gives_other_threads_the_decoders_own_preparation() -> None:
+    calls: list[str] = []
+
+    class Decoder:
+        def _prepare_decoder_attention_mask(self, mask: Any, *args: Any, **options: Any) -> Any:
+            calls.append("own")
+            return mask + 1
+
+    decoder = Decoder()
+
+    class Model:
+        def get_decoder(self) -> Any:
+            return decoder
+
+        def get_input_embeddings(self) -> Any:
+            return torch.nn.Embedding(4, 2)
+
+        def __call__(self, **inputs: Any) -> Any:
+            hook = decoder._prepare_decoder_attention_mask
+            mine = hook(torch.zeros(1), None, None, 0)
+            theirs: list[Any] = []
+            other = threading.Thread(target=lambda: theirs.append(hook(torch.zeros(1), None, None, 0)))
+            other.start()
+            other.join()
+            return mine, theirs[0]
+
+    mine, theirs = chunked_prefill.continue_prefill(Model(), torch.tensor([[1, 2]]), (), 3)
+    assert float(mine) == 0.0  # the chunking thread: the mask as given
+    assert float(theirs) == 1.0 and calls == ["own"]  # any other thread: the decoder's own
+    assert "_prepare_decoder_attention_mask" not in vars(decoder)
+
+
 # ------------------------------------------------------------------ scheduling
 
 

@@ -206,15 +206,24 @@ class BatchEngine:
                 if self._prefilling is None:
                     self._prefilling = self._next_admission()
                 prefilling = self._prefilling
-            try:
-                with torch.inference_mode(), self._run_context():
-                    if prefilling is not None:
+            # A failed forward fails the requests it carried, and only those: the prefilling
+            # request's cache is its own, the rows' is the batch's.
+            if prefilling is not None:
+                try:
+                    with torch.inference_mode(), self._run_context():
                         self._prefill_step(prefilling)
-                    if self._running:
+                except Exception as error:
+                    log.exception("prefill failed")
+                    self._end_prefill()
+                    if not prefilling.future.done():
+                        prefilling.future.set_exception(error)
+            if self._running:
+                try:
+                    with torch.inference_mode(), self._run_context():
                         self._decode_step()
-            except Exception as error:  # a failed forward fails every row it carried
-                log.exception("batched forward failed")
-                self._fail_all(error)
+                except Exception as error:
+                    log.exception("batched forward failed")
+                    self._fail_rows(error)
 
     def _members(self) -> list[_Sequence]:
         """The requests holding a batch slot and KV-cache room: the rows, and the one prefilling."""
@@ -287,13 +296,15 @@ class BatchEngine:
         sequence.sink.push(token)
         done = sequence.sink.finished or sequence.cancelled()
         with self._wake:  # from prefilling to a row in one move: occupancy never loses it
-            self._prefilling, sequence.prefill_cache = None, None
             if not done:
+                # Joined first: if that fails (memory), the request is still the prefilling one,
+                # and the caller fails it instead of losing it.
                 if self._cache is None:
                     self._cache = row
                 else:
                     self._cache.join(row)
                 self._running.append(sequence)
+            self._prefilling, sequence.prefill_cache = None, None
         if done:
             self._finish(sequence)
 
@@ -367,10 +378,9 @@ class BatchEngine:
                 self._cache.keep([self._running.index(s) for s in remaining])
             self._running = remaining
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_rows(self, error: Exception) -> None:
         with self._wake:
-            running, self._running, self._cache = self._members(), [], None
-        self._end_prefill()
+            running, self._running, self._cache = self._running, [], None
         for sequence in running:
             if not sequence.future.done():
                 sequence.future.set_exception(error)

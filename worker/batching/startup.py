@@ -66,7 +66,14 @@ def start_batching(
     )
     needed = _CHECK_TOKENS if tier in EXACT_TIERS else _QUANTIZED_PREFIX_TOKENS
     params = [GenerationParams(p, _CHECK_TOKENS, SamplingParams(), (), "batch-check") for p in _CHECK_PROMPTS]
-    alone = [_alone(engine, p) for p in params]
+    try:
+        alone = [_alone(engine, p) for p in params]
+    except Exception as error:  # the reference itself failed: nothing to compare a batch with
+        log.exception("self-check: generating alone failed")
+        return None, (
+            f"continuous batching unavailable: the self-check's generation alone failed "
+            f"({type(error).__name__}: {error}); one request at a time"
+        )
     chunk_problem, chunk_agreed, chunk_total = _checked(
         "chunked prefill", lambda: _compare_chunked(engine, limits, params[-1], alone[-1], _CHECK_TOKENS)
     )

@@ -15,10 +15,13 @@ the length of one forward the decoder gets a `_prepare_decoder_attention_mask` t
 given mask unchanged, and its own comes back after. A prompt longer than a model's sliding
 attention window (Mistral's) is not chunked (`chunkable`): this mask cannot carry the window.
 
-That stand-in is visible only inside `continue_prefill` and only to a forward given a 4-D mask
-(a 2-D mask takes IPEX's `prepare_4d_causal_attention_mask` op before it is consulted), and
-`model.generate` and the traced graph never call the eager decoder's mask preparation; a lock
-keeps two chunks from overlapping on one process. Checked against a whole-prompt prefill by the
+That stand-in is installed only inside `continue_prefill`, and a lock keeps two chunks from
+overlapping on one process. The traced graph never calls the eager decoder's mask preparation.
+In a worker nothing else runs an eager forward while batching is on (warm-up and the accuracy
+card finish before the batch engine starts, and requests then go only through it); should another
+thread's forward still consult the stand-in (IPEX's Mistral and Qwen2 forwards consult it for
+2-D masks too), it gets the decoder's own preparation, or an error where the decoder has none:
+never a silently wrong mask. Checked against a whole-prompt prefill by the
 unit tests and, on each worker's own model, at start (`worker/batching/startup.py`), so an IPEX
 version or tier where this does not hold falls back to whole-prompt prefill with a notice.
 """
@@ -76,7 +79,21 @@ def _sliding_window(config: Any) -> int | None:
 def _mask_taken_as_given(decoder: Any) -> Iterator[None]:
     with _patching:
         own = vars(decoder).get(_HOOK, _MISSING)
-        setattr(decoder, _HOOK, _as_given)
+        original = getattr(decoder, _HOOK, None)  # the instance's, or the class's bound method
+        chunking_thread = threading.get_ident()
+
+        def as_given(
+            mask: torch.Tensor, input_shape: Any, inputs_embeds: Any, past_length: Any, **options: Any
+        ) -> torch.Tensor:
+            # `options`: e.g. Mistral's sliding_window (`chunkable` keeps prompts within it).
+            if threading.get_ident() == chunking_thread:
+                return mask
+            if original is None:
+                raise RuntimeError("the decoder's mask preparation is replaced while a chunk is prefilled")
+            prepared: torch.Tensor = original(mask, input_shape, inputs_embeds, past_length, **options)
+            return prepared
+
+        setattr(decoder, _HOOK, as_given)
         try:
             yield
         finally:
@@ -84,12 +101,6 @@ def _mask_taken_as_given(decoder: Any) -> Iterator[None]:
                 delattr(decoder, _HOOK)
             else:
                 setattr(decoder, _HOOK, own)
-
-
-def _as_given(
-    mask: torch.Tensor, input_shape: Any, inputs_embeds: Any, past_length: Any, **options: Any
-) -> torch.Tensor:
-    return mask  # `options`: e.g. Mistral's sliding_window (`chunkable` keeps prompts within it)
 
 
 def chunking_error(model: Any, ids: torch.Tensor, split: int) -> float:
