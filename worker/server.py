@@ -151,8 +151,9 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         executor, start_batching, engine, config.batching_for(worker_config), worker_config.tier
     )
     log.info("%s", batching)
-    if state.batch is None or not state.batch.chunked_prefill:  # one at a time, or long prompts stall
-        state.notices.append(batching)
+    chunking_asked = config.batching_for(worker_config).prefill_chunk_tokens is not None
+    if state.batch is None or (chunking_asked and not state.batch.chunked_prefill):
+        state.notices.append(batching)  # one at a time, or asked-for chunking failed its check
     state.ready(engine, report)
     await handle.set_serving(True)
     log.info(

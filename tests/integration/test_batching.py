@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 from tierserve_client.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
 from tests.integration.conftest import LivePool
+from tests.integration.default_pool import default_model_config
+from tests.integration.test_launcher import start_pool
+from tierserve.rpc.calls import list_workers
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +93,7 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch_of_8(live_pool: LivePool, 
     assert (after.batch.running, after.batch.waiting, after.batch.kv_tokens_used) == (0, 0, 0)
 
 
-# About 2,000 tokens: eight chunks of the default 256.
+# About 2,000 tokens: eight chunks of 256.
 LONG_PROMPT = (
     " ".join(
         f"Note {i}: the ferry left the harbour at dawn, carrying mail, bread and three goats."
@@ -116,11 +121,26 @@ def _timed(address: str, prompt: str, max_new_tokens: int, arrivals: list[float]
     return summary
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_decode(live_pool: LivePool) -> None:
+@pytest.fixture
+def chunking_worker(tmp_path: Path) -> Iterator[str]:
+    """The address of an fp32 worker of a `tierserve up` pool with chunked prefill turned on (it is
+    off by default)."""
+    config = default_model_config(
+        tmp_path / "pool.toml", [("chunky", "fp32")], batching={"prefill_chunk_tokens": 256}
+    )
+    address, launcher, _ = start_pool(config, tmp_path)
+    try:
+        yield next(w.address for w in list_workers(address).workers)
+    finally:
+        launcher.terminate()
+        launcher.wait(timeout=120)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_decode(chunking_worker: str) -> None:
     """The running streams keep receiving tokens between the long prompt's arrival and its first
     token (prefilled in one forward, they would get at most the one in flight), and its greedy
     text is the text it gets alone."""
-    address = live_pool.worker_addresses()["fp32-0"]
+    address = chunking_worker
     info = _describe(address)
     assert info.batch.enabled, f"batching off: {list(info.notices)}"
     assert not [n for n in info.notices if "chunked prefill" in n], list(info.notices)

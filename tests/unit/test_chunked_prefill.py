@@ -319,7 +319,7 @@ def test_start_up_checks_chunked_prefill_and_falls_back_with_a_notice(
         return -logits, past  # a wrong chunk: the check must catch it
 
     monkeypatch.setattr(engine_module, "continue_prefill", wrong)
-    batch, reason = start_batching(engine, BatchingConfig(max_batch=4))
+    batch, reason = start_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=256))
     try:
         assert batch is not None and not batch.chunked_prefill, reason
         assert "chunked prefill unavailable" in reason and "one forward" in reason
@@ -339,7 +339,7 @@ def test_chunk_logits_off_the_whole_prompts_turn_chunking_off(
         exact = chunked_prefill.chunking_error(engine.loaded.model, engine.prepare(request).input_ids, 40)
     assert exact < 1e-3
     monkeypatch.setattr(startup, "chunking_error", lambda model, ids, split: 0.5)
-    batch, reason = start_batching(engine, BatchingConfig(max_batch=2))
+    batch, reason = start_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=256))
     try:
         assert batch is not None and not batch.chunked_prefill
         assert (
@@ -351,8 +351,16 @@ def test_chunk_logits_off_the_whole_prompts_turn_chunking_off(
             batch.stop()
 
 
-def test_the_chunk_size_is_configured_and_bounded() -> None:
-    assert BatchingConfig().prefill_chunk_tokens == 256
+def test_the_chunk_size_is_configured_and_bounded(llama_dir: Path) -> None:
+    # Off unless asked for (chunks 2..n run the slower eager model): no check, no notice.
+    assert BatchingConfig().prefill_chunk_tokens is None
+    batch, reason = start_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), BatchingConfig())
+    try:
+        assert batch is not None and not batch.chunked_prefill
+        assert "prefill_chunk_tokens unset" in reason and "unavailable" not in reason
+    finally:
+        if batch is not None:
+            batch.stop()
     assert BatchingConfig(prefill_chunk_tokens=512).prefill_chunk_tokens == 512
     with pytest.raises(ValidationError):
         BatchingConfig(prefill_chunk_tokens=8)

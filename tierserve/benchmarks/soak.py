@@ -234,10 +234,8 @@ class LoadTally:
             )
         unexpected = {code: n for code, n in self.codes.items() if code not in ("OK", OVERLOAD_CODE)}
         if unexpected:
-            problems.append(
-                f"requests ended otherwise than completed or refused: {unexpected}; "
-                f"most common: {self.unexpected.most_common(3)}"
-            )
+            problems.append(f"requests ended otherwise than completed or refused: {unexpected}")
+            problems.append(f"their most common errors: {self.unexpected.most_common(3)}")
         if unfinished := self.sent - sum(self.codes.values()):
             problems.append(f"{unfinished} requests never ended")
         if self.refusals_without_hint:

@@ -402,8 +402,10 @@ class BatchingConfig(_Strict):
     kv_cache_tokens: int = Field(default=32768, ge=64)
     # Most prompt tokens a worker prefills per step: a longer prompt is prefilled over several
     # steps, each followed by the running streams' decode step, so it holds them for one chunk
-    # at a time. A value above every prompt's length prefills each prompt in one forward.
-    prefill_chunk_tokens: int = Field(default=256, ge=16)
+    # at a time. Unset (the default): each prompt in one forward. Off by default because chunks
+    # 2..n run IPEX's eager model, which was far slower than the traced graph on long prompts
+    # (a 3,126-token prompt passed 120 s in a fresh-clone test run; one forward takes seconds).
+    prefill_chunk_tokens: int | None = Field(default=None, ge=16)
 
 
 class TierserveConfig(_Strict):
@@ -518,6 +520,9 @@ def config_to_toml(config: TierserveConfig) -> str:
     def emit(table: str, values: dict[str, Any]) -> None:
         lines.append(table)
         for key, value in values.items():
+            if value is None:  # TOML has no null: an unset key is the default
+                lines.append(f"# {key} = (unset)")
+                continue
             lines.append(f"{key} = {_toml_value(key, value)}")
         lines.append("")
 

@@ -74,8 +74,12 @@ def start_batching(
             f"continuous batching unavailable: the self-check's generation alone failed "
             f"({type(error).__name__}: {error}); one request at a time"
         )
-    chunk_problem, chunk_agreed, chunk_total = _checked(
-        "chunked prefill", lambda: _compare_chunked(engine, limits, params[-1], alone[-1], _CHECK_TOKENS)
+    chunk_problem, chunk_agreed, chunk_total = (
+        _checked(
+            "chunked prefill", lambda: _compare_chunked(engine, limits, params[-1], alone[-1], _CHECK_TOKENS)
+        )
+        if config.prefill_chunk_tokens is not None
+        else ("", 0, 0)
     )
     if chunk_problem:
         limits = replace(limits, prefill_chunk_tokens=None)
@@ -88,6 +92,8 @@ def start_batching(
         f"chunked prefill unavailable: {chunk_problem}; each prompt is prefilled in one forward, "
         "holding the running streams meanwhile"
         if chunk_problem
+        else "each prompt prefilled in one forward ([batching] prefill_chunk_tokens unset)"
+        if config.prefill_chunk_tokens is None
         else f"prompts prefilled {config.prefill_chunk_tokens} tokens per step (self-check: "
         f"{chunk_agreed} of {chunk_total} greedy tokens after a prefill in 2 chunks equal to those alone)"
     )
