@@ -123,8 +123,8 @@ def _timed(address: str, prompt: str, max_new_tokens: int, arrivals: list[float]
 
 @pytest.fixture
 def chunking_worker(tmp_path: Path) -> Iterator[str]:
-    """The address of an fp32 worker of a `tierserve up` pool with chunked prefill turned on (it is
-    off by default)."""
+    """The address of the only worker (fp32) of a `tierserve up` pool with 256-token chunks (the
+    default, set here so the test does not move with it), so nothing else shares its batch."""
     config = default_model_config(
         tmp_path / "pool.toml", [("chunky", "fp32")], batching={"prefill_chunk_tokens": 256}
     )

@@ -24,7 +24,7 @@ from tierserve.worker.batching import startup
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
-from tierserve.worker.kernels import chunked_prefill
+from tierserve.worker.kernels import chunked_prefill, ipex_internals
 from tierserve.worker.kernels.iakv_cache import BatchKvCache, empty_past, layer_caches
 from tierserve.worker.tiers.base import make_tier
 
@@ -192,6 +192,61 @@ def test_the_mask_stand_in_gives_other_threads_the_decoders_own_preparation() ->
     assert "_prepare_decoder_attention_mask" not in vars(decoder)
 
 
+def test_the_chunk_attention_equals_ipexs_kernel_and_is_only_the_chunking_threads() -> None:
+    """`_chunk_attention` (one attention of the chunk over its cache) gives what IPEX's own kernel
+    gives for a multi-token query over a cache, grouped-query heads included; inside
+    `continue_prefill` another thread's attention call still reaches IPEX's kernel, and the
+    class's forward is IPEX's again afterwards."""
+    attention_class = ipex_internals.indirect_kv_attention_class()
+    own_forward = attention_class.forward
+    heads, kv_heads, head_dim, start, new = 4, 2, 8, 20, 7
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(1, new, heads, head_dim, generator=generator)
+    key = torch.randn(1, new, kv_heads, head_dim, generator=generator)
+    value = torch.randn(1, new, kv_heads, head_dim, generator=generator)
+    cached = [torch.randn(start, 1, kv_heads, head_dim, generator=generator) for _ in range(2)]
+    cache = BatchKvCache(layers=[(cached[0], cached[1])], length=start, padding=[0])
+    mask = torch.zeros(1, 1, new, start + new)
+    module = attention_class(text_max_length=2048)
+
+    def past() -> Any:
+        return cache.past_key_values()[0]
+
+    scale = math.sqrt(head_dim)
+    expected, _, expected_present = module(query, key, value, scale, past(), None, mask)
+    ours, _, present = chunked_prefill._chunk_attention(query, key, value, scale, past())
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    end = start + new
+    torch.testing.assert_close(present[1][:end], expected_present[1][:end])
+    torch.testing.assert_close(present[2][:end], expected_present[2][:end])
+    assert present[0].size(-2) == end
+
+    seen: dict[str, Any] = {}
+
+    class Model:
+        def get_decoder(self) -> Any:
+            return SimpleNamespace()
+
+        def get_input_embeddings(self) -> Any:
+            return torch.nn.Embedding(4, 2)
+
+        def __call__(self, **inputs: Any) -> Any:
+            seen["mine"] = module(query, key, value, scale, past(), None, mask)
+            other = threading.Thread(
+                target=lambda: seen.update(theirs=module(query, key, value, scale, past(), None, mask))
+            )
+            other.start()
+            other.join()
+            return None, None
+
+    chunked_prefill.continue_prefill(Model(), torch.tensor([[1, 2]]), (), start)
+    # Told apart by the offset tensor: IPEX's kernel returns it [1, end, end, 1], ours [1, 0, end, 1].
+    torch.testing.assert_close(seen["mine"][0], expected, atol=1e-5, rtol=1e-5)
+    assert tuple(seen["mine"][2][0].shape) == (1, 0, end, 1)
+    assert tuple(seen["theirs"][2][0].shape) == (1, end, end, 1)
+    assert attention_class.forward is own_forward
+
+
 # ------------------------------------------------------------------ scheduling
 
 
@@ -352,9 +407,11 @@ def test_chunk_logits_off_the_whole_prompts_turn_chunking_off(
 
 
 def test_the_chunk_size_is_configured_and_bounded(llama_dir: Path) -> None:
-    # Off unless asked for (chunks 2..n run the slower eager model): no check, no notice.
-    assert BatchingConfig().prefill_chunk_tokens is None
-    batch, reason = start_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), BatchingConfig())
+    # On by default (256 tokens); 0 turns it off: no check, no notice.
+    assert BatchingConfig().prefill_chunk_tokens == 256
+    off = BatchingConfig(prefill_chunk_tokens=0)
+    assert off.prefill_chunk_tokens is None
+    batch, reason = start_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), off)
     try:
         assert batch is not None and not batch.chunked_prefill
         assert "prefill_chunk_tokens unset" in reason and "unavailable" not in reason

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tierserve.domain.config import (
+    BatchingConfig,
     ConfigError,
     config_to_toml,
     default_config,
@@ -35,6 +36,16 @@ def test_toml_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "pool.toml"
     path.write_text(config_to_toml(config))
     assert load_config(path) == config
+
+
+def test_chunked_prefill_turned_off_survives_the_toml_round_trip(tmp_path: Path) -> None:
+    """Off is None in the config and 0 in TOML (which has no null): left out, it would read back
+    as the 256-token default."""
+    config = default_config([0, 1]).model_copy(update={"batching": BatchingConfig(prefill_chunk_tokens=0)})
+    assert config.batching.prefill_chunk_tokens is None
+    path = tmp_path / "pool.toml"
+    path.write_text(config_to_toml(config))
+    assert load_config(path).batching.prefill_chunk_tokens is None
 
 
 def test_cores_accept_kernel_cpu_list_notation() -> None:

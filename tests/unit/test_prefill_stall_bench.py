@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from tierserve.benchmarks.prefill_stall import (
-    WHOLE_PROMPT_CHUNK,
     Stream,
     _figures,
     parse_chunks,
@@ -27,7 +26,7 @@ def test_the_pool_serves_the_tier_with_the_chunk_setting() -> None:
     chunked = stall_pool_config(None, "bf16", [0, 1], 128, 384)
     assert [w.tier for w in chunked.workers] == ["bf16"]
     assert chunked.batching.enabled and chunked.batching.prefill_chunk_tokens == 128
-    assert stall_pool_config(None, "bf16", [0], None, 384).batching.prefill_chunk_tokens == WHOLE_PROMPT_CHUNK
+    assert stall_pool_config(None, "bf16", [0], None, 384).batching.prefill_chunk_tokens is None
     with pytest.raises(ConfigError, match="unknown tier"):
         stall_pool_config(None, "fp8", [0], 128, 384)
 

@@ -38,8 +38,6 @@ from tierserve.domain.tiers import TIER_NAMES
 from tierserve.rpc.calls import list_workers
 
 OFF = "off"
-# A chunk no prompt reaches: each prompt is prefilled in one forward.
-WHOLE_PROMPT_CHUNK = 1 << 30
 # Tokens every stream has made before the long prompt is sent (its gaps are warm by then).
 STREAM_WARM_TOKENS = 6
 LONG_NEW_TOKENS = 16
@@ -79,7 +77,7 @@ def stall_pool_config(
         raise ConfigError(f"--tier: {tier} is not served by {config_path}")
     batching = data.setdefault("batching", {})
     batching["enabled"] = True
-    batching["prefill_chunk_tokens"] = WHOLE_PROMPT_CHUNK if chunk is None else chunk
+    batching["prefill_chunk_tokens"] = 0 if chunk is None else chunk  # 0: one forward per prompt
     return parse_config(data, source=config_path or "bench prefill-stall")
 
 

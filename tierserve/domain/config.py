@@ -390,6 +390,10 @@ class WorkerConfig(_Strict):
         return self.address or f"{self.host}:{self.port}"
 
 
+def _zero_is_none(value: Any) -> Any:
+    return None if value == 0 else value
+
+
 class BatchingConfig(_Strict):
     """Continuous batching in every worker (worker/batching/): requests join and leave the
     running batch between decode steps."""
@@ -402,10 +406,8 @@ class BatchingConfig(_Strict):
     kv_cache_tokens: int = Field(default=32768, ge=64)
     # Most prompt tokens a worker prefills per step: a longer prompt is prefilled over several
     # steps, each followed by the running streams' decode step, so it holds them for one chunk
-    # at a time. Unset (the default): each prompt in one forward. Off by default because chunks
-    # 2..n run IPEX's eager model, which was far slower than the traced graph on long prompts
-    # (a 3,126-token prompt passed 120 s in a fresh-clone test run; one forward takes seconds).
-    prefill_chunk_tokens: int | None = Field(default=None, ge=16)
+    # at a time. 0 (or None): each prompt in one forward, holding the streams for all of it.
+    prefill_chunk_tokens: Annotated[int | None, BeforeValidator(_zero_is_none)] = Field(default=256, ge=16)
 
 
 class TierserveConfig(_Strict):
@@ -513,6 +515,10 @@ def default_config(usable_cpus: list[int], tiers: tuple[str, ...] = ("fp32", "bf
     return TierserveConfig(workers=workers, placement=PlacementConfig(allow_shared_cores=share == 0))
 
 
+# Keys whose None (off) is written 0: left out, they would read back as their default.
+_NONE_WRITTEN_AS_ZERO = ("prefill_chunk_tokens",)
+
+
 def config_to_toml(config: TierserveConfig) -> str:
     """Render a config as TOML, so `tierserve config` can print an editable starting point."""
     lines: list[str] = []
@@ -520,6 +526,8 @@ def config_to_toml(config: TierserveConfig) -> str:
     def emit(table: str, values: dict[str, Any]) -> None:
         lines.append(table)
         for key, value in values.items():
+            if value is None and key in _NONE_WRITTEN_AS_ZERO:
+                value = 0
             if value is None:  # TOML has no null: an unset key is the default
                 lines.append(f"# {key} = (unset)")
                 continue

@@ -315,3 +315,18 @@ def trace_optimized_for_generation(model: Any, bf16_autocast: bool) -> Any:
     finally:
         model.config.return_dict = return_dict
     return ipex_llm._set_optimized_model_for_generation(model, optimized_model=traced)
+
+
+# --- Chunked prefill ----------------------------------------------------------------------------
+
+
+def indirect_kv_attention_class() -> type[nn.Module]:
+    """IPEX's attention over its indirect-access KV cache, the module the optimized decoder's
+    eager forward calls (`_IPEXScaleDotProductCPU`); `chunked_prefill` stands in for its forward."""
+    require_supported_ipex("chunked prefill")
+    from intel_extension_for_pytorch.transformers.models.cpu.fusions.mha_fusion import (
+        _IPEXScaleDotProductCPU,
+    )
+
+    module: type[nn.Module] = _IPEXScaleDotProductCPU
+    return module
