@@ -128,19 +128,30 @@ class LiveStats:
     def tpot_us(self, streams: int) -> tuple[float | None, str]:
         """TPOT expected with `streams` generating on the worker's cores, and where it comes from.
 
-        The figure measured at that concurrency when there is one; else the one-stream figure
-        (live, then warm-up), saying so."""
+        The figure measured at that concurrency when there is one. Else the figure at the
+        highest concurrency measured below it (live, then the warm-up's one stream), scaled by
+        how many more streams share the cores: no batching gain is assumed until it is measured.
+        The one-stream figure unscaled, used before, let the router stack requests into batches
+        whose steps it had never seen: on a CPU where a step of 8 costs 3.7x a step of 1
+        (docs/benchmarks/throughput-2026-12-02-epyc-zen3-avx2.md) every stream then missed its
+        budget. Requests whose budgets allow the pessimistic figure still go there, and their
+        tokens measure it."""
         key = min(max(streams, 1), MAX_STREAMS_KEY)
         measured = self._tpot_by_streams.get(key)
         if measured is not None and measured.value is not None:
             return measured.value, f"measured at {key} stream{'s' if key > 1 else ''}"
-        single = self._tpot_by_streams.get(1)
-        fallback = "" if key == 1 else f"; {key} streams unmeasured, 1-stream figure"
-        if single is not None and single.value is not None:
-            return single.value, f"measured at 1 stream{fallback}"
-        if self._warmup_tpot_us:
-            return self._warmup_tpot_us, f"worker's warm-up figure{fallback}"
-        return None, "no measurement yet"
+        below = [k for k, ewma in self._tpot_by_streams.items() if k < key and ewma.value is not None]
+        if below:
+            known = max(below)
+            value = self._tpot_by_streams[known].value or 0.0
+            source = f"measured at {known} stream{'s' if known > 1 else ''}"
+        elif self._warmup_tpot_us:
+            known, value, source = 1, self._warmup_tpot_us, "worker's warm-up figure"
+        else:
+            return None, "no measurement yet"
+        if known == key:
+            return value, source
+        return value * key / known, f"{source}; {key} streams unmeasured, scaled by {key}/{known}"
 
     def to_proto(self) -> router_pb2.LiveFigures:
         fit = self.prefill()

@@ -55,16 +55,20 @@ def test_live_tokens_replace_warm_up_and_tpot_is_kept_per_concurrency() -> None:
         stats.record_token(latency, streams=1)
     assert stats.basis == "live"
     assert stats.tpot_us(1) == (8_000, "measured at 1 stream")
-    # Two streams on the cores not yet seen: the one-stream figure, and the prediction says so.
+    # Two streams on the cores not yet seen: the one-stream figure doubled (no batching gain
+    # assumed until measured), and the prediction says so.
     tpot, note = stats.tpot_us(2)
-    assert tpot == 8_000 and "2 streams unmeasured" in note
-    for latency in (16_000, 16_000):
+    assert tpot == 16_000 and "2 streams unmeasured" in note and "measured at 1 stream" in note
+    for latency in (12_000, 12_000):
         stats.record_token(latency, streams=2)
-    assert stats.tpot_us(2) == (16_000, "measured at 2 streams")
+    assert stats.tpot_us(2) == (12_000, "measured at 2 streams")
+    # Four: scaled from the highest concurrency measured below it.
+    tpot, note = stats.tpot_us(4)
+    assert tpot == 24_000 and "measured at 2 streams" in note and "scaled by 4/2" in note
     figures = stats.to_proto()
     assert [(c.streams, c.samples) for c in figures.tpot_by_concurrency] == [(1, 3), (2, 2)]
     assert figures.ttft_ewma_us == 30_000 and figures.basis == "live" and figures.tokens_relayed == 6
-    assert 8_000 < figures.tpot_ewma_us < 16_000
+    assert 8_000 < figures.tpot_ewma_us < 12_000
 
 
 def test_queue_wait_is_the_remaining_work_of_the_requests_ahead() -> None:
@@ -177,5 +181,5 @@ def test_a_batching_worker_starts_a_request_at_once_while_it_has_a_free_slot() -
     load.begin(prompt_tokens=40, new_tokens=100).tokens = 95
     load.begin(prompt_tokens=40, new_tokens=100).tokens = 50
     full = predict(stats, load, 4, 80, batch_slots=4)
-    # Four in the batch is unmeasured: the warm-up TPOT (10 ms) for its 5 tokens left.
-    assert full.wait_us == pytest.approx(5 * 10_000)
+    # Four in the batch is unmeasured: three streams' 9 ms scaled by 4/3, for its 5 tokens left.
+    assert full.wait_us == pytest.approx(5 * 12_000)
