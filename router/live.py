@@ -131,10 +131,9 @@ class LiveStats:
         The figure measured at that concurrency when there is one. Else the figure at the
         highest concurrency measured below it (live, then the warm-up's one stream), scaled by
         how many more streams share the cores: no batching gain is assumed until it is measured.
-        The one-stream figure unscaled, used before, let the router stack requests into batches
-        whose steps it had never seen: on a CPU where a step of 8 costs 3.7x a step of 1
-        (docs/benchmarks/throughput-2026-12-02-epyc-zen3-avx2.md) every stream then missed its
-        budget. Requests whose budgets allow the pessimistic figure still go there, and their
+        The one-stream figure unscaled, used before, predicted a solo TPOT for a batch whose
+        steps the router had never seen, where a step of 8 can cost 3.7x a step of 1
+        (docs/benchmarks/throughput-2026-12-02-epyc-zen3-avx2.md). Requests whose budgets allow the pessimistic figure still go there, and their
         tokens measure it."""
         key = min(max(streams, 1), MAX_STREAMS_KEY)
         measured = self._tpot_by_streams.get(key)
