@@ -133,8 +133,8 @@ class LiveStats:
         how many more streams share the cores: no batching gain is assumed until it is measured.
         The one-stream figure unscaled, used before, predicted a solo TPOT for a batch whose
         steps the router had never seen, where a step of 8 can cost 3.7x a step of 1
-        (docs/benchmarks/throughput-2026-12-02-epyc-zen3-avx2.md). Requests whose budgets allow the pessimistic figure still go there, and their
-        tokens measure it."""
+        (docs/benchmarks/throughput-2026-12-02-epyc-zen3-avx2.md). Requests whose budgets allow
+        the pessimistic figure still go there, and their tokens measure it."""
         key = min(max(streams, 1), MAX_STREAMS_KEY)
         measured = self._tpot_by_streams.get(key)
         if measured is not None and measured.value is not None:
