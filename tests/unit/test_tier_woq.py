@@ -209,14 +209,14 @@ def test_int8_and_int4_linears_match_their_float_weights(activations: torch.dtyp
     assert (int4(x).float() - expected).abs().mean().item() < 0.15 * scale
 
 
-@pytest.mark.parametrize("reduce_range", [False, True])
-def test_dynamic_int8_head_matches_its_float_weights(reduce_range: bool) -> None:
+@pytest.mark.parametrize("int16_sums", [False, True])
+def test_dynamic_int8_head_matches_its_float_weights(int16_sums: bool) -> None:
     torch.manual_seed(2)
     weight = torch.randn(96, 64) * 0.05
     x = torch.randn(1, 3, 64).to(torch.bfloat16)
     expected = x.float() @ weight.T
     q8 = quantize_int8(weight)
-    head = DynamicInt8Linear(q8["qweight"], q8["scales"], reduce_range)
+    head = DynamicInt8Linear(q8["qweight"], q8["scales"], int16_sums)
     y = head(x)
     assert y.shape == expected.shape and y.dtype == torch.bfloat16
     assert (y.float() - expected).abs().mean().item() < 0.03 * expected.abs().mean().item()

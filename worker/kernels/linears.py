@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+# The largest |weight level| fbgemm's int16 pair sums take with 8-bit activations: 2 x 255 x 64 < 32767.
+_INT16_SAFE_LEVELS = 64
 # Group sizes `_weight_int4pack_mm_for_cpu` accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -59,28 +61,37 @@ def _per_token_linear_dynamic() -> Any:
     fbgemm quantizes its whole input with one scale: right for one decode token, but in a
     prompt an attention-sink token (activations ~1000x the others) would crush every other
     row. Dividing each row by its own abs-max first gives every row the full int8 range;
-    the output rows are multiplied back (the linear commutes with per-row scaling)."""
+    the output rows are multiplied back (the linear commutes with per-row scaling). The
+    activations keep all 8 bits (`reduce_range` False); `DynamicInt8Linear` keeps that exact."""
 
-    def linear(x: torch.Tensor, packed: _PackedLinear, reduce_range: bool) -> torch.Tensor:
+    def linear(x: torch.Tensor, packed: _PackedLinear) -> torch.Tensor:
         if x.size(0) == 1:
-            y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+            y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed, False)
             return y
         scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        scaled: torch.Tensor = torch.ops.quantized.linear_dynamic(x / scale, packed, reduce_range)
+        scaled: torch.Tensor = torch.ops.quantized.linear_dynamic(x / scale, packed, False)
         return scaled * scale
 
     return torch.jit.script(linear)
 
 
 class DynamicInt8Linear(nn.Module):
-    """y = x @ (qweight * scales).T with x quantized per token to int8 at run time (fbgemm).
-    `reduce_range`: 7-bit activations, needed where fbgemm sums u8 x s8 products in int16
-    (CPUs without VNNI)."""
+    """y = x @ (qweight * scales).T with x quantized per token to 8-bit int at run time (fbgemm).
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, reduce_range: bool) -> None:
+    `int16_sums`: the CPU lacks VNNI, so fbgemm sums pairs of u8 x s8 products in int16, which
+    8-bit activations and weights beyond ±64 can saturate. Such weights then run as two halves
+    within ±64 (one packed matrix of twice the rows, the halves' outputs added), exact with all
+    8 bits of the activations: fbgemm's own remedy, 7-bit activations (`reduce_range`), cost
+    this model's int8-sq tier about 2% perplexity (docs/tiers.md)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, int16_sums: bool) -> None:
         super().__init__()
         self.out_features, self.in_features = (int(s) for s in qweight.shape)
-        self.reduce_range = reduce_range
+        self.split = int16_sums and int(qweight.abs().max()) > _INT16_SAFE_LEVELS
+        if self.split:
+            high = torch.div(qweight.to(torch.int16), 2, rounding_mode="floor")
+            qweight = torch.cat([high, qweight.to(torch.int16) - high]).to(torch.int8)
+            scales = torch.cat([scales, scales])
         quantized = torch._make_per_channel_quantized_tensor(
             qweight.contiguous(), scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
         )
@@ -88,7 +99,9 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed, self.reduce_range)
+        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed)
+        if self.split:
+            y = y[:, : self.out_features] + y[:, self.out_features :]
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -29,7 +29,14 @@ def _metadata(scheme: NativeScheme) -> dict[str, str]:
         "bits": str(scheme.bits),
         "group_size": str(scheme.group_size),
         "head_bits": str(scheme.head_bits),
-    }
+    } | _narrow_int8(scheme)
+
+
+def _narrow_int8(scheme: NativeScheme) -> dict[str, str]:
+    """Present only for 7-bit dynamic layers, so the artifacts of every other scheme stay valid."""
+    if scheme.int8_levels("layers.0.qkv") == 127:
+        return {}
+    return {"dynamic_int8_levels": str(scheme.int8_levels("layers.0.qkv"))}
 
 
 def fused_float_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -51,7 +58,8 @@ def quantize_model(
     layers = len(model.model.layers)
     for name, weight in fused_float_weights(model):
         bits = scheme.head_bits if name == "lm_head" else scheme.bits
-        for part, tensor in quantize_weight(weight, bits, scheme.group_size).items():
+        levels = scheme.int8_levels(name)
+        for part, tensor in quantize_weight(weight, bits, scheme.group_size, levels).items():
             tensors[f"{name}.{part}"] = tensor
         if name.endswith(".down"):
             progress(f"quantized layer {int(name.split('.')[1]) + 1}/{layers}")

@@ -11,12 +11,35 @@ import torch
 Bits = Literal[4, 8, 16]
 
 
-def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric int8, one scale per output channel: weight ≈ qweight * scales[:, None]."""
+# Levels of a 7-bit weight: what fbgemm's int8 kernels can take with 8-bit activations on a CPU
+# without VNNI, where they sum pairs of u8 x s8 products in int16 (2 x 255 x 63 < 32767).
+INT7_LEVELS = 63
+# Clipping ratios `quantize_int8` tries per output channel when asked to (1.0 = no clipping).
+_CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)
+
+
+def quantize_int8(weight: torch.Tensor, levels: int = 127, clip: bool = False) -> dict[str, torch.Tensor]:
+    """Symmetric int8, one scale per output channel: weight ≈ qweight * scales[:, None], with
+    |qweight| <= levels. `clip`: per channel, the scale among max|w| * ratio (`_CLIP_RATIOS`) with
+    the least squared error; with few levels, rounding the many small weights finer is worth
+    clipping the few large ones."""
     w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    qweight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    scales = (w.abs().amax(dim=1) / levels).clamp(min=1e-12)
+    if clip:
+        scales = _least_error_scales(w, scales, levels)
+    qweight = torch.round(w / scales[:, None]).clamp(-levels, levels).to(torch.int8)
     return {"qweight": qweight.contiguous(), "scales": scales.contiguous()}
+
+
+def _least_error_scales(w: torch.Tensor, scales: torch.Tensor, levels: int) -> torch.Tensor:
+    best, best_error = scales, torch.full_like(scales, float("inf"))
+    for ratio in _CLIP_RATIOS:
+        candidate = scales * ratio
+        rounded = torch.round(w / candidate[:, None]).clamp(-levels, levels) * candidate[:, None]
+        error = ((rounded - w) ** 2).sum(dim=1)
+        better = error < best_error
+        best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
+    return best
 
 
 def _int4_levels(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,10 +89,13 @@ def quantize_int4_float_zero(weight: torch.Tensor, group_size: int) -> dict[str,
     }
 
 
-def quantize_weight(weight: torch.Tensor, bits: Bits, group_size: int) -> dict[str, torch.Tensor]:
-    """The stored tensors of one matrix at `bits` (16: the float weight itself)."""
+def quantize_weight(
+    weight: torch.Tensor, bits: Bits, group_size: int, int8_levels: int = 127
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of one matrix at `bits` (16: the float weight itself). With fewer
+    than 127 `int8_levels`, int8 scales are clipped to the least error."""
     if bits == 4:
         return quantize_int4(weight, group_size)
     if bits == 8:
-        return quantize_int8(weight)
+        return quantize_int8(weight, int8_levels, clip=int8_levels < 127)
     return {"weight": weight.detach().float().contiguous()}

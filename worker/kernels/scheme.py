@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tierserve.worker.kernels.linears import DenseLinear, DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
-from tierserve.worker.kernels.quantizers import Bits
+from tierserve.worker.kernels.quantizers import INT7_LEVELS, Bits
 
 _DYNAMIC_INT8 = (
     "fbgemm quantized::linear_dynamic int8 per-channel weights, per-token dynamic int8 activations"
@@ -30,12 +30,21 @@ class NativeScheme:
     # Every int8 layer as fbgemm's dynamic int8 linear (IPEX's lowp_mode INT8): int8 dot
     # products instead of converting every weight, at an accuracy cost (docs/tiers.md).
     dynamic_layers: bool = False
-    # fbgemm's 7-bit activation range, needed where u8 x s8 products are summed in int16
-    # (CPUs without VNNI); with VNNI the full 8 bits are exact.
-    reduce_range: bool = True
+    # The CPU lacks VNNI: fbgemm sums pairs of u8 x s8 products in int16, exact with 8-bit
+    # activations only for weights within ±64. The dynamic layers then store 7-bit weights
+    # (clipped to the least error) and the lm_head runs its 8-bit weights as two halves
+    # (`DynamicInt8Linear`). With VNNI (int32 sums) every dynamic weight keeps 8 bits.
+    int16_sums: bool = True
     # With dynamic_layers: down_proj still weight-only (`_weight_int8pack_mm`, bfloat16 inputs):
     # its input, silu(gate) * up, is the hardest activation to put in int8. Same stored weights.
     down_weight_only: bool = False
+
+    def int8_levels(self, name: str) -> int:
+        """The largest |level| of stored int8 matrix `name` ("layers.3.qkv", "lm_head")."""
+        dynamic_layer = name != "lm_head" and self.dynamic_layers
+        if dynamic_layer and name.endswith(".down") and self.down_weight_only:
+            dynamic_layer = False
+        return INT7_LEVELS if dynamic_layer and self.int16_sums and self.bits == 8 else 127
 
     def describe(self) -> str:
         act = str(self.activations).removeprefix("torch.")
@@ -45,8 +54,10 @@ class NativeScheme:
         head = _describe_format(self.head_bits, self.group_size)
         if self.head_bits == 8 and (self.head_dynamic or self.dynamic_layers):
             head = _DYNAMIC_INT8
-        if self.reduce_range and _DYNAMIC_INT8 in (layers, head):
-            act += ", dynamic int8 activations in a 7-bit range"
+        if self.int16_sums and self.dynamic_layers:
+            layers = layers.replace("int8 per-channel weights", "7-bit per-channel weights (clipped)")
+        if self.int16_sums and head == _DYNAMIC_INT8:
+            head = head.replace("int8 per-channel weights", "int8 per-channel weights as two 7-bit halves")
         down = ""
         if self.bits == 8 and self.dynamic_layers and self.down_weight_only:
             down = f"; down_proj {_describe_format(8, 0)} (weight-only, bfloat16 inputs)"
@@ -71,7 +82,7 @@ def make_linear(tensors: dict[str, torch.Tensor], name: str, bits: Bits, scheme:
             scheme.activations,
         )
     if bits == 8 and scheme.dynamic_layers:
-        return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.reduce_range)
+        return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.int16_sums)
     if bits == 8:
         return Int8WoqLinear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.activations)
     return DenseLinear(tensors[f"{name}.weight"], scheme.activations)
@@ -89,5 +100,5 @@ def down_linear(tensors: dict[str, torch.Tensor], name: str, scheme: NativeSchem
 def head_linear(tensors: dict[str, torch.Tensor], scheme: NativeScheme) -> nn.Module:
     """The lm_head: fbgemm's dynamic int8 linear where the scheme says so."""
     if scheme.head_bits == 8 and (scheme.head_dynamic or scheme.dynamic_layers):
-        return DynamicInt8Linear(tensors["lm_head.qweight"], tensors["lm_head.scales"], scheme.reduce_range)
+        return DynamicInt8Linear(tensors["lm_head.qweight"], tensors["lm_head.scales"], scheme.int16_sums)
     return make_linear(tensors, "lm_head", scheme.head_bits, scheme)

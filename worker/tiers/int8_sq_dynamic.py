@@ -36,14 +36,14 @@ FORMAT = f"smoothing 1, weights {packed_weights.ARTIFACT_FORMAT}, down_proj weig
 ACTIVATIONS = torch.float32
 
 
-def scheme(reduce_range: bool) -> NativeScheme:
+def scheme(int16_sums: bool) -> NativeScheme:
     return NativeScheme(
         bits=8,
         group_size=0,
         head_bits=8,
         activations=ACTIVATIONS,
         dynamic_layers=True,
-        reduce_range=reduce_range,
+        int16_sums=int16_sums,
         down_weight_only=True,
     )
 
@@ -55,7 +55,8 @@ class DynamicSmoothQuant(KernelPath):
         self.tier = tier
 
     def key(self) -> dict[str, Any]:
-        return {"dynamic_format": FORMAT}
+        # The layout differs with the CPU (7-bit weights without VNNI), and so does the card.
+        return {"dynamic_format": FORMAT, "layout": self.layout().describe()}
 
     def check(self, model_config: Any) -> None:
         if model_config is not None:
@@ -63,8 +64,8 @@ class DynamicSmoothQuant(KernelPath):
         require_supported_ipex()
 
     def layout(self) -> NativeScheme:
-        # fbgemm sums u8 x s8 products in int16 without VNNI: it needs 7-bit activations there.
-        return scheme(reduce_range=not self.tier.context.isa.avx512_vnni)
+        # Without VNNI fbgemm sums u8 x s8 products in int16: 7-bit weights there (NativeScheme).
+        return scheme(int16_sums=not self.tier.context.isa.avx512_vnni)
 
     def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
         tier = self.tier

@@ -61,8 +61,9 @@ class WoqTier(PathTier):
 
     def native_scheme_head(self) -> str:
         """How the native path runs the lm_head. AUTO: int8 dynamic (the faster, docs/tiers.md)
-        where fbgemm keeps 8-bit activations (VNNI); without VNNI its 7-bit activations cost about
-        1% perplexity on the head alone, so AUTO keeps the head weight-only there. An explicit
+        where fbgemm sums in int32 (VNNI). Without VNNI AUTO keeps the head weight-only: measured
+        when the dynamic head took 7-bit activations there, which cost about 1% perplexity on the
+        head alone; its two-halves form (`DynamicInt8Linear`) is not yet compared for these tiers. An explicit
         BF16 or FP32 lowp_mode keeps float activations everywhere; INT8 asks for dynamic."""
         if self.recipe.lowp_mode == "INT8":
             return "dynamic-int8"
@@ -79,8 +80,8 @@ class WoqTier(PathTier):
             activations=torch.float32 if self.recipe.lowp_mode == "FP32" else torch.bfloat16,
             head_dynamic=self.native_scheme_head() == "dynamic-int8",
             dynamic_layers=self.recipe.lowp_mode == "INT8",
-            # fbgemm sums u8 x s8 products in int16 without VNNI: it needs 7-bit activations there.
-            reduce_range=not self.context.isa.avx512_vnni,
+            # Without VNNI fbgemm sums u8 x s8 products in int16: 7-bit weights there (NativeScheme).
+            int16_sums=not self.context.isa.avx512_vnni,
         )
 
     def check(self, model_config: Any) -> None:

@@ -37,7 +37,15 @@ class NativeWoq(KernelPath):
             # The card depends on how the head runs, though its stored weights do not.
             "native_head": tier.native_scheme_head(),
             "native_dynamic_layers": tier.recipe.lowp_mode == "INT8",
-        }
+        } | self._int16_sums_key()
+
+    def _int16_sums_key(self) -> dict[str, str]:
+        """Without VNNI, dynamic int8 layers store 7-bit weights and the head runs in two halves."""
+        tier = self.tier
+        dynamic = tier.recipe.lowp_mode == "INT8" or tier.native_scheme_head() == "dynamic-int8"
+        if not dynamic or tier.context.isa.avx512_vnni:
+            return {}
+        return {"native_int16_sums": "7-bit dynamic weights, head in two halves"}
 
     def check(self, model_config: Any) -> None:
         tier = self.tier
