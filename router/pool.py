@@ -109,7 +109,11 @@ class WorkerHandle:
         return next_free_us(self.live, self.load, self.streams_on_cores()) / 1e3
 
     def predict(
-        self, prompt_tokens: int, first_token_budget_ms: float = 0.0, new_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        first_token_budget_ms: float = 0.0,
+        new_tokens: int = 0,
+        token_budget_ms: float = 0.0,
     ) -> Prediction:
         now = time.monotonic()
         deadline = first_token_deadline(now, first_token_budget_ms)
@@ -122,6 +126,7 @@ class WorkerHandle:
             new_tokens,
             now,
             batch_slots=self.batch_slots,
+            token_budget_us=token_budget_ms * 1e3,
         )
         return self.errors.correct(raw)
 

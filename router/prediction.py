@@ -142,22 +142,30 @@ def predict(
     new_tokens: int = 0,
     now_s: float = 0.0,
     batch_slots: int = 1,
+    token_budget_us: float = 0.0,
 ) -> Prediction:
     """Wait, TTFT and TPOT for a request of `prompt_tokens` due at `deadline` arriving at this
     worker at `now_s`, with `streams` generating on its cores once it runs (itself included);
     given its `new_tokens`, also how many waiting requests it would make late. A worker that
-    batches (`batch_slots` > 1) starts a request at once while it has a free slot: no wait, and
-    the TPOT measured at that batch occupancy (`streams`)."""
+    batches (`batch_slots` > 1) starts a request at once while it has a free slot and the TPOT
+    at that batch occupancy (`streams`) is within the request's `token_budget_us` (0: none):
+    no wait. Otherwise it waits, as the worker's admission makes it (worker/batching/admission.py),
+    until few enough requests run there for its budget."""
     tpot_us, basis = stats.tpot_us(streams)
     fit = stats.prefill()
     if tpot_us is None or fit is None:
         return UNKNOWN
     if batch_slots > 1:
-        if load.outstanding < batch_slots:
+        peers = streams - min(load.outstanding + 1, batch_slots)  # busy workers on the same cores
+        slots = budget_slots(stats, batch_slots, peers, token_budget_us)
+        if load.outstanding < slots:
             return Prediction(0.0, fit.ttft_us(prompt_tokens), tpot_us, basis)
-        # Full: it starts when a slot frees, i.e. when the k-th running request to finish does.
+        # It starts when enough running requests have finished: when the k-th to finish does.
+        at_start, at_start_basis = stats.tpot_us(slots + peers)
+        if at_start is not None:
+            tpot_us, basis = at_start, at_start_basis
         finishes = sorted(remaining_us(t, stats, tpot_us) for t in load.tickets)
-        wait_us = finishes[min(load.outstanding - batch_slots, len(finishes) - 1)]
+        wait_us = finishes[min(load.outstanding - slots, len(finishes) - 1)]
         return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis)
     wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.ahead_of(deadline))
     harm = (
@@ -166,6 +174,19 @@ def predict(
         else 0
     )
     return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis, harm)
+
+
+def budget_slots(stats: LiveStats, batch_slots: int, peers: int, token_budget_us: float) -> int:
+    """How many requests may run in the batch, a newcomer included, with the TPOT within
+    `token_budget_us` (0: all `batch_slots`); at least 1: a request alone always starts."""
+    if not token_budget_us:
+        return batch_slots
+    within = [
+        k
+        for k in range(1, batch_slots + 1)
+        if (tpot := stats.tpot_us(k + peers)[0]) is not None and tpot <= token_budget_us
+    ]
+    return max(within, default=1)
 
 
 def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:

@@ -154,10 +154,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         result: list[GenerationOutcome] = []
         batch = self._state.batch
         if batch is not None:
-            # Continuous batching: the request joins the running batch once a slot and the KV
-            # budget allow, earliest first-token deadline first.
+            # Continuous batching: the request joins the running batch once a slot, the KV
+            # budget and the batch's per-token budgets allow, earliest first-token deadline first.
             try:
-                ticket = batch.submit(prompt, params, emit, cancel.is_set, deadline)
+                token_budget_s = request.max_token_latency_ms / 1e3
+                ticket = batch.submit(prompt, params, emit, cancel.is_set, deadline, token_budget_s)
             except TierserveError as error:
                 await context.abort(*status_for(error))
             generation = asyncio.wrap_future(ticket.future)

@@ -53,11 +53,16 @@ class WorkerView(Protocol):
         ...
 
     def predict(
-        self, prompt_tokens: int, first_token_budget_ms: float = 0.0, new_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        first_token_budget_ms: float = 0.0,
+        new_tokens: int = 0,
+        token_budget_ms: float = 0.0,
     ) -> Prediction:
         """Wait, TTFT and TPOT for a request with this many prompt tokens and this TTFT budget
         (0: none) arriving now; the budget sets where it queues (earliest deadline first). Given
-        its new tokens, also how many waiting requests it would make late (`displaces`)."""
+        its new tokens, also how many waiting requests it would make late (`displaces`); given its
+        per-token budget, whether a batching worker makes it wait for a smaller batch."""
         ...
 
 

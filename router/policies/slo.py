@@ -144,7 +144,10 @@ class SloPolicy:
         open_workers = admitting(within)
         predictions = {
             w.worker_id: w.predict(
-                request.prompt_tokens, request.max_first_token_latency_ms, request.new_tokens
+                request.prompt_tokens,
+                request.max_first_token_latency_ms,
+                request.new_tokens,
+                request.max_token_latency_ms,
             )
             for w in open_workers
         }

@@ -1,7 +1,8 @@
 """Continuous batching on the default model, over real sockets: on fp32 and bf16 a greedy
 request's text is the same alone and inside a batch of 8 mixed-length requests, and the worker
 really decoded them together (its Describe shows the running batch); a ~2,000-token prompt is
-prefilled in chunks while other streams go on decoding."""
+prefilled in chunks while other streams go on decoding; a request whose per-token budget a
+bigger batch would break waits for the running stream instead of joining it."""
 
 from __future__ import annotations
 
@@ -104,12 +105,17 @@ LONG_PROMPT = (
 STREAMS = 4
 
 
-def _timed(address: str, prompt: str, max_new_tokens: int, arrivals: list[float]) -> generate_pb2.Summary:
+def _timed(
+    address: str, prompt: str, max_new_tokens: int, arrivals: list[float], token_budget_ms: float = 0.0
+) -> generate_pb2.Summary:
     """Generate, appending each token's arrival time (perf_counter) to `arrivals` as it comes."""
     with grpc.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         request = generate_pb2.GenerateRequest(
-            prompt=prompt, max_new_tokens=max_new_tokens, request_id="chunked"
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            request_id="timed",
+            max_token_latency_ms=token_budget_ms,
         )
         summary: generate_pb2.Summary | None = None
         for response in stub.Generate(request, timeout=600):
@@ -168,3 +174,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_decode(chunkin
     assert all(times[-1] > first for times in arrivals), "a stream ended before the long prompt's first token"
     assert min(during) >= 3, f"tokens each stream received while the long prompt prefilled: {during}"
     assert long.text == alone.text
+
+
+def test_a_request_waits_rather_than_join_a_batch_that_would_break_its_per_token_budget(
+    live_pool: LivePool,
+) -> None:
+    """1 ms per token: no step of two rows meets it, so the request waits for the running stream
+    to finish and then runs alone (a request alone always starts), instead of slowing both."""
+    address = live_pool.worker_addresses()["fp32-0"]
+    first_arrivals: list[float] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(_timed, address, REQUESTS[0][0], 48, first_arrivals)
+        while len(first_arrivals) < 4 and not first.done():  # a few decode steps measured
+            time.sleep(0.01)
+        sent_at = time.perf_counter()
+        tight_arrivals: list[float] = []
+        tight = _timed(address, REQUESTS[1][0], 8, tight_arrivals, token_budget_ms=1.0)
+        first_summary = first.result(timeout=600)
+    assert sent_at < first_arrivals[-1], "the first stream ended before the second was sent"
+    assert tight.generated_tokens > 0 and first_summary.generated_tokens > 4
+    # Its first token came only after the running stream's last one.
+    assert tight_arrivals[0] > first_arrivals[-1]

@@ -28,7 +28,11 @@ class FakeWorker:
         return self.outstanding <= self.queue_limit
 
     def predict(
-        self, prompt_tokens: int, first_token_budget_ms: float = 0.0, new_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        first_token_budget_ms: float = 0.0,
+        new_tokens: int = 0,
+        token_budget_ms: float = 0.0,
     ) -> Prediction:
         return Prediction(
             self.wait_ms * 1e3, self.ttft_ms * 1e3, self.tpot_ms * 1e3, displaces=self.displaces

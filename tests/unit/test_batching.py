@@ -213,6 +213,40 @@ def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engin
         batch.stop()
 
 
+def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget(engine: Engine) -> None:
+    batch = BatchEngine(engine, BatchLimits(max_batch=8, kv_cache_tokens=4096))
+    try:
+        # Steps as measured: one row 10 ms, two rows 30 ms. Recorded steps only refine these.
+        batch.step_times.record(1, 0.010)
+        batch.step_times.record(2, 0.030)
+        seen_running: list[int] = []
+
+        def emit(event: TokenEvent) -> None:
+            seen_running.append(batch.occupancy().running)
+
+        def with_budget(request: GenerationParams, budget_s: float) -> Ticket:
+            prompt = batch.engine.prepare(request)
+            return batch.submit(prompt, request, emit, lambda: False, time.perf_counter(), budget_s)
+
+        # No budget on the first; the second allows 20 ms per token: no batch of 2 for it.
+        first = submit(batch, params(PROMPTS[0], 24), emit=emit)
+        first_done: list[float] = []
+        first.future.add_done_callback(lambda _: first_done.append(time.perf_counter()))
+        tight = with_budget(params(PROMPTS[1], 6), 0.020)
+        first.future.result(timeout=120)
+        tight.future.result(timeout=120)
+        assert seen_running and max(seen_running) == 1
+        assert tight.sequence.admitted_at > first_done[0]
+        # A budget the two-row step meets lets the next pair share the batch.
+        seen_running.clear()
+        loose = [with_budget(params(p, 12), 0.050) for p in PROMPTS[2:4]]
+        for ticket in loose:
+            ticket.future.result(timeout=120)
+        assert max(seen_running) == 2
+    finally:
+        batch.stop()
+
+
 def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:
     during: list[tuple[int, int]] = []
 

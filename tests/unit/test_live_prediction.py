@@ -10,6 +10,7 @@ from tierserve.router.prediction import (
     Prediction,
     PredictionErrors,
     WorkerLoad,
+    budget_slots,
     next_free_us,
     predict,
 )
@@ -183,3 +184,25 @@ def test_a_batching_worker_starts_a_request_at_once_while_it_has_a_free_slot() -
     full = predict(stats, load, 4, 80, batch_slots=4)
     # Four in the batch is unmeasured: three streams' 9 ms scaled by 4/3, for its 5 tokens left.
     assert full.wait_us == pytest.approx(5 * 12_000)
+
+
+def test_a_batching_worker_keeps_a_request_waiting_until_the_batch_is_small_enough_for_its_budget() -> None:
+    stats = LiveStats(alpha=1.0)
+    stats.seed(warm_info())
+    stats.record_token(10_000, streams=1)
+    stats.record_token(30_000, streams=2)
+    assert budget_slots(stats, 8, 0, 0.0) == 8
+    assert budget_slots(stats, 8, 0, 35_000.0) == 2
+    assert budget_slots(stats, 8, 0, 5_000.0) == 1  # even alone it misses: it still may start
+    load = WorkerLoad()
+    load.begin(prompt_tokens=40, new_tokens=100).tokens = 90  # 10 tokens left
+    # No per-token budget: a free slot, no wait, two streams' TPOT.
+    free = predict(stats, load, 2, 80, batch_slots=8)
+    assert free.wait_us == 0 and free.tpot_us == 30_000
+    # 20 ms per token: two in the batch would be 30 ms, so it waits for the running one, then runs
+    # alone at one stream's 10 ms.
+    tight = predict(stats, load, 2, 80, batch_slots=8, token_budget_us=20_000.0)
+    assert tight.wait_us == pytest.approx(10 * 10_000)
+    assert tight.tpot_us == 10_000
+    # 35 ms per token allows a batch of two: no wait.
+    assert predict(stats, load, 2, 80, batch_slots=8, token_budget_us=35_000.0).wait_us == 0

@@ -32,6 +32,7 @@ import torch
 
 from tierserve.domain.errors import InvalidRequest, Overloaded
 from tierserve.domain.requests import GenerationParams
+from tierserve.worker.batching.admission import StepTimes, within_budgets
 from tierserve.worker.batching.sampler import next_token, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
@@ -60,6 +61,8 @@ class _Sequence:
     seed: int
     cancelled: Callable[[], bool]
     deadline: float
+    # Per-token budget in seconds (0: none): the batch it joins must keep its steps within it.
+    token_budget_s: float = 0.0
     submitted_at: float = field(default_factory=time.perf_counter)
     future: Future[GenerationOutcome] = field(default_factory=Future)
     admitted_at: float = 0.0
@@ -125,6 +128,8 @@ class BatchEngine:
         self._cache: BatchKvCache | None = None
         # The one request whose prompt is being prefilled, chunk by chunk; not yet a batch row.
         self._prefilling: _Sequence | None = None
+        # Measured decode steps by rows: what admission predicts a bigger batch's step from.
+        self.step_times = StepTimes()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
@@ -139,8 +144,10 @@ class BatchEngine:
         emit: Callable[[TokenEvent], None],
         cancelled: Callable[[], bool],
         deadline: float,
+        token_budget_s: float = 0.0,
     ) -> Ticket:
-        """Queue a request; its ticket's future ends with the outcome (or the error)."""
+        """Queue a request; its ticket's future ends with the outcome (or the error).
+        `token_budget_s`: its per-token budget (0: none), which admission keeps (admission.py)."""
         seed = seed_for(params.sampling)
         sequence = _Sequence(
             prompt=prompt,
@@ -149,6 +156,7 @@ class BatchEngine:
             seed=seed,
             cancelled=cancelled,
             deadline=deadline,
+            token_budget_s=token_budget_s,
             generator=seeded_generator(seed) if seed else None,
         )
         if sequence.span > self.limits.kv_cache_tokens:
@@ -246,9 +254,9 @@ class BatchEngine:
                 )
 
     def _next_admission(self) -> _Sequence | None:
-        """The waiting request due first, if a slot and the KV budget allow it (called locked).
-        The first one that does not fit blocks the rest, so a big request is not starved by
-        small ones behind it."""
+        """The waiting request due first, if a slot, the KV budget and the per-token budgets of
+        the batch allow it (called locked). The first one that does not fit blocks the rest, so a
+        big request (or a tight budget) is not starved by those behind it."""
         if not self._waiting:
             return None
         _, _, head = self._waiting[0]
@@ -257,6 +265,9 @@ class BatchEngine:
             return None
         widest = max([head.span, *(s.span for s in members)])
         if (len(members) + 1) * widest > self.limits.kv_cache_tokens:
+            return None
+        budgets = [s.token_budget_s for s in (head, *members)]
+        if not within_budgets(self.step_times, len(members) + 1, budgets):
             return None
         heapq.heappop(self._waiting)
         head.admitted_at = time.perf_counter()
@@ -331,6 +342,7 @@ class BatchEngine:
     def _decode_step(self) -> None:
         cache = self._cache
         assert cache is not None
+        started, rows = time.perf_counter(), len(self._running)
         ids = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long)
         positions = torch.tensor([[s.position] for s in self._running], dtype=torch.long)
         logits, past = self._forward(ids, cache.attention_mask(), cache.past_key_values(), positions)
@@ -349,6 +361,7 @@ class BatchEngine:
             sequence.sink.push(sequence.next_token)
             if sequence.sink.finished or sequence.cancelled():
                 finished.append(sequence)
+        self.step_times.record(rows, time.perf_counter() - started)
         # Cancellation is seen within one step even for rows that made a token this step.
         finished += [s for s in self._running if s not in finished and s.cancelled()]
         if finished:

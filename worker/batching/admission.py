@@ -1,0 +1,60 @@
+"""Whether a waiting request may join the batch without breaking a per-token budget.
+
+Every row of a batch waits for the whole step, and a step costs more with more rows (on the Zen 3
+a step of 8 rows cost 3.3x a step of 1: docs/benchmarks/batched-step-2026-12-02-epyc-zen3-avx2.md).
+A request that joins therefore slows every stream in the batch. While requests joined whenever a
+slot was free, the routing benchmark served fewer requests at their full service level with
+batching on than off, at every load, with TPOT p50 of 106-747 ms against 58-73 ms
+(docs/benchmarks/routing-batching-on-2026-12-02-epyc-zen3-avx2.md). So a request joins only if the
+step predicted with it stays within the tightest per-token budget of the batch, itself included;
+otherwise it waits, as it would on a worker that serves one request at a time. A request alone
+always starts.
+"""
+
+from __future__ import annotations
+
+import threading
+
+# Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
+STEP_WEIGHT = 0.2
+
+
+class StepTimes:
+    """Decode step seconds by the number of rows, a running mean per row count; thread-safe."""
+
+    def __init__(self) -> None:
+        self._by_rows: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def record(self, rows: int, seconds: float) -> None:
+        with self._lock:
+            old = self._by_rows.get(rows)
+            self._by_rows[rows] = seconds if old is None else old + STEP_WEIGHT * (seconds - old)
+
+    def predict(self, rows: int) -> float | None:
+        """The step with `rows` rows: measured, else the most rows measured below scaled by the
+        ratio (no batching gain assumed until measured), else the fewest measured above (a step
+        with fewer rows is no slower). None before any step."""
+        with self._lock:
+            if rows in self._by_rows:
+                return self._by_rows[rows]
+            below = [r for r in self._by_rows if r < rows]
+            if below:
+                known = max(below)
+                return self._by_rows[known] * rows / known
+            above = [r for r in self._by_rows if r > rows]
+            return self._by_rows[min(above)] if above else None
+
+    def snapshot(self) -> dict[int, float]:
+        with self._lock:
+            return dict(sorted(self._by_rows.items()))
+
+
+def within_budgets(steps: StepTimes, rows_after: int, budgets_s: list[float]) -> bool:
+    """Whether a batch of `rows_after` rows keeps its step within every per-token budget of
+    `budgets_s` (seconds; 0 = no budget). True for one row, and before any step is measured."""
+    tightest = min((budget for budget in budgets_s if budget > 0), default=0.0)
+    if not tightest or rows_after <= 1:
+        return True
+    predicted = steps.predict(rows_after)
+    return predicted is None or predicted <= tightest
