@@ -34,9 +34,8 @@ def _metadata(scheme: NativeScheme) -> dict[str, str]:
 
 def _narrow_int8(scheme: NativeScheme) -> dict[str, str]:
     """Present only for 7-bit dynamic layers, so the artifacts of every other scheme stay valid."""
-    if scheme.int8_levels("layers.0.qkv") == 127:
-        return {}
-    return {"dynamic_int8_levels": str(scheme.int8_levels("layers.0.qkv"))}
+    levels = scheme.int8_levels("layers.0.qkv")
+    return {} if levels == 127 else {"dynamic_int8_levels": str(levels)}
 
 
 def fused_float_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:

@@ -41,10 +41,10 @@ class NativeScheme:
 
     def int8_levels(self, name: str) -> int:
         """The largest |level| of stored int8 matrix `name` ("layers.3.qkv", "lm_head")."""
-        dynamic_layer = name != "lm_head" and self.dynamic_layers
-        if dynamic_layer and name.endswith(".down") and self.down_weight_only:
-            dynamic_layer = False
-        return INT7_LEVELS if dynamic_layer and self.int16_sums and self.bits == 8 else 127
+        if not (self.int16_sums and self.dynamic_layers and self.bits == 8) or name == "lm_head":
+            return 127  # the head keeps 8 bits: `DynamicInt8Linear` runs it in two halves
+        weight_only_down = name.endswith(".down") and self.down_weight_only
+        return 127 if weight_only_down else INT7_LEVELS
 
     def describe(self) -> str:
         act = str(self.activations).removeprefix("torch.")
