@@ -72,6 +72,18 @@ def alone(engine: Engine, request: GenerationParams) -> str:
     return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
 
 
+def computes_in_float32(engine: Engine) -> bool:
+    """False for a bf16 tier on the "ipex" path (bf16 weights and compute); the "native" path
+    of CPUs without bf16 kernels computes in float32."""
+    return bool(engine.loaded.model.dtype == torch.float32)
+
+
+def chunking_check(engine: Engine, prompt: str, split: int) -> chunked_prefill.ChunkingError:
+    ids = engine.prepare(params(prompt, 1)).input_ids
+    with torch.inference_mode(), engine.loaded.run_context():
+        return chunked_prefill.chunking_error(engine.loaded.model, ids, split)
+
+
 def prompt_tokens(engine: Engine, prompt: str) -> int:
     return engine.prepare(params(prompt, 1)).prompt_tokens
 
@@ -247,6 +259,20 @@ def test_the_chunk_attention_equals_ipexs_kernel_and_is_only_the_chunking_thread
     assert attention_class.forward is own_forward
 
 
+def test_the_chunking_tolerance_is_float32s_or_a_few_units_in_the_last_place_of_lower_precisions() -> None:
+    logits = torch.tensor([-29.0, 3.0, 12.5])
+    assert chunked_prefill.chunking_tolerance(logits) == chunked_prefill.FLOAT32_CHUNKING_TOLERANCE
+    # bf16 keeps 8 significant bits: a unit in the last place at 29 is 0.125, at most 2**-7 * 29.
+    bf16 = chunked_prefill.chunking_tolerance(logits.bfloat16())
+    assert bf16 == pytest.approx(4 * 2**-7 * 29)
+    # Zen 4's measured bf16 rounding difference (0.375) passes, a broken chunk's whole units do not.
+    assert chunked_prefill.ChunkingError(0.375, bf16).acceptable
+    assert not chunked_prefill.ChunkingError(1.5, bf16).acceptable
+    assert not chunked_prefill.ChunkingError(float("nan"), bf16).acceptable
+    # Small logits never allow less than float32 does.
+    assert chunked_prefill.chunking_tolerance(torch.tensor([0.01]).bfloat16()) == 0.01
+
+
 # ------------------------------------------------------------------ scheduling
 
 
@@ -269,7 +295,12 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_between_decode_steps(
     # One decode step of the running stream after each chunk but the last (which makes the
     # long prompt's first token), none skipped: at least chunks - 1 tokens in between.
     assert timeline.before_first_of("long", "running") - before >= chunks - 1
-    assert long_outcome.text == alone(engine, long_request)
+    if computes_in_float32(engine):
+        assert long_outcome.text == alone(engine, long_request)
+    else:
+        # In bf16 a chunked prefill rounds differently from one forward, and a random model's
+        # near-tied logits turn that into other tokens; its logits must be as close as bf16 allows.
+        assert chunking_check(engine, LONG_PROMPT, CHUNK).acceptable
     assert running_outcome.text == alone(engine, running_request)
     assert running_outcome.finish_reason == FinishReason.LENGTH
 
@@ -392,14 +423,16 @@ def test_chunk_logits_off_the_whole_prompts_turn_chunking_off(
     request = params(LONG_PROMPT, 4)
     with torch.inference_mode():
         exact = chunked_prefill.chunking_error(engine.loaded.model, engine.prepare(request).input_ids, 40)
-    assert exact < 1e-3
-    monkeypatch.setattr(startup, "chunking_error", lambda model, ids, split: 0.5)
+    assert exact.difference < 1e-3 and exact.tolerance == chunked_prefill.FLOAT32_CHUNKING_TOLERANCE
+    assert exact.acceptable
+    off = chunked_prefill.ChunkingError(0.5, 0.01)
+    monkeypatch.setattr(startup, "chunking_error", lambda model, ids, split: off)
     batch, reason = start_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=256))
     try:
         assert batch is not None and not batch.chunked_prefill
         assert (
-            "chunked prefill unavailable: its logits differ from a prefill in one forward by up to 0.5"
-            in reason
+            "chunked prefill unavailable: its logits differ from a prefill in one forward by up to 0.5 "
+            "(allowed: 0.01)" in reason
         )
     finally:
         if batch is not None:
