@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,14 +17,15 @@ import torch
 from transformers import LlamaConfig
 
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
-from tierserve.domain.config import ConfigError, TierRecipe
+from tierserve.domain.config import BatchingConfig, ConfigError, TierRecipe
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import tier_log_probs
+from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import packed_weights, smoothing
 from tierserve.worker.kernels.linears import DynamicInt8Linear, Int8WoqLinear
-from tierserve.worker.kernels.quantizers import quantize_int8
+from tierserve.worker.kernels.quantizers import INT7_LEVELS, quantize_int8
 from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
 from tierserve.worker.tiers.int8_sq import Int8SqTier
 from tierserve.worker.tiers.int8_sq_static import QCONFIG_SUMMARY, keep_in_fp32
@@ -214,10 +216,26 @@ def test_per_token_quantization_keeps_an_outlier_row_from_hurting_the_others() -
     sink = (y - expected)[0, 0].norm() / expected[0, 0].norm()
     # Per tensor, the ordinary rows would get ~1/3000 of the int8 range: error ~100%.
     assert ordinary.item() < 0.03 and sink.item() < 0.03
-    # One row (decode) takes fbgemm's own per-tensor path, which is per token there.
-    assert torch.allclose(
-        linear(x[:, 2:3]), y[:, 2:3], rtol=0.05, atol=0.05 * expected[0, 2].abs().max().item()
-    )
+
+
+@pytest.mark.parametrize("int16_sums", [False, True])
+def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch(int16_sums: bool) -> None:
+    """What lets int8-sq batch: a decode row's numbers do not depend on the rows beside it."""
+    torch.manual_seed(4)
+    weight = torch.randn(96, 64) * 0.05
+    q8 = quantize_int8(weight)
+    if not int16_sums and not CpuIsa.detect().avx512_vnni:
+        q8 = quantize_int8(weight, INT7_LEVELS)  # unsplit 8-bit weights saturate without VNNI
+    linear = DynamicInt8Linear(q8["qweight"], q8["scales"], int16_sums)
+    rows = torch.randn(6, 64)
+    rows[1] *= 200.0  # a row of another scale
+    rows[2] += 5.0  # one far from zero: its own range, not one around zero
+    rows[3] = 0.25  # a constant row
+    together = linear(rows)
+    assert torch.equal(torch.cat([linear(row[None]) for row in rows]), together)
+    assert torch.equal(linear(rows[[4, 0, 2]]), together[[4, 0, 2]])
+    expected = rows @ (q8["qweight"].float() * q8["scales"][:, None]).T
+    assert ((together - expected).norm(dim=1) / expected.norm(dim=1)).max().item() < 0.02
 
 
 def test_weight_only_down_proj_computes_in_bf16_and_returns_the_graph_dtype() -> None:
@@ -257,11 +275,36 @@ def test_dynamic_build_stores_factors_and_weights(dynamic: tuple[Path, list[str]
 def test_dynamic_load_describes_and_generates(dynamic: tuple[Path, list[str], LoadedModel]) -> None:
     loaded = dynamic[2]
     assert loaded.dtype is torch.int8 and loaded.context_tokens == TINY_CONTEXT_TOKENS
-    assert "SmoothQuant (alpha=0.5)" in loaded.kernel and "per-token dynamic int8" in loaded.kernel
+    assert (
+        "SmoothQuant (alpha=0.5)" in loaded.kernel
+        and "per-token dynamic int8 activations (each token on its own range)" in loaded.kernel
+    )
     assert "down_proj aten._weight_int8pack_mm int8 per-channel symmetric (weight-only" in loaded.kernel
     assert 1 <= len(generate_greedy(loaded, 4)) <= 4
     chunk = loaded.tokenizer(PARAGRAPHS[2])["input_ids"][:10]
     assert torch.isfinite(tier_log_probs(loaded, chunk)).all()
+
+
+def test_dynamic_tier_batches_and_its_batched_greedy_text_equals_the_text_alone(
+    dynamic: tuple[Path, list[str], LoadedModel],
+) -> None:
+    engine = Engine(dynamic[2])
+    batch, reason = start_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=0), "int8-sq")
+    assert batch is not None, reason
+    try:
+        assert "greedy tokens made in a batch equal to those made alone" in reason
+        requests = [
+            GenerationParams(prompt, 8, SamplingParams(), (), "test")
+            for prompt in ("Once upon a time", PARAGRAPHS[0][:120], "The", PARAGRAPHS[1][:60])
+        ]
+        expected = [engine.generate(engine.prepare(r), r, emit=lambda _: None).text for r in requests]
+        tickets = [
+            batch.submit(engine.prepare(r), r, lambda _: None, lambda: False, time.perf_counter())
+            for r in requests
+        ]
+        assert [t.future.result(timeout=120).text for t in tickets] == expected
+    finally:
+        batch.stop()
 
 
 def test_dynamic_load_without_factors_fails(built: Built, tmp_path: Path) -> None:

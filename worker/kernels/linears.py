@@ -5,7 +5,7 @@
 - `Int4WoqLinear`: `aten._weight_int4pack_mm_for_cpu`, 4-bit weights with a scale and zero
   point per group of input channels, float activations.
 - `DynamicInt8Linear`: fbgemm's `quantized::linear_dynamic`, int8 weights per output channel,
-  activations quantized to int8 per token at run time.
+  activations quantized to 8 bits per token (each on its own range) at run time.
 - `DenseLinear`: an unquantized matrix at the activation dtype.
 """
 
@@ -55,22 +55,28 @@ else:  # TorchScript needs the real class to type the packed weights
 
 @functools.cache
 def _per_token_linear_dynamic() -> Any:
-    """fbgemm's dynamic linear with one activation scale per row (token), as a TorchScript
-    function so that the row-count branch survives `torch.jit.trace`.
+    """fbgemm's dynamic linear with each row (token) quantized on its own range, so that a row's
+    result never depends on the rows beside it, as a TorchScript function (`torch.jit.trace`
+    keeps it whole).
 
-    fbgemm quantizes its whole input with one scale: right for one decode token, but in a
-    prompt an attention-sink token (activations ~1000x the others) would crush every other
-    row. Dividing each row by its own abs-max first gives every row the full int8 range;
-    the output rows are multiplied back (the linear commutes with per-row scaling). The
-    activations keep all 8 bits (`reduce_range` False); `DynamicInt8Linear` keeps that exact."""
+    fbgemm quantizes its whole input on one range: right for one decode token, but in a prompt
+    an attention-sink token (activations ~1000x the others) would crush every other row, and in
+    a batch of decode rows each row's numbers would depend on its neighbours (a greedy text made
+    in a batch then parts from the text made alone). So each row is mapped affinely onto [-1, 1]
+    (its minimum to -1, its maximum to +1: all 256 levels over the row's own range), an anchor
+    row holding -1 and +1 makes fbgemm's range exactly [-1, 1] whatever the batch, and the output
+    is mapped back: W x = half * (W unit) + center * (W 1), with `weight_sums` = W 1."""
 
-    def linear(x: torch.Tensor, packed: _PackedLinear) -> torch.Tensor:
-        if x.size(0) == 1:
-            y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed, False)
-            return y
-        scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-        scaled: torch.Tensor = torch.ops.quantized.linear_dynamic(x / scale, packed, False)
-        return scaled * scale
+    def linear(
+        x: torch.Tensor, packed: _PackedLinear, anchor: torch.Tensor, weight_sums: torch.Tensor
+    ) -> torch.Tensor:
+        low = x.amin(dim=1, keepdim=True)
+        high = x.amax(dim=1, keepdim=True)
+        center = (high + low) * 0.5
+        half = ((high - low) * 0.5).clamp_min(1e-12)
+        unit = ((x - center) / half).clamp(-1.0, 1.0)
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic(torch.cat([unit, anchor]), packed, False)
+        return y[:-1] * half + center * weight_sums
 
     return torch.jit.script(linear)
 
@@ -96,10 +102,15 @@ class DynamicInt8Linear(nn.Module):
             qweight.contiguous(), scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
         )
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        # The whole output's row sums (both halves' when split), for undoing each row's shift.
+        self.register_buffer("weight_sums", (qweight.float() * scales.float()[:, None]).sum(dim=1))
+        anchor = torch.zeros(1, self.in_features)
+        anchor[0, 0], anchor[0, -1] = 1.0, -1.0
+        self.register_buffer("anchor", anchor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed)
+        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed, self.anchor, self.weight_sums)
         if self.split:
             y = y[:, : self.out_features] + y[:, self.out_features :]
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -12,7 +12,8 @@ from tierserve.worker.kernels.linears import DenseLinear, DynamicInt8Linear, Int
 from tierserve.worker.kernels.quantizers import INT7_LEVELS, Bits
 
 _DYNAMIC_INT8 = (
-    "fbgemm quantized::linear_dynamic int8 per-channel weights, per-token dynamic int8 activations"
+    "fbgemm quantized::linear_dynamic int8 per-channel weights, "
+    "per-token dynamic int8 activations (each token on its own range)"
 )
 
 
