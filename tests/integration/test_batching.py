@@ -1,5 +1,6 @@
 """Continuous batching on the default model, over real sockets: on fp32 and bf16 a greedy
-request's text is the same alone and inside a batch of 8 mixed-length requests, and the worker
+request's text is the same alone and inside a batch of 8 mixed-length requests (where bf16
+computes in bf16, its leading words), and the worker
 really decoded them together (its Describe shows the running batch); a ~2,000-token prompt is
 prefilled in chunks while other streams go on decoding; a request whose per-token budget a
 bigger batch would break waits for the running stream instead of joining it."""
@@ -39,6 +40,8 @@ REQUESTS = [
     ("Write a short poem about the wind over the hills, the rain on the rooftops and the light", 36),
     ("The weather today is", 20),
 ]
+# Characters of a bf16 batched text that must equal the text alone where bf16 rounds by batch.
+LEADING_CHARACTERS = 16
 
 
 def _generate(address: str, prompt: str, max_new_tokens: int) -> str:
@@ -87,8 +90,16 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch_of_8(live_pool: LivePool, 
         done.set()
         watcher.join()
 
+    # Where bf16 computes in bf16 (the "ipex" path: AVX512_BF16, AMX), a row's rounding depends on
+    # the batch's shape, and on a Zen 4 half these texts parted from the text alone after 10 to 20
+    # tokens: there the leading words must agree (a broken cache parts at once); elsewhere, all.
+    rounds_by_batch = tier == "bf16" and not info.kernel.startswith("native")
     for (prompt, _), one, many in zip(REQUESTS, alone, together, strict=True):
-        assert many == one, f"{tier}: {prompt!r} alone {one!r}, in the batch {many!r}"
+        message = f"{tier}: {prompt!r} alone {one!r}, in the batch {many!r}"
+        if rounds_by_batch:
+            assert many[:LEADING_CHARACTERS] == one[:LEADING_CHARACTERS], message
+        else:
+            assert many == one, message
     assert most_running >= 4, f"the worker never decoded more than {most_running} streams together"
     after = _describe(address)
     assert (after.batch.running, after.batch.waiting, after.batch.kv_tokens_used) == (0, 0, 0)
