@@ -46,7 +46,7 @@ class WorkerStateCollector(Collector):
             ("tierserve_worker_batch_max", "Most streams decoding together", batch.max_batch),
             (
                 "tierserve_worker_kv_cache_tokens",
-                "KV-cache positions held now (padding included)",
+                "KV-cache positions held now",
                 batch.kv_tokens_used,
             ),
             (

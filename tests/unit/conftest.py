@@ -4,11 +4,15 @@ module builds its own)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_model import FAMILIES, build_tiny_model_dir
+from tierserve.domain.requests import GenerationParams
+from tierserve.worker.batching.engine import BatchEngine, BatchLimits
 from tierserve.worker.engine import Engine
 from tierserve.worker.tiers.base import make_tier
 
@@ -26,3 +30,25 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def engine(request: pytest.FixtureRequest, llama_dir: Path) -> Engine:
     return Engine(make_tier(request.param).load(llama_dir, llama_dir))
+
+
+def computes_in_float32(engine: Engine) -> bool:
+    """False for a bf16 tier on the "ipex" path (bf16 weights and compute); the "native" path
+    of CPUs without bf16 kernels computes in float32."""
+    return bool(engine.loaded.model.dtype == torch.float32)
+
+
+def alone(engine: Engine, request: GenerationParams) -> str:
+    """The text made alone: by the one-request path (IPEX's own attention) where the model
+    computes in float32, which the batch's paged attention must match exactly; in bf16 the two
+    attention kernels round differently and a random model's near-ties turn that into other
+    tokens, so there by a batch engine serving only this request (its prompt in one forward)."""
+    if computes_in_float32(engine):
+        return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
+    single = BatchEngine(engine, BatchLimits(max_batch=1, kv_cache_tokens=4096, prefill_chunk_tokens=None))
+    try:
+        prompt = engine.prepare(request)
+        ticket = single.submit(prompt, request, lambda _: None, lambda: False, time.perf_counter())
+        return ticket.future.result(timeout=120).text
+    finally:
+        single.stop()

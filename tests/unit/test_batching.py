@@ -12,13 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.unit.conftest import alone
 from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
-from tierserve.worker.kernels.iakv_cache import BatchKvCache, empty_past, layer_caches
+from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, cache_shape, paged_forward
 from tierserve.worker.tiers.base import LoadedModel, make_tier
 
 PROMPTS = (
@@ -47,10 +48,6 @@ def params(
     return GenerationParams(prompt, new_tokens, sampling or SamplingParams(), stop, "test")
 
 
-def alone(engine: Engine, request: GenerationParams) -> str:
-    return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
-
-
 def submit(
     batch: BatchEngine,
     request: GenerationParams,
@@ -68,40 +65,58 @@ def submit(
 
 
 def test_batched_decode_logits_match_transformers(family_dir: Path) -> None:
-    """Rows of different lengths prefilled alone, joined (the longer one arriving second moves
-    the batch right), then one decode step: each row's logits equal transformers' eager model
-    on that row's whole sequence."""
+    """Rows of different lengths prefilled alone into one block pool, then decode steps of the
+    whole batch: each row's logits equal transformers' eager model on that row's whole sequence,
+    also after a row leaves and a new one takes its blocks."""
     loaded = make_tier("fp32").load(family_dir, family_dir)
     reference = AutoModelForCausalLM.from_pretrained(family_dir, torch_dtype=torch.float32).eval()
     graph = loaded.model.trace_graph
-    layers = int(loaded.model.config.num_hidden_layers)
-    rows = [[5, 17, 300, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15], [99, 100]]
-    next_ids = [1000, 2000, 3000]
-    cache: BatchKvCache | None = None
+    sequences = [
+        [5, 17, 300, 42],
+        [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+        [99, 100],
+    ]
+
+    def expected(ids: list[int]) -> torch.Tensor:
+        logits: torch.Tensor = reference(torch.tensor([ids])).logits[0, -1]
+        return logits
+
     with torch.inference_mode():
-        for ids in rows:
-            prompt = torch.tensor([ids])
-            out = graph(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                past_key_values=empty_past(layers, 1),
-                position_ids=torch.arange(len(ids)).unsqueeze(0),
+        pool = BlockPool(cache_shape(loaded.model), 12)
+        rows = [PagedRow() for _ in sequences]
+        for row, ids in zip(rows, sequences, strict=True):
+            paged_forward(graph, pool, [row], torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))
+        for token in (1000, 2000):
+            for ids in sequences:
+                ids.append(token + len(ids))
+            logits = paged_forward(
+                graph,
+                pool,
+                rows,
+                torch.tensor([[ids[-1]] for ids in sequences]),
+                torch.tensor([[len(ids) - 1] for ids in sequences]),
             )
-            joining = BatchKvCache.of_sequence(layer_caches(out[1]), len(ids))
-            if cache is None:
-                cache = joining
-            else:
-                cache.join(joining)
-        assert cache is not None and cache.padding == [5, 0, 7]
-        out = graph(
-            input_ids=torch.tensor([[t] for t in next_ids]),
-            attention_mask=cache.attention_mask(),
-            past_key_values=cache.past_key_values(),
-            position_ids=torch.tensor([[len(ids)] for ids in rows]),
+            assert [row.length for row in rows] == [len(ids) for ids in sequences]
+            for index, ids in enumerate(sequences):
+                torch.testing.assert_close(logits[index, -1], expected(ids), atol=2e-3, rtol=1e-3)
+        # The long row leaves; a newcomer reuses its blocks (lowest first) beside the others.
+        freed = sorted(rows[1].blocks)
+        pool.release(rows[1])
+        newcomer, ids = PagedRow(), [3, 1, 4, 1, 5, 9, 2, 6]
+        paged_forward(graph, pool, [newcomer], torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))
+        assert newcomer.blocks == freed[: len(newcomer.blocks)]
+        rows[1], sequences[1] = newcomer, ids
+        for ids in sequences:
+            ids.append(777)
+        logits = paged_forward(
+            graph,
+            pool,
+            rows,
+            torch.tensor([[777]] * 3),
+            torch.tensor([[len(ids) - 1] for ids in sequences]),
         )
-        for row, (ids, token) in enumerate(zip(rows, next_ids, strict=True)):
-            expected = reference(torch.tensor([[*ids, token]])).logits[0, -1]
-            torch.testing.assert_close(out[0][row, -1], expected, atol=2e-3, rtol=1e-3)
+        for index, ids in enumerate(sequences):
+            torch.testing.assert_close(logits[index, -1], expected(ids), atol=2e-3, rtol=1e-3)
 
 
 def test_a_row_leaving_keeps_the_others_right(family_dir: Path) -> None:

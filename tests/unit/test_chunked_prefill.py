@@ -1,6 +1,7 @@
 """Chunked prefill on tiny random models through the real tier recipes: a chunk over an existing
-cache gives transformers' logits, and the batch engine prefills a long prompt a chunk per step
-with the running streams' decode steps between its chunks."""
+paged cache gives transformers' logits, IPEX's attention op is replaced only for the forward's
+length and only in its thread, and the batch engine prefills a long prompt a chunk per step with
+the running streams' decode steps between its chunks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
+from tests.unit.conftest import alone, computes_in_float32
 from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching import engine as engine_module
@@ -24,8 +26,15 @@ from tierserve.worker.batching import startup
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
-from tierserve.worker.kernels import chunked_prefill, ipex_internals
-from tierserve.worker.kernels.iakv_cache import BatchKvCache, empty_past, layer_caches
+from tierserve.worker.kernels import chunked_prefill, paged_kv
+from tierserve.worker.kernels.paged_kv import (
+    BlockPool,
+    OutOfBlocks,
+    PagedRow,
+    cache_shape,
+    empty_past,
+    paged_forward,
+)
 from tierserve.worker.tiers.base import make_tier
 
 CHUNK = 16
@@ -41,17 +50,24 @@ def batch(engine: Engine) -> Iterator[BatchEngine]:
     batch.stop()
 
 
+def over_a_cache(rows: Any, ids: torch.Tensor) -> bool:
+    """Whether a forward is a prompt chunk after the first (several tokens over a cache)."""
+    return int(ids.shape[1]) > 1 and rows[0].length > 0
+
+
 @pytest.fixture
 def chunk_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The token count of every chunk the engine runs over an existing cache."""
     calls: list[int] = []
-    real = chunked_prefill.continue_prefill
 
-    def counted(model: Any, ids: torch.Tensor, past: Any, start: int) -> tuple[torch.Tensor, Any]:
-        calls.append(int(ids.shape[1]))
-        return real(model, ids, past, start)
+    def counted(
+        graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        if over_a_cache(rows, ids):
+            calls.append(int(ids.shape[1]))
+        return paged_forward(graph, pool, rows, ids, positions)
 
-    monkeypatch.setattr(engine_module, "continue_prefill", counted)
+    monkeypatch.setattr(engine_module, "paged_forward", counted)
     return calls
 
 
@@ -66,16 +82,6 @@ def submit(
     cancelled: Callable[[], bool] = lambda: False,
 ) -> Ticket:
     return batch.submit(batch.engine.prepare(request), request, emit, cancelled, time.perf_counter())
-
-
-def alone(engine: Engine, request: GenerationParams) -> str:
-    return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
-
-
-def computes_in_float32(engine: Engine) -> bool:
-    """False for a bf16 tier on the "ipex" path (bf16 weights and compute); the "native" path
-    of CPUs without bf16 kernels computes in float32."""
-    return bool(engine.loaded.model.dtype == torch.float32)
 
 
 def chunking_check(engine: Engine, prompt: str, split: int) -> chunked_prefill.ChunkingError:
@@ -121,142 +127,95 @@ def wait_for_tokens(timeline: Timeline, name: str, count: int) -> None:
 
 
 def test_chunks_over_a_cache_give_the_whole_prompts_logits(family_dir: Path) -> None:
-    """The first chunk through the traced graph, the rest through `continue_prefill`: every
-    position's logits equal transformers' on the whole prompt, and the decoder's own mask
-    preparation is back afterwards."""
+    """A prompt prefilled 16 tokens per forward over the paged cache of those before: every
+    position's logits equal transformers' on the whole prompt; afterwards IPEX's own attention is
+    back (a plain prefill through the graph gives them too)."""
     loaded = make_tier("fp32").load(family_dir, family_dir)
     reference = AutoModelForCausalLM.from_pretrained(family_dir, torch_dtype=torch.float32).eval()
     model = loaded.model
-    decoder = model.get_decoder()
-    own_hook = vars(decoder).get("_prepare_decoder_attention_mask")
     ids = torch.randint(0, 1000, (1, 45), generator=torch.Generator().manual_seed(3))
     chunk = 16
     with torch.inference_mode():
         expected = reference(ids).logits[0]
-        first = ids[:, :chunk]
-        out = model.trace_graph(
-            input_ids=first,
-            attention_mask=torch.ones_like(first),
+        pool, row = BlockPool(cache_shape(model), 4), PagedRow()
+        logits = [
+            paged_forward(
+                model.trace_graph,
+                pool,
+                [row],
+                ids[:, start : start + chunk],
+                torch.arange(start, min(start + chunk, 45)).unsqueeze(0),
+            )[0]
+            for start in range(0, 45, chunk)
+        ]
+        assert row.length == 45 and len(row.blocks) == 3
+        plain = model.trace_graph(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
             past_key_values=empty_past(int(model.config.num_hidden_layers), 1),
-            position_ids=torch.arange(chunk).unsqueeze(0),
-        )
-        logits = [out[0][0]]
-        cache = BatchKvCache.of_sequence(layer_caches(out[1]), chunk)
-        for start in range(chunk, ids.shape[1], chunk):
-            part = ids[:, start : start + chunk]
-            chunk_logits, past = chunked_prefill.continue_prefill(model, part, cache.past_key_values(), start)
-            logits.append(chunk_logits[0])
-            cache = BatchKvCache.of_sequence(layer_caches(past), start + int(part.shape[1]))
+            position_ids=torch.arange(45).unsqueeze(0),
+        )[0][0]
     torch.testing.assert_close(torch.cat(logits), expected, atol=2e-3, rtol=1e-3)
-    assert vars(decoder).get("_prepare_decoder_attention_mask") is own_hook
+    torch.testing.assert_close(plain, expected, atol=2e-3, rtol=1e-3)
 
 
-def test_the_mask_stand_in_does_not_outlive_a_failed_chunk(llama_dir: Path) -> None:
+def test_ipexs_attention_op_is_its_own_again_after_a_failed_paged_forward(llama_dir: Path) -> None:
     model = make_tier("fp32").load(llama_dir, llama_dir).model
-    decoder = model.get_decoder()
-    own_hook = vars(decoder).get("_prepare_decoder_attention_mask")
+    with torch.inference_mode():
+        pool = BlockPool(cache_shape(model), 2)
 
-    class Failing:
-        def get_decoder(self) -> Any:
-            return decoder
-
-        def get_input_embeddings(self) -> Any:
-            return model.get_input_embeddings()
-
-        def __call__(self, **inputs: Any) -> Any:
-            assert vars(decoder)["_prepare_decoder_attention_mask"] is not own_hook  # the stand-in
+        def failing(**inputs: Any) -> Any:
             raise RuntimeError("the forward failed")
 
-    with pytest.raises(RuntimeError, match="the forward failed"):
-        chunked_prefill.continue_prefill(Failing(), torch.tensor([[1, 2, 3]]), (), 4)
-    assert vars(decoder).get("_prepare_decoder_attention_mask") is own_hook
-
-
-def test_the_mask_stand_in_gives_other_threads_the_decoders_own_preparation() -> None:
-    calls: list[str] = []
-
-    class Decoder:
-        def _prepare_decoder_attention_mask(self, mask: Any, *args: Any, **options: Any) -> Any:
-            calls.append("own")
-            return mask + 1
-
-    decoder = Decoder()
-
-    class Model:
-        def get_decoder(self) -> Any:
-            return decoder
-
-        def get_input_embeddings(self) -> Any:
-            return torch.nn.Embedding(4, 2)
-
-        def __call__(self, **inputs: Any) -> Any:
-            hook = decoder._prepare_decoder_attention_mask
-            mine = hook(torch.zeros(1), None, None, 0)
-            theirs: list[Any] = []
-            other = threading.Thread(target=lambda: theirs.append(hook(torch.zeros(1), None, None, 0)))
-            other.start()
-            other.join()
-            return mine, theirs[0]
-
-    mine, theirs = chunked_prefill.continue_prefill(Model(), torch.tensor([[1, 2]]), (), 3)
-    assert float(mine) == 0.0  # the chunking thread: the mask as given
-    assert float(theirs) == 1.0 and calls == ["own"]  # any other thread: the decoder's own
-    assert "_prepare_decoder_attention_mask" not in vars(decoder)
-
-
-def test_the_chunk_attention_equals_ipexs_kernel_and_is_only_the_chunking_threads() -> None:
-    """`_chunk_attention` (one attention of the chunk over its cache) gives what IPEX's own kernel
-    gives for a multi-token query over a cache, grouped-query heads included; inside
-    `continue_prefill` another thread's attention call still reaches IPEX's kernel, and the
-    class's forward is IPEX's again afterwards."""
-    attention_class = ipex_internals.indirect_kv_attention_class()
-    own_forward = attention_class.forward
-    heads, kv_heads, head_dim, start, new = 4, 2, 8, 20, 7
-    generator = torch.Generator().manual_seed(5)
-    query = torch.randn(1, new, heads, head_dim, generator=generator)
-    key = torch.randn(1, new, kv_heads, head_dim, generator=generator)
-    value = torch.randn(1, new, kv_heads, head_dim, generator=generator)
-    cached = [torch.randn(start, 1, kv_heads, head_dim, generator=generator) for _ in range(2)]
-    cache = BatchKvCache(layers=[(cached[0], cached[1])], length=start, padding=[0])
-    mask = torch.zeros(1, 1, new, start + new)
-    module = attention_class(text_max_length=2048)
-
-    def past() -> Any:
-        return cache.past_key_values()[0]
-
-    scale = math.sqrt(head_dim)
-    expected, _, expected_present = module(query, key, value, scale, past(), None, mask)
-    ours, _, present = chunked_prefill._chunk_attention(query, key, value, scale, past())
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
-    end = start + new
-    torch.testing.assert_close(present[1][:end], expected_present[1][:end])
-    torch.testing.assert_close(present[2][:end], expected_present[2][:end])
-    assert present[0].size(-2) == end
-
-    seen: dict[str, Any] = {}
-
-    class Model:
-        def get_decoder(self) -> Any:
-            return SimpleNamespace()
-
-        def get_input_embeddings(self) -> Any:
-            return torch.nn.Embedding(4, 2)
-
-        def __call__(self, **inputs: Any) -> Any:
-            seen["mine"] = module(query, key, value, scale, past(), None, mask)
-            other = threading.Thread(
-                target=lambda: seen.update(theirs=module(query, key, value, scale, past(), None, mask))
+        with pytest.raises(RuntimeError, match="the forward failed"):
+            paged_forward(
+                failing, pool, [PagedRow()], torch.tensor([[1, 2, 3]]), torch.arange(3).unsqueeze(0)
             )
-            other.start()
-            other.join()
-            return None, None
+        # IPEX's kernel is back: a prefill through the graph hands back IPEX's own cache.
+        assert cache_shape(model).layers == int(model.config.num_hidden_layers)
+    assert paged_kv._current is None
 
-    chunked_prefill.continue_prefill(Model(), torch.tensor([[1, 2]]), (), start)
-    # Told apart by the offset tensor: IPEX's kernel returns it [1, end, end, 1], ours [1, 0, end, 1].
-    torch.testing.assert_close(seen["mine"][0], expected, atol=1e-5, rtol=1e-5)
-    assert tuple(seen["mine"][2][0].shape) == (1, 0, end, 1)
-    assert tuple(seen["theirs"][2][0].shape) == (1, end, end, 1)
-    assert attention_class.forward is own_forward
+
+def test_another_threads_attention_call_during_a_paged_step_is_refused(llama_dir: Path) -> None:
+    """Only the forward that replaced IPEX's attention may use the replacement: any other
+    thread's call fails loudly instead of attending over the batch's cache."""
+    model = make_tier("fp32").load(llama_dir, llama_dir).model
+    errors: list[BaseException] = []
+
+    def graph(**inputs: Any) -> Any:
+        def other() -> None:
+            tensor = torch.zeros(1, 1, 2, 4)
+            try:
+                paged_kv._paged_attention(
+                    tensor, tensor, tensor, tensor, tensor, tensor, tensor, 2.0, 8, None, None
+                )
+            except RuntimeError as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        return (torch.zeros(1, 1, 4),)
+
+    with torch.inference_mode():
+        pool = BlockPool(cache_shape(model), 2)
+        paged_forward(graph, pool, [PagedRow()], torch.tensor([[1]]), torch.tensor([[0]]))
+    assert len(errors) == 1 and "outside the paged step" in str(errors[0])
+
+
+def test_the_pool_hands_out_the_lowest_free_blocks_and_refuses_past_its_size() -> None:
+    pool = BlockPool(paged_kv.CacheShape(layers=2, kv_heads=1, head_dim=4, dtype=torch.float32), 4)
+    first, second = PagedRow(), PagedRow()
+    pool.grow(first, 17)  # two blocks of 16
+    pool.grow(second, 16)
+    assert (first.blocks, second.blocks, pool.free_blocks) == ([0, 1], [2], 1)
+    pool.release(first)
+    assert (first.blocks, first.length, pool.used_blocks) == ([], 0, 1)
+    pool.grow(second, 33)
+    assert second.blocks == [2, 0, 1]
+    with pytest.raises(OutOfBlocks):
+        pool.grow(PagedRow(), 40)
+    assert pool.block_bytes() == 2 * 2 * 1 * 16 * 4 * 4
 
 
 def test_the_chunking_tolerance_is_float32s_or_a_few_units_in_the_last_place_of_lower_precisions() -> None:
@@ -290,7 +249,7 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_between_decode_steps(
     long_outcome = long.future.result(timeout=120)
     running_outcome = running.future.result(timeout=120)
 
-    # The first chunk through the graph, the others over its cache, at most CHUNK tokens each.
+    # The first chunk on its own, the others over its cache, at most CHUNK tokens each.
     assert len(chunk_calls) == chunks - 1 and max(chunk_calls) <= CHUNK
     # One decode step of the running stream after each chunk but the last (which makes the
     # long prompt's first token), none skipped: at least chunks - 1 tokens in between.
@@ -400,11 +359,14 @@ def test_start_up_checks_chunked_prefill_and_falls_back_with_a_notice(
         if batch is not None:
             batch.stop()
 
-    def wrong(model: Any, ids: torch.Tensor, past: Any, start: int) -> tuple[torch.Tensor, Any]:
-        logits, past = chunked_prefill.continue_prefill(model, ids, past, start)
-        return -logits, past  # a wrong chunk: the check must catch it
+    def wrong(
+        graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        chunk = over_a_cache(rows, ids)
+        logits = paged_forward(graph, pool, rows, ids, positions)
+        return -logits if chunk else logits  # a wrong chunk: the check must catch it
 
-    monkeypatch.setattr(engine_module, "continue_prefill", wrong)
+    monkeypatch.setattr(engine_module, "paged_forward", wrong)
     batch, reason = start_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=256))
     try:
         assert batch is not None and not batch.chunked_prefill, reason
@@ -456,11 +418,17 @@ def test_the_chunk_size_is_configured_and_bounded(llama_dir: Path) -> None:
         BatchingConfig(prefill_chunk_tokens=8)
 
 
-def test_prompts_past_a_sliding_window_are_not_chunked() -> None:
-    def model(**config: Any) -> Any:
-        return SimpleNamespace(config=SimpleNamespace(**config))
+def test_a_model_with_a_sliding_window_is_served_one_at_a_time(llama_dir: Path) -> None:
+    def config(**fields: Any) -> Any:
+        return SimpleNamespace(**fields)
 
-    assert chunked_prefill.chunkable(model(), 5000)
-    assert chunked_prefill.chunkable(model(sliding_window=4096), 4096)
-    assert not chunked_prefill.chunkable(model(sliding_window=4096), 4097)
-    assert chunked_prefill.chunkable(model(sliding_window=4096, use_sliding_window=False), 5000)
+    assert paged_kv.attends_in_full(config())
+    assert not paged_kv.attends_in_full(config(sliding_window=4096))
+    assert paged_kv.attends_in_full(config(sliding_window=4096, use_sliding_window=False))
+    engine = Engine(make_tier("fp32").load(llama_dir, llama_dir))
+    engine.loaded.model.config.sliding_window = 64
+    try:
+        batch, reason = start_batching(engine, BatchingConfig(max_batch=2))
+    finally:
+        engine.loaded.model.config.sliding_window = None
+    assert batch is None and "sliding window" in reason

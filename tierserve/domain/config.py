@@ -401,7 +401,7 @@ class BatchingConfig(_Strict):
     enabled: bool = True
     # Streams decoding together in one worker.
     max_batch: int = Field(default=16, ge=1, le=256)
-    # KV-cache positions the batch may hold, all rows together, left padding included; a
+    # KV-cache positions the batch may hold, all rows together (a paged cache: no padding); a
     # request is admitted only when its prompt plus max_new_tokens fit beside the others.
     kv_cache_tokens: int = Field(default=32768, ge=64)
     # Most prompt tokens a worker prefills per step: a longer prompt is prefilled over several

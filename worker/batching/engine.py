@@ -6,14 +6,14 @@ at most one waiting request (earliest first-token deadline first) if no other is
 a batch slot and the KV-cache budget allow, runs one chunk (at most `prefill_chunk_tokens`
 tokens) of the prefilling request's prompt alone, then one decode forward for every running row,
 sampling each row's next token with that row's own settings. After its last chunk the prefilling
-request samples its first token and its cache is copied into the batch
-(`iakv_cache.BatchKvCache`). So a long prompt holds the running streams for one chunk per step,
-not for the whole prompt. Decode reads the weights once per step for the whole batch, which is
-why a batch costs little more per step than one stream.
+request samples its first token and becomes a row. So a long prompt holds the running streams for
+one chunk per step, not for the whole prompt. Decode reads the weights once per step for the
+whole batch, which is why a batch costs little more per step than one stream.
 
-A prompt's first chunk goes through the traced graph; later chunks go through the eager model
-(`kernels.chunked_prefill`, which says why). Without chunking (`prefill_chunk_tokens` None,
-where the start-up check found the eager path wrong) each prompt is prefilled in one forward.
+Every forward, chunk or decode step, goes through the tier's traced graph with its attention over
+a paged cache (`kernels.paged_kv`): each request owns blocks of one pool, so joining and leaving
+copy nothing and no row is padded to the longest. Without chunking (`prefill_chunk_tokens` None,
+where the start-up check found chunks wrong) each prompt is prefilled in one forward.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from tierserve.worker.batching.admission import StepTimes, within_budgets
 from tierserve.worker.batching.sampler import next_token, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
-from tierserve.worker.kernels.chunked_prefill import chunkable, continue_prefill
-from tierserve.worker.kernels.iakv_cache import BatchKvCache, empty_past, layer_caches
+from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch: int = 16
-    # Positions of the KV cache the batch may hold, all rows together, padding included.
+    # Positions of the KV cache the batch may hold, all rows together.
     kv_cache_tokens: int = 32768
     # Most prompt tokens one step prefills; None: a whole prompt in one forward.
     prefill_chunk_tokens: int | None = 256
@@ -69,8 +68,8 @@ class _Sequence:
     generator: torch.Generator | None = None
     next_token: int = 0
     position: int = 0
-    # While prefilling: the prompt's cache so far (a batch of one).
-    prefill_cache: BatchKvCache | None = None
+    # Its KV cache: the prompt's positions so far while prefilling, then every position.
+    kv: PagedRow = field(default_factory=PagedRow)
 
     @property
     def span(self) -> int:
@@ -118,14 +117,16 @@ class BatchEngine:
         self.engine = engine
         self.limits = limits
         model = engine.loaded.model
-        self._model = model
         self._graph: Any = model.trace_graph
-        self._num_layers = int(model.config.num_hidden_layers)
         self._run_context = engine.loaded.run_context
         self._waiting: list[tuple[float, int, _Sequence]] = []
         self._order = itertools.count()
         self._running: list[_Sequence] = []
-        self._cache: BatchKvCache | None = None
+        with torch.inference_mode(), self._run_context():
+            shape = cache_shape(model)
+        # Admission keeps the spans within kv_cache_tokens; a block per row more covers their
+        # last partly used blocks.
+        self._pool = BlockPool(shape, blocks_for(limits.kv_cache_tokens) + limits.max_batch)
         # The one request whose prompt is being prefilled, chunk by chunk; not yet a batch row.
         self._prefilling: _Sequence | None = None
         # Measured decode steps by rows: what admission predicts a bigger batch's step from.
@@ -179,15 +180,15 @@ class BatchEngine:
 
     def occupancy(self) -> BatchOccupancy:
         with self._wake:
-            caches = [c for c in (self._cache, self._prefill_cache()) if c is not None]
+            members = self._members()
             prefilling = self._prefilling
             return BatchOccupancy(
-                running=len(self._members()),
+                running=len(members),
                 waiting=len(self._waiting),
                 max_batch=self.limits.max_batch,
-                kv_tokens_used=sum(c.batch * c.length for c in caches),
+                kv_tokens_used=sum(s.kv.length for s in members),
                 kv_tokens_budget=self.limits.kv_cache_tokens,
-                kv_bytes=sum(c.bytes() for c in caches),
+                kv_bytes=self._pool.used_blocks * self._pool.block_bytes(),
                 prefilling=int(prefilling is not None),
                 prefill_tokens_left=(
                     prefilling.prompt.prompt_tokens - _prefilled(prefilling) if prefilling else 0
@@ -237,9 +238,6 @@ class BatchEngine:
         """The requests holding a batch slot and KV-cache room: the rows, and the one prefilling."""
         return [*self._running, *([self._prefilling] if self._prefilling is not None else [])]
 
-    def _prefill_cache(self) -> BatchKvCache | None:
-        return self._prefilling.prefill_cache if self._prefilling is not None else None
-
     def _drop_cancelled_waiters(self) -> None:
         """Cancelled waiters leave with their outcome, even while a prompt is prefilling (called
         locked)."""
@@ -263,8 +261,7 @@ class BatchEngine:
         members = self._members()
         if len(members) >= self.limits.max_batch:
             return None
-        widest = max([head.span, *(s.span for s in members)])
-        if (len(members) + 1) * widest > self.limits.kv_cache_tokens:
+        if head.span + sum(s.span for s in members) > self.limits.kv_cache_tokens:
             return None
         budgets = [s.token_budget_s for s in (head, *members)]
         if not within_budgets(self.step_times, len(members) + 1, budgets):
@@ -284,16 +281,11 @@ class BatchEngine:
         ids = sequence.prompt.input_ids
         length = int(ids.shape[1])
         start = _prefilled(sequence)
-        chunk = self.limits.prefill_chunk_tokens or length
-        if not chunkable(self._model, length):
-            chunk = length
-        end = min(length, start + chunk)
+        end = min(length, start + (self.limits.prefill_chunk_tokens or length))
         try:
-            logits, past = self._prefill_chunk(sequence, ids[:, start:end], start)
-            row = BatchKvCache.of_sequence(layer_caches(past), end)
+            positions = torch.arange(start, end).unsqueeze(0)
+            logits = paged_forward(self._graph, self._pool, [sequence.kv], ids[:, start:end], positions)
             if end < length:
-                with self._wake:
-                    sequence.prefill_cache = row
                 return
             token = next_token(logits[0, -1], sequence.params.sampling, sequence.generator)
         except Exception as error:
@@ -302,51 +294,27 @@ class BatchEngine:
             return
         sequence.position = length
         sequence.next_token = token
-        with self._wake:
-            sequence.prefill_cache = row  # the whole prompt: nothing left to prefill
         sequence.sink.push(token)
         done = sequence.sink.finished or sequence.cancelled()
         with self._wake:  # from prefilling to a row in one move: occupancy never loses it
             if not done:
-                # Joined first: if that fails (memory), the request is still the prefilling one,
-                # and the caller fails it instead of losing it.
-                if self._cache is None:
-                    self._cache = row
-                else:
-                    self._cache.join(row)
                 self._running.append(sequence)
-            self._prefilling, sequence.prefill_cache = None, None
+            self._prefilling = None
         if done:
+            self._pool.release(sequence.kv)
             self._finish(sequence)
-
-    def _prefill_chunk(self, sequence: _Sequence, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, Any]:
-        """(logits, past) of a prompt chunk at positions `start`..: the first through the traced
-        graph (no cache yet), later ones over the cache of those before."""
-        if start == 0:
-            return self._forward(
-                ids,
-                torch.ones_like(ids),
-                empty_past(self._num_layers, 1),
-                torch.arange(int(ids.shape[1])).unsqueeze(0),
-            )
-        cache = sequence.prefill_cache
-        assert cache is not None
-        return continue_prefill(self._model, ids, cache.past_key_values(), start)
 
     def _end_prefill(self) -> None:
         with self._wake:
             if self._prefilling is not None:
-                self._prefilling.prefill_cache = None
+                self._pool.release(self._prefilling.kv)
             self._prefilling = None
 
     def _decode_step(self) -> None:
-        cache = self._cache
-        assert cache is not None
         started, rows = time.perf_counter(), len(self._running)
         ids = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long)
         positions = torch.tensor([[s.position] for s in self._running], dtype=torch.long)
-        logits, past = self._forward(ids, cache.attention_mask(), cache.past_key_values(), positions)
-        cache.advance(past, 1)
+        logits = paged_forward(self._graph, self._pool, [s.kv for s in self._running], ids, positions)
         finished: list[_Sequence] = []
         for row, sequence in enumerate(self._running):
             sequence.position += 1
@@ -372,12 +340,6 @@ class BatchEngine:
                 if not sequence.future.done():
                     self._finish(sequence)
 
-    def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, past: Any, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, Any]:
-        out = self._graph(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions)
-        return out[0], out[1]
-
     def _finish(self, sequence: _Sequence) -> None:
         sequence.future.set_result(
             sequence.sink.outcome(sequence.prompt, sequence.seed, sequence.cancelled())
@@ -385,15 +347,16 @@ class BatchEngine:
 
     def _keep(self, remaining: list[_Sequence]) -> None:
         with self._wake:
-            if not remaining:
-                self._cache = None
-            elif self._cache is not None:
-                self._cache.keep([self._running.index(s) for s in remaining])
+            for sequence in self._running:
+                if sequence not in remaining:
+                    self._pool.release(sequence.kv)
             self._running = remaining
 
     def _fail_rows(self, error: Exception) -> None:
         with self._wake:
-            running, self._running, self._cache = self._running, [], None
+            running, self._running = self._running, []
+            for sequence in running:
+                self._pool.release(sequence.kv)
         for sequence in running:
             if not sequence.future.done():
                 sequence.future.set_exception(error)
@@ -401,4 +364,4 @@ class BatchEngine:
 
 def _prefilled(sequence: _Sequence) -> int:
     """Prompt positions already in a prefilling sequence's cache."""
-    return sequence.prefill_cache.length if sequence.prefill_cache is not None else 0
+    return sequence.kv.length

@@ -14,9 +14,10 @@ Importing this module does not import IPEX; the first call does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -320,13 +321,46 @@ def trace_optimized_for_generation(model: Any, bf16_autocast: bool) -> Any:
 # --- Chunked prefill ----------------------------------------------------------------------------
 
 
-def indirect_kv_attention_class() -> type[nn.Module]:
-    """IPEX's attention over its indirect-access KV cache, the module the optimized decoder's
-    eager forward calls (`_IPEXScaleDotProductCPU`); `chunked_prefill` stands in for its forward."""
-    require_supported_ipex("chunked prefill")
-    from intel_extension_for_pytorch.transformers.models.cpu.fusions.mha_fusion import (
-        _IPEXScaleDotProductCPU,
-    )
+# The op IPEX 2.8's decoder graphs (every tier's) call for attention over their KV cache, and
+# its arguments: (query, key, value, key_cache, value_cache, beam_idx, seq_info, scale_attn,
+# max_positions, head_mask, attention_mask, add_casual_mask) -> (attn_output [batch, heads,
+# new, head_dim], attn_weights, key_cache, value_cache, beam_idx).
+ATTENTION_OP = "masked_multihead_self_attention"
 
-    module: type[nn.Module] = _IPEXScaleDotProductCPU
-    return module
+
+@contextmanager
+def attention_op_replaced(kernel: Callable[..., Any]) -> Iterator[None]:
+    """IPEX's attention op runs `kernel` instead, for every caller, until the block ends; then
+    IPEX's own kernel is back (the dispatcher keeps it under the replacement)."""
+    require_supported_ipex("paged attention")
+    import intel_extension_for_pytorch  # noqa: F401  (registers the op being replaced)
+
+    library: Any = torch.library.Library  # untyped in torch
+    registration = library("torch_ipex", "IMPL")
+    try:
+        registration.impl(ATTENTION_OP, kernel, "CPU")
+        yield
+    finally:
+        registration._destroy()  # removes only this registration
+
+
+class PagedAttentionOps(NamedTuple):
+    """IPEX's paged-attention ops, as `intel_extension_for_pytorch.llm.modules.PagedAttention`
+    calls them on CPU (called directly: its per-call device dispatch costs more than the op
+    itself at a decode step's size).
+
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping int32, "auto", 1.0, 1.0);
+    single_query_cached_kv_attention(out, query, key_cache, value_cache, head_mapping, scale,
+    block_tables, context_lens, block_size, max_context_len, alibi_slopes, window_size, 1.0,
+    1.0, softcap)."""
+
+    reshape_and_cache: Callable[..., Any]
+    single_query_cached_kv_attention: Callable[..., Any]
+
+
+def paged_attention_ops() -> PagedAttentionOps:
+    require_supported_ipex("paged attention")
+    import intel_extension_for_pytorch  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.torch_ipex
+    return PagedAttentionOps(ops.reshape_and_cache, ops.single_query_cached_kv_attention)

@@ -248,7 +248,7 @@ class BatchOccupancy(_message.Message):
     occupancy: _builtins.float
     """/ running / max_batch, from 0 to 1."""
     kv_tokens_used: _builtins.int
-    """/ KV-cache positions held, all rows together, padding included."""
+    """/ KV-cache positions held, all rows together."""
     kv_tokens_budget: _builtins.int
     """/ KV-cache positions the batch may hold (0 without batching)."""
     kv_share: _builtins.float

@@ -325,7 +325,7 @@ class BatchState(_message.Message):
     max_batch: _builtins.int
     """/ Most streams decoding together."""
     kv_tokens_used: _builtins.int
-    """/ KV-cache positions held now, all rows together, padding included."""
+    """/ KV-cache positions held now, all rows together."""
     kv_tokens_budget: _builtins.int
     """/ KV-cache positions the batch may hold."""
     kv_cache_mb: _builtins.float

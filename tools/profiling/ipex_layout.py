@@ -1,18 +1,12 @@
-"""A batch's KV cache in IPEX's indirect-access layout, rebuilt so sequences join and leave
-between decode steps.
+"""IPEX's own KV-cache layout for a batch, for comparison with the paged cache the batch engine
+keeps (`tierserve.worker.kernels.paged_kv`): `[positions, batch, kv_heads, head_dim]` per layer,
+one shared length, rows right-aligned behind left padding. The batch engine used this until the
+paged cache replaced it; `batched_step.py` steps it side by side with the paged one.
 
-IPEX's decoder graphs keep, per layer, `(seq_info, key_cache, value_cache, beam_idx)`: the
-caches are `[capacity, batch, kv_heads, head_dim]` with one shared length for every row (the
-offset is read from `seq_info`'s shape), and `beam_idx` is `[capacity + 2, batch]`: which row
-holds each position (the identity for a batch without beams), then two rows of metadata whose
-first column is the prompt length and the batch size. One shared length means the rows are
-right-aligned: a sequence shorter than the batch sits behind left padding that the attention
-mask hides. A joining sequence is prefilled alone and copied in at the right offset (the batch
-moves right first if the newcomer is longer); a leaving one is dropped from the batch dimension;
-padding every row shares is trimmed away. Keys are stored with their rotary embedding applied at
-the sequence's own positions, so moving them along the cache does not change them.
-
-This is tied to IPEX 2.8's layout (`ipex_internals.check_ipex_version` guards the workers).
+A joining sequence is copied in at the right offset (the batch moves right first if the newcomer
+is longer); a leaving one is dropped from the batch dimension; padding every row shares is
+trimmed. `beam_idx` is `[capacity + 2, batch]`: the identity, then the prompt length and the
+batch size. Tied to IPEX 2.8's layout.
 """
 
 from __future__ import annotations
@@ -23,22 +17,8 @@ from typing import Any
 
 import torch
 
-# Spare positions allocated past the current length, so most steps do not regrow the cache
-# (IPEX's kernel doubles a full cache itself; we size it on every rebuild).
+# Spare positions allocated past the current length, so most steps do not regrow the cache.
 _HEADROOM = 64
-
-
-def empty_past(num_layers: int, batch: int) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """The past IPEX's graphs take for a first forward (no cache yet)."""
-    return tuple(
-        (
-            torch.zeros(1, 0, 0, 1, dtype=torch.long),
-            torch.zeros([1, 1, 1, 1]),
-            torch.zeros([1, 1, 1, 1]),
-            torch.zeros(1, batch, dtype=torch.long),
-        )
-        for _ in range(num_layers)
-    )
 
 
 def layer_caches(past: Sequence[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,324 @@
+"""A paged KV cache for continuous batching on IPEX's traced decoder graph.
+
+Every tier's decoder graph computes attention with one op (`ipex_internals.ATTENTION_OP`) over the
+cache it is handed in `past_key_values`, and only that op reads or writes the cache: the graph
+passes the cache tensors through. For the length of each batch forward the op is replaced
+(`ipex_internals.attention_op_replaced`) by `_paged_attention`, and the graph is handed, per
+layer, the blocks of one shared pool instead of IPEX's own cache. So every tier keeps its traced
+graph, its linears and its fused RoPE and RMSNorm, and only attention changes:
+
+- keys and values live in IPEX's paged layout, `[blocks, kv_heads, BLOCK_SIZE, head_dim]`; each
+  sequence owns a list of blocks (`PagedRow`) and nothing is copied when a sequence joins or
+  leaves the batch, nor padded to the longest;
+- a decode step (one new token per row) attends with IPEX's paged kernel
+  (`single_query_cached_kv_attention`), each row over its own length;
+- a prompt chunk (one row, several tokens) attends causally over the row's blocks and itself with
+  one scaled-dot-product attention in float32, wherever the chunk starts.
+
+Why: IPEX's own cache is `[positions, batch, kv_heads, head_dim]`, so one row's positions lie
+`batch x kv_heads x head_dim` elements apart, and its kernel reads them one position at a time.
+On a Zen 4 that attention took half of an 8-row decode step at 400 cached positions; the paged
+layout reads a row's positions in blocks (docs/benchmarks/attention-kernels-*).
+
+The graph is told there is no past, so the mask it builds covers the new tokens only, and it is
+not used: each row's length and blocks are in the step's metadata, and each token's position in
+`position_ids`. A model with a sliding attention window is not served this way (`attends_in_full`):
+the paged kernel has no window.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tierserve.worker.kernels.ipex_internals import (
+    PagedAttentionOps,
+    attention_op_replaced,
+    paged_attention_ops,
+)
+
+BLOCK_SIZE = 16
+
+_stepping = threading.Lock()
+_current: _Step | None = None
+
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK_SIZE)
+
+
+def attends_in_full(config: Any) -> bool:
+    """Whether every position attends to every earlier one (no sliding window), as the paged
+    kernel computes."""
+    window = getattr(config, "sliding_window", None)
+    return not window or not getattr(config, "use_sliding_window", True)
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has no free block (admission reserves spans, so this means a bookkeeping bug)."""
+
+
+@dataclass(eq=False)
+class PagedRow:
+    """One sequence's cache: its blocks in position order and how many positions they hold."""
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What the graph's attention caches: per layer, `kv_heads` heads of `head_dim`, in `dtype`."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+class BlockPool:
+    """Every layer's key and value blocks, and which are free. Blocks are handed out lowest
+    first, so memory the process has touched is reused before new pages are."""
+
+    def __init__(self, shape: CacheShape, num_blocks: int) -> None:
+        self.shape = shape
+        self.num_blocks = num_blocks
+        block = (num_blocks, shape.kv_heads, BLOCK_SIZE, shape.head_dim)
+        # Allocated, not written: the OS backs a block's pages when a key is first stored there.
+        self.keys = [torch.empty(block, dtype=shape.dtype) for _ in range(shape.layers)]
+        self.values = [torch.empty(block, dtype=shape.dtype) for _ in range(shape.layers)]
+        self._free = list(range(num_blocks))
+        self._lock = threading.Lock()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def block_bytes(self) -> int:
+        one = self.shape.kv_heads * BLOCK_SIZE * self.shape.head_dim * self.keys[0].element_size()
+        return 2 * self.shape.layers * one
+
+    def grow(self, row: PagedRow, length: int) -> None:
+        """Give `row` blocks enough for `length` positions."""
+        with self._lock:
+            while len(row.blocks) * BLOCK_SIZE < length:
+                if not self._free:
+                    raise OutOfBlocks(f"the KV cache's {self.num_blocks} blocks are all in use")
+                row.blocks.append(heapq.heappop(self._free))
+
+    def release(self, row: PagedRow) -> None:
+        with self._lock:
+            for block in row.blocks:
+                heapq.heappush(self._free, block)
+        row.blocks, row.length = [], 0
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One forward's rows, as the replaced attention op reads them."""
+
+    thread: int
+    ops: PagedAttentionOps
+    slots: torch.Tensor  # [rows x new] int32, where each new key goes: block x BLOCK_SIZE + offset
+    tables: torch.Tensor  # [rows, most blocks] int32, each row's blocks
+    lengths: torch.Tensor  # [rows] int32, each row's positions after this forward
+    longest: int
+
+
+def empty_past(num_layers: int, batch: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The past IPEX's own graphs take for a first forward (no cache yet): IPEX's kernel then
+    allocates its cache, `[capacity, batch, kv_heads, head_dim]` per layer."""
+    return tuple(
+        (
+            torch.zeros(1, 0, 0, 1, dtype=torch.long),
+            torch.zeros([1, 1, 1, 1]),
+            torch.zeros([1, 1, 1, 1]),
+            torch.zeros(1, batch, dtype=torch.long),
+        )
+        for _ in range(num_layers)
+    )
+
+
+def cache_shape(model: Any) -> CacheShape:
+    """The cache the model's graph attends over, from one traced forward of two tokens with IPEX's
+    own cache (its dtype is the tier's attention precision)."""
+    layers = int(model.config.num_hidden_layers)
+    ids = torch.tensor([[1, 2]])
+    out = model.trace_graph(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=empty_past(layers, 1),
+        position_ids=torch.arange(2).unsqueeze(0),
+    )
+    keys = out[1][0][1]  # [capacity, batch, kv_heads, head_dim]
+    return CacheShape(layers, int(keys.shape[2]), int(keys.shape[3]), keys.dtype)
+
+
+def paged_forward(
+    graph: Any, pool: BlockPool, rows: Sequence[PagedRow], ids: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """The logits of one forward in which each of `rows` adds the tokens of its row of `ids`
+    (decode: one each; a prompt chunk: one row) at `positions`; the rows' caches grow by them."""
+    global _current
+    new = int(ids.shape[1])
+    if new > 1 and len(rows) != 1:
+        raise ValueError("a forward of several tokens per row takes one row")
+    starts = [row.length for row in rows]
+    for row in rows:
+        pool.grow(row, row.length + new)
+    step = _step_of(pool, rows, starts, new, int(ids.shape[0]))
+    # The graph is told there is no past, and given a mask of the new tokens only: the mask it
+    # builds from them is not read (see the module doc), and some families' traced mask
+    # preparation cannot build one for several new tokens over a past (Qwen2's, Mistral's).
+    no_past = torch.empty((1, 0, 0, 1), dtype=torch.long)
+    no_beams = torch.zeros(1, len(rows), dtype=torch.long)
+    past = tuple((no_past, k, v, no_beams) for k, v in zip(pool.keys, pool.values, strict=True))
+    mask = torch.ones(len(rows), new, dtype=torch.long)
+    with _stepping, attention_op_replaced(_paged_attention):
+        _current = step
+        try:
+            out = graph(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions)
+        finally:
+            _current = None
+    for row, start in zip(rows, starts, strict=True):
+        row.length = start + new
+    logits: torch.Tensor = out[0]
+    return logits
+
+
+def _step_of(pool: BlockPool, rows: Sequence[PagedRow], starts: list[int], new: int, batch: int) -> _Step:
+    slots = [
+        row.blocks[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+        for row, start in zip(rows, starts, strict=True)
+        for position in range(start, start + new)
+    ]
+    widest = max(len(row.blocks) for row in rows)
+    tables = torch.zeros(batch, widest, dtype=torch.int32)
+    for index, row in enumerate(rows):
+        tables[index, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.int32)
+    lengths = [start + new for start in starts]
+    return _Step(
+        thread=threading.get_ident(),
+        ops=_ops(),
+        slots=torch.tensor(slots, dtype=torch.int32),
+        tables=tables,
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+        longest=max(lengths),
+    )
+
+
+def _paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    beam_idx: torch.Tensor,
+    seq_info: torch.Tensor,
+    scale_attn: float,
+    max_positions: int,
+    head_mask: Any,
+    attention_mask: Any,
+    add_casual_mask: Any = None,
+) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPEX's attention op over the pool's blocks for `_current`'s rows (see the module doc).
+    query `[rows, new, heads, head_dim]`, key and value `[rows, new, kv_heads, head_dim]`."""
+    step = _current
+    if step is None or step.thread != threading.get_ident():
+        # Another thread's forward while a paged step runs: never attend over the wrong cache.
+        raise RuntimeError("IPEX's attention op was called outside the paged step that replaced it")
+    rows, new, heads, head_dim = (int(n) for n in query.shape)
+    kv_heads = int(key.shape[2])
+    step.ops.reshape_and_cache(
+        key.reshape(rows * new, kv_heads, head_dim).to(key_cache.dtype),
+        value.reshape(rows * new, kv_heads, head_dim).to(value_cache.dtype),
+        key_cache,
+        value_cache,
+        step.slots,
+        "auto",
+        1.0,
+        1.0,
+    )
+    if new == 1:
+        out = torch.empty(rows, heads, head_dim, dtype=key_cache.dtype)
+        step.ops.single_query_cached_kv_attention(
+            out,
+            query.reshape(rows, heads, head_dim).to(key_cache.dtype).contiguous(),
+            key_cache,
+            value_cache,
+            _head_mapping(heads, kv_heads),
+            1.0 / scale_attn,
+            step.tables,
+            step.lengths,
+            BLOCK_SIZE,
+            step.longest,
+            None,  # alibi slopes
+            -1,  # no window
+            1.0,
+            1.0,
+            -1.0,  # no softcap
+        )
+        return out.unsqueeze(2).to(query.dtype), None, key_cache, value_cache, beam_idx
+    return (
+        _chunk_attention(query, key_cache, value_cache, step, scale_attn),
+        None,
+        key_cache,
+        value_cache,
+        beam_idx,
+    )
+
+
+def _chunk_attention(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, step: _Step, scale_attn: float
+) -> torch.Tensor:
+    """Causal attention of one row's chunk over the row's blocks (itself included), in float32
+    as IPEX accumulates: `[1, heads, new, head_dim]`, in IPEX's memory layout."""
+    new, heads = int(query.shape[1]), int(query.shape[2])
+    end = step.longest
+    start = end - new
+    blocks = step.tables[0, : blocks_for(end)].long()
+    kv_heads, head_dim = int(key_cache.shape[1]), int(key_cache.shape[3])
+
+    def gathered(cache: torch.Tensor) -> torch.Tensor:
+        # [blocks, kv_heads, BLOCK_SIZE, head_dim] -> [heads, end, head_dim]
+        rows = cache.index_select(0, blocks).transpose(0, 1).reshape(kv_heads, -1, head_dim)[:, :end]
+        return rows.float().repeat_interleave(heads // kv_heads, dim=0)
+
+    q = query[0].transpose(0, 1).float()
+    visible = torch.ones(new, end, dtype=torch.bool).tril(diagonal=start)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, gathered(key_cache), gathered(value_cache), attn_mask=visible, scale=1.0 / scale_attn
+    )
+    # IPEX's op hands back [1, heads, new, head_dim] laid out as [1, new, heads, head_dim], and the
+    # native kernel paths' graphs read it in that layout whatever its strides say.
+    return out.transpose(0, 1).to(query.dtype).contiguous().unsqueeze(0).transpose(1, 2)
+
+
+_resolved: list[PagedAttentionOps] = []
+
+
+def _ops() -> PagedAttentionOps:
+    if not _resolved:
+        _resolved.append(paged_attention_ops())
+    return _resolved[0]
+
+
+_head_maps: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _head_mapping(heads: int, kv_heads: int) -> torch.Tensor:
+    """Each query head's key/value head (grouped-query attention shares them in order)."""
+    mapping = _head_maps.get((heads, kv_heads))
+    if mapping is None:
+        mapping = torch.arange(kv_heads, dtype=torch.int32).repeat_interleave(heads // kv_heads)
+        _head_maps[(heads, kv_heads)] = mapping
+    return mapping
