@@ -5,6 +5,10 @@ the evaluation texts in one forward pass per chunk. A tier is scored through the
 decode path it serves with: `generate` with a logits processor that records each
 step's distribution and then forces the evaluation text's next token (teacher
 forcing), so the card describes exactly what clients get.
+
+`batched_log_probs` scores the same way through the batch engine's path instead: every chunk a row
+of one batch over the paged KV cache (`kernels.paged_kv`), teacher-forced one token per step, as a
+batching worker decodes. `measure_card` takes either.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from tierserve_client.v1 import worker_pb2
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
 from tierserve.worker.tiers.base import LoadedModel
 from tierserve.worker.tiers.loading import load_float_model
 
@@ -103,17 +108,39 @@ def tier_log_probs(loaded: LoadedModel, chunk: list[int]) -> torch.Tensor:
     return torch.stack(forcing.log_probs)
 
 
+def batched_log_probs(loaded: LoadedModel, chunks: list[list[int]]) -> list[torch.Tensor]:
+    """Each chunk's next-token log-probabilities at every position but the last, every chunk a
+    row of one batch decoding over the paged KV cache, teacher-forced one token per step (rows
+    leave as their chunks end)."""
+    model = loaded.model
+    rows = [PagedRow() for _ in chunks]
+    scored: list[list[torch.Tensor]] = [[] for _ in chunks]
+    with torch.inference_mode(), loaded.run_context():
+        pool = BlockPool(cache_shape(model), sum(blocks_for(len(c)) for c in chunks))
+        for step in range(max(len(c) for c in chunks) - 1):
+            active = [i for i, chunk in enumerate(chunks) if step < len(chunk) - 1]
+            ids = torch.tensor([[chunks[i][step]] for i in active])
+            positions = torch.full((len(active), 1), step, dtype=torch.long)
+            logits = paged_forward(model.trace_graph, pool, [rows[i] for i in active], ids, positions)
+            for row, i in enumerate(active):
+                scored[i].append(torch.log_softmax(logits[row, -1].float(), dim=-1))
+    return [torch.stack(steps) for steps in scored]
+
+
 def measure_card(
     loaded: LoadedModel,
     chunks: list[list[int]],
     reference: list[torch.Tensor],
     progress: Callable[[int, int], None] = lambda done, total: None,
+    scored: list[torch.Tensor] | None = None,
 ) -> AccuracyCard:
+    """The card of `loaded` on `chunks` against the fp32 `reference`: scored through `generate`
+    chunk by chunk, or from log-probabilities already `scored` (e.g. `batched_log_probs`)."""
     total = sum(len(c) - 1 for c in chunks)
     nll = ref_nll = kl = agree = 0.0
     done = 0
-    for chunk, ref in zip(chunks, reference, strict=True):
-        mine = tier_log_probs(loaded, chunk)
+    for index, (chunk, ref) in enumerate(zip(chunks, reference, strict=True)):
+        mine = tier_log_probs(loaded, chunk) if scored is None else scored[index]
         targets = torch.tensor(chunk[1:])
         nll -= mine.gather(1, targets[:, None]).sum().item()
         ref_nll -= ref.gather(1, targets[:, None]).sum().item()

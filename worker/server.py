@@ -148,8 +148,13 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
             endpoint.close()
         raise
     state.batch, batching = await loop.run_in_executor(
-        executor, start_batching, engine, config.batching_for(worker_config), worker_config.tier
+        executor, start_batching, engine, config.batching_for(worker_config), worker_config.tier, False
     )
+    batch_loop: asyncio.Future[None] | None = None
+    if state.batch is not None:
+        # The batch steps on the model thread, which then runs nothing else: torch's parallel
+        # work from one thread only (BatchEngine.run says why).
+        batch_loop = loop.run_in_executor(executor, state.batch.run)
     log.info("%s", batching)
     chunking_asked = config.batching_for(worker_config).prefill_chunk_tokens is not None
     if state.batch is None or (chunking_asked and not state.batch.chunked_prefill):
@@ -165,5 +170,7 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         if endpoint is not None:
             endpoint.close()
         if state.batch is not None:
-            state.batch.stop()
+            state.batch.stop()  # the loop ends once the running requests have
+        if batch_loop is not None:
+            await asyncio.wait({batch_loop}, timeout=30)
     executor.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,7 @@ from tests.unit.conftest import alone
 from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
@@ -332,3 +333,18 @@ def test_a_worker_may_set_its_own_batch_size() -> None:
     )
     assert [config.batching_for(w).max_batch for w in config.workers] == [8, 1]
     assert config.batching_for(config.workers[1]).kv_cache_tokens == 1024
+
+
+def test_cards_scored_through_the_batched_path_equal_those_through_generate(llama_dir: Path) -> None:
+    """Every chunk a row of one paged batch, teacher-forced: in float32 the same log-probabilities
+    as `generate` scoring each chunk alone, chunks of different lengths leaving as they end."""
+    loaded = make_tier("fp32").load(llama_dir, llama_dir)
+    chunks = [
+        [5, 17, 300, 42, 8, 9],
+        [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24],
+        [99, 100],
+    ]
+    batched = batched_log_probs(loaded, chunks)
+    for chunk, scored in zip(chunks, batched, strict=True):
+        assert scored.shape == (len(chunk) - 1, loaded.model.config.vocab_size)
+        torch.testing.assert_close(scored, tier_log_probs(loaded, chunk), atol=2e-4, rtol=1e-4)

@@ -56,10 +56,12 @@ EXACT_TIERS = ("fp32", "bf16")
 
 
 def start_batching(
-    engine: Engine, config: BatchingConfig, tier: str = "fp32"
+    engine: Engine, config: BatchingConfig, tier: str = "fp32", in_own_thread: bool = True
 ) -> tuple[BatchEngine | None, str]:
-    """A running batch engine for `engine` (of `tier`), or None and the reason requests go one at
-    a time; the message says how far batched greedy tokens agreed with those made alone."""
+    """A batch engine for `engine` (of `tier`), or None and the reason requests go one at a time;
+    the message says how far batched greedy tokens agreed with those made alone. The checks step
+    in the calling thread; the engine then steps in its own thread, or (`in_own_thread` False)
+    wherever the caller runs `BatchEngine.run` (a worker: on its model thread)."""
     if not config.enabled:
         return None, "continuous batching is off ([batching] enabled = false): one request at a time"
     if getattr(engine.loaded.model, "trace_graph", None) is None:
@@ -100,7 +102,7 @@ def start_batching(
     )
     if chunk_problem:
         limits = replace(limits, prefill_chunk_tokens=None)
-    batch = BatchEngine(engine, limits)
+    batch = BatchEngine(engine, limits, in_own_thread=False)
     problem, agreed, total = _checked("batched", lambda: _compare(engine, batch, params, reference, needed))
     if problem:
         batch.stop()
@@ -120,6 +122,8 @@ def start_batching(
         else f"; alone through the batch's paged attention, {_agreement(alone, reference)} of them "
         "equal to the one-request path's"
     )
+    if in_own_thread:
+        batch.start_thread()
     return batch, (
         f"continuous batching: up to {config.max_batch} streams, KV cache {config.kv_cache_tokens} tokens "
         f"(self-check: {agreed} of {total} greedy tokens made in a batch equal to those made alone{paged}); "
@@ -171,7 +175,7 @@ def _compare_chunked(
             0,
             len(alone),
         )
-    batch = BatchEngine(engine, replace(limits, max_batch=1, prefill_chunk_tokens=chunk))
+    batch = BatchEngine(engine, replace(limits, max_batch=1, prefill_chunk_tokens=chunk), in_own_thread=False)
     try:
         [chunked] = _made_by(engine, batch, [params])
     finally:
@@ -187,8 +191,9 @@ def _made_by(engine: Engine, batch: BatchEngine, params: list[GenerationParams])
         batch.submit(engine.prepare(p), p, _appender(ids), lambda: False, time.perf_counter())
         for p, ids in zip(params, made, strict=True)
     ]
+    batch.run_until_idle()
     for ticket in tickets:
-        ticket.future.result(timeout=600)
+        ticket.future.result(timeout=0)
     return made
 
 
@@ -219,7 +224,7 @@ def _appender(ids: list[int]) -> Emit:
 def _each_alone_in(engine: Engine, limits: BatchLimits, params: list[GenerationParams]) -> list[list[int]]:
     """The greedy tokens a batch engine makes for each of `params` on its own, one after another,
     each prompt prefilled in one forward."""
-    single = BatchEngine(engine, replace(limits, max_batch=1, prefill_chunk_tokens=None))
+    single = BatchEngine(engine, replace(limits, max_batch=1, prefill_chunk_tokens=None), in_own_thread=False)
     try:
         return [_made_by(engine, single, [p])[0] for p in params]
     finally:
