@@ -407,12 +407,14 @@ class WorkerPool:
         try:
             reply = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            worker.health = (
-                router_pb2.WORKER_HEALTH_SERVING if serving else router_pb2.WORKER_HEALTH_NOT_SERVING
-            )
+            # Described before it is marked serving: a worker listed or routed to as serving
+            # always has its tier's figures (cores, batch, accuracy) known.
             if serving and (not was_healthy or worker.info is None or worker._rounds % DESCRIBE_EVERY == 0):
                 info = await worker.stub.Describe(worker_pb2.DescribeRequest(), timeout=HEALTH_TIMEOUT_S)
                 self._described(worker, info)
+            worker.health = (
+                router_pb2.WORKER_HEALTH_SERVING if serving else router_pb2.WORKER_HEALTH_NOT_SERVING
+            )
         except grpc.aio.AioRpcError as error:
             worker.health = router_pb2.WORKER_HEALTH_UNREACHABLE
             # Shown by ListWorkers: why a worker never came up (e.g. its certificate names another).

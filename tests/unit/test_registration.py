@@ -277,6 +277,46 @@ def test_a_registered_worker_is_health_polled_serves_and_leaves_when_it_expires(
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
 
 
+@dataclass
+class SlowToDescribe(FakeWorker):
+    """Answers health at once but Describe only once `described` is set."""
+
+    asked: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    described: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        self.asked.set()
+        await self.described.wait()
+        return await super().Describe(request, context)
+
+
+def test_a_worker_is_listed_serving_only_once_it_has_been_described() -> None:
+    # A client that saw SERVING read no cores, batch or accuracy: the worker was marked serving
+    # while its Describe was still on the way (CI, stop 24).
+    async def scenario() -> None:
+        fake = SlowToDescribe("reg-0", "fp32", cores=[3])
+        worker = await serve_fake(fake)
+        async with router_with_clock(FakeClock()) as router:
+            request = router_pb2.RegisterRequest(
+                worker_id="reg-0", address=f"127.0.0.1:{worker.port}", tier="fp32"
+            )
+            await router.stub.Register(request, timeout=5)
+            await asyncio.wait_for(fake.asked.wait(), timeout=10)
+            waiting = (await listed(router))["reg-0"]
+            assert waiting.health != router_pb2.WORKER_HEALTH_SERVING and list(waiting.info.cores) == []
+            fake.described.set()
+            deadline = time.monotonic() + 10
+            while (status := (await listed(router))["reg-0"]).health != router_pb2.WORKER_HEALTH_SERVING:
+                assert time.monotonic() < deadline, f"never serving: {status}"
+                await asyncio.sleep(0.02)
+            assert list(status.info.cores) == [3]
+        await worker.server.stop(0)
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
 def test_the_worker_heartbeat_registers_and_keeps_refreshing_until_stopped() -> None:
     async def scenario() -> None:
         clock = FakeClock()
