@@ -148,7 +148,13 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
             endpoint.close()
         raise
     state.batch, batching = await loop.run_in_executor(
-        executor, start_batching, engine, config.batching_for(worker_config), worker_config.tier, False
+        executor,
+        start_batching,
+        engine,
+        config.batching_for(worker_config),
+        worker_config.tier,
+        False,
+        config.model.resolved_cache_dir() / "kernels",
     )
     batch_loop: asyncio.Future[None] | None = None
     if state.batch is not None:

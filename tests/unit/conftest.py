@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from tests.tiny_model import FAMILIES, build_tiny_model_dir
 from tierserve.domain.requests import GenerationParams
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits
 from tierserve.worker.engine import Engine
+from tierserve.worker.kernels import decode_attention
+from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.tiers.base import make_tier
 
 
@@ -32,6 +35,19 @@ def engine(request: pytest.FixtureRequest, llama_dir: Path) -> Engine:
     return Engine(make_tier(request.param).load(llama_dir, llama_dir))
 
 
+def tierserve_kernel() -> DecodeKernel:
+    """tierserve's decode-attention kernel, which the batch of a worker uses (built once per
+    machine into the default cache, as a worker builds it)."""
+    loaded = decode_attention.load(decode_attention.default_dir())
+    assert loaded.kernel is not None, f"tierserve's decode-attention kernel did not build: {loaded.reason}"
+    return loaded.kernel
+
+
+def batch_engine(engine: Engine, **limits: Any) -> BatchEngine:
+    """A batch engine stepping in its own thread, with the decode kernel a worker's batch uses."""
+    return BatchEngine(engine, BatchLimits(**limits), decode_kernel=tierserve_kernel())
+
+
 def computes_in_float32(engine: Engine) -> bool:
     """False for a bf16 tier on the "ipex" path (bf16 weights and compute); the "native" path
     of CPUs without bf16 kernels computes in float32."""
@@ -45,7 +61,7 @@ def alone(engine: Engine, request: GenerationParams) -> str:
     tokens, so there by a batch engine serving only this request (its prompt in one forward)."""
     if computes_in_float32(engine):
         return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
-    single = BatchEngine(engine, BatchLimits(max_batch=1, kv_cache_tokens=4096, prefill_chunk_tokens=None))
+    single = batch_engine(engine, max_batch=1, kv_cache_tokens=4096, prefill_chunk_tokens=None)
     try:
         prompt = engine.prepare(request)
         ticket = single.submit(prompt, request, lambda _: None, lambda: False, time.perf_counter())

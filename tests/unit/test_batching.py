@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.unit.conftest import alone
+from tests.unit.conftest import alone, batch_engine, tierserve_kernel
 from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
-from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
+from tierserve.worker.batching.engine import BatchEngine, Ticket
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
 from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, cache_shape, paged_forward
@@ -38,7 +38,7 @@ NEW_TOKENS = (12, 5, 16, 9, 7, 14, 3, 10)
 
 @pytest.fixture
 def batch(engine: Engine) -> Iterator[BatchEngine]:
-    batch = BatchEngine(engine, BatchLimits(max_batch=8, kv_cache_tokens=4096))
+    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=4096)
     yield batch
     batch.stop()
 
@@ -65,10 +65,11 @@ def submit(
 # ------------------------------------------------------------------ the batched forward
 
 
-def test_batched_decode_logits_match_transformers(family_dir: Path) -> None:
+@pytest.mark.parametrize("kernel", ["tierserve", "ipex"])
+def test_batched_decode_logits_match_transformers(family_dir: Path, kernel: str) -> None:
     """Rows of different lengths prefilled alone into one block pool, then decode steps of the
     whole batch: each row's logits equal transformers' eager model on that row's whole sequence,
-    also after a row leaves and a new one takes its blocks."""
+    also after a row leaves and a new one takes its blocks; with either decode-attention kernel."""
     loaded = make_tier("fp32").load(family_dir, family_dir)
     reference = AutoModelForCausalLM.from_pretrained(family_dir, torch_dtype=torch.float32).eval()
     graph = loaded.model.trace_graph
@@ -83,7 +84,8 @@ def test_batched_decode_logits_match_transformers(family_dir: Path) -> None:
         return logits
 
     with torch.inference_mode():
-        pool = BlockPool(cache_shape(loaded.model), 12)
+        pool = BlockPool(cache_shape(loaded.model), 12, tierserve_kernel() if kernel == "tierserve" else None)
+        assert (pool.decode_kernel is not None) == (kernel == "tierserve")
         rows = [PagedRow() for _ in sequences]
         for row, ids in zip(rows, sequences, strict=True):
             paged_forward(graph, pool, [row], torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))
@@ -125,7 +127,7 @@ def test_a_row_leaving_keeps_the_others_right(family_dir: Path) -> None:
     engine = Engine(loaded)
     requests = [params(p, n) for p, n in zip(PROMPTS[:4], (3, 12, 6, 12), strict=True)]
     expected = [alone(engine, r) for r in requests]
-    batch = BatchEngine(engine, BatchLimits(max_batch=4, kv_cache_tokens=4096))
+    batch = batch_engine(engine, max_batch=4, kv_cache_tokens=4096)
     try:
         tickets = [submit(batch, r) for r in requests]
         assert [t.future.result(timeout=120).text for t in tickets] == expected
@@ -196,7 +198,7 @@ def test_cancelled_row_stops_within_one_step_and_the_rest_go_on(engine: Engine, 
 
 
 def test_waiting_requests_are_admitted_earliest_deadline_first(engine: Engine) -> None:
-    batch = BatchEngine(engine, BatchLimits(max_batch=1, kv_cache_tokens=4096))
+    batch = batch_engine(engine, max_batch=1, kv_cache_tokens=4096)
     try:
         now = time.perf_counter()
         first = submit(batch, params(PROMPTS[0], 16), deadline=now)
@@ -211,7 +213,7 @@ def test_waiting_requests_are_admitted_earliest_deadline_first(engine: Engine) -
 
 def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engine) -> None:
     # Each request spans at most prompt + 24 tokens; a budget of 60 holds one at a time.
-    batch = BatchEngine(engine, BatchLimits(max_batch=8, kv_cache_tokens=60))
+    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=60)
     try:
         with pytest.raises(InvalidRequest, match="KV cache of 60 tokens"):
             submit(batch, params(PROMPTS[4], 60))
@@ -230,7 +232,7 @@ def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engin
 
 
 def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget(engine: Engine) -> None:
-    batch = BatchEngine(engine, BatchLimits(max_batch=8, kv_cache_tokens=4096))
+    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=4096)
     try:
         # Steps as measured: one row 10 ms, two rows 30 ms. Recorded steps only refine these.
         batch.step_times.record(1, 0.010)

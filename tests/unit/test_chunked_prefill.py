@@ -18,12 +18,12 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from tests.unit.conftest import alone, computes_in_float32
+from tests.unit.conftest import alone, batch_engine, computes_in_float32
 from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching import engine as engine_module
 from tierserve.worker.batching import startup
-from tierserve.worker.batching.engine import BatchEngine, BatchLimits, Ticket
+from tierserve.worker.batching.engine import BatchEngine, Ticket
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
 from tierserve.worker.kernels import chunked_prefill, paged_kv
@@ -45,7 +45,7 @@ RUNNING_PROMPT = "Once upon a time"
 
 @pytest.fixture
 def batch(engine: Engine) -> Iterator[BatchEngine]:
-    batch = BatchEngine(engine, BatchLimits(max_batch=4, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK))
+    batch = batch_engine(engine, max_batch=4, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK)
     yield batch
     batch.stop()
 
@@ -267,14 +267,14 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_between_decode_steps(
 def test_prompts_within_one_chunk_and_without_chunking_take_one_forward(
     engine: Engine, chunk_calls: list[int]
 ) -> None:
-    whole = BatchEngine(engine, BatchLimits(max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=None))
+    whole = batch_engine(engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=None)
     try:
         assert not whole.chunked_prefill
         request = params(LONG_PROMPT, 6)
         assert submit(whole, request).future.result(timeout=120).text == alone(engine, request)
     finally:
         whole.stop()
-    wide = BatchEngine(engine, BatchLimits(max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=128))
+    wide = batch_engine(engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=128)
     try:
         submit(wide, params(LONG_PROMPT, 6)).future.result(timeout=120)
     finally:

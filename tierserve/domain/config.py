@@ -408,6 +408,10 @@ class BatchingConfig(_Strict):
     # steps, each followed by the running streams' decode step, so it holds them for one chunk
     # at a time. 0 (or None): each prompt in one forward, holding the streams for all of it.
     prefill_chunk_tokens: Annotated[int | None, BeforeValidator(_zero_is_none)] = Field(default=256, ge=16)
+    # The decode steps' attention over the paged cache: "tierserve", our kernel built for this CPU
+    # at first start (worker/kernels/decode_attention.cpp; IPEX's where it cannot be built), or
+    # "ipex", IPEX's paged kernel.
+    decode_attention: Literal["tierserve", "ipex"] = "tierserve"
 
 
 class TierserveConfig(_Strict):

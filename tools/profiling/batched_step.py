@@ -1,13 +1,14 @@
 """Where a batched decode step's time goes: one tier's traced IPEX graph stepping B rows that
-each hold a cache of the same length, with the paged cache the batch engine keeps and, side by
-side in the same run, with IPEX's own cache layout. A diagnostic for `bench throughput` (issue
-15), not a benchmark of record.
+each hold a cache of the same length, on the paged cache the batch engine keeps, with tierserve's
+decode-attention kernel and with IPEX's paged kernel side by side in the same run (and, with
+`--ipex-layout`, IPEX's own cache layout). A diagnostic for `bench throughput` (issue 15), not a
+benchmark of record.
 
     .venv/bin/python tools/profiling/batched_step.py --tier bf16 --length 400 --out step.json
 
 Prints, per cache and batch size, the median step time and the share of the profiled time in
-attention over the cache (IPEX's `ipex::iakv_sdp::*`; for the paged cache IPEX's paged kernel,
-`reshape_and_cache` and the Python op that calls them) and in the linear layers, lm_head included
+attention over the cache (the decode kernel, IPEX's `reshape_and_cache` and the Python op that
+calls them; IPEX's layout: `ipex::iakv_sdp::*`) and in the linear layers, lm_head included
 (the ops differ by CPU: `ipex_prepack::*` and `aten::mm` where bf16 computes in float32,
 `torch_ipex::tpp_*` and `ipex_prepack::*` where it computes in bf16), and writes them as JSON.
 """
@@ -26,6 +27,8 @@ import torch
 from ipex_layout import BatchKvCache, layer_caches
 
 from tierserve.domain.config import default_config
+from tierserve.worker.kernels import decode_attention
+from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, cache_shape, empty_past, paged_forward
 from tierserve.worker.preparation import prepare_tier
 
@@ -33,6 +36,7 @@ GROUPS = {
     "attention over the cache": (
         "ipex::iakv_sdp",
         "ipex::single_query_cached_kv_attention",
+        "tierserve::decode_attention",
         "ipex::reshape_and_cache",
         "torch_ipex::masked_multihead_self_attention",
     ),
@@ -59,9 +63,11 @@ def ipex_layout_step(model: Any, prompt_cache: Any, length: int, batch: int) -> 
     return step
 
 
-def paged_step(model: Any, ids: torch.Tensor, batch: int, steps: int) -> Callable[[], None]:
+def paged_step(
+    model: Any, ids: torch.Tensor, batch: int, steps: int, kernel: DecodeKernel | None
+) -> Callable[[], None]:
     length = int(ids.shape[1])
-    pool = BlockPool(cache_shape(model), batch * (-(-(length + steps) // 16) + 1))
+    pool = BlockPool(cache_shape(model), batch * (-(-(length + steps) // 16) + 1), kernel)
     rows = [PagedRow() for _ in range(batch)]
     for row in rows:
         paged_forward(model.trace_graph, pool, [row], ids, torch.arange(length).unsqueeze(0))
@@ -98,8 +104,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=400, help="cached positions per row")
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument(
+        "--ipex-layout",
+        action="store_true",
+        help="also step IPEX's own cache layout (the engine before the paged cache)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    ours = decode_attention.load(decode_attention.default_dir())
+    if ours.kernel is None:
+        raise SystemExit(f"tierserve's decode-attention kernel did not build: {ours.reason}")
     model = prepare_tier(default_config([0, 1]), args.tier).loaded.model
     layers = int(model.config.num_hidden_layers)
     ids = torch.randint(100, 20000, (1, args.length), generator=torch.Generator().manual_seed(0))
@@ -114,10 +128,13 @@ def main() -> None:
         prompt_cache = layer_caches(out[1])
         for batch in (int(b) for b in args.batches.split(",")):
             # Each cache's step has the 4 profiled steps and the timed ones within its room.
-            for cache, step in (
-                ("paged", paged_step(model, ids, batch, args.steps + 8)),
-                ("ipex layout", ipex_layout_step(model, prompt_cache, args.length, batch)),
-            ):
+            steps = {
+                "paged, tierserve kernel": paged_step(model, ids, batch, args.steps + 8, ours.kernel),
+                "paged, IPEX kernel": paged_step(model, ids, batch, args.steps + 8, None),
+            }
+            if args.ipex_layout:
+                steps["ipex layout"] = ipex_layout_step(model, prompt_cache, args.length, batch)
+            for cache, step in steps.items():
                 step_ms, shares = measured(step, args.steps)
                 row = {"cache": cache, "batch": batch, "step_ms_median": step_ms, **shares}
                 print(json.dumps(row), flush=True)

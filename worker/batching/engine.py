@@ -36,6 +36,7 @@ from tierserve.worker.batching.admission import StepTimes, within_budgets
 from tierserve.worker.batching.sampler import next_token, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
+from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,16 @@ class BatchOccupancy:
 class BatchEngine:
     """Serves every request of one worker through one batch; thread-safe `submit`."""
 
-    def __init__(self, engine: Engine, limits: BatchLimits, in_own_thread: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: BatchLimits,
+        in_own_thread: bool = True,
+        decode_kernel: DecodeKernel | None = None,
+    ) -> None:
         """`in_own_thread`: step in a thread of its own, else only where the owner calls `run`
-        or `run_until_idle` (a worker runs it on the thread that loaded the model: see `run`)."""
+        or `run_until_idle` (a worker runs it on the thread that loaded the model: see `run`).
+        `decode_kernel`: the decode steps' attention (`kernels.decode_attention`); None: IPEX's."""
         self.engine = engine
         self.limits = limits
         model = engine.loaded.model
@@ -128,7 +136,7 @@ class BatchEngine:
             shape = cache_shape(model)
         # Admission keeps the spans within kv_cache_tokens; a block per row more covers their
         # last partly used blocks.
-        self._pool = BlockPool(shape, blocks_for(limits.kv_cache_tokens) + limits.max_batch)
+        self._pool = BlockPool(shape, blocks_for(limits.kv_cache_tokens) + limits.max_batch, decode_kernel)
         # The one request whose prompt is being prefilled, chunk by chunk; not yet a batch row.
         self._prefilling: _Sequence | None = None
         # Measured decode steps by rows: what admission predicts a bigger batch's step from.

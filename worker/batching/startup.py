@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -39,7 +40,9 @@ from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits
 from tierserve.worker.engine import Engine, TokenEvent
+from tierserve.worker.kernels import decode_attention
 from tierserve.worker.kernels.chunked_prefill import chunking_error
+from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.kernels.paged_kv import attends_in_full
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,18 @@ EXACT_TIERS = ("fp32", "bf16")
 
 
 def start_batching(
-    engine: Engine, config: BatchingConfig, tier: str = "fp32", in_own_thread: bool = True
+    engine: Engine,
+    config: BatchingConfig,
+    tier: str = "fp32",
+    in_own_thread: bool = True,
+    kernel_dir: Path | None = None,
 ) -> tuple[BatchEngine | None, str]:
     """A batch engine for `engine` (of `tier`), or None and the reason requests go one at a time;
     the message says how far batched greedy tokens agreed with those made alone. The checks step
     in the calling thread; the engine then steps in its own thread, or (`in_own_thread` False)
-    wherever the caller runs `BatchEngine.run` (a worker: on its model thread)."""
+    wherever the caller runs `BatchEngine.run` (a worker: on its model thread). tierserve's
+    decode-attention kernel is built into (or loaded from) `kernel_dir`, by default the
+    default model cache's `kernels/`."""
     if not config.enabled:
         return None, "continuous batching is off ([batching] enabled = false): one request at a time"
     if getattr(engine.loaded.model, "trace_graph", None) is None:
@@ -79,13 +88,14 @@ def start_batching(
         kv_cache_tokens=config.kv_cache_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
     )
+    decode_kernel, decode_note = _decode_kernel(config, kernel_dir)
     needed = _CHECK_TOKENS if tier in EXACT_TIERS else _QUANTIZED_PREFIX_TOKENS
     params = [GenerationParams(p, _CHECK_TOKENS, SamplingParams(), (), "batch-check") for p in _CHECK_PROMPTS]
     try:
         alone = [_alone(engine, p) for p in params]
         # Quantized tiers' texts part from IPEX's own attention at the first near-tie (see the
         # module doc), so their batches are held to the batch's attention with one request.
-        reference = alone if tier in EXACT_TIERS else _each_alone_in(engine, limits, params)
+        reference = alone if tier in EXACT_TIERS else _each_alone_in(engine, limits, params, decode_kernel)
     except Exception as error:  # the reference itself failed: nothing to compare a batch with
         log.exception("self-check: generating alone failed")
         return None, (
@@ -95,14 +105,14 @@ def start_batching(
     chunk_problem, chunk_agreed, chunk_total = (
         _checked(
             "chunked prefill",
-            lambda: _compare_chunked(engine, limits, params[-1], reference[-1], _CHECK_TOKENS),
+            lambda: _compare_chunked(engine, limits, params[-1], reference[-1], _CHECK_TOKENS, decode_kernel),
         )
         if config.prefill_chunk_tokens is not None
         else ("", 0, 0)
     )
     if chunk_problem:
         limits = replace(limits, prefill_chunk_tokens=None)
-    batch = BatchEngine(engine, limits, in_own_thread=False)
+    batch = BatchEngine(engine, limits, in_own_thread=False, decode_kernel=decode_kernel)
     problem, agreed, total = _checked("batched", lambda: _compare(engine, batch, params, reference, needed))
     if problem:
         batch.stop()
@@ -127,8 +137,21 @@ def start_batching(
     return batch, (
         f"continuous batching: up to {config.max_batch} streams, KV cache {config.kv_cache_tokens} tokens "
         f"(self-check: {agreed} of {total} greedy tokens made in a batch equal to those made alone{paged}); "
-        f"{prefill}"
+        f"{prefill}; {decode_note}"
     )
+
+
+def _decode_kernel(config: BatchingConfig, kernel_dir: Path | None) -> tuple[DecodeKernel | None, str]:
+    """The decode steps' attention kernel as configured, and what the notice says of it."""
+    if config.decode_attention == "ipex":
+        return None, 'decode attention: IPEX\'s paged kernel ([batching] decode_attention = "ipex")'
+    loaded = decode_attention.load(kernel_dir or decode_attention.default_dir())
+    if loaded.kernel is None:
+        return (
+            None,
+            f"decode attention: IPEX's paged kernel (tierserve's could not be built: {loaded.reason})",
+        )
+    return loaded.kernel, f"decode attention: tierserve's kernel, {loaded.reason}"
 
 
 Check = tuple[str, int, int]
@@ -159,7 +182,12 @@ def _compare(
 
 
 def _compare_chunked(
-    engine: Engine, limits: BatchLimits, params: GenerationParams, alone: list[int], needed: int
+    engine: Engine,
+    limits: BatchLimits,
+    params: GenerationParams,
+    alone: list[int],
+    needed: int,
+    decode_kernel: DecodeKernel | None,
 ) -> Check:
     """The same for one prompt prefilled in two chunks, the second over the first's cache."""
     prompt = engine.prepare(params)
@@ -175,7 +203,12 @@ def _compare_chunked(
             0,
             len(alone),
         )
-    batch = BatchEngine(engine, replace(limits, max_batch=1, prefill_chunk_tokens=chunk), in_own_thread=False)
+    batch = BatchEngine(
+        engine,
+        replace(limits, max_batch=1, prefill_chunk_tokens=chunk),
+        in_own_thread=False,
+        decode_kernel=decode_kernel,
+    )
     try:
         [chunked] = _made_by(engine, batch, [params])
     finally:
@@ -221,10 +254,17 @@ def _appender(ids: list[int]) -> Emit:
     return emit
 
 
-def _each_alone_in(engine: Engine, limits: BatchLimits, params: list[GenerationParams]) -> list[list[int]]:
+def _each_alone_in(
+    engine: Engine, limits: BatchLimits, params: list[GenerationParams], decode_kernel: DecodeKernel | None
+) -> list[list[int]]:
     """The greedy tokens a batch engine makes for each of `params` on its own, one after another,
     each prompt prefilled in one forward."""
-    single = BatchEngine(engine, replace(limits, max_batch=1, prefill_chunk_tokens=None), in_own_thread=False)
+    single = BatchEngine(
+        engine,
+        replace(limits, max_batch=1, prefill_chunk_tokens=None),
+        in_own_thread=False,
+        decode_kernel=decode_kernel,
+    )
     try:
         return [_made_by(engine, single, [p])[0] for p in params]
     finally:

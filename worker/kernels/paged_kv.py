@@ -10,8 +10,9 @@ graph, its linears and its fused RoPE and RMSNorm, and only attention changes:
 - keys and values live in IPEX's paged layout, `[blocks, kv_heads, BLOCK_SIZE, head_dim]`; each
   sequence owns a list of blocks (`PagedRow`) and nothing is copied when a sequence joins or
   leaves the batch, nor padded to the longest;
-- a decode step (one new token per row) attends with IPEX's paged kernel
-  (`single_query_cached_kv_attention`), each row over its own length;
+- a decode step (one new token per row) attends each row over its own length, with tierserve's
+  kernel (`decode_attention`, which reads each key once per key/value head) when the pool is
+  given it, else IPEX's paged kernel (`single_query_cached_kv_attention`);
 - a prompt chunk (one row, several tokens) attends causally over the row's blocks and itself with
   one scaled-dot-product attention in float32, wherever the chunk starts.
 
@@ -30,12 +31,14 @@ from __future__ import annotations
 
 import heapq
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from tierserve.worker.kernels.decode_attention import DTYPES, DecodeKernel
 from tierserve.worker.kernels.ipex_internals import (
     PagedAttentionOps,
     attention_op_replaced,
@@ -83,11 +86,13 @@ class CacheShape:
 
 class BlockPool:
     """Every layer's key and value blocks, and which are free. Blocks are handed out lowest
-    first, so memory the process has touched is reused before new pages are."""
+    first, so memory the process has touched is reused before new pages are. Decode steps over
+    the pool attend with `decode_kernel` where it computes the cache's dtype, else with IPEX's."""
 
-    def __init__(self, shape: CacheShape, num_blocks: int) -> None:
+    def __init__(self, shape: CacheShape, num_blocks: int, decode_kernel: DecodeKernel | None = None) -> None:
         self.shape = shape
         self.num_blocks = num_blocks
+        self.decode_kernel = decode_kernel if shape.dtype in DTYPES else None
         block = (num_blocks, shape.kv_heads, BLOCK_SIZE, shape.head_dim)
         # Allocated, not written: the OS backs a block's pages when a key is first stored there.
         self.keys = [torch.empty(block, dtype=shape.dtype) for _ in range(shape.layers)]
@@ -128,6 +133,7 @@ class _Step:
 
     thread: int
     ops: PagedAttentionOps
+    decode_kernel: DecodeKernel | None
     slots: torch.Tensor  # [rows x new] int32, where each new key goes: block x BLOCK_SIZE + offset
     tables: torch.Tensor  # [rows, most blocks] int32, each row's blocks
     lengths: torch.Tensor  # [rows] int32, each row's positions after this forward
@@ -148,9 +154,19 @@ def empty_past(num_layers: int, batch: int) -> tuple[tuple[torch.Tensor, ...], .
     )
 
 
+_shapes: weakref.WeakKeyDictionary[Any, CacheShape] = weakref.WeakKeyDictionary()
+
+
 def cache_shape(model: Any) -> CacheShape:
     """The cache the model's graph attends over, from one traced forward of two tokens with IPEX's
-    own cache (its dtype is the tier's attention precision)."""
+    own cache (its dtype is the tier's attention precision); once per model."""
+    shape = _shapes.get(model)
+    if shape is None:
+        shape = _shapes[model] = _probed_cache_shape(model)
+    return shape
+
+
+def _probed_cache_shape(model: Any) -> CacheShape:
     layers = int(model.config.num_hidden_layers)
     ids = torch.tensor([[1, 2]])
     out = model.trace_graph(
@@ -209,6 +225,7 @@ def _step_of(pool: BlockPool, rows: Sequence[PagedRow], starts: list[int], new: 
     return _Step(
         thread=threading.get_ident(),
         ops=_ops(),
+        decode_kernel=pool.decode_kernel,
         slots=torch.tensor(slots, dtype=torch.int32),
         tables=tables,
         lengths=torch.tensor(lengths, dtype=torch.int32),
@@ -250,9 +267,15 @@ def _paged_attention(
     )
     if new == 1:
         out = torch.empty(rows, heads, head_dim, dtype=key_cache.dtype)
+        single = query.reshape(rows, heads, head_dim).to(key_cache.dtype).contiguous()
+        if step.decode_kernel is not None:
+            step.decode_kernel(
+                out, single, key_cache, value_cache, step.tables, step.lengths, 1.0 / scale_attn
+            )
+            return out.unsqueeze(2).to(query.dtype), None, key_cache, value_cache, beam_idx
         step.ops.single_query_cached_kv_attention(
             out,
-            query.reshape(rows, heads, head_dim).to(key_cache.dtype).contiguous(),
+            single,
             key_cache,
             value_cache,
             _head_mapping(heads, kv_heads),
