@@ -20,8 +20,10 @@ WORKDIR /opt/tierserve
 # 0. libnuma: each worker binds its memory to the NUMA node of its cpuset through it
 #    (worker/numa.py); Compose has no key for a container's memory nodes, so this is how a
 #    worker's memory stays on its node. Without it the worker runs unbound and says so.
+#    g++: a worker compiles tierserve's decode-attention kernel for its CPU at first start
+#    (worker/kernels/decode_attention.py); without it the batch uses IPEX's kernel and says so.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 \
+    && apt-get install -y --no-install-recommends libnuma1 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 # 1. Third-party dependencies (torch, IPEX, transformers, ...): the big, slow layer.
