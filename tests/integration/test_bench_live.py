@@ -59,7 +59,17 @@ def test_plan_and_overhead_against_a_running_pool(
             out, str(file), router=launcher.router_address, http=launcher.http_url, tier="fp32", requests=3,
             new_tokens=4, timeout_s=60, run_dir=None, console=console,
         )  # fmt: skip
-    assert code == 0
+        concurrent_out = tmp_path / "overhead-concurrent.json"
+        concurrent_code = run_overhead_benchmark(
+            concurrent_out, str(file), router=launcher.router_address, tier="fp32", requests=2,
+            new_tokens=4, timeout_s=60, run_dir=None, console=console, concurrency=3,
+        )  # fmt: skip
+    assert code == 0 and concurrent_code == 0
+    # Three streams at once per path and round: three pairs a round, each its own stream's gaps.
+    concurrent = json.loads(concurrent_out.read_text())
+    assert concurrent["meta"]["concurrency"] == 3
+    assert concurrent["figures"]["pairs"] == 6 and concurrent["figures"]["tokens_compared"] == 18
+    assert "3 concurrent stream(s)" in concurrent_out.with_suffix(".md").read_text()
     report = json.loads(out.read_text())
     figures = report["figures"]
     assert figures["pairs"] == 3 and figures["tokens_compared"] == 9

@@ -5,6 +5,10 @@ interleaved (the order rotates from one round to the next, so drift hits every p
 
     tierserve bench overhead --out bench-results/overhead.json [--router ADDR [--http URL]] [--tier fp32]
 
+With --concurrency N each round sends N copies of the request at once on each path, so a batching
+worker decodes them together (the issue-15 figure is the router's per-token cost at 16 streams);
+the copies are paired by their order within the round.
+
 Without --router it starts a pool with one worker of --tier on every CPU (or --config's pool), and
 measures its HTTP API too; with --router, the HTTP API at --http (its base URL, ".../v1") if given.
 Requests through the router pin the worker's tier. Everything is timed by the client, and the same
@@ -160,8 +164,9 @@ def markdown_report(
     lines = [
         "# tierserve router overhead",
         "",
-        f"{figures['pairs']} interleaved rounds of the same greedy request "
-        f"({meta['new_tokens']} new tokens, worker {meta['worker_id']}, tier {meta['tier']}), "
+        f"{figures['pairs']} pairs from interleaved rounds of the same greedy request "
+        f"({meta['new_tokens']} new tokens, worker {meta['worker_id']}, tier {meta['tier']}, "
+        f"{meta.get('concurrency', 1)} concurrent stream(s) per path and round), "
         "timed by the client. TTFT outside the worker: the client's TTFT minus the worker's own queue "
         "and prefill time (its summary); the added TTFT is judged on it.",
         "",
@@ -220,6 +225,7 @@ async def _measure_rounds(
     count: int,
     timeout_s: float,
     console: Console,
+    concurrency: int = 1,
 ) -> list[Round]:
     rounds: list[Round] = []
     async with (
@@ -243,14 +249,19 @@ async def _measure_rounds(
         paths = [via_router, direct, *([via_http] if http_url else [])]
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"rounds of {len(paths)} paths", total=count + WARMUP_PAIRS)
+            what = f"rounds of {len(paths)} paths" + (
+                f", {concurrency} streams each" if concurrency > 1 else ""
+            )
+            task = progress.add_task(what, total=count + WARMUP_PAIRS)
             for index in range(count + WARMUP_PAIRS):
-                results: dict[Any, CallResult] = {}
-                # Each path goes first in turn.
+                results: dict[Any, list[CallResult]] = {}
+                # Each path goes first in turn; its streams run at once.
                 for path in paths[index % len(paths) :] + paths[: index % len(paths)]:
-                    results[path] = await path()
+                    results[path] = list(await asyncio.gather(*(path() for _ in range(concurrency))))
                 if index >= WARMUP_PAIRS:
-                    rounds.append((results[via_router], results[direct], results.get(via_http)))
+                    for stream in range(concurrency):
+                        http_call = results[via_http][stream] if via_http in results else None
+                        rounds.append((results[via_router][stream], results[direct][stream], http_call))
                 progress.advance(task)
     return rounds
 
@@ -269,6 +280,7 @@ def _measure(
     new_tokens: int,
     timeout_s: float,
     console: Console,
+    concurrency: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
     facts = [f for f in worker_facts(router_address) if f.tier == tier]
     if not facts:
@@ -281,7 +293,9 @@ def _measure(
     if http_url:
         console.print(f"and the router's HTTP API at {http_url}")
     rounds = asyncio.run(
-        _measure_rounds(router_address, target.address, http_url, request, requests, timeout_s, console)
+        _measure_rounds(
+            router_address, target.address, http_url, request, requests, timeout_s, console, concurrency
+        )
     )
     pairs = [(routed, direct) for routed, direct, _ in rounds]
     notes = []
@@ -316,14 +330,15 @@ def run_overhead_benchmark(
     timeout_s: float,
     run_dir: Path | None,
     console: Console,
+    concurrency: int = 1,
 ) -> int:
-    if requests < 1 or new_tokens < 2:
-        raise ConfigError("--requests must be at least 1 and --new-tokens at least 2")
+    if requests < 1 or new_tokens < 2 or concurrency < 1:
+        raise ConfigError("--requests and --concurrency must be at least 1 and --new-tokens at least 2")
     started = time.perf_counter()
     if router:
         config: TierserveConfig = load_or_default(config_path)
         figures, http_figures, meta = _measure(
-            router, http, tier, prompt_words(config), requests, new_tokens, timeout_s, console
+            router, http, tier, prompt_words(config), requests, new_tokens, timeout_s, console, concurrency
         )
     else:
         config = overhead_pool_config(config_path, tier, usable_cpus(), new_tokens)
@@ -340,9 +355,11 @@ def run_overhead_benchmark(
                 new_tokens,
                 timeout_s,
                 console,
+                concurrency,
             )
     meta.update(
         requests=requests,
+        concurrency=concurrency,
         new_tokens=new_tokens,
         warmup_pairs=WARMUP_PAIRS,
         router_cores=config.router.cores,

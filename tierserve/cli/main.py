@@ -411,6 +411,7 @@ def cmd_bench_overhead(args: argparse.Namespace, console: Console) -> int:
         timeout_s=args.timeout_s,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
+        concurrency=args.concurrency,
     )
 
 
@@ -693,7 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --router: its OpenAI-compatible API's base URL (http://HOST:8000/v1), measured too",
     )
     overhead.add_argument("--tier", default="fp32", help="the worker's tier (default fp32)")
-    overhead.add_argument("--requests", type=int, default=40, help="router/direct pairs measured")
+    overhead.add_argument(
+        "--requests",
+        type=int,
+        default=40,
+        help="rounds measured (each gives --concurrency router/direct pairs)",
+    )
+    overhead.add_argument(
+        "--concurrency", type=int, default=1, help="streams sent at once on each path per round (default 1)"
+    )
     overhead.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per request")
     overhead.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each request")
     overhead.add_argument("--run-dir", help="the pool's run dir (default: a new temp dir)")

@@ -13,6 +13,8 @@ cached positions:
   (`tools/profiling/ipex_layout.py`).
 - `paged block 16`: the same kernel over IPEX's paged layout (`[blocks, kv_heads, 16, head_dim]`):
   each row's positions contiguous in blocks of 16.
+- `tierserve paged 16`: tierserve's own kernel (`worker/kernels/decode_attention.cpp`) over the
+  same paged layout: one task per row and key/value head, each key read once for the group.
 - `torch rows-first`: torch matmuls over `[batch, kv_heads, positions, head_dim]`.
 
 "warm" repeats the call on the same cache (it stays in the CPU's caches); "cold" first reads a
@@ -31,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from tierserve.worker.kernels import decode_attention
 
 warnings.filterwarnings("ignore")
 
@@ -54,6 +58,11 @@ def timed(call: Callable[[], object], flush: torch.Tensor | None, repeats: int) 
 
 def kernels(batch: int, length: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     from intel_extension_for_pytorch.llm.modules import PagedAttention
+
+    loaded = decode_attention.load(decode_attention.default_dir())
+    if loaded.kernel is None:
+        raise SystemExit(f"tierserve's decode-attention kernel did not build: {loaded.reason}")
+    ours = loaded.kernel
 
     query = torch.randn(batch, HEADS, HEAD_DIM).to(dtype)
     out = torch.empty_like(query)
@@ -92,6 +101,9 @@ def kernels(batch: int, length: int, dtype: torch.dtype) -> dict[str, Callable[[
             out, query, block_keys, block_values, heads, scale, tables, lengths, BLOCK, length, None
         )
 
+    def tierserve() -> None:
+        ours(out, query, block_keys, block_values, tables, lengths, scale)
+
     rows_keys = torch.randn(batch, KV_HEADS, length, HEAD_DIM).to(dtype)
     rows_values = torch.randn_like(rows_keys)
     grouped = query.view(batch, KV_HEADS, GROUPS, HEAD_DIM)
@@ -100,7 +112,12 @@ def kernels(batch: int, length: int, dtype: torch.dtype) -> dict[str, Callable[[
         scores = torch.matmul(grouped, rows_keys.transpose(-1, -2)).float() * scale
         return torch.matmul(scores.softmax(-1).to(dtype), rows_values)
 
-    return {"ipex-layout block 1": ipex_layout, f"paged block {BLOCK}": paged, "torch rows-first": rows_first}
+    return {
+        "ipex-layout block 1": ipex_layout,
+        f"paged block {BLOCK}": paged,
+        f"tierserve paged {BLOCK}": tierserve,
+        "torch rows-first": rows_first,
+    }
 
 
 def main() -> None:
