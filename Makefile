@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create .venv and install tierserve with pinned dependencies
 
-model: setup ## convert the default model into the cache (once)
+model: setup ## convert the default model into the cache and build the decode kernel for this CPU (once)
 	$(TIERSERVE) model prepare
+	@echo "decode-attention kernel: built once per CPU into the model cache (under a minute)"
+	@$(PY) -c "from tierserve.worker.kernels import decode_attention as d; print('decode-attention kernel:', d.load(d.default_dir()).reason)"
 
 run: model ## start the router and workers on the default model, send a demo request, serve until Ctrl-C
 	$(TIERSERVE) up --demo

@@ -33,7 +33,7 @@ import torch
 from tierserve.domain.errors import InvalidRequest, Overloaded
 from tierserve.domain.requests import GenerationParams
 from tierserve.worker.batching.admission import StepTimes, within_budgets
-from tierserve.worker.batching.sampler import next_token, seeded_generator
+from tierserve.worker.batching.sampler import greedy_tokens, next_token, samples, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
 from tierserve.worker.kernels.decode_attention import DecodeKernel
@@ -346,13 +346,17 @@ class BatchEngine:
         started, rows = time.perf_counter(), len(self._running)
         ids = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long)
         positions = torch.tensor([[s.position] for s in self._running], dtype=torch.long)
-        logits = paged_forward(self._graph, self._pool, [s.kv for s in self._running], ids, positions)
+        logits = paged_forward(self._graph, self._pool, [s.kv for s in self._running], ids, positions)[:, -1]
+        greedy = greedy_tokens(logits)
         finished: list[_Sequence] = []
         for row, sequence in enumerate(self._running):
             sequence.position += 1
+            sampling = sequence.params.sampling
             try:
-                sequence.next_token = next_token(
-                    logits[row, -1], sequence.params.sampling, sequence.generator
+                sequence.next_token = (
+                    next_token(logits[row], sampling, sequence.generator)
+                    if samples(sampling, sequence.generator)
+                    else greedy[row]
                 )
             except InvalidRequest as error:
                 sequence.future.set_exception(error)

