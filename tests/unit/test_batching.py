@@ -265,6 +265,33 @@ def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget
         batch.stop()
 
 
+def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine: Engine) -> None:
+    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=4096)
+    try:
+        # Prefills measured at 10 s per prompt token: any newcomer's prefill would cost the running
+        # request far more than its 1 s per token allows over its 12 tokens.
+        batch.prefill_rate.record(1, 10.0)
+        seen_running: list[int] = []
+
+        def emit(event: TokenEvent) -> None:
+            seen_running.append(batch.occupancy().running)
+
+        request = params(PROMPTS[0], 12)
+        tight = batch.submit(
+            batch.engine.prepare(request), request, emit, lambda: False, time.perf_counter(), 1.0
+        )
+        tight_done: list[float] = []
+        tight.future.add_done_callback(lambda _: tight_done.append(time.perf_counter()))
+        while tight.sequence.made < 1:  # running, its first token out
+            time.sleep(0.001)
+        newcomer = submit(batch, params(PROMPTS[1], 4), emit=emit)
+        tight.future.result(timeout=120)
+        newcomer.future.result(timeout=120)
+        assert max(seen_running) == 1 and newcomer.sequence.admitted_at >= tight_done[0]
+    finally:
+        batch.stop()
+
+
 def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:
     during: list[tuple[int, int]] = []
 

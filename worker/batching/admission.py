@@ -9,11 +9,19 @@ batching on than off, at every load, with TPOT p50 of 106-747 ms against 58-73 m
 step predicted with it stays within the tightest per-token budget of the batch, itself included;
 otherwise it waits, as it would on a worker that serves one request at a time. A request alone
 always starts.
+
+A request's per-token latency is its mean gap, and a running request also pays for every prompt
+prefilled while it runs: with batching on, `bench routing` lost tight-budget requests at 18.3-19.5
+ms against an 18.29 ms budget where only the step was predicted
+(docs/benchmarks/routing-batching-on-2026-12-03-epyc-zen4.md). So a newcomer also joins only if
+every running row with a budget can absorb its predicted prefill and the bigger batch's steps
+over the row's remaining tokens (`keeps_running_budgets`).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
 STEP_WEIGHT = 0.2
@@ -58,3 +66,49 @@ def within_budgets(steps: StepTimes, rows_after: int, budgets_s: list[float]) ->
         return True
     predicted = steps.predict(rows_after)
     return predicted is None or predicted <= tightest
+
+
+class PrefillRate:
+    """Seconds per prompt token of the prefill forwards, a running mean; thread-safe."""
+
+    def __init__(self) -> None:
+        self._per_token: float | None = None
+        self._lock = threading.Lock()
+
+    def record(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0:
+            return
+        with self._lock:
+            rate, old = seconds / tokens, self._per_token
+            self._per_token = rate if old is None else old + STEP_WEIGHT * (rate - old)
+
+    def predict(self, tokens: int) -> float:
+        """Seconds to prefill `tokens`; 0 before any prefill was measured."""
+        with self._lock:
+            return 0.0 if self._per_token is None else self._per_token * tokens
+
+
+@dataclass(frozen=True)
+class RunningRow:
+    """What admission needs of a row already making tokens."""
+
+    budget_s: float  # its per-token budget (0: none)
+    made: int  # tokens made so far (1 once its first token is out)
+    max_new_tokens: int
+    elapsed_s: float  # since its first token
+
+
+def keeps_running_budgets(rows: list[RunningRow], step_after_s: float | None, stall_s: float) -> bool:
+    """Whether every row with a budget stays within it on average if a newcomer's prefill
+    (`stall_s`) holds it now and every remaining step takes `step_after_s`: the row's time so
+    far, the stall and its remaining gaps must fit in its budget times all its gaps (taking
+    max_new_tokens as its length). True before any step is measured."""
+    if step_after_s is None:
+        return True
+    for row in rows:
+        if row.budget_s <= 0 or row.made < 1 or row.max_new_tokens <= 1:
+            continue
+        remaining = max(0, row.max_new_tokens - row.made)
+        if row.elapsed_s + stall_s + remaining * step_after_s > row.budget_s * (row.max_new_tokens - 1):
+            return False
+    return True

@@ -32,7 +32,13 @@ import torch
 
 from tierserve.domain.errors import InvalidRequest, Overloaded
 from tierserve.domain.requests import GenerationParams
-from tierserve.worker.batching.admission import StepTimes, within_budgets
+from tierserve.worker.batching.admission import (
+    PrefillRate,
+    RunningRow,
+    StepTimes,
+    keeps_running_budgets,
+    within_budgets,
+)
 from tierserve.worker.batching.sampler import greedy_tokens, next_token, samples, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
@@ -71,6 +77,14 @@ class _Sequence:
     position: int = 0
     # Its KV cache: the prompt's positions so far while prefilling, then every position.
     kv: PagedRow = field(default_factory=PagedRow)
+    # Tokens made, and when the first one was (what admission reads of a running row's budget).
+    made: int = 0
+    first_token_at: float = 0.0
+
+    def running_row(self, now: float) -> RunningRow:
+        return RunningRow(
+            self.token_budget_s, self.made, self.prompt.max_new_tokens, now - self.first_token_at
+        )
 
     @property
     def span(self) -> int:
@@ -141,6 +155,8 @@ class BatchEngine:
         self._prefilling: _Sequence | None = None
         # Measured decode steps by rows: what admission predicts a bigger batch's step from.
         self.step_times = StepTimes()
+        # Measured prefill seconds per prompt token: the stall a newcomer puts on the rows.
+        self.prefill_rate = PrefillRate()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -298,6 +314,13 @@ class BatchEngine:
         budgets = [s.token_budget_s for s in (head, *members)]
         if not within_budgets(self.step_times, len(members) + 1, budgets):
             return None
+        now = time.perf_counter()
+        if not keeps_running_budgets(
+            [s.running_row(now) for s in self._running],
+            self.step_times.predict(len(members) + 1),
+            self.prefill_rate.predict(head.prompt.prompt_tokens),
+        ):
+            return None
         heapq.heappop(self._waiting)
         head.admitted_at = time.perf_counter()
         head.sink.start()
@@ -316,7 +339,9 @@ class BatchEngine:
         end = min(length, start + (self.limits.prefill_chunk_tokens or length))
         try:
             positions = torch.arange(start, end).unsqueeze(0)
+            began = time.perf_counter()
             logits = paged_forward(self._graph, self._pool, [sequence.kv], ids[:, start:end], positions)
+            self.prefill_rate.record(end - start, time.perf_counter() - began)
             if end < length:
                 return
             token = next_token(logits[0, -1], sequence.params.sampling, sequence.generator)
@@ -326,6 +351,7 @@ class BatchEngine:
             return
         sequence.position = length
         sequence.next_token = token
+        sequence.made, sequence.first_token_at = 1, time.perf_counter()
         sequence.sink.push(token)
         done = sequence.sink.finished or sequence.cancelled()
         with self._wake:  # from prefilling to a row in one move: occupancy never loses it
@@ -351,6 +377,7 @@ class BatchEngine:
         finished: list[_Sequence] = []
         for row, sequence in enumerate(self._running):
             sequence.position += 1
+            sequence.made += 1
             sampling = sequence.params.sampling
             try:
                 sequence.next_token = (
