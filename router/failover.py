@@ -4,8 +4,9 @@ stream that already sent tokens resumes elsewhere without the client seeing a se
 A request that fails before its first token is simply sent again. One that fails after tokens
 were streamed is resumed: the next worker gets the same request with the text already streamed as
 its `response_prefix` (appended to the prompt; for chat messages, after the template opens the
-assistant's turn, so the text continues that turn) and only the tokens still owed, and its token
-indexes are shifted to continue the stream.
+assistant's turn, so the text continues that turn), with the streamed tokens' ids (which it
+continues from where they decode to that text, so its context is the one the first worker had), and
+only the tokens still owed; its token indexes are shifted to continue the stream.
 
 A continuation is checked against the limits before it is sent (the streamed text may have taken
 it past one); one that breaks them, or that the next worker refuses, ends the request with the
@@ -103,6 +104,9 @@ class StreamProgress:
     max_new_tokens: int
     tokens_sent: int = 0
     text_sent: str = ""
+    # The ids of the tokens sent: a resumed worker continues from them rather than from the text
+    # tokenized again, which can merge tokens the model made apart and change what follows.
+    token_ids_sent: list[int] = field(default_factory=list)
     # The first token's latency as the first worker measured it (kept across a resume).
     first_token_latency_us: int = 0
     failed_workers: list[str] = field(default_factory=list)
@@ -160,6 +164,7 @@ class StreamProgress:
         resumed = generate_pb2.GenerateRequest()
         resumed.CopyFrom(self.request)
         resumed.response_prefix = self.request.response_prefix + self.text_sent
+        resumed.response_prefix_token_ids.extend(self.token_ids_sent)
         resumed.max_new_tokens = self.remaining_tokens
         if self.request.temperature > 0:
             resumed.seed = resume_seed(self.request.seed, self.tokens_sent)
@@ -175,6 +180,7 @@ class StreamProgress:
         token.index += self.offset
         self.tokens_sent += 1
         self.text_sent += token.text
+        self.token_ids_sent.append(token.id)
         if token.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
             self.finish_reason = token.finish_reason
 

@@ -17,7 +17,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
-from tierserve.worker.chat import render_prompt
 from tierserve.worker.generation import (
     FinishReason,
     GenerationOutcome,
@@ -25,6 +24,7 @@ from tierserve.worker.generation import (
     TokenEvent,
     TokenSink,
 )
+from tierserve.worker.resumption import context_ids
 from tierserve.worker.tiers.base import LoadedModel
 
 # Re-exported: the service and the benchmarks take them from here.
@@ -77,11 +77,14 @@ class Engine:
         self._eos_ids |= _as_id_set(getattr(generation_config, "eos_token_id", None))
         eos = min(self._eos_ids) if self._eos_ids else None
         self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
+        # Ids a request may bring (a resumed stream's): the tokenizer's, or the model's larger table.
+        model_vocabulary = getattr(getattr(loaded.model, "config", None), "vocab_size", 0)
+        self._vocabulary = max(len(loaded.tokenizer), model_vocabulary or 0)
 
     def prepare(self, params: GenerationParams) -> PreparedPrompt:
         """Tokenize and fit into the context window; raise InvalidRequest if the prompt cannot fit."""
-        encoded = self.tokenizer(render_prompt(self.tokenizer, params), return_tensors="pt")
-        prompt_tokens = int(encoded["input_ids"].shape[1])
+        input_ids = torch.tensor([context_ids(self.tokenizer, params, self._vocabulary)], dtype=torch.long)
+        prompt_tokens = int(input_ids.shape[1])
         field = "messages" if params.messages else "prompt"  # what the caller sent
         if prompt_tokens == 0:
             raise InvalidRequest(field, "encodes to no tokens")
@@ -93,8 +96,8 @@ class Engine:
                 "(prompt plus generated tokens)",
             )
         return PreparedPrompt(
-            input_ids=encoded["input_ids"],
-            attention_mask=encoded["attention_mask"],
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
             max_new_tokens=min(params.max_new_tokens, room),
             context_bound=room < params.max_new_tokens,
         )

@@ -99,7 +99,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 await asyncio.Event().wait()
             latency = self.ttft_us if index == 0 else self.tpot_us
             texts.append(f" w{words + index}" if self.count_words else " x")
-            token = generate_pb2.Token(text=texts[-1], id=1, index=index, latency_us=latency)
+            token = generate_pb2.Token(
+                text=texts[-1], id=100 + words + index, index=index, latency_us=latency
+            )
             if index == self.eos_at:
                 token.finish_reason = generate_pb2.FINISH_REASON_EOS
             yield generate_pb2.GenerateResponse(token=token)

@@ -51,10 +51,12 @@ def test_a_callers_own_prefix_stays_in_front_of_the_streamed_text() -> None:
     request = chat_request(max_new_tokens=4, response_prefix="Sure:", temperature=0.5, seed=9)
     progress = StreamProgress(request, 4)
     assert progress.worker_request() is request  # nothing streamed: sent again unchanged
-    for text in (" one", " two"):
-        progress.relay_token(generate_pb2.Token(text=text), 1.0)
+    for token_id, text in ((11, " one"), (12, " two")):
+        progress.relay_token(generate_pb2.Token(text=text, id=token_id), 1.0)
     resumed = progress.worker_request()
     assert resumed.response_prefix == "Sure: one two"
+    # The ids of the streamed tokens go along: they stand for the end of the prefix.
+    assert list(resumed.response_prefix_token_ids) == [11, 12]
     assert list(resumed.messages) == list(request.messages) and resumed.max_new_tokens == 2
     assert resumed.seed != 9  # a sampled resume draws from its own seed
     assert request.response_prefix == "Sure:"  # the client's request itself is untouched

@@ -75,6 +75,8 @@ def test_a_worker_failing_mid_stream_is_resumed_without_a_seam() -> None:
             # The second worker continued from the streamed text, as the reply's prefix, for what was owed.
             resumed = workers[1].requests[-1]
             assert (resumed.prompt, resumed.response_prefix, resumed.max_new_tokens) == (PROMPT, " w1 w2", 4)
+            # With the ids of the two tokens streamed (the fake's are 100 + its word count).
+            assert list(resumed.response_prefix_token_ids) == [101, 102]
             # Its own prompt count (the fake counts chars / 4, prefix included) less the streamed tokens.
             assert summary.prompt_tokens == len(PROMPT + " w1 w2") // 4 - 2
             assert pool.servicer is not None

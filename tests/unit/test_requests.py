@@ -64,6 +64,9 @@ def test_explicit_values_are_kept() -> None:
         ({"max_first_token_latency_ms": math.nan}, "max_first_token_latency_ms"),
         ({"max_quality_loss_pct": -5.0}, "max_quality_loss_pct"),
         ({"request_id": "r" * 200}, "request_id"),
+        ({"response_prefix_token_ids": [5]}, "response_prefix_token_ids"),  # no prefix to stand for
+        ({"response_prefix": "y", "response_prefix_token_ids": [5, -1]}, "response_prefix_token_ids"),
+        ({"response_prefix": "y", "response_prefix_token_ids": [5] * 1001}, "response_prefix_token_ids"),
     ],
 )
 def test_bad_fields_are_named(fields: dict[str, object], field: str) -> None:

@@ -60,6 +60,8 @@ class GenerationParams:
     messages: tuple[ChatMessage, ...] = ()
     # Text the reply already starts with (a resumed stream's text so far): appended to the prompt.
     response_prefix: str = ""
+    # The ids the end of response_prefix was made of (a resumed stream's tokens so far).
+    response_prefix_token_ids: tuple[int, ...] = ()
 
 
 def shown(text: str) -> str:
@@ -140,6 +142,7 @@ def validate_generate_request(
         request_id=request.request_id,
         messages=messages,
         response_prefix=request.response_prefix,
+        response_prefix_token_ids=tuple(request.response_prefix_token_ids),
     )
 
 
@@ -152,6 +155,7 @@ def _validate_prompt(request: generate_pb2.GenerateRequest, limits: LimitsConfig
             "response_prefix",
             f"is {len(request.response_prefix)} characters, more than the limit of {limits.max_prompt_chars}",
         )
+    _validate_prefix_ids(request, limits)
     if not request.messages:
         if not request.prompt:
             raise InvalidRequest("prompt", "must not be empty (or send chat messages instead)")
@@ -179,6 +183,26 @@ def _validate_prompt(request: generate_pb2.GenerateRequest, limits: LimitsConfig
             "messages", f"are {chars} characters in all, more than the limit of {limits.max_prompt_chars}"
         )
     return tuple(ChatMessage(message.role, message.content) for message in request.messages)
+
+
+def _validate_prefix_ids(request: generate_pb2.GenerateRequest, limits: LimitsConfig) -> None:
+    """Token ids stand for the end of the response prefix: they need one, fit the limit (a token
+    is at least one character) and are ids; the worker checks them against its vocabulary."""
+    ids = request.response_prefix_token_ids
+    if not ids:
+        return
+    if not request.response_prefix:
+        raise InvalidRequest(
+            "response_prefix_token_ids", "stand for the end of response_prefix, which is empty"
+        )
+    if len(ids) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            "response_prefix_token_ids",
+            f"are {len(ids)} ids, more than the limit of {limits.max_prompt_chars}",
+        )
+    negative = next((i for i in ids if i < 0), None)
+    if negative is not None:
+        raise InvalidRequest("response_prefix_token_ids", f"must not be negative, got {negative}")
 
 
 def prompt_chars(request: generate_pb2.GenerateRequest) -> int:

@@ -72,6 +72,7 @@ class GenerateRequest(_message.Message):
     STRICT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     RESPONSE_PREFIX_FIELD_NUMBER: _builtins.int
+    RESPONSE_PREFIX_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """/ Caller-chosen id, echoed in the summary; the router assigns one when empty."""
     prompt: _builtins.str
@@ -139,6 +140,18 @@ class GenerateRequest(_message.Message):
         / `max_messages` messages, their content within its `max_prompt_chars`.
         """
 
+    @_builtins.property
+    def response_prefix_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """/ The token ids the end of `response_prefix` was made of, as a model made
+        / them (the router sets them when it resumes a stream: the ids of the
+        / tokens already streamed). Tokenizing text again can merge tokens the
+        / model made separately (two newlines into one), and the continuation then
+        / sees a different context; a worker with the same tokenizer continues
+        / from these ids instead where they decode to the end of `response_prefix`,
+        / and tokenizes the text otherwise. Ids outside the model's vocabulary are
+        / INVALID_ARGUMENT; at most `max_prompt_chars` of them.
+        """
+
     def __init__(
         self,
         *,
@@ -157,10 +170,11 @@ class GenerateRequest(_message.Message):
         strict: _builtins.bool = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         response_prefix: _builtins.str = ...,
+        response_prefix_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_max_quality_loss_pct", b"_max_quality_loss_pct", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "max_quality_loss_pct", b"max_quality_loss_pct", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_max_quality_loss_pct", b"_max_quality_loss_pct", "_top_p", b"_top_p", "max_first_token_latency_ms", b"max_first_token_latency_ms", "max_new_tokens", b"max_new_tokens", "max_quality_loss_pct", b"max_quality_loss_pct", "max_token_latency_ms", b"max_token_latency_ms", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "response_prefix", b"response_prefix", "seed", b"seed", "stop", b"stop", "strict", b"strict", "temperature", b"temperature", "tier", b"tier", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_max_quality_loss_pct", b"_max_quality_loss_pct", "_top_p", b"_top_p", "max_first_token_latency_ms", b"max_first_token_latency_ms", "max_new_tokens", b"max_new_tokens", "max_quality_loss_pct", b"max_quality_loss_pct", "max_token_latency_ms", b"max_token_latency_ms", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "response_prefix", b"response_prefix", "response_prefix_token_ids", b"response_prefix_token_ids", "seed", b"seed", "stop", b"stop", "strict", b"strict", "temperature", b"temperature", "tier", b"tier", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
