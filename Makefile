@@ -33,7 +33,7 @@ run: model ## start the router and workers on the default model, send a demo req
 	$(TIERSERVE) up --demo
 
 test: model ## run the whole test suite (unit and integration)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-quick: setup ## run the fast tests only (no model processes)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
