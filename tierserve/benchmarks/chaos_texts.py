@@ -7,8 +7,8 @@ that text: each request shape (prompt, max_new_tokens) sent once, alone, before 
 to the same tier. A stream differs when it does not equal its reference character for character, or
 when a worker of another tier finished it. A resumed stream is the one this mostly tells about: the
 next worker re-reads the text streamed so far as its `response_prefix` (with the streamed tokens'
-ids) and must continue it as the first worker would have; a difference in a stream that was never resumed says the worker's text
-depends on what else it was serving (its batch).
+ids) and must continue it as the first worker would have; a difference in a stream that was never
+resumed says the worker's text depends on what else it was serving (its batch).
 """
 
 from __future__ import annotations
