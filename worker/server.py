@@ -19,7 +19,7 @@ from tierserve.rpc.server import serve_until_signalled, start_server
 from tierserve.rpc.stalls import StalledStreamGuard
 from tierserve.rpc.tls import worker_interceptors, worker_server_credentials
 from tierserve.rpc.tracing import configure_tracing
-from tierserve.worker.batching.startup import start_batching
+from tierserve.worker.batching.startup import serves_less_than_configured, start_batching
 from tierserve.worker.chat import install_chat_template
 from tierserve.worker.engine import Engine
 from tierserve.worker.numa import bind_memory
@@ -162,9 +162,8 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         # work from one thread only (BatchEngine.run says why).
         batch_loop = loop.run_in_executor(executor, state.batch.run)
     log.info("%s", batching)
-    chunking_asked = config.batching_for(worker_config).prefill_chunk_tokens is not None
-    if state.batch is None or (chunking_asked and not state.batch.chunked_prefill):
-        state.notices.append(batching)  # one at a time, or asked-for chunking failed its check
+    if serves_less_than_configured(state.batch, config.batching_for(worker_config)):
+        state.notices.append(batching)
     state.ready(engine, report)
     await handle.set_serving(True)
     log.info(

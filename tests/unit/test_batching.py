@@ -18,8 +18,9 @@ from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
 from tierserve.worker.batching.engine import BatchEngine, Ticket
-from tierserve.worker.batching.startup import start_batching
+from tierserve.worker.batching.startup import serves_less_than_configured, start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
+from tierserve.worker.kernels import decode_attention
 from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, cache_shape, paged_forward
 from tierserve.worker.tiers.base import LoadedModel, make_tier
 
@@ -336,6 +337,30 @@ def test_start_batching_checks_the_batched_text_then_serves(llama_dir: Path) -> 
             "up to 4 streams" in reason
             and "greedy tokens made in a batch equal to those made alone" in reason
         )
+        assert batch.attends_with_tierserve_kernel and "tierserve's kernel" in reason
+        assert not serves_less_than_configured(batch, BatchingConfig(max_batch=4))  # no notice
+    finally:
+        if batch is not None:
+            batch.stop()
+
+
+def test_a_decode_kernel_that_could_not_be_built_is_a_notice(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unbuilt = decode_attention.Loaded(None, "the build failed: g++ not found")
+    monkeypatch.setattr(decode_attention, "load", lambda _: unbuilt)
+    config = BatchingConfig(max_batch=2)
+    batch, reason = start_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), config)
+    try:
+        assert batch is not None, reason
+        # It still batches, on IPEX's kernel, and says so where an operator looks (Describe).
+        assert not batch.attends_with_tierserve_kernel
+        assert (
+            "IPEX's paged kernel (tierserve's could not be built: the build failed: g++ not found)" in reason
+        )
+        assert serves_less_than_configured(batch, config)
+        # Asking for IPEX's kernel is no loss.
+        assert not serves_less_than_configured(batch, BatchingConfig(max_batch=2, decode_attention="ipex"))
     finally:
         if batch is not None:
             batch.stop()

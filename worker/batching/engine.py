@@ -219,6 +219,11 @@ class BatchEngine:
         return Ticket(sequence)
 
     @property
+    def attends_with_tierserve_kernel(self) -> bool:
+        """Whether decode steps attend with tierserve's kernel (else with IPEX's paged one)."""
+        return self._pool.decode_kernel is not None
+
+    @property
     def chunked_prefill(self) -> bool:
         """Whether long prompts are prefilled a chunk per step (else in one forward)."""
         return self.limits.prefill_chunk_tokens is not None

@@ -141,6 +141,16 @@ def start_batching(
     )
 
 
+def serves_less_than_configured(batch: BatchEngine | None, config: BatchingConfig) -> bool:
+    """Whether the batching note belongs in `Describe`'s notices: the worker serves one request at a
+    time, or without the chunked prefill or the decode kernel its config asks for."""
+    if batch is None:
+        return True
+    chunking_lost = config.prefill_chunk_tokens is not None and not batch.chunked_prefill
+    kernel_lost = config.decode_attention == "tierserve" and not batch.attends_with_tierserve_kernel
+    return chunking_lost or kernel_lost
+
+
 def _decode_kernel(config: BatchingConfig, kernel_dir: Path | None) -> tuple[DecodeKernel | None, str]:
     """The decode steps' attention kernel as configured, and what the notice says of it."""
     if config.decode_attention == "ipex":
