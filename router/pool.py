@@ -130,17 +130,25 @@ class WorkerHandle:
         )
         return self.errors.correct(raw)
 
-    def begin(self, prompt_tokens: int, new_tokens: int, first_token_budget_ms: float = 0.0) -> Ticket:
+    def begin(
+        self,
+        prompt_tokens: int,
+        new_tokens: int,
+        first_token_budget_ms: float = 0.0,
+        token_budget_ms: float = 0.0,
+    ) -> Ticket:
         """Reserve a place: call right after routing, before any await, so admission is not raced."""
         self.requests_total += 1
         deadline = first_token_deadline(time.monotonic(), first_token_budget_ms)
-        return self.load.begin(prompt_tokens, new_tokens, deadline)
+        return self.load.begin(prompt_tokens, new_tokens, deadline, token_budget_ms * 1e3)
 
     def end(self, ticket: Ticket) -> None:
         self.load.end(ticket)
 
     def record_token(self, ticket: Ticket, token: generate_pb2.Token) -> None:
         ticket.tokens += 1
+        if ticket.tokens == 1:
+            ticket.first_token_at = time.monotonic()
         if token.index == 0:
             self.live.record_first_token(token.latency_us)
         else:

@@ -29,6 +29,10 @@ class Ticket:
     # When its first token is due (time.monotonic() seconds): the worker's order of service.
     deadline: float = math.inf
     tokens: int = 0
+    # Its per-token budget (0: none), and when its first token came (time.monotonic() seconds):
+    # whether a newcomer's prefill would break it, as the worker's admission judges.
+    token_budget_us: float = 0.0
+    first_token_at: float = 0.0
 
 
 @dataclass
@@ -37,8 +41,10 @@ class WorkerLoad:
 
     tickets: list[Ticket] = field(default_factory=list)
 
-    def begin(self, prompt_tokens: int, new_tokens: int, deadline: float = math.inf) -> Ticket:
-        ticket = Ticket(prompt_tokens, new_tokens, deadline)
+    def begin(
+        self, prompt_tokens: int, new_tokens: int, deadline: float = math.inf, token_budget_us: float = 0.0
+    ) -> Ticket:
+        ticket = Ticket(prompt_tokens, new_tokens, deadline, token_budget_us=token_budget_us)
         self.tickets.append(ticket)
         return ticket
 
@@ -149,8 +155,9 @@ def predict(
     given its `new_tokens`, also how many waiting requests it would make late. A worker that
     batches (`batch_slots` > 1) starts a request at once while it has a free slot and the TPOT
     at that batch occupancy (`streams`) is within the request's `token_budget_us` (0: none):
-    no wait. Otherwise it waits, as the worker's admission makes it (worker/batching/admission.py),
-    until few enough requests run there for its budget."""
+    no wait, unless its prefill would push a running request past that one's own per-token budget:
+    then it waits for those to finish. Otherwise it waits, as the worker's admission makes it
+    (worker/batching/admission.py), until few enough requests run there for its budget."""
     tpot_us, basis = stats.tpot_us(streams)
     fit = stats.prefill()
     if tpot_us is None or fit is None:
@@ -159,7 +166,18 @@ def predict(
         peers = streams - min(load.outstanding + 1, batch_slots)  # busy workers on the same cores
         slots = budget_slots(stats, batch_slots, peers, token_budget_us)
         if load.outstanding < slots:
-            return Prediction(0.0, fit.ttft_us(prompt_tokens), tpot_us, basis)
+            prefill_us = fit.ttft_us(prompt_tokens)
+            held_by = stalled_budgets(load.tickets, prefill_us, tpot_us, now_s)
+            if not held_by:
+                return Prediction(0.0, prefill_us, tpot_us, basis)
+            # The worker holds it until the rows its prefill would push past their budgets finish.
+            wait_us = max(remaining_us(t, stats, tpot_us) for t in held_by)
+            return Prediction(
+                wait_us,
+                wait_us + prefill_us,
+                tpot_us,
+                f"{basis}; waits for {len(held_by)} running whose budget cannot absorb its prefill",
+            )
         # It starts when enough running requests have finished: when the k-th to finish does.
         at_start, at_start_basis = stats.tpot_us(slots + peers)
         if at_start is not None:
@@ -174,6 +192,21 @@ def predict(
         else 0
     )
     return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis, harm)
+
+
+def stalled_budgets(tickets: list[Ticket], prefill_us: float, tpot_us: float, now_s: float) -> list[Ticket]:
+    """The running tickets whose per-token budget a newcomer's prefill would break: their time since
+    the first token, the stall and their remaining tokens at `tpot_us` exceed their budget times
+    their gaps (the worker's rule: worker/batching/admission.py, `keeps_running_budgets`)."""
+    held_by = []
+    for ticket in tickets:
+        if ticket.token_budget_us <= 0 or ticket.tokens < 1 or ticket.new_tokens <= 1:
+            continue
+        elapsed_us = max(now_s - ticket.first_token_at, 0.0) * 1e6
+        remaining = max(ticket.new_tokens - ticket.tokens, 0)
+        if elapsed_us + prefill_us + remaining * tpot_us > ticket.token_budget_us * (ticket.new_tokens - 1):
+            held_by.append(ticket)
+    return held_by
 
 
 def budget_slots(stats: LiveStats, batch_slots: int, peers: int, token_budget_us: float) -> int:

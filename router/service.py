@@ -167,7 +167,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             }
         )
         # Reserved before the first await: the next request's admission already counts this one.
-        ticket = worker.begin(route.prompt_tokens, route.new_tokens, route.max_first_token_latency_ms)
+        ticket = worker.begin(
+            route.prompt_tokens,
+            route.new_tokens,
+            route.max_first_token_latency_ms,
+            route.max_token_latency_ms,
+        )
         code: grpc.StatusCode | None = grpc.StatusCode.CANCELLED
         try:
             relay = self._relay(

@@ -13,6 +13,7 @@ from tierserve.router.prediction import (
     budget_slots,
     next_free_us,
     predict,
+    stalled_budgets,
 )
 
 
@@ -206,3 +207,27 @@ def test_a_batching_worker_keeps_a_request_waiting_until_the_batch_is_small_enou
     assert tight.tpot_us == 10_000
     # 35 ms per token allows a batch of two: no wait.
     assert predict(stats, load, 2, 80, batch_slots=8, token_budget_us=35_000.0).wait_us == 0
+
+
+def test_a_batching_worker_holds_a_newcomer_whose_prefill_would_break_a_running_budget() -> None:
+    stats = LiveStats(alpha=1.0)
+    stats.seed(warm_info(ttft_us=400_000, prompt_tokens=40))  # prefill: 10 ms per prompt token
+    stats.record_token(10_000, streams=1)
+    stats.record_token(12_000, streams=2)
+    load = WorkerLoad()
+    # Running for 0.5 s since its first token, 50 of 100 tokens made, 15 ms per token budget: its 99
+    # gaps may take 1.485 s; 0.5 s so far and 50 more tokens at two streams' 12 ms leave 0.385 s.
+    running = load.begin(prompt_tokens=40, new_tokens=100, token_budget_us=15_000.0)
+    running.tokens, running.first_token_at = 50, 10.0
+    # A 20-token prompt (0.2 s of prefill) fits in what is left: it starts at once.
+    short = predict(stats, load, 2, 20, now_s=10.5, batch_slots=8)
+    assert short.wait_us == 0 and stalled_budgets(load.tickets, 200_000, 12_000, 10.5) == []
+    # An 80-token prompt (0.8 s) does not: it waits for the running request's 50 tokens.
+    long = predict(stats, load, 2, 80, now_s=10.5, batch_slots=8)
+    assert stalled_budgets(load.tickets, 800_000, 12_000, 10.5) == [running]
+    assert long.wait_us == pytest.approx(50 * 12_000)
+    assert long.ttft_us == pytest.approx(50 * 12_000 + 800_000)
+    assert "cannot absorb its prefill" in long.basis
+    # A running request without a per-token budget holds nobody.
+    running.token_budget_us = 0.0
+    assert predict(stats, load, 2, 80, now_s=10.5, batch_slots=8).wait_us == 0
