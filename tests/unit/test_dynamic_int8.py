@@ -58,7 +58,10 @@ def test_only_weights_beyond_sixty_four_levels_are_split_and_only_without_vnni(
 
 
 def test_without_vnni_unsplit_eight_bit_weights_saturate() -> None:
-    """Why the halves exist: on this CPU fbgemm's int16 sums really do overflow."""
+    """Why the halves exist: without VNNI fbgemm's int16 sums can overflow (they did on the Zen 3
+    of 2026-12-02); the halves are exact either way. Which kernel the quantized engine ("x86")
+    picks depends on the CPU: on an EPYC family 25 model 1 (2026-12-03) the same case summed
+    exactly, so there the halves are only a safeguard."""
     if CpuIsa.detect().avx512_vnni:
         pytest.skip("with VNNI fbgemm sums in int32 and nothing saturates")
     qweight, scales = torch.full((4, 64), 127, dtype=torch.int8), torch.full((4,), 0.01)
@@ -68,8 +71,11 @@ def test_without_vnni_unsplit_eight_bit_weights_saturate() -> None:
     def error(linear: DynamicInt8Linear) -> float:
         return float((linear(x) - expected).norm() / expected.norm())
 
-    assert error(DynamicInt8Linear(qweight, scales, int16_sums=False)) > 0.3
     assert error(DynamicInt8Linear(qweight, scales, int16_sums=True)) < 1e-3
+    unsplit = error(DynamicInt8Linear(qweight, scales, int16_sums=False))
+    if unsplit < 1e-3:
+        pytest.skip(f"this CPU's quantized kernel summed without saturating (error {unsplit:.1e})")
+    assert unsplit > 0.3
 
 
 def test_seven_bit_weights_keep_their_range_and_clipping_never_adds_error() -> None:
