@@ -10,6 +10,7 @@ max_new_tokens (an upper bound: a stream may end earlier at end of sequence).
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -182,8 +183,7 @@ def predict(
         at_start, at_start_basis = stats.tpot_us(slots + peers)
         if at_start is not None:
             tpot_us, basis = at_start, at_start_basis
-        finishes = sorted(remaining_us(t, stats, tpot_us) for t in load.tickets)
-        wait_us = finishes[min(load.outstanding - slots, len(finishes) - 1)]
+        wait_us = batch_wait_us(load.tickets, slots, deadline, lambda t: remaining_us(t, stats, tpot_us))
         return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis)
     wait_us = sum(remaining_us(ticket, stats, tpot_us) for ticket in load.ahead_of(deadline))
     harm = (
@@ -192,6 +192,28 @@ def predict(
         else 0
     )
     return Prediction(wait_us, wait_us + fit.ttft_us(prompt_tokens), tpot_us, basis, harm)
+
+
+def batch_wait_us(
+    tickets: list[Ticket], slots: int, deadline: float, remaining: Callable[[Ticket], float]
+) -> float:
+    """When a newcomer due at `deadline` gets one of a batch's `slots`: the running requests (those
+    making tokens) hold theirs until they finish; the waiting ones due no later start before it, each
+    when fewer than `slots` run, and then hold a slot too (the worker admits earliest deadline
+    first). Counting only the running ones' finishes would have the waiting ones run at no cost."""
+    running = [remaining(t) for t in tickets if t.tokens]
+    waiting = sorted(
+        (t for t in tickets if not t.tokens and t.deadline <= deadline), key=lambda t: t.deadline
+    )
+    active = sorted(running)  # a heap of finish times
+    now = 0.0
+    for ticket in waiting:
+        while len(active) >= slots:
+            now = heapq.heappop(active)
+        heapq.heappush(active, now + remaining(ticket))
+    while len(active) >= slots:
+        now = heapq.heappop(active)
+    return now
 
 
 def stalled_budgets(tickets: list[Ticket], prefill_us: float, tpot_us: float, now_s: float) -> list[Ticket]:

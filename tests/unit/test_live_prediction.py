@@ -9,7 +9,9 @@ from tierserve.router.prediction import (
     UNKNOWN,
     Prediction,
     PredictionErrors,
+    Ticket,
     WorkerLoad,
+    batch_wait_us,
     budget_slots,
     next_free_us,
     predict,
@@ -231,3 +233,24 @@ def test_a_batching_worker_holds_a_newcomer_whose_prefill_would_break_a_running_
     # A running request without a per-token budget holds nobody.
     running.token_budget_us = 0.0
     assert predict(stats, load, 2, 80, now_s=10.5, batch_slots=8).wait_us == 0
+
+
+def test_requests_waiting_for_a_batch_slot_run_before_a_newcomer_due_later() -> None:
+    load = WorkerLoad()
+    for left in (3, 5):  # two running with 3 and 5 units of work left
+        load.begin(prompt_tokens=1, new_tokens=100).tokens = 100 - left
+    queued = load.begin(prompt_tokens=1, new_tokens=4, deadline=1.0)  # 4 units, due first
+
+    def work(ticket: Ticket) -> float:
+        return float(100 - ticket.tokens) if ticket.tokens else 4.0
+
+    # Two slots: the queued request takes the first freed (at 3) until 7; the newcomer gets the
+    # next slot freed, at 5. Counting the running finishes alone said 3.
+    assert batch_wait_us(load.tickets, 2, deadline=2.0, remaining=work) == 5.0
+    # One slot (the newcomer's budget allows no company): each runs in turn, 3, 5 ... then 9.
+    assert batch_wait_us(load.tickets, 1, deadline=2.0, remaining=work) == 9.0
+    # A newcomer due before the queued one goes ahead of it.
+    assert batch_wait_us(load.tickets, 2, deadline=0.5, remaining=work) == 3.0
+    # A free slot: no wait.
+    load.end(queued)
+    assert batch_wait_us(load.tickets, 3, deadline=2.0, remaining=work) == 0.0
