@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from tierserve.domain.budgets import breaks_token_budget
 from tierserve.domain.latency import percentile
 from tierserve.router.live import LiveStats
 
@@ -219,16 +220,19 @@ def batch_wait_us(
 def stalled_budgets(tickets: list[Ticket], prefill_us: float, tpot_us: float, now_s: float) -> list[Ticket]:
     """The running tickets whose per-token budget a newcomer's prefill would break: their time since
     the first token, the stall and their remaining tokens at `tpot_us` exceed their budget times
-    their gaps (the worker's rule: worker/batching/admission.py, `keeps_running_budgets`)."""
-    held_by = []
-    for ticket in tickets:
-        if ticket.token_budget_us <= 0 or ticket.tokens < 1 or ticket.new_tokens <= 1:
-            continue
-        elapsed_us = max(now_s - ticket.first_token_at, 0.0) * 1e6
-        remaining = max(ticket.new_tokens - ticket.tokens, 0)
-        if elapsed_us + prefill_us + remaining * tpot_us > ticket.token_budget_us * (ticket.new_tokens - 1):
-            held_by.append(ticket)
-    return held_by
+    their gaps (the worker's rule, shared: domain/budgets.py)."""
+    return [
+        ticket
+        for ticket in tickets
+        if breaks_token_budget(
+            ticket.token_budget_us,
+            ticket.tokens,
+            ticket.new_tokens,
+            max(now_s - ticket.first_token_at, 0.0) * 1e6,
+            prefill_us,
+            tpot_us,
+        )
+    ]
 
 
 def budget_slots(stats: LiveStats, batch_slots: int, peers: int, token_budget_us: float) -> int:

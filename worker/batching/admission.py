@@ -23,6 +23,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from tierserve.domain.budgets import breaks_token_budget
+
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
 STEP_WEIGHT = 0.2
 
@@ -105,10 +107,7 @@ def keeps_running_budgets(rows: list[RunningRow], step_after_s: float | None, st
     max_new_tokens as its length). True before any step is measured."""
     if step_after_s is None:
         return True
-    for row in rows:
-        if row.budget_s <= 0 or row.made < 1 or row.max_new_tokens <= 1:
-            continue
-        remaining = max(0, row.max_new_tokens - row.made)
-        if row.elapsed_s + stall_s + remaining * step_after_s > row.budget_s * (row.max_new_tokens - 1):
-            return False
-    return True
+    return not any(
+        breaks_token_budget(row.budget_s, row.made, row.max_new_tokens, row.elapsed_s, stall_s, step_after_s)
+        for row in rows
+    )

@@ -1,0 +1,52 @@
+"""The per-token budget rule shared by the worker's batch admission and the router's prediction."""
+
+from __future__ import annotations
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from tierserve.domain.budgets import breaks_token_budget
+from tierserve.router.prediction import Ticket, stalled_budgets
+from tierserve.worker.batching.admission import RunningRow, keeps_running_budgets
+
+
+def test_a_stall_breaks_a_budget_only_past_its_slack() -> None:
+    # 10 tokens within 20 ms each: 9 gaps, 180 ms. 4 made in 60 ms leave 6 steps of 10 ms = 120 ms of
+    # room, 60 ms of it spare.
+    assert not breaks_token_budget(20, made=4, max_new_tokens=10, elapsed=60, stall=60, step=10)
+    assert breaks_token_budget(20, made=4, max_new_tokens=10, elapsed=60, stall=61, step=10)
+
+
+def test_no_budget_no_first_token_or_one_token_is_never_broken() -> None:
+    assert not breaks_token_budget(0, made=4, max_new_tokens=10, elapsed=1e9, stall=1e9, step=1e9)
+    assert not breaks_token_budget(20, made=0, max_new_tokens=10, elapsed=1e9, stall=1e9, step=1e9)
+    assert not breaks_token_budget(20, made=1, max_new_tokens=1, elapsed=1e9, stall=1e9, step=1e9)
+
+
+@given(
+    budget_ms=st.integers(0, 200),
+    made=st.integers(0, 64),
+    max_new_tokens=st.integers(1, 64),
+    elapsed_ms=st.integers(0, 5000),
+    stall_ms=st.integers(0, 5000),
+    step_ms=st.integers(1, 200),
+)
+def test_the_router_predicts_the_wait_exactly_when_the_worker_would_hold_the_newcomer(
+    budget_ms: int, made: int, max_new_tokens: int, elapsed_ms: int, stall_ms: int, step_ms: int
+) -> None:
+    # Not on the boundary itself, where seconds and microseconds may round apart.
+    assume(
+        elapsed_ms + stall_ms + max(0, max_new_tokens - made) * step_ms != budget_ms * (max_new_tokens - 1)
+    )
+    row = RunningRow(budget_ms / 1e3, made, max_new_tokens, elapsed_ms / 1e3)
+    worker_admits = keeps_running_budgets([row], step_ms / 1e3, stall_ms / 1e3)
+    ticket = Ticket(
+        prompt_tokens=8,
+        new_tokens=max_new_tokens,
+        deadline=0.0,
+        tokens=made,
+        token_budget_us=budget_ms * 1e3,
+        first_token_at=100.0 - elapsed_ms / 1e3,
+    )
+    router_predicts_wait = bool(stalled_budgets([ticket], stall_ms * 1e3, step_ms * 1e3, now_s=100.0))
+    assert worker_admits != router_predicts_wait
