@@ -1,5 +1,5 @@
-"""Overload soak through a real router (in-process, slow fake workers): load far above capacity for a
-minute gets RESOURCE_EXHAUSTED with a retry hint without queueing for a slot, never a hang; resident
+"""Overload soak through a real router (in-process, slow fake workers): load far above capacity for half
+a minute gets RESOURCE_EXHAUSTED with a retry hint without queueing for a slot, never a hang; resident
 memory and open file descriptors stay within a stated bound; and the pool serves normally once the
 load drops.
 
@@ -23,7 +23,7 @@ from tests.unit.fake_pool import FakeWorker, running_pool
 from tierserve.benchmarks.soak import BOUNDS, LoadTally, ProcessSeries, overload_client
 from tierserve.router import pool as router_pool
 
-SOAK_S = 60.0
+SOAK_S = 30.0
 CLIENTS = 48  # against room for 2 x (1 + 2) requests: most are refused
 CALL_TIMEOUT_S = 30.0
 # The soak's bounds; the descriptor bound doubled, as this process holds router, workers and client.

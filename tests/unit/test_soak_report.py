@@ -223,3 +223,16 @@ def test_the_markdown_report_shows_before_and_after_and_the_bound_checked() -> N
     assert "tokens on: soak-a (16 clients, no limit of its own)" in markdown
     assert "calls without a valid token: no token: {'UNAUTHENTICATED': 1}" in markdown
     assert "verdict: PASS" in markdown
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused_before_any_pool_starts(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "tierserve.cli", "bench", "soak", "--out", str(tmp_path / "soak.json")]
+    result = subprocess.run(
+        [*command, "--duration-s", "30", "--warmup-s", "30", "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the warm-up (30 s) must be shorter than the run (30 s)" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "soak.json").exists()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 from tierserve_client.options import CHANNEL_OPTIONS
@@ -36,10 +36,14 @@ class TierService:
     service_rate_rps: float
     ttft_ms: float
     tpot_ms: float
+    # The slowest TTFT alone per prompt length in words (what the trace's requests of that length
+    # can count on at best), when the calls' items are known.
+    ttft_ms_by_prompt_words: dict[int, float] = field(default_factory=dict)
 
 
-def service_of(tier: str, results: Sequence[CallResult]) -> TierService:
-    """One tier's figures from its calibration calls; failed calls are refused, not averaged."""
+def service_of(tier: str, results: Sequence[CallResult], items: Sequence[TraceItem] = ()) -> TierService:
+    """One tier's figures from its calibration calls (of `items`, when given, in the same order);
+    failed calls are refused, not averaged."""
     failed = [r for r in results if not r.ok]
     if failed or not results:
         detail = f"{failed[0].status}: {failed[0].error}" if failed else "no requests"
@@ -47,12 +51,17 @@ def service_of(tier: str, results: Sequence[CallResult]) -> TierService:
     busy_s = sum(r.done_s - r.sent_s for r in results)
     ttfts = [t for r in results if (t := r.ttft_ms()) is not None]
     tpots = [t for r in results if (t := r.tpot_mean_ms()) is not None]
+    by_words: dict[int, float] = {}
+    for item, result in zip(items, results, strict=False):
+        if (ttft := result.ttft_ms()) is not None:
+            by_words[item.prompt_words] = max(ttft, by_words.get(item.prompt_words, 0.0))
     return TierService(
         tier=tier,
         requests=len(results),
         service_rate_rps=len(results) / busy_s,
         ttft_ms=statistics.median(ttfts),
         tpot_ms=statistics.median(tpots) if tpots else 0.0,
+        ttft_ms_by_prompt_words=dict(sorted(by_words.items())),
     )
 
 
@@ -97,5 +106,5 @@ async def calibrate(
                     tier=tier,
                 )
                 results.append(await timed_generate(stub, request, timeout_s))
-            services.append(service_of(tier, results))
+            services.append(service_of(tier, results, sample))
     return services

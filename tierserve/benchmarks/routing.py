@@ -64,6 +64,7 @@ from tierserve.benchmarks.loadgen import (
     run_open_loop,
     to_request,
 )
+from tierserve.benchmarks.reach import beyond_lines, reach_line, trace_reach
 from tierserve.benchmarks.routing_metrics import Observed, goodput_target, summarize_level
 from tierserve.domain.config import ConfigError
 from tierserve.domain.tiers import TIER_NAMES
@@ -257,6 +258,8 @@ async def _measure(
             f"TTFT p50 {s.ttft_ms:.1f} ms, TPOT p50 {s.tpot_ms:.2f} ms",
             highlight=False,
         )
+    reach = trace_reach(plan.trace, budgets, services, tier_cards(facts)).to_json()
+    console.print(reach_line(reach), highlight=False)
     console.print(
         f"capacity {capacity:.3f} req/s; budgets {asdict(budgets)}; "
         f"loads {', '.join(f'{load:g}' for load, _ in levels)}; policies {', '.join(routers)}",
@@ -269,7 +272,7 @@ async def _measure(
             routers, plan.trace, levels, budgets, words, tier_cards(facts), timeout_s, console
         )
     )
-    return _Measured(facts, tier_cards(facts), budgets, capacity, services, levels, rows)
+    return _Measured(facts, tier_cards(facts), budgets, capacity, services, levels, rows, reach)
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,7 @@ class _Measured:
     services: list[TierService]
     levels: list[tuple[float, float]]
     rows: list[dict[str, Any]]
+    reach: dict[str, Any]
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -342,6 +346,11 @@ def render_markdown(
                 "both latency budgets (the routing target's definition); full service level also asks "
                 "for the tier to be within the request's accuracy tolerance.",
                 "",
+                *(
+                    [f"{reach_line(meta['reach'])}.", *beyond_lines(meta["reach"]), ""]
+                    if "reach" in meta
+                    else []
+                ),
                 markdown_table(rows),
                 "",
                 target_text(target),
@@ -508,6 +517,7 @@ def run_routing_benchmark(
             f"{CALIBRATION_REQUESTS} requests one at a time"
         ),
         "calibration": [asdict(s) for s in measured.services],
+        "reach": measured.reach,
         "budget_rule": "tight: 3x fastest TTFT, 1.25x fastest TPOT; loose: 10x slowest TTFT, 2x slowest TPOT"
         if not budgets
         else "set by --budgets",

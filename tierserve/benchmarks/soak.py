@@ -380,7 +380,12 @@ def run_soak_benchmark(
     run_dir: Path | None,
     console: Console,
     with_tokens: bool = True,
+    warmup: float | None = None,
 ) -> int:
+    warmup = warmup_s(duration_s) if warmup is None else warmup
+    if not 0 <= warmup < duration_s:
+        console.print(f"[red]the warm-up ({warmup:g} s) must be shorter than the run ({duration_s:g} s)[/]")
+        return 2
     config = bench_pool_config(config_path, ("fp32", "bf16"), usable_cpus(), new_tokens)
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tierserve-soak-"))
     tokens = SoakTokens.write(run_dir) if with_tokens else None
@@ -406,7 +411,6 @@ def run_soak_benchmark(
         tally, recovery = asyncio.run(
             drive(launcher.router_address, series, duration_s, clients, mix, tokens, probes)
         )
-    warmup = warmup_s(duration_s)
     processes = [s.report(warmup) for s in series]
     recovered = recovery.ok and recovery.generated_tokens > 0
     problems = [f"{p['process']}: {problem}" for p in processes for problem in p["problems"]]

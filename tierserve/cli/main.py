@@ -445,6 +445,7 @@ def cmd_bench_soak(args: argparse.Namespace, console: Console) -> int:
         run_dir=Path(args.run_dir) if args.run_dir else None,
         console=console,
         with_tokens=not args.no_tokens,
+        warmup=args.warmup_s,
     )
 
 
@@ -736,6 +737,12 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--duration-s", type=float, default=600.0, help="how long to send load (default 600)")
     soak.add_argument(
         "--clients", type=int, help="closed-loop clients (default: twice what the pool admits, +4)"
+    )
+    soak.add_argument(
+        "--warmup-s",
+        type=float,
+        help="seconds of load before memory and descriptors are held to their bounds "
+        "(default: a sixth of the run, at most 60)",
     )
     soak.add_argument("--new-tokens", type=int, default=16, help="largest max_new_tokens of a request")
     soak.add_argument("--seed", type=int, default=7, help="seed of the request mix")
