@@ -27,14 +27,21 @@ from tierserve.worker.preparation import prepare_tier
 from tierserve.worker.registration import start_heartbeat, stop_heartbeat
 from tierserve.worker.service import WorkerServicer
 from tierserve.worker.state import LoadReport, WorkerState
-from tierserve.worker.warmup import WARMUP_NEW_TOKENS, WARMUP_PROMPT, long_prefill_params, warm_up
+from tierserve.worker.warmup import (
+    WARMUP_NEW_TOKENS,
+    WARMUP_PROMPT,
+    long_prefill_params,
+    warm_sampling,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 
 
 def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engine, LoadReport]:
-    """Load the tier, then run greedy and sampled generations so traced graphs are compiled
-    before the first client arrives; the last run's latencies are the worker's self-measurement."""
+    """Load the tier, then run greedy generations (and sampled ones where batching is off) so traced
+    graphs are compiled before the first client arrives; the last run's latencies are the worker's
+    self-measurement."""
     started = time.perf_counter()
 
     def report(stage: str, done: int, total: int) -> None:
@@ -56,7 +63,9 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
 
     warm_started = time.perf_counter()
     long_params = long_prefill_params(engine)
-    warm_up(engine, state.config.warmup_runs, long_params)
+    # A batching worker samples with its own sampler: IPEX's is warmed only if it serves one at a time.
+    batching = config.batching_for(state.config).enabled
+    warm_up(engine, state.config.warmup_runs, long_params, sampled=not batching)
     # Then one measured run, warm, as the worker's self-measurement before any traffic.
     params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, SamplingParams(), (), "self-measurement")
     outcome = engine.generate(engine.prepare(params), params, emit=lambda _: None)
@@ -156,6 +165,9 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
         False,
         config.model.resolved_cache_dir() / "kernels",
     )
+    if state.batch is None and config.batching_for(worker_config).enabled:
+        # Batching was configured but is unavailable: requests sample through IPEX's path, unwarmed.
+        await loop.run_in_executor(executor, warm_sampling, engine, worker_config.warmup_runs)
     batch_loop: asyncio.Future[None] | None = None
     if state.batch is not None:
         # The batch steps on the model thread, which then runs nothing else: torch's parallel

@@ -2,8 +2,12 @@
 measures a path, so both time a model in the same state.
 
 Greedy and sampled decoding trace different graphs, and a longer prompt's prefill another shape;
-running all of them first keeps compilation out of the first request's latency. This module imports
-neither torch nor IPEX, so the benchmark's plain-transformers baseline can use it.
+running all of them first keeps compilation out of the first request's latency. IPEX's sampled
+decoding compiles its sampler with torch.compile on first use (6-8 s on 2 Zen 3 cores), and only
+a worker serving one request at a time samples through it (a batching worker samples with its own
+sampler, `batching/sampler.py`), so the sampled run is warmed only where it will serve
+(`warm_sampling`). This module imports neither torch nor IPEX, so the benchmark's plain-transformers
+baseline can use it.
 """
 
 from __future__ import annotations
@@ -36,12 +40,19 @@ def long_prefill_params(engine: Engine) -> GenerationParams | None:
     return GenerationParams(" ".join([WARMUP_PROMPT] * repeat), 2, SamplingParams(), (), "warmup-prefill")
 
 
-def warm_up(engine: Engine, runs: int, long_prefill: GenerationParams | None) -> None:
-    """`runs` rounds of a greedy and a sampled generation of the warm-up prompt, then the long
-    prefill (when there is one); every output is discarded."""
+def warm_up(engine: Engine, runs: int, long_prefill: GenerationParams | None, sampled: bool = True) -> None:
+    """`runs` rounds of a greedy and (`sampled`) a sampled generation of the warm-up prompt, then
+    the long prefill (when there is one); every output is discarded."""
     for run in range(runs):
-        for sampling in WARMUP_SAMPLING:
+        for sampling in WARMUP_SAMPLING if sampled else WARMUP_SAMPLING[:1]:
             params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, sampling, (), f"warmup-{run}")
             engine.generate(engine.prepare(params), params, emit=lambda _: None)
         if long_prefill is not None:
             engine.generate(engine.prepare(long_prefill), long_prefill, emit=lambda _: None)
+
+
+def warm_sampling(engine: Engine, runs: int) -> None:
+    """`runs` sampled generations of the warm-up prompt through the one-request path."""
+    for run in range(runs):
+        params = GenerationParams(WARMUP_PROMPT, WARMUP_NEW_TOKENS, WARMUP_SAMPLING[1], (), f"warmup-{run}")
+        engine.generate(engine.prepare(params), params, emit=lambda _: None)

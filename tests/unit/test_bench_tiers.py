@@ -285,6 +285,18 @@ def test_benchmark_and_worker_share_one_warm_up_without_ipex() -> None:
     assert imported.stdout.strip() == "[]"
 
 
+def test_a_batching_worker_warms_only_the_greedy_one_request_path_and_samples_on_demand() -> None:
+    from tierserve.worker.warmup import long_prefill_params, warm_sampling, warm_up
+
+    engine: Any = RecordingEngine()
+    warm_up(engine, 2, long_prefill_params(engine), sampled=False)
+    assert [p.sampling.temperature for p in engine.generated] == [0, 0, 0, 0]  # greedy, long prefill x 2
+    engine.generated.clear()
+    warm_sampling(engine, 2)
+    assert len(engine.generated) == 2 and all(p.sampling.temperature > 0 for p in engine.generated)
+    assert all(p.sampling.seed == 1 and p.sampling.top_k == 40 for p in engine.generated)
+
+
 def test_tokenizer_comparison_reports_mismatches_and_special_prefixes() -> None:
     def hf(text: str, special: bool) -> list[int]:
         return ([1] if special else []) + [ord(c) for c in text]
