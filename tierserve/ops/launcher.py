@@ -29,6 +29,8 @@ ROUTER_STOP_MARGIN_S = 15.0
 # How often `watch` looks at the pool's processes.
 WATCH_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 30
+# A worker's progress lines while it loads ("measuring accuracy (255/2456)") come from this logger.
+PROGRESS_LOGGER = " tierserve.worker.server: "
 PR_SET_PDEATHSIG = 1
 
 
@@ -64,6 +66,22 @@ class ManagedProcess:
             return "(no log)"
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def last_log_line(self, containing: str) -> str:
+        """The last line of the log's end (its last 8 KiB) that contains `containing`, or ""."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(max(0, self.log_size() - 8192))
+                tail = log.read().decode("utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return next((line for line in reversed(tail) if containing in line), "")
+
     def check_alive(self) -> None:
         code = self.process.poll()
         if code is not None:
@@ -86,8 +104,11 @@ class PoolLauncher:
         self.resolved: TierserveConfig | None = None
         self.extra_routers: list[ManagedProcess] = []
 
-    def start(self, ready_timeout_s: float = 900.0) -> str:
-        """Start everything and wait until every local worker serves; returns the router's address."""
+    def start(self, quiet_timeout_s: float = 900.0) -> str:
+        """Start everything and wait until every local worker serves; returns the router's address.
+        A worker's first start may build its tier and score its accuracy card for many minutes, so
+        the wait ends only when the workers still loading have written nothing to their logs (their
+        progress lines) for `quiet_timeout_s`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         prepare_model(self.config.model, self.console)
@@ -108,7 +129,7 @@ class PoolLauncher:
         (self.run_dir / "router.address").write_text(self.router_address + "\n", encoding="utf-8")
         if self.config.router.http_enabled:
             self.http_url = self._wait_for_http_url(self.router, time.monotonic() + 60)
-        self._wait_until_serving(time.monotonic() + ready_timeout_s)
+        self._wait_until_serving(quiet_timeout_s)
         return self.router_address
 
     def add_router(self, name: str, policy: str, timeout_s: float = 60.0) -> str:
@@ -198,20 +219,33 @@ class PoolLauncher:
             workers.append(worker)
         return self.config.model_copy(update={"workers": workers})
 
-    def _wait_until_serving(self, deadline: float) -> None:
+    def _wait_until_serving(self, quiet_timeout_s: float) -> None:
         assert self.router is not None
         expected = {w.name for w in self.config.workers if not w.address}
+        by_name = {m.name: m for m in self.workers}
+        logged, progress_at = -1, time.monotonic()
         with self.console.status("waiting for workers to load and warm up") as status:
             while True:
                 for managed in [self.router, *self.workers]:
                     managed.check_alive()
                 serving = self._serving_workers(self.router_address)
-                waiting = sorted(expected - serving)
+                waiting = [by_name[f"worker {name}"] for name in sorted(expected - serving)]
                 if not waiting:
                     return
-                status.update(f"waiting for workers to load and warm up: {', '.join(waiting)}")
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"workers not serving in time: {', '.join(waiting)}")
+                size = sum(m.log_size() for m in waiting)
+                if size != logged:
+                    logged, progress_at = size, time.monotonic()
+                    stage = waiting[0].last_log_line(PROGRESS_LOGGER).partition(PROGRESS_LOGGER)[2]
+                    names = ", ".join(m.name.removeprefix("worker ") for m in waiting)
+                    status.update(
+                        f"waiting for workers to load and warm up: {names}"
+                        + (f" ({waiting[0].name}: {escape(stage)})" if stage else "")
+                    )
+                if time.monotonic() - progress_at > quiet_timeout_s:
+                    raise LaunchError(
+                        f"workers not serving, their logs silent for {quiet_timeout_s:.0f} s: "
+                        + ", ".join(m.name for m in waiting)
+                    )
                 time.sleep(0.5)
 
     def _serving_workers(self, router_address: str) -> set[str]:
