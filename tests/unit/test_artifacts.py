@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,3 +103,36 @@ def test_key_follows_model_recipe_and_eval_texts(tmp_path: Path, model_dir: Path
     (model_dir / "model.safetensors").write_bytes(b"other weights")
     assert model_fingerprint(model_dir) != before
     assert store.ensure(tier(), model_dir, "eval", measure).path != base
+
+
+def test_builds_sharing_a_cpu_take_turns_and_the_waiting_one_says_so(tmp_path: Path, model_dir: Path) -> None:
+    root = tmp_path / "artifacts"
+    store, other = ArtifactStore(root), ArtifactStore(root)
+    first_building, first_may_finish = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    class SlowTier(CountingTier):
+        def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
+            first_building.set()
+            assert first_may_finish.wait(timeout=30)
+            events.append("first built")
+            super().build(model_dir, artifact_dir, progress)
+
+    builder = threading.Thread(
+        target=store.ensure, args=(SlowTier(tier().context), model_dir, "eval", measure)
+    )
+    builder.start()
+    assert first_building.wait(timeout=30)
+    # Another tier (another recipe: another folder) on the same CPUs waits for the first build.
+    waiting: list[str] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith("waiting for another tier's build on CPU"):
+            waiting.append(stage)
+            first_may_finish.set()
+
+    second = tier(group_size=64)
+    other.ensure(second, model_dir, "eval", measure, progress)
+    events.append("second built")
+    builder.join(timeout=30)
+    assert waiting and events == ["first built", "second built"] and second.builds == 1
