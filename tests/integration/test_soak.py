@@ -1,5 +1,5 @@
-"""`tierserve bench soak` for two and a half minutes on a small pool of the default model (real router and worker
-processes), bearer tokens on and a varied request mix: load above capacity is refused with
+"""`tierserve bench soak` for two and a half minutes on a small pool of the default model (real router
+and worker processes), bearer tokens on and a varied request mix: load above capacity is refused with
 RESOURCE_EXHAUSTED and a retry hint, calls without a valid token are refused as such, no process's
 resident memory or open descriptors grow past the stated bounds (reported before and after the load,
 with the bound), and the pool serves once the load stops."""
@@ -33,8 +33,8 @@ def test_load_above_capacity_keeps_memory_and_descriptors_flat(tmp_path: Path) -
     result = subprocess.run(
         [
             sys.executable, "-m", "tierserve.cli", "bench", "soak", "--config", str(config),
-            "--out", str(out), "--duration-s", "150", "--warmup-s", "50", "--clients", "16", "--new-tokens", "8",
-            "--run-dir", str(tmp_path / "run"),
+            "--out", str(out), "--duration-s", "150", "--warmup-s", "50", "--clients", "16",
+            "--new-tokens", "8", "--run-dir", str(tmp_path / "run"),
         ],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
