@@ -91,19 +91,31 @@ def generate_requests(
     return st.builds(_with_unknown, requests, unknown_fields())
 
 
+def _float32_at_least(value: float) -> float:
+    """The smallest float32 no smaller than `value` (a proto float field carries float32)."""
+    rounded: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    if rounded >= value:
+        return rounded
+    bits = struct.unpack("<I", struct.pack("<f", rounded))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits + 1))[0])
+
+
 def accepted_requests(
     prompt_chars: int = 200, max_new_tokens: int = 4
 ) -> st.SearchStrategy[generate_pb2.GenerateRequest]:
     """Requests at the edges of what is valid, so that they reach a worker's model: odd prompts of up to
-    `prompt_chars` characters and stop strings, sampling at extreme temperatures (subnormal to the
-    largest float), top-p and top-k, any seed, tiny budgets (strict or not), any tier or none."""
+    `prompt_chars` characters and stop strings, sampling at extreme temperatures (0, below which
+    float32 subnormals also round, or the smallest that samples, MIN_TEMPERATURE, to the largest
+    float), top-p and top-k, any seed, tiny budgets (strict or not), any tier or none."""
     non_negative = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False, width=32)
+    # Below MIN_TEMPERATURE the scores divided by it overflow: the server refuses it, rightly.
+    sampling = st.floats(min_value=_float32_at_least(MIN_TEMPERATURE), allow_infinity=False, width=32)
     return st.builds(
         generate_pb2.GenerateRequest,
         request_id=odd_text(max_size=64),
         prompt=odd_text(max_size=prompt_chars).filter(bool),
         max_new_tokens=st.integers(1, max_new_tokens),
-        temperature=non_negative,
+        temperature=st.one_of(st.just(0.0), sampling),
         top_p=st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0, exclude_min=True, width=32)),
         top_k=st.integers(0, 2**31 - 1),
         seed=st.integers(0, 2**64 - 1),
