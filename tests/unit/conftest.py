@@ -5,6 +5,8 @@ module builds its own)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ import pytest
 import torch
 
 from tests.tiny_model import FAMILIES, build_tiny_model_dir
+from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits
+from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine
 from tierserve.worker.kernels import decode_attention
 from tierserve.worker.kernels.decode_attention import DecodeKernel
@@ -61,10 +65,20 @@ def alone(engine: Engine, request: GenerationParams) -> str:
     tokens, so there by a batch engine serving only this request (its prompt in one forward)."""
     if computes_in_float32(engine):
         return engine.generate(engine.prepare(request), request, emit=lambda _: None).text
-    single = batch_engine(engine, max_batch=1, kv_cache_tokens=4096, prefill_chunk_tokens=None)
-    try:
+    with batch_engine(engine, max_batch=1, kv_cache_tokens=4096, prefill_chunk_tokens=None) as single:
         prompt = engine.prepare(request)
         ticket = single.submit(prompt, request, lambda _: None, lambda: False, time.perf_counter())
         return ticket.future.result(timeout=120).text
+
+
+@contextmanager
+def started_batching(
+    engine: Engine, config: BatchingConfig, *args: Any
+) -> Iterator[tuple[BatchEngine | None, str]]:
+    """`start_batching`'s batch (None where it is unavailable) and reason, stopped on leaving."""
+    batch, reason = start_batching(engine, config, *args)
+    try:
+        yield batch, reason
     finally:
-        single.stop()
+        if batch is not None:
+            batch.stop()

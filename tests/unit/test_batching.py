@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.unit.conftest import alone, batch_engine, tierserve_kernel
+from tests.unit.conftest import alone, batch_engine, started_batching, tierserve_kernel
 from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
@@ -39,9 +39,8 @@ NEW_TOKENS = (12, 5, 16, 9, 7, 14, 3, 10)
 
 @pytest.fixture
 def batch(engine: Engine) -> Iterator[BatchEngine]:
-    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=4096)
-    yield batch
-    batch.stop()
+    with batch_engine(engine, max_batch=8, kv_cache_tokens=4096) as batch:
+        yield batch
 
 
 def params(
@@ -128,12 +127,9 @@ def test_a_row_leaving_keeps_the_others_right(family_dir: Path) -> None:
     engine = Engine(loaded)
     requests = [params(p, n) for p, n in zip(PROMPTS[:4], (3, 12, 6, 12), strict=True)]
     expected = [alone(engine, r) for r in requests]
-    batch = batch_engine(engine, max_batch=4, kv_cache_tokens=4096)
-    try:
+    with batch_engine(engine, max_batch=4, kv_cache_tokens=4096) as batch:
         tickets = [submit(batch, r) for r in requests]
         assert [t.future.result(timeout=120).text for t in tickets] == expected
-    finally:
-        batch.stop()
 
 
 # ------------------------------------------------------------------ per-sequence semantics
@@ -199,8 +195,7 @@ def test_cancelled_row_stops_within_one_step_and_the_rest_go_on(engine: Engine, 
 
 
 def test_waiting_requests_are_admitted_earliest_deadline_first(engine: Engine) -> None:
-    batch = batch_engine(engine, max_batch=1, kv_cache_tokens=4096)
-    try:
+    with batch_engine(engine, max_batch=1, kv_cache_tokens=4096) as batch:
         now = time.perf_counter()
         first = submit(batch, params(PROMPTS[0], 16), deadline=now)
         late = submit(batch, params(PROMPTS[1], 4), deadline=now + 60)
@@ -208,14 +203,11 @@ def test_waiting_requests_are_admitted_earliest_deadline_first(engine: Engine) -
         for ticket in (first, late, early):
             ticket.future.result(timeout=120)
         assert first.sequence.admitted_at < early.sequence.admitted_at < late.sequence.admitted_at
-    finally:
-        batch.stop()
 
 
 def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engine) -> None:
     # Each request spans at most prompt + 24 tokens; a budget of 60 holds one at a time.
-    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=60)
-    try:
+    with batch_engine(engine, max_batch=8, kv_cache_tokens=60) as batch:
         with pytest.raises(InvalidRequest, match="KV cache of 60 tokens"):
             submit(batch, params(PROMPTS[4], 60))
         seen_running: list[int] = []
@@ -228,13 +220,10 @@ def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engin
         assert seen_running and max(seen_running) == 1
         occupancy = batch.occupancy()
         assert (occupancy.running, occupancy.waiting, occupancy.kv_tokens_used) == (0, 0, 0)
-    finally:
-        batch.stop()
 
 
 def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget(engine: Engine) -> None:
-    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=4096)
-    try:
+    with batch_engine(engine, max_batch=8, kv_cache_tokens=4096) as batch:
         # Steps as measured: one row 10 ms, two rows 30 ms. Recorded steps only refine these.
         batch.step_times.record(1, 0.010)
         batch.step_times.record(2, 0.030)
@@ -262,13 +251,10 @@ def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget
         for ticket in loose:
             ticket.future.result(timeout=120)
         assert max(seen_running) == 2
-    finally:
-        batch.stop()
 
 
 def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine: Engine) -> None:
-    batch = batch_engine(engine, max_batch=8, kv_cache_tokens=4096)
-    try:
+    with batch_engine(engine, max_batch=8, kv_cache_tokens=4096) as batch:
         # Prefills measured at 10 s per prompt token: any newcomer's prefill would cost the running
         # request far more than its 1 s per token allows over its 12 tokens.
         batch.prefill_rate.record(1, 10.0)
@@ -289,8 +275,6 @@ def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine:
         tight.future.result(timeout=120)
         newcomer.future.result(timeout=120)
         assert max(seen_running) == 1 and newcomer.sequence.admitted_at >= tight_done[0]
-    finally:
-        batch.stop()
 
 
 def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:
@@ -328,10 +312,9 @@ def test_a_model_without_an_ipex_graph_is_served_one_at_a_time_with_a_notice(lla
 
 
 def test_start_batching_checks_the_batched_text_then_serves(llama_dir: Path) -> None:
-    batch, reason = start_batching(
+    with started_batching(
         Engine(make_tier("fp32").load(llama_dir, llama_dir)), BatchingConfig(max_batch=4)
-    )
-    try:
+    ) as (batch, reason):
         assert batch is not None, reason
         assert (
             "up to 4 streams" in reason
@@ -339,9 +322,6 @@ def test_start_batching_checks_the_batched_text_then_serves(llama_dir: Path) -> 
         )
         assert batch.attends_with_tierserve_kernel and "tierserve's kernel" in reason
         assert not serves_less_than_configured(batch, BatchingConfig(max_batch=4))  # no notice
-    finally:
-        if batch is not None:
-            batch.stop()
 
 
 def test_a_decode_kernel_that_could_not_be_built_is_a_notice(
@@ -350,8 +330,7 @@ def test_a_decode_kernel_that_could_not_be_built_is_a_notice(
     unbuilt = decode_attention.Loaded(None, "the build failed: g++ not found")
     monkeypatch.setattr(decode_attention, "load", lambda _: unbuilt)
     config = BatchingConfig(max_batch=2)
-    batch, reason = start_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), config)
-    try:
+    with started_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), config) as (batch, reason):
         assert batch is not None, reason
         # It still batches, on IPEX's kernel, and says so where an operator looks (Describe).
         assert not batch.attends_with_tierserve_kernel
@@ -361,9 +340,6 @@ def test_a_decode_kernel_that_could_not_be_built_is_a_notice(
         assert serves_less_than_configured(batch, config)
         # Asking for IPEX's kernel is no loss.
         assert not serves_less_than_configured(batch, BatchingConfig(max_batch=2, decode_attention="ipex"))
-    finally:
-        if batch is not None:
-            batch.stop()
 
 
 def test_only_the_last_token_says_why_the_sequence_ended(engine: Engine, batch: BatchEngine) -> None:

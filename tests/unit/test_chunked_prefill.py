@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from tests.unit.conftest import alone, batch_engine, computes_in_float32
+from tests.unit.conftest import alone, batch_engine, computes_in_float32, started_batching
 from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching import engine as engine_module
@@ -45,9 +45,8 @@ RUNNING_PROMPT = "Once upon a time"
 
 @pytest.fixture
 def batch(engine: Engine) -> Iterator[BatchEngine]:
-    batch = batch_engine(engine, max_batch=4, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK)
-    yield batch
-    batch.stop()
+    with batch_engine(engine, max_batch=4, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK) as batch:
+        yield batch
 
 
 def over_a_cache(rows: Any, ids: torch.Tensor) -> bool:
@@ -267,18 +266,12 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_between_decode_steps(
 def test_prompts_within_one_chunk_and_without_chunking_take_one_forward(
     engine: Engine, chunk_calls: list[int]
 ) -> None:
-    whole = batch_engine(engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=None)
-    try:
+    with batch_engine(engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=None) as whole:
         assert not whole.chunked_prefill
         request = params(LONG_PROMPT, 6)
         assert submit(whole, request).future.result(timeout=120).text == alone(engine, request)
-    finally:
-        whole.stop()
-    wide = batch_engine(engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=128)
-    try:
+    with batch_engine(engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=128) as wide:
         submit(wide, params(LONG_PROMPT, 6)).future.result(timeout=120)
-    finally:
-        wide.stop()
     assert chunk_calls == []
 
 
@@ -351,13 +344,9 @@ def test_start_up_checks_chunked_prefill_and_falls_back_with_a_notice(
     llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = Engine(make_tier("fp32").load(llama_dir, llama_dir))
-    batch, reason = start_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=64))
-    try:
+    with started_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=64)) as (batch, reason):
         assert batch is not None and batch.chunked_prefill, reason
         assert "prefilled 64 tokens per step" in reason and "after a prefill in 2 chunks" in reason
-    finally:
-        if batch is not None:
-            batch.stop()
 
     def wrong(
         graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor
@@ -367,15 +356,11 @@ def test_start_up_checks_chunked_prefill_and_falls_back_with_a_notice(
         return -logits if chunk else logits  # a wrong chunk: the check must catch it
 
     monkeypatch.setattr(engine_module, "paged_forward", wrong)
-    batch, reason = start_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=256))
-    try:
+    with started_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=256)) as (batch, reason):
         assert batch is not None and not batch.chunked_prefill, reason
         assert "chunked prefill unavailable" in reason and "one forward" in reason
         request = params(LONG_PROMPT, 6)
         assert submit(batch, request).future.result(timeout=120).text == alone(engine, request)
-    finally:
-        if batch is not None:
-            batch.stop()
 
 
 def test_chunk_logits_off_the_whole_prompts_turn_chunking_off(
@@ -389,16 +374,12 @@ def test_chunk_logits_off_the_whole_prompts_turn_chunking_off(
     assert exact.acceptable
     off = chunked_prefill.ChunkingError(0.5, 0.01)
     monkeypatch.setattr(startup, "chunking_error", lambda model, ids, split: off)
-    batch, reason = start_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=256))
-    try:
+    with started_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=256)) as (batch, reason):
         assert batch is not None and not batch.chunked_prefill
         assert (
             "chunked prefill unavailable: its logits differ from a prefill in one forward by up to 0.5 "
             "(allowed: 0.01)" in reason
         )
-    finally:
-        if batch is not None:
-            batch.stop()
 
 
 def test_the_chunk_size_is_configured_and_bounded(llama_dir: Path) -> None:
@@ -406,13 +387,9 @@ def test_the_chunk_size_is_configured_and_bounded(llama_dir: Path) -> None:
     assert BatchingConfig().prefill_chunk_tokens == 256
     off = BatchingConfig(prefill_chunk_tokens=0)
     assert off.prefill_chunk_tokens is None
-    batch, reason = start_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), off)
-    try:
+    with started_batching(Engine(make_tier("fp32").load(llama_dir, llama_dir)), off) as (batch, reason):
         assert batch is not None and not batch.chunked_prefill
         assert "prefill_chunk_tokens unset" in reason and "unavailable" not in reason
-    finally:
-        if batch is not None:
-            batch.stop()
     assert BatchingConfig(prefill_chunk_tokens=512).prefill_chunk_tokens == 512
     with pytest.raises(ValidationError):
         BatchingConfig(prefill_chunk_tokens=8)

@@ -17,10 +17,10 @@ import torch
 from transformers import LlamaConfig
 
 from tests.tiny_model import TINY_CONTEXT_TOKENS, build_tiny_model_dir
+from tests.unit.conftest import started_batching
 from tierserve.domain.config import BatchingConfig, ConfigError, TierRecipe
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import tier_log_probs
-from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import packed_weights, smoothing
@@ -289,9 +289,11 @@ def test_dynamic_tier_batches_and_its_batched_greedy_text_equals_the_text_alone(
     dynamic: tuple[Path, list[str], LoadedModel],
 ) -> None:
     engine = Engine(dynamic[2])
-    batch, reason = start_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=0), "int8-sq")
-    assert batch is not None, reason
-    try:
+    with started_batching(engine, BatchingConfig(max_batch=4, prefill_chunk_tokens=0), "int8-sq") as (
+        batch,
+        reason,
+    ):
+        assert batch is not None, reason
         assert "greedy tokens made in a batch equal to those made alone" in reason
         requests = [
             GenerationParams(prompt, 8, SamplingParams(), (), "test")
@@ -303,8 +305,6 @@ def test_dynamic_tier_batches_and_its_batched_greedy_text_equals_the_text_alone(
             for r in requests
         ]
         assert [t.future.result(timeout=120).text for t in tickets] == expected
-    finally:
-        batch.stop()
 
 
 def test_dynamic_load_without_factors_fails(built: Built, tmp_path: Path) -> None:

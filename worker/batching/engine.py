@@ -245,6 +245,12 @@ class BatchEngine:
                 ),
             )
 
+    def __enter__(self) -> BatchEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
