@@ -24,6 +24,7 @@ import torch
 from tierserve_client.v1 import worker_pb2
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
 from tierserve.worker.tiers.base import LoadedModel
 from tierserve.worker.tiers.loading import load_float_model
@@ -108,15 +109,17 @@ def tier_log_probs(loaded: LoadedModel, chunk: list[int]) -> torch.Tensor:
     return torch.stack(forcing.log_probs)
 
 
-def batched_log_probs(loaded: LoadedModel, chunks: list[list[int]]) -> list[torch.Tensor]:
+def batched_log_probs(
+    loaded: LoadedModel, chunks: list[list[int]], decode_kernel: DecodeKernel | None = None
+) -> list[torch.Tensor]:
     """Each chunk's next-token log-probabilities at every position but the last, every chunk a
     row of one batch decoding over the paged KV cache, teacher-forced one token per step (rows
-    leave as their chunks end)."""
+    leave as their chunks end); attending with `decode_kernel` (None: IPEX's paged kernel)."""
     model = loaded.model
     rows = [PagedRow() for _ in chunks]
     scored: list[list[torch.Tensor]] = [[] for _ in chunks]
     with torch.inference_mode(), loaded.run_context():
-        pool = BlockPool(cache_shape(model), sum(blocks_for(len(c)) for c in chunks))
+        pool = BlockPool(cache_shape(model), sum(blocks_for(len(c)) for c in chunks), decode_kernel)
         for step in range(max(len(c) for c in chunks) - 1):
             active = [i for i, chunk in enumerate(chunks) if step < len(chunk) - 1]
             ids = torch.tensor([[chunks[i][step]] for i in active])
@@ -160,3 +163,9 @@ def measure_card(
         eval_tokens=total,
         reference_perplexity=reference_perplexity,
     )
+
+
+def mean_kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(reference || other) in nats, averaged over positions: `[positions, vocabulary]` log-probs."""
+    per_position = torch.sum(reference.exp() * (reference - other), dim=-1)
+    return max(0.0, float(per_position.mean()))  # float error can make a true zero slightly negative

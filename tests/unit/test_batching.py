@@ -17,6 +17,7 @@ from tierserve.domain.config import BatchingConfig, parse_config
 from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
+from tierserve.worker.batching import startup
 from tierserve.worker.batching.engine import BatchEngine, Ticket
 from tierserve.worker.batching.startup import serves_less_than_configured, start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
@@ -322,6 +323,38 @@ def test_start_batching_checks_the_batched_text_then_serves(llama_dir: Path) -> 
         )
         assert batch.attends_with_tierserve_kernel and "tierserve's kernel" in reason
         assert not serves_less_than_configured(batch, BatchingConfig(max_batch=4))  # no notice
+
+
+def test_a_paged_path_off_the_one_request_path_is_caught_where_texts_are_not_held_equal(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A quantized tier's batch (and bf16's where it computes in bf16) is held by tokens only to
+    # the batch engine serving each prompt alone, so a decode kernel wrong the same way alone and
+    # batched passes that; the teacher-forced log-probabilities against `generate` must not.
+    engine = Engine(make_tier("fp32").load(llama_dir, llama_dir))
+    with started_batching(engine, BatchingConfig(max_batch=4), "int4-woq") as (batch, reason):
+        assert batch is not None, reason
+        assert "nats per token from its log-probabilities teacher-forced" in reason
+    kernel = tierserve_kernel()
+
+    def missing_the_newest_key(
+        out: torch.Tensor,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        scale: float,
+    ) -> None:
+        kernel(out, query, keys, values, tables, (lengths - 1).clamp(min=1), scale)
+
+    monkeypatch.setattr(
+        startup, "_decode_kernel", lambda config, kernel_dir: (missing_the_newest_key, "wrong")
+    )
+    with started_batching(engine, BatchingConfig(max_batch=4), "int4-woq") as (batch, reason):
+        assert batch is None, reason
+        assert "the batch's paged attention is" in reason
+        assert f"from the one-request path (allowed: {startup.PAGED_MAX_KL})" in reason
 
 
 def test_a_decode_kernel_that_could_not_be_built_is_a_notice(

@@ -2,8 +2,13 @@
 greedy text made in a batch must match the text made alone, or the worker serves one request at
 a time and says why in Describe (never silently wrong).
 
-Float tiers must match exactly, against the one-request path (IPEX's own attention). A quantized
-tier's greedy text is chaotic in its attention's rounding: the batch's paged attention and IPEX's
+Tiers computed in float32 (fp32, and bf16 where the CPU lacks bf16 kernels) must match exactly,
+against the one-request path (IPEX's own attention). Where bf16 computes in bf16 the two attention
+kernels round differently and the default model's bf16 logits have exact ties: on a Xeon with AMX
+"The three primary colours are" gave two tokens the same bf16 log-probability on the one-request
+path, and the paged path took the other one (fp32's top token, by 0.04 nats), so bf16 there is
+checked as the quantized tiers are. A quantized tier's greedy text is chaotic in its attention's
+rounding: the batch's paged attention and IPEX's
 kernel differ by about 1e-7 per layer in float32, one activation then rounds to another int8 or
 int4 level, and on the default model int8-sq's text parted from the one-request path's after 1
 token and int4-woq's at once (a Zen 4). So a quantized tier's batch is compared with the same
@@ -12,7 +17,10 @@ path. Quantized kernels need not give a row the same bits inside a
 batch as alone (int4-woq's batched greedy texts parted from those alone on half the prompts of
 `bench throughput` on a Zen 3), so a greedy text may part from the text alone where two tokens are
 nearly tied; for them the first tokens must match (a broken cache parts at once) and the
-agreement is reported. (int8-sq's dynamic linears quantize each row on its own range, so its rows
+agreement is reported. For all of them the batch's paged path is also held to the one-request path
+by log-probabilities: teacher-forced on each check prompt and its greedy text alone, their mean KL
+divergence per token must stay within `PAGED_MAX_KL` (rounding is thousandths of a nat; attention
+over the wrong positions is nats). (int8-sq's dynamic linears quantize each row on its own range, so its rows
 are independent of their neighbours: `kernels.linears.DynamicInt8Linear`.)
 
 Chunked prefill is checked on the longer prompt split into two chunks (the second attends over the
@@ -38,6 +46,7 @@ import torch
 
 from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.accuracy import batched_log_probs, mean_kl_divergence, tier_log_probs
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.kernels import decode_attention
@@ -56,6 +65,11 @@ _CHECK_TOKENS = 12
 # Leading tokens a quantized tier's batched text must share with its text alone.
 _QUANTIZED_PREFIX_TOKENS = 4
 EXACT_TIERS = ("fp32", "bf16")
+# Mean KL divergence per token (nats) the batch's paged path may be from the one-request path,
+# teacher-forced, where their greedy texts are not held equal: bf16 computed in bf16 on a Xeon
+# with AMX measured about 0.002 from fp32 either way; a cache read at the wrong positions is
+# nats away.
+PAGED_MAX_KL = 0.05
 
 
 def start_batching(
@@ -89,18 +103,27 @@ def start_batching(
         prefill_chunk_tokens=config.prefill_chunk_tokens,
     )
     decode_kernel, decode_note = _decode_kernel(config, kernel_dir)
-    needed = _CHECK_TOKENS if tier in EXACT_TIERS else _QUANTIZED_PREFIX_TOKENS
+    exact = tier in EXACT_TIERS and engine.loaded.model.dtype == torch.float32
+    needed = _CHECK_TOKENS if exact else _QUANTIZED_PREFIX_TOKENS
     params = [GenerationParams(p, _CHECK_TOKENS, SamplingParams(), (), "batch-check") for p in _CHECK_PROMPTS]
     try:
         alone = [_alone(engine, p) for p in params]
-        # Quantized tiers' texts part from IPEX's own attention at the first near-tie (see the
-        # module doc), so their batches are held to the batch's attention with one request.
-        reference = alone if tier in EXACT_TIERS else _each_alone_in(engine, limits, params, decode_kernel)
+        # Texts computed in bf16 or quantized part from IPEX's own attention at the first
+        # near-tie (see the module doc), so their batches are held to the batch's attention with
+        # one request, and that attention to the one-request path's log-probabilities.
+        reference = alone if exact else _each_alone_in(engine, limits, params, decode_kernel)
+        divergence = None if exact else _paged_divergence(engine, params, alone, decode_kernel)
     except Exception as error:  # the reference itself failed: nothing to compare a batch with
         log.exception("self-check: generating alone failed")
         return None, (
             f"continuous batching unavailable: the self-check's generation alone failed "
             f"({type(error).__name__}: {error}); one request at a time"
+        )
+    if divergence is not None and divergence > PAGED_MAX_KL:
+        return None, (
+            f"continuous batching unavailable: teacher-forced on the self-check's texts, the batch's "
+            f"paged attention is {divergence:.3g} nats per token (KL divergence) from the one-request "
+            f"path (allowed: {PAGED_MAX_KL}); one request at a time"
         )
     chunk_problem, chunk_agreed, chunk_total = (
         _checked(
@@ -128,9 +151,10 @@ def start_batching(
     )
     paged = (
         ""
-        if reference is alone
+        if divergence is None
         else f"; alone through the batch's paged attention, {_agreement(alone, reference)} of them "
-        "equal to the one-request path's"
+        f"equal to the one-request path's, {divergence:.2g} nats per token from its log-probabilities "
+        "teacher-forced"
     )
     if in_own_thread:
         batch.start_thread()
@@ -279,6 +303,23 @@ def _each_alone_in(
         return [_made_by(engine, single, [p])[0] for p in params]
     finally:
         single.stop()
+
+
+def _paged_divergence(
+    engine: Engine, params: list[GenerationParams], alone: list[list[int]], decode_kernel: DecodeKernel | None
+) -> float:
+    """The largest mean KL divergence, over the check's prompts, of the batch's paged path (all
+    prompts one batch, teacher-forced one token per step) from the one-request path (`generate`
+    teacher-forced) on each prompt followed by its greedy text alone."""
+    chunks = [
+        [int(i) for i in engine.prepare(p).input_ids[0].tolist()] + tokens
+        for p, tokens in zip(params, alone, strict=True)
+    ]
+    paged = batched_log_probs(engine.loaded, chunks, decode_kernel)
+    return max(
+        mean_kl_divergence(tier_log_probs(engine.loaded, chunk), batched)
+        for chunk, batched in zip(chunks, paged, strict=True)
+    )
 
 
 def _agreement(one: list[list[int]], other: list[list[int]]) -> str:
