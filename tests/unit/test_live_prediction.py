@@ -15,6 +15,7 @@ from tierserve.router.prediction import (
     budget_slots,
     next_free_us,
     predict,
+    queued_prefills,
     stalled_budgets,
 )
 
@@ -187,6 +188,28 @@ def test_a_batching_worker_starts_a_request_at_once_while_it_has_a_free_slot() -
     full = predict(stats, load, 4, 80, batch_slots=4)
     # Four in the batch is unmeasured: three streams' 9 ms scaled by 4/3, for its 5 tokens left.
     assert full.wait_us == pytest.approx(5 * 12_000)
+
+
+def test_a_batching_worker_prefills_the_prompts_queued_before_a_newcomer_first() -> None:
+    stats = LiveStats(alpha=1.0)
+    stats.seed(warm_info(ttft_us=400_000, prompt_tokens=40))  # prefill: 10 ms per prompt token
+    stats.record_token(10_000, streams=3)
+    load = WorkerLoad()
+    load.begin(prompt_tokens=40, new_tokens=100).tokens = 10  # decoding
+    # Two relayed prompts without a first token yet, due before the newcomer, one due after it.
+    load.begin(prompt_tokens=30, new_tokens=50, deadline=5.0)
+    load.begin(prompt_tokens=20, new_tokens=50, deadline=6.0)
+    load.begin(prompt_tokens=90, new_tokens=50, deadline=20.0)
+    assert queued_prefills(load.tickets, 10.0) == load.tickets[1:3]
+    # A free slot, but the worker prefills one prompt at a time, earliest deadline first: the
+    # newcomer's 80-token prefill comes after 0.3 s and 0.2 s of theirs.
+    newcomer = predict(stats, load, 3, 80, deadline=10.0, batch_slots=8)
+    assert newcomer.wait_us == pytest.approx(500_000)
+    assert newcomer.ttft_us == pytest.approx(500_000 + 800_000)
+    assert "behind 2 queued prefills" in newcomer.basis
+    # Due first, it is prefilled first.
+    first = predict(stats, load, 3, 80, deadline=1.0, batch_slots=8)
+    assert first.wait_us == 0 and first.ttft_us == pytest.approx(800_000)
 
 
 def test_a_batching_worker_keeps_a_request_waiting_until_the_batch_is_small_enough_for_its_budget() -> None:
