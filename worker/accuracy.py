@@ -147,8 +147,7 @@ def measure_card(
         targets = torch.tensor(chunk[1:])
         nll -= mine.gather(1, targets[:, None]).sum().item()
         ref_nll -= ref.gather(1, targets[:, None]).sum().item()
-        # KL(reference || tier), summed over the vocabulary, per position.
-        kl += (ref.exp() * (ref - mine)).sum().item()
+        kl += kl_divergence_per_position(ref, mine).sum().item()
         agree += (ref.argmax(-1) == mine.argmax(-1)).sum().item()
         done += len(chunk) - 1
         progress(done, total)
@@ -165,7 +164,12 @@ def measure_card(
     )
 
 
+def kl_divergence_per_position(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) in nats at each position of `[positions, vocabulary]` log-probs."""
+    return torch.sum(reference.exp() * (reference - other), dim=-1)
+
+
 def mean_kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """KL(reference || other) in nats, averaged over positions: `[positions, vocabulary]` log-probs."""
-    per_position = torch.sum(reference.exp() * (reference - other), dim=-1)
-    return max(0.0, float(per_position.mean()))  # float error can make a true zero slightly negative
+    """KL(reference || other) in nats, averaged over positions."""
+    # Float error can make a true zero slightly negative.
+    return max(0.0, float(kl_divergence_per_position(reference, other).mean()))

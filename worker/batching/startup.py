@@ -237,16 +237,13 @@ def _compare_chunked(
             0,
             len(alone),
         )
-    batch = BatchEngine(
+    with BatchEngine(
         engine,
         replace(limits, max_batch=1, prefill_chunk_tokens=chunk),
         in_own_thread=False,
         decode_kernel=decode_kernel,
-    )
-    try:
+    ) as batch:
         [chunked] = _made_by(engine, batch, [params])
-    finally:
-        batch.stop()
     problem, common = _parting(engine, "after a chunked prefill", params.prompt, alone, chunked, needed)
     return problem, common, max(len(alone), len(chunked))
 
@@ -293,16 +290,13 @@ def _each_alone_in(
 ) -> list[list[int]]:
     """The greedy tokens a batch engine makes for each of `params` on its own, one after another,
     each prompt prefilled in one forward."""
-    single = BatchEngine(
+    with BatchEngine(
         engine,
         replace(limits, max_batch=1, prefill_chunk_tokens=None),
         in_own_thread=False,
         decode_kernel=decode_kernel,
-    )
-    try:
+    ) as single:
         return [_made_by(engine, single, [p])[0] for p in params]
-    finally:
-        single.stop()
 
 
 def _paged_divergence(
