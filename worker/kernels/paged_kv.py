@@ -14,7 +14,7 @@ graph, its linears and its fused RoPE and RMSNorm, and only attention changes:
   kernel (`decode_attention`, which reads each key once per key/value head) when the pool is
   given it, else IPEX's paged kernel (`single_query_cached_kv_attention`);
 - a prompt chunk (one row, several tokens) attends causally over the row's blocks and itself with
-  one scaled-dot-product attention in float32, wherever the chunk starts.
+  one scaled-dot-product attention in the cache's dtype, wherever the chunk starts.
 
 Why: IPEX's own cache is `[positions, batch, kv_heads, head_dim]`, so one row's positions lie
 `batch x kv_heads x head_dim` elements apart, and its kernel reads them one position at a time.
@@ -303,8 +303,8 @@ def _paged_attention(
 def _chunk_attention(
     query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, step: _Step, scale_attn: float
 ) -> torch.Tensor:
-    """Causal attention of one row's chunk over the row's blocks (itself included), in float32
-    as IPEX accumulates: `[1, heads, new, head_dim]`, in IPEX's memory layout."""
+    """Causal attention of one row's chunk over the row's blocks (itself included), in the cache's
+    dtype as IPEX's own prefill: `[1, heads, new, head_dim]`, in IPEX's memory layout."""
     new, heads = int(query.shape[1]), int(query.shape[2])
     end = step.longest
     start = end - new
@@ -312,18 +312,21 @@ def _chunk_attention(
     kv_heads, head_dim = int(key_cache.shape[1]), int(key_cache.shape[3])
 
     def gathered(cache: torch.Tensor) -> torch.Tensor:
-        # [blocks, kv_heads, BLOCK_SIZE, head_dim] -> [heads, end, head_dim]
+        # [blocks, kv_heads, BLOCK_SIZE, head_dim] -> [1, heads, end, head_dim]. Four dimensions,
+        # each query head its own keys: torch's fused CPU attention then takes it (at 400 tokens
+        # on an AMX Xeon 0.9 ms per layer, against 4.6 for three dimensions in float32 and 2.1
+        # for IPEX's paged varlen kernel).
         rows = cache.index_select(0, blocks).transpose(0, 1).reshape(kv_heads, -1, head_dim)[:, :end]
-        return rows.float().repeat_interleave(heads // kv_heads, dim=0)
+        return rows.repeat_interleave(heads // kv_heads, dim=0).unsqueeze(0)
 
-    q = query[0].transpose(0, 1).float()
+    q = query.transpose(1, 2).to(key_cache.dtype)
     visible = torch.ones(new, end, dtype=torch.bool).tril(diagonal=start)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, gathered(key_cache), gathered(value_cache), attn_mask=visible, scale=1.0 / scale_attn
     )
     # IPEX's op hands back [1, heads, new, head_dim] laid out as [1, new, heads, head_dim], and the
     # native kernel paths' graphs read it in that layout whatever its strides say.
-    return out.transpose(0, 1).to(query.dtype).contiguous().unsqueeze(0).transpose(1, 2)
+    return out.transpose(1, 2).to(query.dtype).contiguous().transpose(1, 2)
 
 
 _resolved: list[PagedAttentionOps] = []
