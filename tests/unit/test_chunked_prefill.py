@@ -60,11 +60,11 @@ def chunk_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
 
     def counted(
-        graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor
+        graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor, **trim: Any
     ) -> torch.Tensor:
         if over_a_cache(rows, ids):
             calls.append(int(ids.shape[1]))
-        return paged_forward(graph, pool, rows, ids, positions)
+        return paged_forward(graph, pool, rows, ids, positions, **trim)
 
     monkeypatch.setattr(engine_module, "paged_forward", counted)
     return calls
@@ -349,10 +349,10 @@ def test_start_up_checks_chunked_prefill_and_falls_back_with_a_notice(
         assert "prefilled 64 tokens per step" in reason and "after a prefill in 2 chunks" in reason
 
     def wrong(
-        graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor
+        graph: Any, pool: BlockPool, rows: Any, ids: torch.Tensor, positions: torch.Tensor, **trim: Any
     ) -> torch.Tensor:
         chunk = over_a_cache(rows, ids)
-        logits = paged_forward(graph, pool, rows, ids, positions)
+        logits = paged_forward(graph, pool, rows, ids, positions, **trim)
         return -logits if chunk else logits  # a wrong chunk: the check must catch it
 
     monkeypatch.setattr(engine_module, "paged_forward", wrong)

@@ -43,6 +43,7 @@ from tierserve.worker.batching.sampler import greedy_tokens, next_token, samples
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
 from tierserve.worker.kernels.decode_attention import DecodeKernel
+from tierserve.worker.kernels.last_logits import prefill_graph
 from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ class BatchEngine:
         self._running: list[_Sequence] = []
         with torch.inference_mode(), self._run_context():
             shape = cache_shape(model)
+            # Prompt chunks' forwards compute the lm_head at the last position only, where the
+            # graph allows (kernels.last_logits).
+            self._prefill_graph = prefill_graph(model)
         # Admission keeps the spans within kv_cache_tokens; a block per row more covers their
         # last partly used blocks.
         self._pool = BlockPool(shape, blocks_for(limits.kv_cache_tokens) + limits.max_batch, decode_kernel)
@@ -351,7 +355,7 @@ class BatchEngine:
         try:
             positions = torch.arange(start, end).unsqueeze(0)
             began = time.perf_counter()
-            logits = paged_forward(self._graph, self._pool, [sequence.kv], ids[:, start:end], positions)
+            logits = self._prefill_forward(sequence.kv, ids[:, start:end], positions)
             self.prefill_rate.record(end - start, time.perf_counter() - began)
             if end < length:
                 return
@@ -372,6 +376,19 @@ class BatchEngine:
         if done:
             self._pool.release(sequence.kv)
             self._finish(sequence)
+
+    def _prefill_forward(self, row: PagedRow, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits of a prompt chunk's forward: of its last position where the graph could be
+        trimmed, else of all (the caller reads the last)."""
+        if self._prefill_graph is None:
+            return paged_forward(self._graph, self._pool, [row], ids, positions)
+        last = int(ids.shape[1]) - 1
+        return paged_forward(self._prefill_graph, self._pool, [row], ids, positions, keep_from=last)
+
+    @property
+    def prefills_last_logits_only(self) -> bool:
+        """Whether a prompt chunk's forward computes the lm_head at its last position only."""
+        return self._prefill_graph is not None
 
     def _end_prefill(self) -> None:
         with self._wake:

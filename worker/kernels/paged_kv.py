@@ -180,10 +180,17 @@ def _probed_cache_shape(model: Any) -> CacheShape:
 
 
 def paged_forward(
-    graph: Any, pool: BlockPool, rows: Sequence[PagedRow], ids: torch.Tensor, positions: torch.Tensor
+    graph: Any,
+    pool: BlockPool,
+    rows: Sequence[PagedRow],
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    keep_from: int | None = None,
 ) -> torch.Tensor:
     """The logits of one forward in which each of `rows` adds the tokens of its row of `ids`
-    (decode: one each; a prompt chunk: one row) at `positions`; the rows' caches grow by them."""
+    (decode: one each; a prompt chunk: one row) at `positions`; the rows' caches grow by them.
+    `keep_from`: `graph` is a `last_logits.LastPositionGraph`, computing logits from that new
+    token on only."""
     global _current
     new = int(ids.shape[1])
     if new > 1 and len(rows) != 1:
@@ -202,7 +209,10 @@ def paged_forward(
     with _stepping, attention_op_replaced(_paged_attention):
         _current = step
         try:
-            out = graph(input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions)
+            trimmed = {} if keep_from is None else {"keep_from": keep_from}
+            out = graph(
+                input_ids=ids, attention_mask=mask, past_key_values=past, position_ids=positions, **trimmed
+            )
         finally:
             _current = None
     for row, start in zip(rows, starts, strict=True):
