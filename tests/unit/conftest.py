@@ -48,7 +48,10 @@ def tierserve_kernel() -> DecodeKernel:
 
 
 def batch_engine(engine: Engine, **limits: Any) -> BatchEngine:
-    """A batch engine stepping in its own thread, with the decode kernel a worker's batch uses."""
+    """A batch engine stepping in its own thread, with the decode kernel a worker's batch uses and,
+    unless `limits` say otherwise, prompt chunks packed with the rows' tokens as a worker packs
+    them: where the model computes in bf16, not where it computes in float32 (exact text)."""
+    limits.setdefault("packed_prefill", not computes_in_float32(engine))
     return BatchEngine(engine, BatchLimits(**limits), decode_kernel=tierserve_kernel())
 
 

@@ -33,6 +33,7 @@ from tierserve.worker.kernels.paged_kv import (
     PagedRow,
     cache_shape,
     empty_past,
+    packed_forward,
     paged_forward,
 )
 from tierserve.worker.tiers.base import make_tier
@@ -66,7 +67,15 @@ def chunk_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             calls.append(int(ids.shape[1]))
         return paged_forward(graph, pool, rows, ids, positions, **trim)
 
+    def counted_packed(
+        graph: Any, pool: BlockPool, chunk_row: PagedRow, chunk_ids: torch.Tensor, *rest: Any, **trim: Any
+    ) -> torch.Tensor:
+        if chunk_row.length > 0:
+            calls.append(int(chunk_ids.shape[1]))
+        return packed_forward(graph, pool, chunk_row, chunk_ids, *rest, **trim)
+
     monkeypatch.setattr(engine_module, "paged_forward", counted)
+    monkeypatch.setattr(engine_module, "packed_forward", counted_packed)
     return calls
 
 
@@ -306,11 +315,11 @@ def test_the_prefilling_request_holds_a_slot_and_its_cache_counts(engine: Engine
     short: list[Ticket] = []
     timeline = Timeline()
 
-    long_sent = threading.Event()
+    long_sent, long_started = threading.Event(), threading.Event()
 
     def look(event: TokenEvent) -> None:
         occupancy = batch.occupancy()
-        if not long_sent.is_set() or not occupancy.prefilling:
+        if not long_sent.is_set() or long_started.is_set() or not occupancy.prefilling:
             return
         seen.append(
             (occupancy.running, occupancy.prefill_tokens_left, occupancy.kv_tokens_used, occupancy.waiting)
@@ -321,15 +330,19 @@ def test_the_prefilling_request_holds_a_slot_and_its_cache_counts(engine: Engine
     running = submit(batch, params(RUNNING_PROMPT, 60), timeline.emitter("running", look))
     wait_for_tokens(timeline, "running", 2)
     long_sent.set()
-    long = submit(batch, params(LONG_PROMPT, 8), timeline.emitter("long"))
+    long = submit(batch, params(LONG_PROMPT, 8), timeline.emitter("long", lambda _: long_started.set()))
     for ticket in (long, running):
         ticket.future.result(timeout=120)
     assert short, "no decode step happened while the long prompt prefilled"
     short[0].future.result(timeout=120)
 
+    # Packed, the running stream makes a token in every chunk's forward, the last included (its
+    # token comes before the long prompt's first); else in a decode step after each chunk but the
+    # last.
     lefts = [left for _, left, _, _ in seen]
-    assert len(seen) == math.ceil(long_tokens / CHUNK) - 1
-    assert lefts == [long_tokens - CHUNK * step for step in range(1, len(seen) + 1)]
+    chunks = math.ceil(long_tokens / CHUNK)
+    assert len(seen) == (chunks if batch.limits.packed_prefill else chunks - 1)
+    assert lefts == [max(0, long_tokens - CHUNK * step) for step in range(1, len(seen) + 1)]
     for running_count, left, used, _ in seen:
         assert running_count == 2
         assert used >= long_tokens - left  # the prefilled positions are in the figure

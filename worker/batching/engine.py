@@ -3,12 +3,14 @@ leave the step they finish.
 
 One thread runs the loop. Each step it drops the rows that finished or were cancelled, admits
 at most one waiting request (earliest first-token deadline first) if no other is prefilling and
-a batch slot and the KV-cache budget allow, runs one chunk (at most `prefill_chunk_tokens`
-tokens) of the prefilling request's prompt alone, then one decode forward for every running row,
-sampling each row's next token with that row's own settings. After its last chunk the prefilling
-request samples its first token and becomes a row. So a long prompt holds the running streams for
-one chunk per step, not for the whole prompt. Decode reads the weights once per step for the
-whole batch, which is why a batch costs little more per step than one stream.
+a batch slot and the KV-cache budget allow, then runs one forward: one chunk (at most
+`prefill_chunk_tokens` tokens) of the prefilling request's prompt and the next token of every
+running row packed as one sequence, sampling each row's next token with that row's own settings.
+After its last chunk the prefilling request samples its first token and becomes a row. So a long
+prompt holds the running streams for one chunk per step, not for the whole prompt, and they make a
+token in that step too. Decode reads the weights once per step for the whole batch, which is why a
+batch costs little more per step than one stream. Where a row must get the same bits as alone
+(`BatchLimits.packed_prefill` off), the chunk runs alone and the rows' decode forward after it.
 
 Every forward, chunk or decode step, goes through the tier's traced graph with its attention over
 a paged cache (`kernels.paged_kv`): each request owns blocks of one pool, so joining and leaving
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,7 +47,14 @@ from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
 from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.kernels.last_logits import prefill_graph
-from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
+from tierserve.worker.kernels.paged_kv import (
+    BlockPool,
+    PagedRow,
+    blocks_for,
+    cache_shape,
+    packed_forward,
+    paged_forward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,10 @@ class BatchLimits:
     kv_cache_tokens: int = 32768
     # Most prompt tokens one step prefills; None: a whole prompt in one forward.
     prefill_chunk_tokens: int | None = 256
+    # A prompt chunk and the running rows' next tokens in one forward (the weights read once for
+    # both). Off where a row must get the same bits in a batch as alone: a linear may round a row
+    # differently in a product of hundreds of rows (float32's lm_head by 4e-5 over 40 rows).
+    packed_prefill: bool = True
 
 
 @dataclass(eq=False)
@@ -280,22 +294,32 @@ class BatchEngine:
                 prefilling = self._prefilling
             # A failed forward fails the requests it carried, and only those: the prefilling
             # request's cache is its own, the rows' is the batch's.
+            if prefilling is not None and self._packs(prefilling):
+                self._guarded(
+                    partial(self._packed_step, prefilling), "packed prefill and decode", prefilling, True
+                )
+                continue
             if prefilling is not None:
-                try:
-                    with torch.inference_mode(), self._run_context():
-                        self._prefill_step(prefilling)
-                except Exception as error:
-                    log.exception("prefill failed")
-                    self._end_prefill()
-                    if not prefilling.future.done():
-                        prefilling.future.set_exception(error)
+                self._guarded(partial(self._prefill_step, prefilling), "prefill", prefilling, False)
             if self._running:
-                try:
-                    with torch.inference_mode(), self._run_context():
-                        self._decode_step()
-                except Exception as error:
-                    log.exception("batched forward failed")
-                    self._fail_rows(error)
+                self._guarded(self._decode_step, "batched decode", None, True)
+
+    def _guarded(
+        self, forward: Callable[[], None], what: str, prefilling: _Sequence | None, carries_rows: bool
+    ) -> None:
+        """Run one step's `forward`; if it fails, fail the requests it carried: `prefilling`, and
+        the rows if `carries_rows`."""
+        try:
+            with torch.inference_mode(), self._run_context():
+                forward()
+        except Exception as error:
+            log.exception("%s forward failed", what)
+            if prefilling is not None:
+                self._end_prefill()
+                if not prefilling.future.done():
+                    prefilling.future.set_exception(error)
+            if carries_rows:
+                self._fail_rows(error)
 
     def _members(self) -> list[_Sequence]:
         """The requests holding a batch slot and KV-cache room: the rows, and the one prefilling."""
@@ -341,6 +365,10 @@ class BatchEngine:
         head.sink.start()
         return head
 
+    def _packs(self, prefilling: _Sequence) -> bool:
+        """Whether this step runs the prefilling request's chunk and the rows in one forward."""
+        return self.limits.packed_prefill and bool(self._running) and not prefilling.cancelled()
+
     def _prefill_step(self, sequence: _Sequence) -> None:
         """One chunk of `sequence`'s prompt; after the last, its first token, and it joins the
         batch. A cancelled request leaves before its next chunk."""
@@ -348,23 +376,65 @@ class BatchEngine:
             self._end_prefill()
             self._finish(sequence)
             return
-        ids = sequence.prompt.input_ids
-        length = int(ids.shape[1])
-        start = _prefilled(sequence)
-        end = min(length, start + (self.limits.prefill_chunk_tokens or length))
+        start, end = self._next_chunk(sequence)
         try:
-            positions = torch.arange(start, end).unsqueeze(0)
             began = time.perf_counter()
-            logits = self._prefill_forward(sequence.kv, ids[:, start:end], positions)
+            logits = self._prefill_forward(
+                sequence.kv, sequence.prompt.input_ids[:, start:end], _span(start, end)
+            )
             self.prefill_rate.record(end - start, time.perf_counter() - began)
-            if end < length:
-                return
-            token = next_token(logits[0, -1], sequence.params.sampling, sequence.generator)
         except Exception as error:
             self._end_prefill()
             sequence.future.set_exception(error)
             return
-        sequence.position = length
+        if end == sequence.prompt.prompt_tokens:
+            self._join(sequence, logits[0, -1])
+
+    def _packed_step(self, sequence: _Sequence) -> None:
+        """One chunk of `sequence`'s prompt and every row's next token in one forward: the rows
+        make their tokens, then after its last chunk `sequence` joins them."""
+        start, end = self._next_chunk(sequence)
+        rows = list(self._running)
+        started = time.perf_counter()
+        graph, keep_from = (
+            (self._graph, None) if self._prefill_graph is None else (self._prefill_graph, end - start - 1)
+        )
+        logits = packed_forward(
+            graph,
+            self._pool,
+            sequence.kv,
+            sequence.prompt.input_ids[:, start:end],
+            _span(start, end),
+            [s.kv for s in rows],
+            torch.tensor([s.next_token for s in rows], dtype=torch.long),
+            torch.tensor([s.position for s in rows], dtype=torch.long),
+            keep_from=keep_from,
+        )[0]
+        finished = self._advance_rows(logits[-len(rows) :])
+        elapsed = time.perf_counter() - started
+        # The chunk's share of the forward: what it took beyond a decode step of these rows.
+        self.prefill_rate.record(end - start, max(0.0, elapsed - (self.step_times.predict(len(rows)) or 0.0)))
+        self._retire(finished)
+        if end == sequence.prompt.prompt_tokens:
+            self._join(sequence, logits[-len(rows) - 1])
+
+    def _next_chunk(self, sequence: _Sequence) -> tuple[int, int]:
+        """The prompt positions the next chunk of a prefilling request covers."""
+        start = _prefilled(sequence)
+        return start, min(
+            sequence.prompt.prompt_tokens, start + (self.limits.prefill_chunk_tokens or 1 << 62)
+        )
+
+    def _join(self, sequence: _Sequence, logits: torch.Tensor) -> None:
+        """A prompt prefilled: its first token from its last position's `logits`, and it becomes a
+        row (or ends, if that token finished it)."""
+        try:
+            token = next_token(logits, sequence.params.sampling, sequence.generator)
+        except Exception as error:
+            self._end_prefill()
+            sequence.future.set_exception(error)
+            return
+        sequence.position = sequence.prompt.prompt_tokens
         sequence.next_token = token
         sequence.made, sequence.first_token_at = 1, time.perf_counter()
         sequence.sink.push(token)
@@ -401,6 +471,13 @@ class BatchEngine:
         ids = torch.tensor([[s.next_token] for s in self._running], dtype=torch.long)
         positions = torch.tensor([[s.position] for s in self._running], dtype=torch.long)
         logits = paged_forward(self._graph, self._pool, [s.kv for s in self._running], ids, positions)[:, -1]
+        finished = self._advance_rows(logits)
+        self.step_times.record(rows, time.perf_counter() - started)
+        self._retire(finished)
+
+    def _advance_rows(self, logits: torch.Tensor) -> list[_Sequence]:
+        """Each row's next token from its row of `logits` [rows, vocab], pushed to its stream; the
+        rows that finished."""
         greedy = greedy_tokens(logits)
         finished: list[_Sequence] = []
         for row, sequence in enumerate(self._running):
@@ -420,7 +497,9 @@ class BatchEngine:
             sequence.sink.push(sequence.next_token)
             if sequence.sink.finished or sequence.cancelled():
                 finished.append(sequence)
-        self.step_times.record(rows, time.perf_counter() - started)
+        return finished
+
+    def _retire(self, finished: list[_Sequence]) -> None:
         # Cancellation is seen within one step even for rows that made a token this step.
         finished += [s for s in self._running if s not in finished and s.cancelled()]
         if finished:
@@ -451,6 +530,11 @@ class BatchEngine:
         for sequence in running:
             if not sequence.future.done():
                 sequence.future.set_exception(error)
+
+
+def _span(start: int, end: int) -> torch.Tensor:
+    """Positions start..end-1 of one row, as the graph takes them."""
+    return torch.arange(start, end).unsqueeze(0)
 
 
 def _prefilled(sequence: _Sequence) -> int:

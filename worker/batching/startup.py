@@ -97,13 +97,15 @@ def start_batching(
             "continuous batching unavailable: the model attends through a sliding window, which the "
             "batch's paged attention does not apply; one request at a time"
         )
+    exact = tier in EXACT_TIERS and engine.loaded.model.dtype == torch.float32
     limits = BatchLimits(
         max_batch=config.max_batch,
         kv_cache_tokens=config.kv_cache_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
+        # Rows held to the exact text alone decode in a forward of their own (see BatchLimits).
+        packed_prefill=not exact,
     )
     decode_kernel, decode_note = _decode_kernel(config, kernel_dir)
-    exact = tier in EXACT_TIERS and engine.loaded.model.dtype == torch.float32
     needed = _CHECK_TOKENS if exact else _QUANTIZED_PREFIX_TOKENS
     params = [GenerationParams(p, _CHECK_TOKENS, SamplingParams(), (), "batch-check") for p in _CHECK_PROMPTS]
     try:

@@ -128,15 +128,27 @@ class BlockPool:
 
 
 @dataclass(frozen=True)
+class _Chunk:
+    """A forward's prompt chunk: the first `tokens` new tokens, one row's, at its positions up to
+    `end`."""
+
+    tokens: int
+    blocks: torch.Tensor  # the row's blocks holding positions 0..end, int64
+    end: int
+
+
+@dataclass(frozen=True)
 class _Step:
-    """One forward's rows, as the replaced attention op reads them."""
+    """One forward's new tokens, as the replaced attention op reads them: a prompt chunk's first
+    (if any), then one token for each decode row."""
 
     thread: int
     ops: PagedAttentionOps
     decode_kernel: DecodeKernel | None
-    slots: torch.Tensor  # [rows x new] int32, where each new key goes: block x BLOCK_SIZE + offset
-    tables: torch.Tensor  # [rows, most blocks] int32, each row's blocks
-    lengths: torch.Tensor  # [rows] int32, each row's positions after this forward
+    slots: torch.Tensor  # [new tokens] int32, where each new key goes: block x BLOCK_SIZE + offset
+    chunk: _Chunk | None
+    tables: torch.Tensor  # [decode rows, most blocks] int32, each row's blocks
+    lengths: torch.Tensor  # [decode rows] int32, each row's positions after this forward
     longest: int
 
 
@@ -191,21 +203,58 @@ def paged_forward(
     (decode: one each; a prompt chunk: one row) at `positions`; the rows' caches grow by them.
     `keep_from`: `graph` is a `last_logits.LastPositionGraph`, computing logits from that new
     token on only."""
-    global _current
     new = int(ids.shape[1])
-    if new > 1 and len(rows) != 1:
-        raise ValueError("a forward of several tokens per row takes one row")
-    starts = [row.length for row in rows]
-    for row in rows:
+    if new > 1:
+        if len(rows) != 1:
+            raise ValueError("a forward of several tokens per row takes one row")
+        return _forward(graph, pool, rows[0], new, [], ids, positions, keep_from)
+    return _forward(graph, pool, None, 0, rows, ids, positions, keep_from)
+
+
+def packed_forward(
+    graph: Any,
+    pool: BlockPool,
+    chunk_row: PagedRow,
+    chunk_ids: torch.Tensor,
+    chunk_positions: torch.Tensor,
+    rows: Sequence[PagedRow],
+    row_ids: torch.Tensor,
+    row_positions: torch.Tensor,
+    keep_from: int | None = None,
+) -> torch.Tensor:
+    """One forward of a prompt chunk (`chunk_ids` [1, C] of `chunk_row`) and the next token of each
+    decode row (`row_ids` [R]), packed as one sequence of C + R tokens: the linears read their
+    weights once for both. Logits [1, tokens kept, vocab]: the chunk's (from `keep_from`, a
+    position within the chunk, with a `last_logits.LastPositionGraph`), then each row's."""
+    ids = torch.cat([chunk_ids, row_ids.reshape(1, -1)], dim=1)
+    positions = torch.cat([chunk_positions, row_positions.reshape(1, -1)], dim=1)
+    return _forward(graph, pool, chunk_row, int(chunk_ids.shape[1]), rows, ids, positions, keep_from)
+
+
+def _forward(
+    graph: Any,
+    pool: BlockPool,
+    chunk_row: PagedRow | None,
+    chunk_tokens: int,
+    rows: Sequence[PagedRow],
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    keep_from: int | None,
+) -> torch.Tensor:
+    global _current
+    growing = [*([(chunk_row, chunk_tokens)] if chunk_row is not None else []), *((row, 1) for row in rows)]
+    starts = [row.length for row, _ in growing]
+    for row, new in growing:
         pool.grow(row, row.length + new)
-    step = _step_of(pool, rows, starts, new, int(ids.shape[0]))
+    step = _step_of(pool, growing, starts, chunk_tokens, rows)
     # The graph is told there is no past, and given a mask of the new tokens only: the mask it
     # builds from them is not read (see the module doc), and some families' traced mask
     # preparation cannot build one for several new tokens over a past (Qwen2's, Mistral's).
+    batch = int(ids.shape[0])
     no_past = torch.empty((1, 0, 0, 1), dtype=torch.long)
-    no_beams = torch.zeros(1, len(rows), dtype=torch.long)
+    no_beams = torch.zeros(1, batch, dtype=torch.long)
     past = tuple((no_past, k, v, no_beams) for k, v in zip(pool.keys, pool.values, strict=True))
-    mask = torch.ones(len(rows), new, dtype=torch.long)
+    mask = torch.ones(batch, int(ids.shape[1]), dtype=torch.long)
     with _stepping, attention_op_replaced(_paged_attention):
         _current = step
         try:
@@ -215,31 +264,43 @@ def paged_forward(
             )
         finally:
             _current = None
-    for row, start in zip(rows, starts, strict=True):
+    for (row, new), start in zip(growing, starts, strict=True):
         row.length = start + new
     logits: torch.Tensor = out[0]
     return logits
 
 
-def _step_of(pool: BlockPool, rows: Sequence[PagedRow], starts: list[int], new: int, batch: int) -> _Step:
+def _step_of(
+    pool: BlockPool,
+    growing: Sequence[tuple[PagedRow, int]],
+    starts: list[int],
+    chunk_tokens: int,
+    rows: Sequence[PagedRow],
+) -> _Step:
     slots = [
         row.blocks[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
-        for row, start in zip(rows, starts, strict=True)
+        for (row, new), start in zip(growing, starts, strict=True)
         for position in range(start, start + new)
     ]
-    widest = max(len(row.blocks) for row in rows)
-    tables = torch.zeros(batch, widest, dtype=torch.int32)
+    chunk = None
+    if chunk_tokens:
+        end = starts[0] + chunk_tokens
+        blocks = torch.tensor(growing[0][0].blocks[: blocks_for(end)], dtype=torch.long)
+        chunk = _Chunk(chunk_tokens, blocks, end)
+    widest = max((len(row.blocks) for row in rows), default=0)
+    tables = torch.zeros(len(rows), widest, dtype=torch.int32)
     for index, row in enumerate(rows):
         tables[index, : len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.int32)
-    lengths = [start + new for start in starts]
+    lengths = [start + 1 for start in starts[1 if chunk_tokens else 0 :]]
     return _Step(
         thread=threading.get_ident(),
         ops=_ops(),
         decode_kernel=pool.decode_kernel,
         slots=torch.tensor(slots, dtype=torch.int32),
+        chunk=chunk,
         tables=tables,
         lengths=torch.tensor(lengths, dtype=torch.int32),
-        longest=max(lengths),
+        longest=max(lengths, default=0),
     )
 
 
@@ -257,17 +318,19 @@ def _paged_attention(
     attention_mask: Any,
     add_casual_mask: Any = None,
 ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IPEX's attention op over the pool's blocks for `_current`'s rows (see the module doc).
-    query `[rows, new, heads, head_dim]`, key and value `[rows, new, kv_heads, head_dim]`."""
+    """IPEX's attention op over the pool's blocks for `_current`'s tokens (see the module doc).
+    query `[batch, new, heads, head_dim]`, key and value `[batch, new, kv_heads, head_dim]`; the
+    output is `[batch, heads, new, head_dim]` laid out as `[batch, new, heads, head_dim]`, as
+    IPEX's op hands it back (the graphs read it in that layout whatever its strides say)."""
     step = _current
     if step is None or step.thread != threading.get_ident():
         # Another thread's forward while a paged step runs: never attend over the wrong cache.
         raise RuntimeError("IPEX's attention op was called outside the paged step that replaced it")
-    rows, new, heads, head_dim = (int(n) for n in query.shape)
-    kv_heads = int(key.shape[2])
+    batch, new, heads, head_dim = (int(n) for n in query.shape)
+    kv_heads, tokens = int(key.shape[2]), batch * new
     step.ops.reshape_and_cache(
-        key.reshape(rows * new, kv_heads, head_dim).to(key_cache.dtype),
-        value.reshape(rows * new, kv_heads, head_dim).to(value_cache.dtype),
+        key.reshape(tokens, kv_heads, head_dim).to(key_cache.dtype),
+        value.reshape(tokens, kv_heads, head_dim).to(value_cache.dtype),
         key_cache,
         value_cache,
         step.slots,
@@ -275,50 +338,57 @@ def _paged_attention(
         1.0,
         1.0,
     )
-    if new == 1:
-        out = torch.empty(rows, heads, head_dim, dtype=key_cache.dtype)
-        single = query.reshape(rows, heads, head_dim).to(key_cache.dtype).contiguous()
-        if step.decode_kernel is not None:
-            step.decode_kernel(
-                out, single, key_cache, value_cache, step.tables, step.lengths, 1.0 / scale_attn
-            )
-            return out.unsqueeze(2).to(query.dtype), None, key_cache, value_cache, beam_idx
-        step.ops.single_query_cached_kv_attention(
-            out,
-            single,
-            key_cache,
-            value_cache,
-            _head_mapping(heads, kv_heads),
-            1.0 / scale_attn,
-            step.tables,
-            step.lengths,
-            BLOCK_SIZE,
-            step.longest,
-            None,  # alibi slopes
-            -1,  # no window
-            1.0,
-            1.0,
-            -1.0,  # no softcap
-        )
-        return out.unsqueeze(2).to(query.dtype), None, key_cache, value_cache, beam_idx
-    return (
-        _chunk_attention(query, key_cache, value_cache, step, scale_attn),
-        None,
+    out = torch.empty(batch, new, heads, head_dim, dtype=key_cache.dtype)
+    flat, queries = out.view(tokens, heads, head_dim), query.reshape(tokens, heads, head_dim)
+    chunked = 0
+    if step.chunk is not None:
+        chunked = step.chunk.tokens
+        flat[:chunked] = _chunk_attention(queries[:chunked], key_cache, value_cache, step.chunk, scale_attn)
+    if chunked < tokens:
+        single = queries[chunked:].to(key_cache.dtype).contiguous()
+        _decode_attention(flat[chunked:], single, key_cache, value_cache, step, kv_heads, scale_attn)
+    return out.transpose(1, 2).to(query.dtype), None, key_cache, value_cache, beam_idx
+
+
+def _decode_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    step: _Step,
+    kv_heads: int,
+    scale_attn: float,
+) -> None:
+    """Each decode row's one query `[rows, heads, head_dim]` over its own length, into `out`."""
+    if step.decode_kernel is not None:
+        step.decode_kernel(out, query, key_cache, value_cache, step.tables, step.lengths, 1.0 / scale_attn)
+        return
+    step.ops.single_query_cached_kv_attention(
+        out,
+        query,
         key_cache,
         value_cache,
-        beam_idx,
+        _head_mapping(int(query.shape[1]), kv_heads),
+        1.0 / scale_attn,
+        step.tables,
+        step.lengths,
+        BLOCK_SIZE,
+        step.longest,
+        None,  # alibi slopes
+        -1,  # no window
+        1.0,
+        1.0,
+        -1.0,  # no softcap
     )
 
 
 def _chunk_attention(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, step: _Step, scale_attn: float
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, chunk: _Chunk, scale_attn: float
 ) -> torch.Tensor:
-    """Causal attention of one row's chunk over the row's blocks (itself included), in the cache's
-    dtype as IPEX's own prefill: `[1, heads, new, head_dim]`, in IPEX's memory layout."""
-    new, heads = int(query.shape[1]), int(query.shape[2])
-    end = step.longest
-    start = end - new
-    blocks = step.tables[0, : blocks_for(end)].long()
+    """Causal attention of one row's chunk `[new, heads, head_dim]` over the row's blocks (itself
+    included), in the cache's dtype as IPEX's own prefill: `[new, heads, head_dim]`."""
+    new, heads = int(query.shape[0]), int(query.shape[1])
+    start = chunk.end - new
     kv_heads, head_dim = int(key_cache.shape[1]), int(key_cache.shape[3])
 
     def gathered(cache: torch.Tensor) -> torch.Tensor:
@@ -326,17 +396,15 @@ def _chunk_attention(
         # each query head its own keys: torch's fused CPU attention then takes it (at 400 tokens
         # on an AMX Xeon 0.9 ms per layer, against 4.6 for three dimensions in float32 and 2.1
         # for IPEX's paged varlen kernel).
-        rows = cache.index_select(0, blocks).transpose(0, 1).reshape(kv_heads, -1, head_dim)[:, :end]
-        return rows.repeat_interleave(heads // kv_heads, dim=0).unsqueeze(0)
+        rows = cache.index_select(0, chunk.blocks).transpose(0, 1).reshape(kv_heads, -1, head_dim)
+        return rows[:, : chunk.end].repeat_interleave(heads // kv_heads, dim=0).unsqueeze(0)
 
-    q = query.transpose(1, 2).to(key_cache.dtype)
-    visible = torch.ones(new, end, dtype=torch.bool).tril(diagonal=start)
+    q = query.transpose(0, 1).unsqueeze(0).to(key_cache.dtype)
+    visible = torch.ones(new, chunk.end, dtype=torch.bool).tril(diagonal=start)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, gathered(key_cache), gathered(value_cache), attn_mask=visible, scale=1.0 / scale_attn
     )
-    # IPEX's op hands back [1, heads, new, head_dim] laid out as [1, new, heads, head_dim], and the
-    # native kernel paths' graphs read it in that layout whatever its strides say.
-    return out.transpose(1, 2).to(query.dtype).contiguous().transpose(1, 2)
+    return out[0].transpose(0, 1)
 
 
 _resolved: list[PagedAttentionOps] = []

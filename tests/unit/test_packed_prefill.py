@@ -1,0 +1,128 @@
+"""A prompt chunk and the running rows' next tokens in one forward, on tiny random models through
+the real tier recipes: the packed forward gives each part the logits it gets in a forward of its
+own, the batch engine packs a joining prompt's chunks with the running rows' steps, and a worker
+packs only where a batch is not held to the exact text alone."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.unit.conftest import batch_engine, computes_in_float32, started_batching
+from tierserve.domain.config import BatchingConfig
+from tierserve.domain.requests import GenerationParams, SamplingParams
+from tierserve.worker.batching import engine as engine_module
+from tierserve.worker.engine import Engine, FinishReason, TokenEvent
+from tierserve.worker.kernels.last_logits import prefill_graph
+from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, cache_shape, packed_forward, paged_forward
+from tierserve.worker.tiers.base import make_tier
+
+CHUNK = 16
+LONG_PROMPT = "Count along: " + ", ".join(f"item {i}" for i in range(18))
+
+
+def random_ids(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def span(start: int, end: int) -> torch.Tensor:
+    return torch.arange(start, end).unsqueeze(0)
+
+
+@pytest.mark.parametrize("trimmed", [False, True], ids=["every-position", "last-position"])
+def test_a_packed_forward_gives_the_chunk_and_each_row_their_own_forwards_logits(
+    family_dir: Path, trimmed: bool
+) -> None:
+    """A 16-token chunk over a 24-token cache packed with two decode rows (caches of 20 and 9):
+    the chunk's last logits and each row's equal those of the chunk's and the rows' own forwards
+    on copies of the same caches, and every cache grows as in those forwards."""
+    loaded = make_tier("fp32").load(family_dir, family_dir)
+    model = loaded.model
+    prompt, first, second = random_ids(40, 1), random_ids(20, 2), random_ids(9, 3)
+    with torch.inference_mode():
+        graph = prefill_graph(model) if trimmed else model.trace_graph
+        assert graph is not None
+        pool = BlockPool(cache_shape(model), 32)
+
+        def cached(ids: torch.Tensor) -> PagedRow:
+            row = PagedRow()
+            paged_forward(model.trace_graph, pool, [row], ids, span(0, int(ids.shape[1])))
+            return row
+
+        packed_rows = [cached(prompt[:, :24]), cached(first), cached(second)]
+        own_rows = [cached(prompt[:, :24]), cached(first), cached(second)]
+        next_ids, next_positions = torch.tensor([7, 11]), torch.tensor([20, 9])
+        keep = {"keep_from": CHUNK - 1} if trimmed else {}
+        packed = packed_forward(
+            graph,
+            pool,
+            packed_rows[0],
+            prompt[:, 24:],
+            span(24, 40),
+            packed_rows[1:],
+            next_ids,
+            next_positions,
+            **keep,
+        )[0]
+        chunk_alone = paged_forward(model.trace_graph, pool, [own_rows[0]], prompt[:, 24:], span(24, 40))[
+            0, -1
+        ]
+        rows_alone = paged_forward(
+            model.trace_graph, pool, own_rows[1:], next_ids.unsqueeze(1), next_positions.unsqueeze(1)
+        )[:, -1]
+    assert int(packed.shape[0]) == (1 if trimmed else CHUNK) + 2
+    assert torch.allclose(packed[-3], chunk_alone, atol=1e-4)
+    assert torch.allclose(packed[-2:], rows_alone, atol=1e-4)
+    assert [row.length for row in packed_rows] == [row.length for row in own_rows] == [40, 21, 10]
+
+
+def test_the_batch_engine_packs_a_joining_prompts_chunks_with_the_rows_steps(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every chunk of a long prompt joining a running stream rides in one forward with that
+    stream's next token, and both requests end as asked."""
+    packed_chunks: list[tuple[int, int]] = []
+
+    def recorded(
+        graph: Any, pool: Any, chunk_row: Any, chunk_ids: torch.Tensor, *rest: Any, **trim: Any
+    ) -> Any:
+        packed_chunks.append((int(chunk_ids.shape[1]), len(rest[1])))
+        return packed_forward(graph, pool, chunk_row, chunk_ids, *rest, **trim)
+
+    monkeypatch.setattr(engine_module, "packed_forward", recorded)
+    running_request = GenerationParams("Once upon a time", 40, SamplingParams(), (), "running")
+    long_request = GenerationParams(LONG_PROMPT, 6, SamplingParams(), (), "long")
+    decoding = threading.Event()
+
+    def on_running_token(event: TokenEvent) -> None:
+        if event.index >= 1:  # past its prefill: the long prompt joins a decoding row
+            decoding.set()
+
+    with batch_engine(
+        engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK, packed_prefill=True
+    ) as batch:
+        running = batch.submit(
+            engine.prepare(running_request), running_request, on_running_token, lambda: False, 0.0
+        )
+        assert decoding.wait(timeout=120)
+        long_prompt = engine.prepare(long_request)
+        long = batch.submit(long_prompt, long_request, lambda _: None, lambda: False, 0.0)
+        long_outcome, running_outcome = long.future.result(timeout=120), running.future.result(timeout=120)
+    chunks = math.ceil(long_prompt.prompt_tokens / CHUNK)
+    assert [tokens for tokens, _ in packed_chunks][-chunks:] == [CHUNK] * (chunks - 1) + [
+        long_prompt.prompt_tokens - CHUNK * (chunks - 1)
+    ]
+    assert all(rows == 1 for _, rows in packed_chunks)
+    assert (long_outcome.generated_tokens, long_outcome.finish_reason) == (6, FinishReason.LENGTH)
+    assert (running_outcome.generated_tokens, running_outcome.finish_reason) == (40, FinishReason.LENGTH)
+
+
+def test_a_worker_packs_only_where_its_batch_is_not_held_to_the_exact_text(engine: Engine) -> None:
+    with started_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=64)) as (batch, reason):
+        assert batch is not None, reason
+        assert batch.limits.packed_prefill == (not computes_in_float32(engine))
