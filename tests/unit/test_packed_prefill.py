@@ -126,3 +126,6 @@ def test_a_worker_packs_only_where_its_batch_is_not_held_to_the_exact_text(engin
     with started_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=64)) as (batch, reason):
         assert batch is not None, reason
         assert batch.limits.packed_prefill == (not computes_in_float32(engine))
+        packed = "a prompt's forwards packed with the running rows' next tokens"
+        assert (packed in reason) == batch.limits.packed_prefill, reason
+        assert "logits at a prompt's last position only" in reason

@@ -23,6 +23,10 @@ divergence per token must stay within `PAGED_MAX_KL` (rounding is thousandths of
 over the wrong positions is nats). (int8-sq's dynamic linears quantize each row on its own range, so its rows
 are independent of their neighbours: `kernels.linears.DynamicInt8Linear`.)
 
+Where texts are held exactly to the one-request path, a prompt's forwards run alone; elsewhere
+they are packed with the running rows' next tokens (`BatchLimits.packed_prefill`), since a linear
+may round a row differently in a product of hundreds of rows.
+
 Chunked prefill is checked on the longer prompt split into two chunks (the second attends over the
 first's paged cache), on every tier strictly: its greedy tokens must all equal those made alone,
 and its last logits those of a prefill in one forward to within what their precision allows
@@ -151,6 +155,16 @@ def start_batching(
         else f"prompts prefilled {config.prefill_chunk_tokens} tokens per step (self-check: "
         f"{chunk_agreed} of {chunk_total} greedy tokens after a prefill in 2 chunks equal to those alone)"
     )
+    packing = (
+        "a prompt's forwards packed with the running rows' next tokens"
+        if limits.packed_prefill
+        else "a prompt's forwards run alone, the rows' decode step after each (exact text alone)"
+    )
+    logits = (
+        "logits at a prompt's last position only"
+        if batch.prefills_last_logits_only
+        else "logits at every position"
+    )
     paged = (
         ""
         if divergence is None
@@ -163,7 +177,7 @@ def start_batching(
     return batch, (
         f"continuous batching: up to {config.max_batch} streams, KV cache {config.kv_cache_tokens} tokens "
         f"(self-check: {agreed} of {total} greedy tokens made in a batch equal to those made alone{paged}); "
-        f"{prefill}; {decode_note}"
+        f"{prefill}; {packing}; {logits}; {decode_note}"
     )
 
 
