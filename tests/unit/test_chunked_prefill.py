@@ -422,3 +422,35 @@ def test_a_model_with_a_sliding_window_is_served_one_at_a_time(llama_dir: Path) 
     finally:
         engine.loaded.model.config.sliding_window = None
     assert batch is None and "sliding window" in reason
+
+
+@pytest.mark.parametrize(
+    ("tier", "error", "chunks"),
+    [
+        ("fp32", chunked_prefill.ChunkingError(0.5, 0.01, kl=0.001), False),
+        ("int8-sq", chunked_prefill.ChunkingError(0.5, 0.01, kl=0.001), True),
+        ("int8-sq", chunked_prefill.ChunkingError(0.005, 0.01, kl=0.2), False),
+        ("int8-sq", chunked_prefill.ChunkingError(0.5, 0.01, kl=float("nan")), False),
+    ],
+)
+def test_a_quantized_tiers_chunks_are_held_to_the_divergence_others_to_their_logits_precision(
+    llama_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tier: str,
+    error: chunked_prefill.ChunkingError,
+    chunks: bool,
+) -> None:
+    """int8 rounding moves a quantized tier's logits by most of a unit where a chunk's attention
+    differs by 1e-7 from one forward's; fp32's must stay within 0.01. (The fp32 model stands in for
+    the quantized tier's check: only the tier name decides which rule applies.)"""
+    engine = Engine(make_tier("fp32").load(llama_dir, llama_dir))
+    monkeypatch.setattr(startup, "chunking_error", lambda model, ids, split: error)
+    config = BatchingConfig(max_batch=2, prefill_chunk_tokens=256)
+    batch, reason = start_batching(engine, config, tier=tier, in_own_thread=False)
+    assert batch is not None, reason
+    try:
+        assert batch.chunked_prefill == chunks, reason
+        if not chunks and tier == "int8-sq":
+            assert "nats (KL divergence) from a prefill in one forward's (allowed: 0.05)" in reason
+    finally:
+        batch.stop()
