@@ -129,3 +129,83 @@ def test_a_worker_packs_only_where_its_batch_is_not_held_to_the_exact_text(engin
         packed = "a prompt's forwards packed with the running rows' next tokens"
         assert (packed in reason) == batch.limits.packed_prefill, reason
         assert "logits at a prompt's last position only" in reason
+
+
+def test_a_failed_packed_forward_fails_the_requests_it_carried_and_the_engine_serves_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefilling request and the running row end with the error, their blocks go back to the
+    pool, and the next request is served."""
+    failures = [RuntimeError("the packed forward failed")]
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return packed_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "packed_forward", failing_once)
+    decoding = threading.Event()
+    running_request = GenerationParams("Once upon a time", 40, SamplingParams(), (), "running")
+    long_request = GenerationParams(LONG_PROMPT, 6, SamplingParams(), (), "long")
+    later_request = GenerationParams("The sea is calm", 5, SamplingParams(), (), "later")
+    with batch_engine(
+        engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK, packed_prefill=True
+    ) as batch:
+
+        def on_running_token(event: TokenEvent) -> None:
+            if event.index >= 1:
+                decoding.set()
+
+        running = batch.submit(
+            engine.prepare(running_request), running_request, on_running_token, lambda: False, 0.0
+        )
+        assert decoding.wait(timeout=120)
+        long = batch.submit(engine.prepare(long_request), long_request, lambda _: None, lambda: False, 0.0)
+        for ticket in (running, long):
+            with pytest.raises(RuntimeError, match="the packed forward failed"):
+                ticket.future.result(timeout=120)
+        later = batch.submit(engine.prepare(later_request), later_request, lambda _: None, lambda: False, 0.0)
+        assert later.future.result(timeout=120).generated_tokens == 5
+        occupancy = batch.occupancy()
+    assert (occupancy.running, occupancy.prefilling, occupancy.kv_tokens_used, occupancy.kv_bytes) == (
+        0,
+        0,
+        0,
+        0,
+    )
+
+
+def test_a_failed_chunk_of_its_own_fails_only_its_request(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unpacked, a prompt's failed forward ends that request alone; the running row goes on."""
+    armed = threading.Event()
+
+    def failing_chunk(
+        graph: Any, pool: Any, rows: Any, ids: torch.Tensor, positions: Any, **trim: Any
+    ) -> Any:
+        if armed.is_set() and int(ids.shape[1]) > 1:
+            armed.clear()
+            raise RuntimeError("the chunk's forward failed")
+        return paged_forward(graph, pool, rows, ids, positions, **trim)
+
+    monkeypatch.setattr(engine_module, "paged_forward", failing_chunk)
+    running_request = GenerationParams("Once upon a time", 30, SamplingParams(), (), "running")
+    long_request = GenerationParams(LONG_PROMPT, 6, SamplingParams(), (), "long")
+    with batch_engine(
+        engine, max_batch=2, kv_cache_tokens=4096, prefill_chunk_tokens=CHUNK, packed_prefill=False
+    ) as batch:
+
+        def on_running_token(event: TokenEvent) -> None:
+            if event.index == 1:
+                armed.set()
+
+        running = batch.submit(
+            engine.prepare(running_request), running_request, on_running_token, lambda: False, 0.0
+        )
+        assert armed.wait(timeout=120)  # the next forward of a prompt fails
+        long = batch.submit(engine.prepare(long_request), long_request, lambda _: None, lambda: False, 0.0)
+        with pytest.raises(RuntimeError, match="the chunk's forward failed"):
+            long.future.result(timeout=120)
+        outcome = running.future.result(timeout=120)
+    assert (outcome.generated_tokens, outcome.finish_reason) == (30, FinishReason.LENGTH)
