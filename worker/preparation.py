@@ -8,13 +8,24 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tierserve.domain.config import TierserveConfig
+from tierserve.domain.config import BatchingConfig, TierserveConfig
 from tierserve.domain.textsets import calibration_path, eval_path, fingerprint, read_paragraphs
 from tierserve.ops.modelprep import prepare_model
-from tierserve.worker.accuracy import AccuracyCard, eval_chunks, measure_card, reference_log_probs
+from tierserve.worker.accuracy import (
+    AccuracyCard,
+    batched_log_probs,
+    eval_chunks,
+    measure_card,
+    reference_log_probs,
+)
 from tierserve.worker.artifacts import ArtifactStore, ProgressSink
+from tierserve.worker.batching.startup import decode_kernel_for, unbatchable
 from tierserve.worker.isa import CpuIsa
 from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
+
+# What a card was scored through (`PreparedTier.scored_through`).
+THROUGH_BATCH = "the batch's paged path"
+THROUGH_GENERATE = "generate, one request at a time"
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,7 @@ class PreparedTier:
     card: AccuracyCard
     model_dir: Path
     artifact_dir: Path
+    scored_through: str = THROUGH_GENERATE
 
 
 def prepare_tier(
@@ -30,8 +42,13 @@ def prepare_tier(
     tier_name: str,
     progress: ProgressSink = lambda stage, done, total: None,
     console: Console | None = None,
+    batching: BatchingConfig | None = None,
 ) -> PreparedTier:
-    """Load `tier_name` ready to serve: reuse its cached artifact and card, or build and measure them."""
+    """Load `tier_name` ready to serve: reuse its cached artifact and card, or build and measure them.
+    The card is scored as a worker with `batching` (default: the config's) serves: through the
+    batch's paged path where batching is on and the model can batch, else through `generate`."""
+    batching = batching or config.batching
+    kernel_dir = config.model.resolved_cache_dir() / "kernels"
     from transformers import AutoConfig
 
     model_dir = prepare_model(config.model, console or Console(stderr=True))
@@ -48,14 +65,28 @@ def prepare_tier(
         )
         progress("scoring the fp32 reference", 0, 1)
         reference = reference_log_probs(model_dir, chunks)
-        return measure_card(loaded, chunks, reference, report)
+        if not _batched(loaded, batching):
+            return measure_card(loaded, chunks, reference, report)
+        progress("scoring through the batch's paged path", 0, 1)
+        scored = batched_log_probs(loaded, chunks, decode_kernel_for(batching, kernel_dir)[0])
+        return measure_card(loaded, chunks, reference, report, scored)
 
     store = ArtifactStore(config.model.resolved_cache_dir() / "artifacts")
     # The card depends on how much of the text is scored, and in what chunks, as well as on the text.
-    eval_digest = f"{fingerprint(eval_texts)}:{config.data.eval_tokens}:{config.data.eval_chunk_tokens}"
+    # And on the path it is scored through: a batch's attention rounds otherwise than IPEX's, and
+    # its KV cache may be kept in another dtype (int8-sq's bfloat16).
+    scoring = f"batched, {batching.decode_attention} decode attention" if batching.enabled else "generate"
+    eval_digest = (
+        f"{fingerprint(eval_texts)}:{config.data.eval_tokens}:{config.data.eval_chunk_tokens}:{scoring}"
+    )
     artifact = store.ensure(tier, model_dir, eval_digest, measure, progress)
     loaded = artifact.loaded
     if loaded is None:
         progress(f"loading {tier_name}", 0, 1)
         loaded = tier.load(model_dir, artifact.path)
-    return PreparedTier(loaded, artifact.card, model_dir, artifact.path)
+    through = THROUGH_BATCH if _batched(loaded, batching) else THROUGH_GENERATE
+    return PreparedTier(loaded, artifact.card, model_dir, artifact.path, through)
+
+
+def _batched(loaded: LoadedModel, batching: BatchingConfig) -> bool:
+    return batching.enabled and unbatchable(loaded) is None

@@ -23,7 +23,7 @@ from tierserve.worker.batching.startup import serves_less_than_configured, start
 from tierserve.worker.chat import install_chat_template
 from tierserve.worker.engine import Engine
 from tierserve.worker.numa import bind_memory
-from tierserve.worker.preparation import prepare_tier
+from tierserve.worker.preparation import THROUGH_BATCH, prepare_tier
 from tierserve.worker.registration import start_heartbeat, stop_heartbeat
 from tierserve.worker.service import WorkerServicer
 from tierserve.worker.state import LoadReport, WorkerState
@@ -47,7 +47,7 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
     def report(stage: str, done: int, total: int) -> None:
         log.info("%s%s", stage, f" ({done}/{total})" if total > 1 else "")
 
-    prepared = prepare_tier(config, state.config.tier, report)
+    prepared = prepare_tier(config, state.config.tier, report, batching=config.batching_for(state.config))
     loaded = prepared.loaded
     log.info("chat template: %s", install_chat_template(loaded.tokenizer, config.model))
     engine = Engine(loaded, config.limits.max_context_tokens)
@@ -59,7 +59,7 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
         load_ms,
         loaded.kernel,
     )
-    log.info("accuracy card: %s", prepared.card)
+    log.info("accuracy card, scored through %s: %s", prepared.scored_through, prepared.card)
 
     warm_started = time.perf_counter()
     long_params = long_prefill_params(engine)
@@ -86,6 +86,7 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
         warmup_ms,
         window,
         prepared.card,
+        card_scored_through=prepared.scored_through,
         warmup_prompt_tokens=prompt_tokens,
         chars_per_token=len(WARMUP_PROMPT) / max(prompt_tokens, 1),
         warmup_prefill=prefill,
@@ -176,6 +177,11 @@ async def serve_worker(config: TierserveConfig, name: str, port_file: Path | Non
     log.info("%s", batching)
     if serves_less_than_configured(state.batch, config.batching_for(worker_config)):
         state.notices.append(batching)
+    if state.batch is None and report.card_scored_through == THROUGH_BATCH:
+        state.notices.append(
+            f"the accuracy card was scored through {THROUGH_BATCH}, which the self-check refused: it "
+            "describes that path, not the one-request path this worker serves through"
+        )
     state.ready(engine, report)
     await handle.set_serving(True)
     log.info(

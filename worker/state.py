@@ -32,6 +32,8 @@ class LoadReport:
     warmup_time_ms: float
     warmup_latency: LatencyWindow
     card: AccuracyCard
+    # What the card was scored through (`preparation.THROUGH_BATCH` or `THROUGH_GENERATE`).
+    card_scored_through: str = ""
     # The self-measurement's prompt length (its TTFT is for this many tokens), and the
     # tokenizer's characters per token on it: the router estimates prompt tokens from these.
     warmup_prompt_tokens: int = 0

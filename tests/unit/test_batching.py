@@ -349,7 +349,7 @@ def test_a_paged_path_off_the_one_request_path_is_caught_where_texts_are_not_hel
         kernel(out, query, keys, values, tables, (lengths - 1).clamp(min=1), scale)
 
     monkeypatch.setattr(
-        startup, "_decode_kernel", lambda config, kernel_dir: (missing_the_newest_key, "wrong")
+        startup, "decode_kernel_for", lambda config, kernel_dir: (missing_the_newest_key, "wrong")
     )
     with started_batching(engine, BatchingConfig(max_batch=4), "int4-woq") as (batch, reason):
         assert batch is None, reason

@@ -96,7 +96,8 @@ def test_seven_bit_weights_keep_their_range_and_clipping_never_adds_error() -> N
 def test_int8_sq_without_vnni_stores_seven_bit_layers_and_an_eight_bit_head_and_down_proj(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    without_vnni, with_vnni = scheme(int16_sums=True), scheme(int16_sums=False)
+    without_vnni = scheme(CpuIsa.from_flags({"avx2"}))
+    with_vnni = scheme(CpuIsa.from_flags({"avx2", "avx512f", "avx512_vnni"}))
     assert [without_vnni.int8_levels(n) for n in ("layers.0.qkv", "layers.0.down", "lm_head")] == [
         63,
         127,

@@ -60,6 +60,7 @@ from tierserve.worker.kernels import decode_attention
 from tierserve.worker.kernels.chunked_prefill import ChunkingError, chunking_error
 from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.kernels.paged_kv import attends_in_full
+from tierserve.worker.tiers.base import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,9 @@ def start_batching(
     default model cache's `kernels/`."""
     if not config.enabled:
         return None, "continuous batching is off ([batching] enabled = false): one request at a time"
-    if getattr(engine.loaded.model, "trace_graph", None) is None:
-        return (
-            None,
-            "continuous batching unavailable: the model has no IPEX decoder graph; one request at a time",
-        )
-    if not attends_in_full(engine.loaded.model.config):
-        return None, (
-            "continuous batching unavailable: the model attends through a sliding window, which the "
-            "batch's paged attention does not apply; one request at a time"
-        )
+    why_not = unbatchable(engine.loaded)
+    if why_not is not None:
+        return None, f"continuous batching unavailable: {why_not}; one request at a time"
     exact = tier in EXACT_TIERS and engine.loaded.model.dtype == torch.float32
     limits = BatchLimits(
         max_batch=config.max_batch,
@@ -112,7 +106,7 @@ def start_batching(
         # Rows held to the exact text alone decode in a forward of their own (see BatchLimits).
         packed_prefill=not exact,
     )
-    decode_kernel, decode_note = _decode_kernel(config, kernel_dir)
+    decode_kernel, decode_note = decode_kernel_for(config, kernel_dir)
     needed = _CHECK_TOKENS if exact else _QUANTIZED_PREFIX_TOKENS
     params = [GenerationParams(p, _CHECK_TOKENS, SamplingParams(), (), "batch-check") for p in _CHECK_PROMPTS]
     try:
@@ -196,7 +190,16 @@ def serves_less_than_configured(batch: BatchEngine | None, config: BatchingConfi
     return chunking_lost or kernel_lost
 
 
-def _decode_kernel(config: BatchingConfig, kernel_dir: Path | None) -> tuple[DecodeKernel | None, str]:
+def unbatchable(loaded: LoadedModel) -> str | None:
+    """Why `loaded` cannot be served through the batch's paged path, or None if it can."""
+    if getattr(loaded.model, "trace_graph", None) is None:
+        return "the model has no IPEX decoder graph"
+    if not attends_in_full(loaded.model.config):
+        return "the model attends through a sliding window, which the batch's paged attention does not apply"
+    return None
+
+
+def decode_kernel_for(config: BatchingConfig, kernel_dir: Path | None) -> tuple[DecodeKernel | None, str]:
     """The decode steps' attention kernel as configured, and what the notice says of it."""
     if config.decode_attention == "ipex":
         return None, 'decode attention: IPEX\'s paged kernel ([batching] decode_attention = "ipex")'

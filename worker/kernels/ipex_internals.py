@@ -263,6 +263,25 @@ def int4_woq_linear(
     return linear
 
 
+def int8_woq_linear(qweight: torch.Tensor, scales: torch.Tensor, qconfig: Any) -> nn.Module:
+    """IPEX's int8 weight-only linear with the given weights: int8 levels [N, K] and one float
+    scale per output channel [N]; weight = level * scale. Its lowp mode comes from `qconfig`."""
+    require_supported_ipex("IPEX's weight-only int8 linear")
+    from intel_extension_for_pytorch.nn.modules import WeightOnlyQuantizedLinear
+    from intel_extension_for_pytorch.quantization import WoqWeightDtype
+
+    out_features, in_features = (int(n) for n in qweight.shape)
+    linear: nn.Module = WeightOnlyQuantizedLinear.from_float_and_qweight(
+        mod=_linear_shell(out_features, in_features, qconfig),
+        qweight=qweight.contiguous(),
+        dtype=WoqWeightDtype.INT8,
+        scales=scales.float(),
+        zero_points=None,
+        group_size=-1,
+    )
+    return linear
+
+
 def woq_linear_from_float(weight: torch.Tensor, qconfig: Any) -> nn.Module:
     """IPEX's weight-only linear of a float weight [N, K], quantized by IPEX itself as `qconfig`
     says (what `ipex.llm.optimize` does to each linear)."""

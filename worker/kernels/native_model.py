@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tierserve.worker.kernels import ipex_internals
+from tierserve.worker.kernels import ipex_internals, paged_kv
 from tierserve.worker.kernels.linears import GateUpSiluMul
 from tierserve.worker.kernels.scheme import NativeScheme, down_linear, head_linear, make_linear
 
@@ -46,4 +46,8 @@ def build_native_model(model: Any, tensors: dict[str, torch.Tensor], scheme: Nat
         leftover = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
         if leftover:  # the kernel description would be a lie
             raise RuntimeError(f"native WOQ left float linear layers in the model: {', '.join(leftover[:5])}")
-        return ipex_internals.trace_for_generation(model, bf16_autocast=scheme.activations == torch.bfloat16)
+        bf16_autocast = scheme.activations == torch.bfloat16
+        traced = ipex_internals.trace_for_generation(model, bf16_autocast=bf16_autocast)
+    if scheme.kv_cache_bf16:
+        paged_kv.keep_cache_in(traced, torch.bfloat16)
+    return traced

@@ -33,7 +33,7 @@ import heapq
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -167,14 +167,27 @@ def empty_past(num_layers: int, batch: int) -> tuple[tuple[torch.Tensor, ...], .
 
 
 _shapes: weakref.WeakKeyDictionary[Any, CacheShape] = weakref.WeakKeyDictionary()
+_kept_in: weakref.WeakKeyDictionary[Any, torch.dtype] = weakref.WeakKeyDictionary()
+
+
+def keep_cache_in(model: Any, dtype: torch.dtype) -> None:
+    """Keep `model`'s paged cache in `dtype` rather than its attention's precision (a tier's
+    choice: int8-sq's bfloat16 halves what a decode step reads). Attention then computes in
+    `dtype` too, and hands its output back at the graph's precision."""
+    if dtype not in DTYPES:
+        raise ValueError(f"a paged cache is kept in one of {DTYPES}, not {dtype}")
+    _kept_in[model] = dtype
+    _shapes.pop(model, None)
 
 
 def cache_shape(model: Any) -> CacheShape:
     """The cache the model's graph attends over, from one traced forward of two tokens with IPEX's
-    own cache (its dtype is the tier's attention precision); once per model."""
+    own cache (its dtype is the tier's attention precision, unless `keep_cache_in` said another);
+    once per model."""
     shape = _shapes.get(model)
     if shape is None:
-        shape = _shapes[model] = _probed_cache_shape(model)
+        shape = _probed_cache_shape(model)
+        shape = _shapes[model] = replace(shape, dtype=_kept_in.get(model, shape.dtype))
     return shape
 
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
+from tierserve.worker.kernels.ipex_int8_linear import IpexInt8WoqLinear, rows_independent
 from tierserve.worker.kernels.linears import DenseLinear, DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
 from tierserve.worker.kernels.quantizers import INT7_LEVELS, Bits
+
+log = logging.getLogger(__name__)
 
 _DYNAMIC_INT8 = (
     "fbgemm quantized::linear_dynamic int8 per-channel weights, "
     "per-token dynamic int8 activations (each token on its own range)"
 )
+
+_IPEX_INT8 = "IPEX's weight-only int8 per-channel kernel where rows stay independent (else aten's)"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class NativeScheme:
     # With dynamic_layers: down_proj still weight-only (`_weight_int8pack_mm`, bfloat16 inputs):
     # its input, silu(gate) * up, is the hardest activation to put in int8. Same stored weights.
     down_weight_only: bool = False
+    # That weight-only down_proj on IPEX's kernel (`ipex_int8_linear`), which takes a prompt
+    # chunk's or a batch's rows in one pass, where its rows come out independent of the batch.
+    down_on_ipex: bool = False
+    # The batch's paged KV cache in bfloat16 where attention computes in float32: half the bytes
+    # a decode step reads and keeps per token.
+    kv_cache_bf16: bool = False
 
     def int8_levels(self, name: str) -> int:
         """The largest |level| of stored int8 matrix `name` ("layers.3.qkv", "lm_head")."""
@@ -61,8 +73,10 @@ class NativeScheme:
             head = head.replace("int8 per-channel weights", "int8 per-channel weights as two 7-bit halves")
         down = ""
         if self.bits == 8 and self.dynamic_layers and self.down_weight_only:
-            down = f"; down_proj {_describe_format(8, 0)} (weight-only, bfloat16 inputs)"
-        return f"layers {layers}{down}; lm_head {head}; {act} activations"
+            kernel = _IPEX_INT8 if self.down_on_ipex else _describe_format(8, 0)
+            down = f"; down_proj {kernel} (weight-only, bfloat16 inputs)"
+        cache = "; batch KV cache bfloat16" if self.kv_cache_bf16 else ""
+        return f"layers {layers}{down}; lm_head {head}; {act} activations{cache}"
 
 
 def _describe_format(bits: Bits, group_size: int) -> str:
@@ -92,9 +106,13 @@ def make_linear(tensors: dict[str, torch.Tensor], name: str, bits: Bits, scheme:
 def down_linear(tensors: dict[str, torch.Tensor], name: str, scheme: NativeScheme) -> nn.Module:
     """A layer's down_proj: weight-only with bfloat16 inputs where the scheme says so."""
     if scheme.bits == 8 and scheme.dynamic_layers and scheme.down_weight_only:
-        return Int8WoqLinear(
-            tensors[f"{name}.qweight"], tensors[f"{name}.scales"], torch.bfloat16, scheme.activations
-        )
+        qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+        if scheme.down_on_ipex:
+            linear = IpexInt8WoqLinear(qweight, scales, scheme.activations)
+            if rows_independent(linear):
+                return linear
+            log.warning("%s: IPEX's int8 kernel gives a row other bits in a batch; using aten's", name)
+        return Int8WoqLinear(qweight, scales, torch.bfloat16, scheme.activations)
     return make_linear(tensors, name, scheme.bits, scheme)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from tierserve.domain.config import ConfigError
+from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import packed_weights, smoothing
 from tierserve.worker.kernels.ipex_internals import SUPPORTED_ARCHITECTURES, require_supported_ipex
 from tierserve.worker.kernels.native_model import build_native_model
@@ -36,15 +37,20 @@ FORMAT = f"smoothing 1, weights {packed_weights.ARTIFACT_FORMAT}, down_proj weig
 ACTIVATIONS = torch.float32
 
 
-def scheme(int16_sums: bool) -> NativeScheme:
+def scheme(isa: CpuIsa) -> NativeScheme:
+    """The layout on `isa`. Without VNNI fbgemm sums u8 x s8 products in int16: 7-bit weights
+    there. With AMX and AVX512_FP16 down_proj runs on IPEX's weight-only kernel, and with bf16
+    kernels the batch's KV cache is kept in bfloat16 (attention's reads halved)."""
     return NativeScheme(
         bits=8,
         group_size=0,
         head_bits=8,
         activations=ACTIVATIONS,
         dynamic_layers=True,
-        int16_sums=int16_sums,
+        int16_sums=not isa.avx512_vnni,
         down_weight_only=True,
+        down_on_ipex=isa.ipex_woq_fast,
+        kv_cache_bf16=isa.ipex_bf16,
     )
 
 
@@ -64,8 +70,7 @@ class DynamicSmoothQuant(KernelPath):
         require_supported_ipex()
 
     def layout(self) -> NativeScheme:
-        # Without VNNI fbgemm sums u8 x s8 products in int16: 7-bit weights there (NativeScheme).
-        return scheme(int16_sums=not self.tier.context.isa.avx512_vnni)
+        return scheme(self.tier.context.isa)
 
     def build(self, model_dir: Path, artifact_dir: Path, progress: Progress) -> None:
         tier = self.tier
