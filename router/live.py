@@ -10,11 +10,11 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from tierserve_client.v1 import router_pb2, worker_pb2
 
 from tierserve.domain.latency import LatencyWindow
+from tierserve.domain.prefill import PrefillFit, fit_prefill
 
 # (prompt tokens, TTFT) pairs kept for the prefill fit.
 PREFILL_SAMPLES = 64
@@ -35,32 +35,6 @@ class Ewma:
     def add(self, sample: float) -> None:
         self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
         self.samples += 1
-
-
-@dataclass(frozen=True)
-class PrefillFit:
-    """TTFT (from generation start) is about base + per_token * prompt tokens, microseconds."""
-
-    base_us: float
-    per_token_us: float
-
-    def ttft_us(self, prompt_tokens: int) -> float:
-        return self.base_us + self.per_token_us * prompt_tokens
-
-
-def fit_prefill(samples: list[tuple[int, float]]) -> PrefillFit | None:
-    """A least-squares line through (prompt tokens, TTFT); through the origin when the samples
-    cannot support a line (one prompt length, or a fit with a negative part)."""
-    if not samples:
-        return None
-    lengths = [float(p) for p, _ in samples]
-    ttfts = [t for _, t in samples]
-    if len(set(lengths)) >= 2:
-        slope, intercept = statistics.linear_regression(lengths, ttfts)
-        if slope >= 0 and intercept >= 0:
-            return PrefillFit(intercept, slope)
-    ratio = sum(p * t for p, t in zip(lengths, ttfts, strict=True)) / max(sum(p * p for p in lengths), 1.0)
-    return PrefillFit(0.0, max(ratio, 0.0))
 
 
 class LiveStats:

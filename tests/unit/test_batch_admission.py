@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tierserve.worker.batching.admission import (
+    PREFILL_SAMPLES,
     STEP_WEIGHT,
-    PrefillRate,
+    PrefillTimes,
     RunningRow,
     StepTimes,
     keeps_running_budgets,
@@ -50,14 +51,37 @@ def test_a_request_joins_only_within_the_tightest_budget(
     assert within_budgets(steps, rows_after, budgets_s) is joins
 
 
-def test_prefill_rate_predicts_from_measured_forwards() -> None:
-    rate = PrefillRate()
-    assert rate.predict(300) == 0.0  # nothing measured: no stall assumed
-    rate.record(256, 0.512)  # 2 ms per token
-    assert rate.predict(100) == pytest.approx(0.200)
-    rate.record(0, 5.0)  # an empty forward tells nothing
-    rate.record(100, 0.400)  # 4 ms per token: a running mean
-    assert rate.predict(1) == pytest.approx(0.002 + STEP_WEIGHT * 0.002)
+def test_prefill_times_predict_from_measured_forwards() -> None:
+    times = PrefillTimes()
+    assert times.predict(300) == 0.0  # nothing measured: no stall assumed
+    times.record(256, 0.512)  # one length: 2 ms per token, through the origin
+    assert times.predict(100) == pytest.approx(0.200)
+    times.record(0, 5.0)  # an empty forward tells nothing
+    assert times.predict(100) == pytest.approx(0.200)
+
+
+def test_a_short_prompt_s_fixed_cost_does_not_inflate_a_long_prompt_s_prediction() -> None:
+    """int4-woq on an AMX Xeon: 35 ms for 12 tokens, 145 ms for 210; a rate per token taken from
+    the short one would predict 612 ms for the long one."""
+    times = PrefillTimes()
+    for _ in range(3):
+        times.record(210, 0.145)
+        times.record(12, 0.035)
+    assert times.predict(210) == pytest.approx(0.145)
+    assert times.predict(12) == pytest.approx(0.035)
+    # In chunks of 100 tokens the fixed part is paid per forward.
+    per_token = (0.145 - 0.035) / (210 - 12)
+    base = 0.035 - 12 * per_token
+    assert times.predict(210, chunk_tokens=100) == pytest.approx(3 * base + 210 * per_token)
+
+
+def test_prefill_times_follow_the_recent_forwards() -> None:
+    times = PrefillTimes()
+    for _ in range(PREFILL_SAMPLES):
+        times.record(100, 1.0)
+    for _ in range(PREFILL_SAMPLES):
+        times.record(100, 0.1)  # the machine got faster: the old forwards are forgotten
+    assert times.predict(100) == pytest.approx(0.1)
 
 
 # A tight row: 20 ms per token over 101 tokens, 2.0 s of budget for its 100 gaps.

@@ -18,6 +18,7 @@ from tierserve.domain.errors import InvalidRequest
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
 from tierserve.worker.batching import startup
+from tierserve.worker.batching.admission import PREFILL_SAMPLES
 from tierserve.worker.batching.engine import BatchEngine, Ticket
 from tierserve.worker.batching.startup import serves_less_than_configured, start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
@@ -257,8 +258,10 @@ def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget
 def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine: Engine) -> None:
     with batch_engine(engine, max_batch=8, kv_cache_tokens=4096) as batch:
         # Prefills measured at 10 s per prompt token: any newcomer's prefill would cost the running
-        # request far more than its 1 s per token allows over its 12 tokens.
-        batch.prefill_rate.record(1, 10.0)
+        # request far more than its 1 s per token allows over its 12 tokens (the tight request's
+        # own real prefill, one more sample, leaves the line about where it is).
+        for tokens in range(1, PREFILL_SAMPLES):
+            batch.prefill_times.record(tokens, 10.0 * tokens)
         seen_running: list[int] = []
 
         def emit(event: TokenEvent) -> None:

@@ -4,7 +4,8 @@ fits; TPOT by concurrency measured, with a named fallback; queue wait from the w
 import pytest
 from tierserve_client.v1 import worker_pb2
 
-from tierserve.router.live import LiveStats, PromptTokenEstimator, fit_prefill
+from tierserve.domain.prefill import fit_prefill
+from tierserve.router.live import LiveStats, PromptTokenEstimator
 from tierserve.router.prediction import (
     UNKNOWN,
     Prediction,

@@ -21,12 +21,17 @@ over the row's remaining tokens (`keeps_running_budgets`).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from tierserve.domain.budgets import breaks_token_budget
+from tierserve.domain.prefill import fit_prefill
 
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
 STEP_WEIGHT = 0.2
+# Prefill forwards the line is fitted to: enough to span the prompt lengths in use, few enough to
+# follow a change (the cache growing, another process on the cores).
+PREFILL_SAMPLES = 32
 
 
 class StepTimes:
@@ -70,24 +75,31 @@ def within_budgets(steps: StepTimes, rows_after: int, budgets_s: list[float]) ->
     return predicted is None or predicted <= tightest
 
 
-class PrefillRate:
-    """Seconds per prompt token of the prefill forwards, a running mean; thread-safe."""
+class PrefillTimes:
+    """The recent prefill forwards' seconds by their prompt tokens (a chunk packed with the rows'
+    step: its share beyond their decode step), and a line through them (`domain.prefill`): a fixed
+    part per forward and a part per token. A running rate per token had a short prompt's fixed
+    part inflate the next long prompt's predicted stall; thread-safe."""
 
     def __init__(self) -> None:
-        self._per_token: float | None = None
+        self._samples: deque[tuple[int, float]] = deque(maxlen=PREFILL_SAMPLES)
         self._lock = threading.Lock()
 
     def record(self, tokens: int, seconds: float) -> None:
         if tokens <= 0:
             return
         with self._lock:
-            rate, old = seconds / tokens, self._per_token
-            self._per_token = rate if old is None else old + STEP_WEIGHT * (rate - old)
+            self._samples.append((tokens, seconds * 1e6))
 
-    def predict(self, tokens: int) -> float:
-        """Seconds to prefill `tokens`; 0 before any prefill was measured."""
+    def predict(self, tokens: int, chunk_tokens: int | None = None) -> float:
+        """Seconds to prefill `tokens` in forwards of at most `chunk_tokens` (None: one forward);
+        0 before any prefill was measured."""
         with self._lock:
-            return 0.0 if self._per_token is None else self._per_token * tokens
+            fit = fit_prefill(list(self._samples))
+        if fit is None or tokens <= 0:
+            return 0.0
+        forwards = -(-tokens // chunk_tokens) if chunk_tokens else 1
+        return (fit.base_us * forwards + fit.per_token_us * tokens) / 1e6
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import torch
 from tierserve.domain.errors import InvalidRequest, Overloaded
 from tierserve.domain.requests import GenerationParams
 from tierserve.worker.batching.admission import (
-    PrefillRate,
+    PrefillTimes,
     RunningRow,
     StepTimes,
     keeps_running_budgets,
@@ -174,7 +174,7 @@ class BatchEngine:
         # Measured decode steps by rows: what admission predicts a bigger batch's step from.
         self.step_times = StepTimes()
         # Measured prefill seconds per prompt token: the stall a newcomer puts on the rows.
-        self.prefill_rate = PrefillRate()
+        self.prefill_times = PrefillTimes()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -357,7 +357,7 @@ class BatchEngine:
         if not keeps_running_budgets(
             [s.running_row(now) for s in self._running],
             self.step_times.predict(len(members) + 1),
-            self.prefill_rate.predict(head.prompt.prompt_tokens),
+            self.prefill_times.predict(head.prompt.prompt_tokens, self.limits.prefill_chunk_tokens),
         ):
             return None
         heapq.heappop(self._waiting)
@@ -382,7 +382,7 @@ class BatchEngine:
             logits = self._prefill_forward(
                 sequence.kv, sequence.prompt.input_ids[:, start:end], _span(start, end)
             )
-            self.prefill_rate.record(end - start, time.perf_counter() - began)
+            self.prefill_times.record(end - start, time.perf_counter() - began)
         except Exception as error:
             self._end_prefill()
             sequence.future.set_exception(error)
@@ -413,7 +413,9 @@ class BatchEngine:
         finished = self._advance_rows(logits[-len(rows) :])
         elapsed = time.perf_counter() - started
         # The chunk's share of the forward: what it took beyond a decode step of these rows.
-        self.prefill_rate.record(end - start, max(0.0, elapsed - (self.step_times.predict(len(rows)) or 0.0)))
+        self.prefill_times.record(
+            end - start, max(0.0, elapsed - (self.step_times.predict(len(rows)) or 0.0))
+        )
         self._retire(finished)
         if end == sequence.prompt.prompt_tokens:
             self._join(sequence, logits[-len(rows) - 1])
