@@ -1,4 +1,5 @@
-"""The artifact store: build once, reuse, rebuild with a warning when corrupt or stale."""
+"""The artifact store: build once, reuse, rebuild with a warning when corrupt or stale; cards per
+evaluation beside the weights, measured again without a rebuild."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from tierserve.domain.config import TierRecipe
 from tierserve.worker.accuracy import AccuracyCard
-from tierserve.worker.artifacts import CARD, MANIFEST, ArtifactStore, model_fingerprint
+from tierserve.worker.artifacts import MANIFEST, ArtifactStore, card_path, model_fingerprint
 from tierserve.worker.isa import CpuIsa
 from tierserve.worker.tiers.base import LoadedModel, Progress, Tier, TierContext
 
@@ -76,9 +77,8 @@ def test_builds_once_then_reuses(tmp_path: Path, model_dir: Path) -> None:
         lambda folder: (folder / "weights.bin").write_bytes(b"truncated"),
         lambda folder: (folder / "weights.bin").unlink(),
         lambda folder: (folder / MANIFEST).write_text("{not json"),
-        lambda folder: (folder / CARD).write_text('{"perplexity": "x"}'),
     ],
-    ids=["corrupt-file", "missing-file", "corrupt-manifest", "corrupt-card"],
+    ids=["corrupt-file", "missing-file", "corrupt-manifest"],
 )
 def test_a_damaged_artifact_is_rebuilt_with_a_warning(
     tmp_path: Path, model_dir: Path, damage: Callable[[Path], Any], caplog: pytest.LogCaptureFixture
@@ -94,11 +94,38 @@ def test_a_damaged_artifact_is_rebuilt_with_a_warning(
     assert store.ensure(tier(), model_dir, "eval", measure).loaded is None  # intact again
 
 
-def test_key_follows_model_recipe_and_eval_texts(tmp_path: Path, model_dir: Path) -> None:
+def test_a_damaged_card_is_measured_again_without_a_rebuild(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    folder = store.ensure(tier(), model_dir, "eval", measure).path
+    card_path(folder, "eval").write_text('{"perplexity": "x"}')
+    again = tier()
+    with caplog.at_level(logging.WARNING):
+        remeasured = store.ensure(again, model_dir, "eval", measure)
+    assert again.builds == 0 and again.loads == 1 and remeasured.card == CARD_VALUE
+    assert remeasured.path == folder and remeasured.loaded is not None
+    assert "measuring it again" in caplog.text
+
+
+def test_another_evaluation_measures_another_card_on_the_same_weights(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    built = store.ensure(tier(), model_dir, "eval", measure)
+    other_card = AccuracyCard(11.0, 2.0, 0.02, 0.9, 100, 9.85)
+    second = tier()
+    other = store.ensure(second, model_dir, "batched-eval", lambda loaded, report: other_card)
+    assert other.path == built.path and other.card == other_card and second.builds == 0 and second.loads == 1
+    # Each evaluation keeps its own card.
+    assert store.ensure(tier(), model_dir, "eval", measure).card == CARD_VALUE
+    assert store.ensure(tier(), model_dir, "batched-eval", measure).card == other_card
+
+
+def test_key_follows_model_and_recipe(tmp_path: Path, model_dir: Path) -> None:
     store = ArtifactStore(tmp_path / "artifacts")
     base = store.ensure(tier(), model_dir, "eval", measure).path
     assert store.ensure(tier(group_size=64), model_dir, "eval", measure).path != base
-    assert store.ensure(tier(), model_dir, "other-eval", measure).path != base
     before = model_fingerprint(model_dir)
     (model_dir / "model.safetensors").write_bytes(b"other weights")
     assert model_fingerprint(model_dir) != before
