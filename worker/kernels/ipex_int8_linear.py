@@ -2,14 +2,15 @@
 prompt chunk, a batch of decode rows), with each row's result independent of the others.
 
 PyTorch's `_weight_int8pack_mm` dequantizes the weight again for every 4 rows: on an AMX Xeon a
-576 x 1536 matrix took 123 us for 9 rows and 2.4 ms for 257, against 62 us and 0.48 ms with IPEX's
-weight-only kernel computing in bfloat16 (about 30 us each for one row). That kernel takes another
-path below 5 rows, which rounds differently, so every call adds `PADDING` zero rows: then a row
-gets the same bits whatever shares its call, as the batch engine's per-sequence semantics need
-(a greedy text the same alone and in a batch). `rows_independent` checks that on the layer's own
-weights when it is made; a layer that fails keeps aten's kernel. IPEX's weight-only kernels are
-fast only with AMX and AVX512_FP16 (`CpuIsa.ipex_woq_fast`); elsewhere they dequantize every
-weight at every call.
+576 x 1536 matrix took 138 us for 9 rows and 2.55 ms for 257, against 88 us and 0.66 ms with IPEX's
+weight-only kernel computing in bfloat16, padded as below (docs/benchmarks/int8-linears-*). That
+kernel takes another path below 5 rows, which rounds differently, so every call adds `PADDING`
+zero rows: then a row gets the same bits whatever shares its call, as the batch engine's
+per-sequence semantics need (a greedy text the same alone and in a batch). One row then costs
+more (81 against 40 us eagerly; in the traced graph a one-row decode step up to 0.9 ms of 13).
+`rows_independent` checks that on the layer's own weights when it is made; a layer that fails
+keeps aten's kernel. IPEX's weight-only kernels are fast only with AMX and AVX512_FP16
+(`CpuIsa.ipex_woq_fast`); elsewhere they dequantize every weight at every call.
 """
 
 from __future__ import annotations
