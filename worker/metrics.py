@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from tierserve_client.v1 import generate_pb2
 
@@ -70,6 +70,15 @@ class WorkerStateCollector(Collector):
             family = GaugeMetricFamily(name, documentation, labels=labels)
             family.add_metric(key, value)
             yield family
+        holds = CounterMetricFamily(
+            "tierserve_worker_batch_holds",
+            "Requests the batch held while first in its queue, by reason (each reason once a request)",
+            labels=[*labels, "reason"],
+        )
+        engine = self._state.batch
+        for reason, count in (engine.occupancy().holds if engine is not None else {}).items():
+            holds.add_metric([*key, reason], count)
+        yield holds
 
 
 class WorkerMetrics:

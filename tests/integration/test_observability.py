@@ -13,6 +13,7 @@ from tierserve_client import Client, ClientOptions, GenerateParams
 from tests.integration.conftest import LivePool
 from tests.node_client import node_client_command
 from tests.unit.scrape import Samples, scrape, total, value
+from tierserve.worker.batching.engine import HOLD_REASONS
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +67,9 @@ def test_metrics_move_after_traffic(live_pool: LivePool) -> None:
     assert moved(worker_before, worker_after, "tierserve_worker_ttft_seconds_sum") == pytest.approx(
         tokens[0].latency_us / 1e6
     )
+    # The batching worker counts why requests waited first in its queue: one request alone, never.
+    for reason in HOLD_REASONS:
+        assert value(worker_after, "tierserve_worker_batch_holds_total", **labels, reason=reason) == 0
 
 
 def test_node_client_streams_from_the_router(live_pool: LivePool) -> None:

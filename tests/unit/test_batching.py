@@ -19,7 +19,7 @@ from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
 from tierserve.worker.batching import startup
 from tierserve.worker.batching.admission import PREFILL_SAMPLES
-from tierserve.worker.batching.engine import BatchEngine, Ticket
+from tierserve.worker.batching.engine import HOLD_REASONS, BatchEngine, Ticket
 from tierserve.worker.batching.startup import serves_less_than_configured, start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
 from tierserve.worker.kernels import decode_attention
@@ -222,6 +222,8 @@ def test_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(engine: Engin
         assert seen_running and max(seen_running) == 1
         occupancy = batch.occupancy()
         assert (occupancy.running, occupancy.waiting, occupancy.kv_tokens_used) == (0, 0, 0)
+        held = {reason for reason, count in occupancy.holds.items() if count}
+        assert held == {"kv cache full"} and 1 <= occupancy.holds["kv cache full"] <= 2
 
 
 def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget(engine: Engine) -> None:
@@ -279,6 +281,8 @@ def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine:
         tight.future.result(timeout=120)
         newcomer.future.result(timeout=120)
         assert max(seen_running) == 1 and newcomer.sequence.admitted_at >= tight_done[0]
+        # Counted once, however many steps it waited, under its reason.
+        assert batch.occupancy().holds == {reason: int(reason == HOLD_REASONS[3]) for reason in HOLD_REASONS}
 
 
 def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:

@@ -95,6 +95,8 @@ class _Sequence:
     # Tokens made, and when the first one was (what admission reads of a running row's budget).
     made: int = 0
     first_token_at: float = 0.0
+    # Why admission held it at the head of the queue, each reason once (`HOLD_REASONS`).
+    held_for: set[str] = field(default_factory=set)
 
     def running_row(self, now: float) -> RunningRow:
         return RunningRow(
@@ -138,6 +140,14 @@ class BatchOccupancy:
     # not prefilled yet.
     prefilling: int = 0
     prefill_tokens_left: int = 0
+    # Requests admission held at the head of the queue, by reason (`HOLD_REASONS`), since start.
+    holds: dict[str, int] = field(default_factory=dict)
+
+
+# Why the request due first waits though it is first: no free slot, no KV-cache room, the bigger
+# batch's step over a per-token budget (its own or a row's), or its prefill stall breaking a running
+# row's budget (`admission`).
+HOLD_REASONS = ("batch full", "kv cache full", "step over a budget", "prefill over a running budget")
 
 
 class BatchEngine:
@@ -175,6 +185,7 @@ class BatchEngine:
         self.step_times = StepTimes()
         # Measured prefill seconds per prompt token: the stall a newcomer puts on the rows.
         self.prefill_times = PrefillTimes()
+        self._holds = {reason: 0 for reason in HOLD_REASONS}
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -261,6 +272,7 @@ class BatchEngine:
                 prefill_tokens_left=(
                     prefilling.prompt.prompt_tokens - _prefilled(prefilling) if prefilling else 0
                 ),
+                holds=dict(self._holds),
             )
 
     def __enter__(self) -> BatchEngine:
@@ -345,25 +357,34 @@ class BatchEngine:
         if not self._waiting:
             return None
         _, _, head = self._waiting[0]
-        members = self._members()
-        if len(members) >= self.limits.max_batch:
-            return None
-        if head.span + sum(s.span for s in members) > self.limits.kv_cache_tokens:
-            return None
-        budgets = [s.token_budget_s for s in (head, *members)]
-        if not within_budgets(self.step_times, len(members) + 1, budgets):
-            return None
-        now = time.perf_counter()
-        if not keeps_running_budgets(
-            [s.running_row(now) for s in self._running],
-            self.step_times.predict(len(members) + 1),
-            self.prefill_times.predict(head.prompt.prompt_tokens, self.limits.prefill_chunk_tokens),
-        ):
+        held_for = self._hold_reason(head)
+        if held_for is not None:
+            if held_for not in head.held_for:
+                head.held_for.add(held_for)
+                self._holds[held_for] += 1
             return None
         heapq.heappop(self._waiting)
         head.admitted_at = time.perf_counter()
         head.sink.start()
         return head
+
+    def _hold_reason(self, head: _Sequence) -> str | None:
+        """Why the request due first may not join now (one of `HOLD_REASONS`), or None (called locked)."""
+        members = self._members()
+        if len(members) >= self.limits.max_batch:
+            return HOLD_REASONS[0]
+        if head.span + sum(s.span for s in members) > self.limits.kv_cache_tokens:
+            return HOLD_REASONS[1]
+        budgets = [s.token_budget_s for s in (head, *members)]
+        if not within_budgets(self.step_times, len(members) + 1, budgets):
+            return HOLD_REASONS[2]
+        if not keeps_running_budgets(
+            [s.running_row(time.perf_counter()) for s in self._running],
+            self.step_times.predict(len(members) + 1),
+            self.prefill_times.predict(head.prompt.prompt_tokens, self.limits.prefill_chunk_tokens),
+        ):
+            return HOLD_REASONS[3]
+        return None
 
     def _packs(self, prefilling: _Sequence) -> bool:
         """Whether this step runs the prefilling request's chunk and the rows in one forward."""
