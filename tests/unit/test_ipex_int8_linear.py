@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import paged_kv
 from tierserve.worker.kernels import scheme as scheme_module
 from tierserve.worker.kernels.ipex_int8_linear import IpexInt8WoqLinear, rows_independent
@@ -90,6 +91,9 @@ def test_a_down_proj_whose_ipex_rows_depend_on_the_batch_keeps_aten_s_kernel(
     assert isinstance(down_linear(tensors, "layers.0.down", down_scheme(on_ipex=True)), IpexInt8WoqLinear)
 
 
+@pytest.mark.skipif(
+    not CpuIsa.detect().ipex_bf16, reason="a tier keeps its cache in bf16 only where the CPU has bf16 kernels"
+)
 def test_a_float32_graph_may_keep_its_batch_cache_in_bf16(llama_dir: Path) -> None:
     """The fp32 tier's graph over a bfloat16 paged cache: the cache is bf16, the logits float32 and
     within bf16's rounding of those over a float32 cache (a random model's logits have near ties,
