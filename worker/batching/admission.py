@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tierserve.domain.budgets import breaks_token_budget
-from tierserve.domain.prefill import fit_prefill
+from tierserve.domain.prefill import PrefillFit, fit_prefill
 
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
 STEP_WEIGHT = 0.2
@@ -83,6 +83,8 @@ class PrefillTimes:
 
     def __init__(self) -> None:
         self._samples: deque[tuple[int, float]] = deque(maxlen=PREFILL_SAMPLES)
+        # Refitted once a forward, not at each admission check (every step while a request waits).
+        self._fit: PrefillFit | None = None
         self._lock = threading.Lock()
 
     def record(self, tokens: int, seconds: float) -> None:
@@ -90,12 +92,13 @@ class PrefillTimes:
             return
         with self._lock:
             self._samples.append((tokens, seconds * 1e6))
+            self._fit = fit_prefill(list(self._samples))
 
     def predict(self, tokens: int, chunk_tokens: int | None = None) -> float:
         """Seconds to prefill `tokens` in forwards of at most `chunk_tokens` (None: one forward);
         0 before any prefill was measured."""
         with self._lock:
-            fit = fit_prefill(list(self._samples))
+            fit = self._fit
         if fit is None or tokens <= 0:
             return 0.0
         forwards = -(-tokens // chunk_tokens) if chunk_tokens else 1
