@@ -21,6 +21,7 @@ from tierserve.domain.latency import percentile
 from tierserve.domain.requests import validate_generate_request, within_budget
 from tierserve.rpc.departures import departure_code
 from tierserve.rpc.tracing import start_request_span
+from tierserve.worker.batching.delivery import LoopPublisher
 from tierserve.worker.engine import FinishReason, GenerationOutcome, TokenEvent
 from tierserve.worker.metrics import WorkerMetrics
 from tierserve.worker.state import WorkerState
@@ -81,6 +82,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._limits = limits
         self._executor = executor
         self.metrics = metrics if metrics is not None else WorkerMetrics(state)
+        self._publishers: dict[asyncio.AbstractEventLoop, LoopPublisher] = {}
+
+    def _publisher(self, loop: asyncio.AbstractEventLoop) -> LoopPublisher:
+        """One publisher per loop, so a batch step hands all of its streams' tokens over at once."""
+        return self._publishers.setdefault(loop, LoopPublisher(loop))
 
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -144,11 +150,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
         cancel = threading.Event()
 
-        def emit(event: TokenEvent) -> None:  # called from the generation thread
+        def take(event: TokenEvent) -> None:  # on the loop
             # Counted here, not when streamed: tokens made after the client left count too, which
             # is how a cancellation's cost (at most one decode step) shows in the metrics.
             self.metrics.token(event.index, event.latency_us)
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            events.put_nowait(event)
+
+        def emit(event: TokenEvent) -> None:  # called from the generation thread
+            loop.call_soon_threadsafe(take, event)
 
         deadline = first_token_deadline(arrival, request.max_first_token_latency_ms)
         result: list[GenerationOutcome] = []
@@ -158,7 +167,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # budget and the batch's per-token budgets allow, earliest first-token deadline first.
             try:
                 token_budget_s = request.max_token_latency_ms / 1e3
-                ticket = batch.submit(prompt, params, emit, cancel.is_set, deadline, token_budget_s)
+                ticket = batch.submit(
+                    prompt, params, take, cancel.is_set, deadline, token_budget_s, self._publisher(loop)
+                )
             except TierserveError as error:
                 await context.abort(*status_for(error))
             generation = asyncio.wrap_future(ticket.future)

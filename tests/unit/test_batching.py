@@ -19,6 +19,7 @@ from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.accuracy import batched_log_probs, tier_log_probs
 from tierserve.worker.batching import startup
 from tierserve.worker.batching.admission import PREFILL_SAMPLES
+from tierserve.worker.batching.delivery import Delivery, Publisher, StepOutbox, deliver_each
 from tierserve.worker.batching.engine import HOLD_REASONS, BatchEngine, Ticket
 from tierserve.worker.batching.startup import serves_less_than_configured, start_batching
 from tierserve.worker.engine import Engine, FinishReason, TokenEvent
@@ -418,3 +419,65 @@ def test_cards_scored_through_the_batched_path_equal_those_through_generate(llam
     for chunk, scored in zip(chunks, batched, strict=True):
         assert scored.shape == (len(chunk) - 1, loaded.model.config.vocab_size)
         torch.testing.assert_close(scored, tier_log_probs(loaded, chunk), atol=2e-4, rtol=1e-4)
+
+
+class RecordingPublisher(Publisher):
+    """Delivers at once, on the model thread, and remembers how many tokens each hand-over had."""
+
+    def __init__(self) -> None:
+        self.handovers: list[int] = []
+
+    def __call__(self, deliveries: list[Delivery]) -> None:
+        self.handovers.append(len(deliveries))
+        deliver_each(deliveries)
+
+
+def test_a_publisher_gets_a_steps_tokens_together_and_each_requests_tokens_before_its_outcome(
+    engine: Engine, batch: BatchEngine
+) -> None:
+    publisher = RecordingPublisher()
+    requests = [params(p, n) for p, n in zip(PROMPTS[:4], NEW_TOKENS[:4], strict=True)]
+    received: list[list[TokenEvent]] = [[] for _ in requests]
+    at_outcome: list[int] = [-1] * len(requests)
+    tickets = []
+    for index, request in enumerate(requests):
+        ticket = batch.submit(
+            batch.engine.prepare(request),
+            request,
+            received[index].append,
+            lambda: False,
+            time.perf_counter(),
+            publisher=publisher,
+        )
+
+        def outcome_set(_: object, index: int = index) -> None:
+            at_outcome[index] = len(received[index])
+
+        ticket.future.add_done_callback(outcome_set)
+        tickets.append(ticket)
+    outcomes = [t.future.result(timeout=120) for t in tickets]
+    for outcome, events, seen in zip(outcomes, received, at_outcome, strict=True):
+        assert seen == outcome.generated_tokens == len(events)
+        assert [e.index for e in events] == list(range(outcome.generated_tokens))
+        assert "".join(e.text for e in events) == outcome.text
+    assert [o.text for o in outcomes] == [submit(batch, r).future.result(timeout=120).text for r in requests]
+    assert sum(publisher.handovers) == sum(o.generated_tokens for o in outcomes)
+    assert max(publisher.handovers) > 1  # rows decoding together hand their tokens over together
+
+
+def test_the_outbox_holds_tokens_until_flushed_and_keeps_their_order_per_publisher() -> None:
+    first, second = RecordingPublisher(), RecordingPublisher()
+    outbox = StepOutbox()
+    got: list[tuple[str, int]] = []
+    to_a = outbox.sender(first, lambda e: got.append(("a", e.index)))
+    to_b = outbox.sender(second, lambda e: got.append(("b", e.index)))
+    to_c = outbox.sender(first, lambda e: got.append(("c", e.index)))
+    for index in range(2):
+        for send in (to_a, to_b, to_c):
+            send(TokenEvent(text="x", token_id=1, index=index, latency_us=1))
+    assert got == []
+    outbox.flush()
+    assert got == [("a", 0), ("c", 0), ("a", 1), ("c", 1), ("b", 0), ("b", 1)]
+    assert (first.handovers, second.handovers) == ([4], [2])
+    outbox.flush()
+    assert (first.handovers, second.handovers) == ([4], [2])

@@ -149,6 +149,73 @@ def test_bad_input_is_refused_with_an_error(change: object, message: str) -> Non
         )
 
 
+@pytest.mark.parametrize(
+    ("graph_dtype", "cache_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+def test_the_fused_decode_op_equals_ipexs_store_then_the_kernel(
+    graph_dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    """`paged_decode` (one call a layer) against what the attention op did in Python: the new keys
+    and values stored by IPEX's reshape_and_cache, the query cast to the cache's dtype, the kernel,
+    and the output cast back, laid out as [rows, heads, 1, dim]."""
+    kernel = tierserve_kernel()
+    fused = decode_attention.fused_for(kernel)
+    assert fused is not None
+    case = paged_case([5, 17, 40], 3, 3, 64, cache_dtype, seed=3)
+    rows, heads, dim = case["query"].shape
+    # Each row's new position is its last one, in its own last block.
+    last = (case["lengths"] - 1).long()
+    slots = (case["tables"][torch.arange(rows), last // BLOCK] * BLOCK + last % BLOCK).to(torch.int32)
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(rows, 1, heads, dim, generator=generator).to(graph_dtype)
+    key, value = (torch.randn(rows, 1, 3, dim, generator=generator).to(graph_dtype) for _ in range(2))
+    caches = {name: (case["keys"].clone(), case["values"].clone()) for name in ("fused", "unfused")}
+    out = fused(query, key, value, *caches["fused"], slots, case["tables"], case["lengths"], 0.125)
+
+    keys, values = caches["unfused"]
+    paged_attention_ops().reshape_and_cache(
+        key.reshape(rows, 3, dim).to(cache_dtype),
+        value.reshape(rows, 3, dim).to(cache_dtype),
+        keys,
+        values,
+        slots,
+        "auto",
+        1.0,
+        1.0,
+    )
+    expected = torch.empty(rows, 1, heads, dim, dtype=cache_dtype)
+    kernel(
+        expected.view(rows, heads, dim),
+        query.reshape(rows, heads, dim).to(cache_dtype).contiguous(),
+        keys,
+        values,
+        case["tables"],
+        case["lengths"],
+        0.125,
+    )
+    assert torch.equal(caches["fused"][0], keys) and torch.equal(caches["fused"][1], values)
+    assert out.dtype == graph_dtype and out.shape == (rows, heads, 1, dim)
+    assert torch.equal(out, expected.transpose(1, 2).to(graph_dtype))
+    assert out.transpose(1, 2).is_contiguous()  # the memory layout the graphs read
+
+
+def test_the_fused_decode_op_refuses_a_slot_outside_the_cache() -> None:
+    fused = decode_attention.fused_for(tierserve_kernel())
+    assert fused is not None
+    case = paged_case([5, 17], 3, 3, 64, torch.float32)
+    query = torch.zeros(2, 1, 9, 64)
+    key = torch.zeros(2, 1, 3, 64)
+    slots = torch.tensor([0, case["keys"].shape[0] * BLOCK], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        fused(query, key, key, case["keys"], case["values"], slots, case["tables"], case["lengths"], 0.125)
+
+
+def test_another_decode_kernel_is_not_fused() -> None:
+    assert decode_attention.fused_for(lambda *args: None) is None
+    assert decode_attention.fused_for(None) is None
+
+
 def test_a_kernel_that_cannot_be_built_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")

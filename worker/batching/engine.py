@@ -42,6 +42,7 @@ from tierserve.worker.batching.admission import (
     keeps_running_budgets,
     within_budgets,
 )
+from tierserve.worker.batching.delivery import Publisher, StepOutbox
 from tierserve.worker.batching.sampler import greedy_tokens, next_token, samples, seeded_generator
 from tierserve.worker.engine import Engine, seed_for
 from tierserve.worker.generation import GenerationOutcome, PreparedPrompt, TokenEvent, TokenSink
@@ -186,6 +187,8 @@ class BatchEngine:
         # Measured prefill seconds per prompt token: the stall a newcomer puts on the rows.
         self.prefill_times = PrefillTimes()
         self._holds = {reason: 0 for reason in HOLD_REASONS}
+        # Tokens of requests with a publisher, held until their step ends.
+        self._outbox = StepOutbox()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -220,14 +223,19 @@ class BatchEngine:
         cancelled: Callable[[], bool],
         deadline: float,
         token_budget_s: float = 0.0,
+        publisher: Publisher | None = None,
     ) -> Ticket:
         """Queue a request; its ticket's future ends with the outcome (or the error).
-        `token_budget_s`: its per-token budget (0: none), which admission keeps (admission.py)."""
+        `token_budget_s`: its per-token budget (0: none), which admission keeps (admission.py).
+        `publisher`: `emit` gets each step's tokens through it, after the step (see `delivery`),
+        and before the future ends; None: `emit` is called on the model thread as tokens come."""
         seed = seed_for(params.sampling)
         sequence = _Sequence(
             prompt=prompt,
             params=params,
-            sink=self.engine.token_sink(params, prompt, emit),
+            sink=self.engine.token_sink(
+                params, prompt, emit if publisher is None else self._outbox.sender(publisher, emit)
+            ),
             seed=seed,
             cancelled=cancelled,
             deadline=deadline,
@@ -310,11 +318,12 @@ class BatchEngine:
                 self._guarded(
                     partial(self._packed_step, prefilling), "packed prefill and decode", prefilling, True
                 )
-                continue
-            if prefilling is not None:
-                self._guarded(partial(self._prefill_step, prefilling), "prefill", prefilling, False)
-            if self._running:
-                self._guarded(self._decode_step, "batched decode", None, True)
+            else:
+                if prefilling is not None:
+                    self._guarded(partial(self._prefill_step, prefilling), "prefill", prefilling, False)
+                if self._running:
+                    self._guarded(self._decode_step, "batched decode", None, True)
+            self._outbox.flush()
 
     def _guarded(
         self, forward: Callable[[], None], what: str, prefilling: _Sequence | None, carries_rows: bool
@@ -329,7 +338,7 @@ class BatchEngine:
             if prefilling is not None:
                 self._end_prefill()
                 if not prefilling.future.done():
-                    prefilling.future.set_exception(error)
+                    self._fail(prefilling, error)
             if carries_rows:
                 self._fail_rows(error)
 
@@ -346,9 +355,7 @@ class BatchEngine:
             heapq.heapify(self._waiting)
             for _, _, sequence in left:
                 sequence.admitted_at = time.perf_counter()
-                sequence.future.set_result(
-                    sequence.sink.outcome(sequence.prompt, sequence.seed, cancelled=True)
-                )
+                self._finish(sequence)
 
     def _next_admission(self) -> _Sequence | None:
         """The waiting request due first, if a slot, the KV budget and the per-token budgets of
@@ -406,7 +413,7 @@ class BatchEngine:
             self.prefill_times.record(end - start, time.perf_counter() - began)
         except Exception as error:
             self._end_prefill()
-            sequence.future.set_exception(error)
+            self._fail(sequence, error)
             return
         if end == sequence.prompt.prompt_tokens:
             self._join(sequence, logits[0, -1])
@@ -455,7 +462,7 @@ class BatchEngine:
             token = next_token(logits, sequence.params.sampling, sequence.generator)
         except Exception as error:
             self._end_prefill()
-            sequence.future.set_exception(error)
+            self._fail(sequence, error)
             return
         sequence.position = sequence.prompt.prompt_tokens
         sequence.next_token = token
@@ -514,7 +521,7 @@ class BatchEngine:
                     else greedy[row]
                 )
             except InvalidRequest as error:
-                sequence.future.set_exception(error)
+                self._fail(sequence, error)
                 finished.append(sequence)
                 continue
             sequence.sink.push(sequence.next_token)
@@ -534,9 +541,14 @@ class BatchEngine:
                     self._finish(sequence)
 
     def _finish(self, sequence: _Sequence) -> None:
+        self._outbox.flush()  # its tokens reach its stream before its outcome
         sequence.future.set_result(
             sequence.sink.outcome(sequence.prompt, sequence.seed, sequence.cancelled())
         )
+
+    def _fail(self, sequence: _Sequence, error: Exception) -> None:
+        self._outbox.flush()
+        sequence.future.set_exception(error)
 
     def _keep(self, remaining: list[_Sequence]) -> None:
         with self._wake:
@@ -552,7 +564,7 @@ class BatchEngine:
                 self._pool.release(sequence.kv)
         for sequence in running:
             if not sequence.future.done():
-                sequence.future.set_exception(error)
+                self._fail(sequence, error)
 
 
 def _span(start: int, end: int) -> torch.Tensor:

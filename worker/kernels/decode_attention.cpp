@@ -11,6 +11,7 @@
 // vectorised loops. Accumulation is in float32, as IPEX's kernel accumulates.
 
 #include <ATen/Parallel.h>
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -326,9 +327,56 @@ void decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor&
   }
 }
 
+// Copies rows [tokens, kv_heads, dim] of `cache`'s dtype into the paged cache at `slots`
+// (block x block_size + offset): what IPEX's reshape_and_cache does.
+void store_in_slots(const at::Tensor& rows, at::Tensor& cache, const at::Tensor& slots) {
+  const int64_t tokens = rows.size(0), kv_heads = rows.size(1), dim = rows.size(2);
+  const int64_t block = cache.size(2), capacity = cache.size(0) * block;
+  const int64_t bytes = dim * static_cast<int64_t>(rows.element_size());
+  const char* source = static_cast<const char*>(rows.const_data_ptr());
+  char* target = static_cast<char*>(cache.mutable_data_ptr());
+  const int32_t* slot = slots.const_data_ptr<int32_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "a slot lies outside the cache");
+    const int64_t b = slot[t] / block, offset = slot[t] % block;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      std::memcpy(target + (((b * kv_heads + h) * block + offset) * dim) * rows.element_size(),
+                  source + (t * kv_heads + h) * bytes, bytes);
+    }
+  }
+}
+
+// A decode step's whole attention op in one call, so the graph's attention costs one dispatch
+// from Python a layer instead of a dozen: each row's new key and value stored at `slots`, then
+// its query over its own length. query [rows, 1, heads, dim], key and value [rows, 1, kv_heads,
+// dim] in the graph's dtype; returns [rows, heads, 1, dim] laid out as [rows, 1, heads, dim], in
+// that dtype, as IPEX's attention op does. Computes in the cache's dtype, as the unfused path.
+at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                        at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slots,
+                        const at::Tensor& tables, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(query.dim() == 4 && query.size(1) == 1, "query must be [rows, 1, heads, dim]");
+  TORCH_CHECK(key.dim() == 4 && key.sizes() == value.sizes() && key.size(0) == query.size(0) && key.size(1) == 1,
+              "key and value must be [rows, 1, kv_heads, dim]");
+  TORCH_CHECK(slots.scalar_type() == at::kInt && slots.is_contiguous() && slots.numel() == query.size(0),
+              "one int32 slot per row");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "the caches must be contiguous");
+  const int64_t rows = query.size(0), heads = query.size(2), dim = query.size(3), kv_heads = key.size(2);
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(1) == kv_heads && key_cache.size(3) == dim,
+              "the cache's kv_heads or head_dim differ from the new keys'");
+  const auto dtype = key_cache.scalar_type();
+  store_in_slots(key.reshape({rows, kv_heads, dim}).to(dtype).contiguous(), key_cache, slots);
+  store_in_slots(value.reshape({rows, kv_heads, dim}).to(dtype).contiguous(), value_cache, slots);
+  const at::Tensor q = query.reshape({rows, heads, dim}).to(dtype).contiguous();
+  at::Tensor out = at::empty({rows, 1, heads, dim}, q.options());
+  decode_attention(out.view({rows, heads, dim}), q, key_cache, value_cache, tables, lengths, scale);
+  return out.to(query.scalar_type()).transpose(1, 2);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tierserve, m) {
   m.def("decode_attention(Tensor(a!) out, Tensor query, Tensor keys, Tensor values, Tensor tables, Tensor lengths, float scale) -> ()");
   m.impl("decode_attention", c10::DispatchKey::CPU, &decode_attention);
+  m.def("paged_decode(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots, Tensor tables, Tensor lengths, float scale) -> Tensor");
+  m.impl("paged_decode", c10::DispatchKey::CPU, &paged_decode);
 }

@@ -48,6 +48,22 @@ DecodeKernel = Callable[
 ]
 
 
+# query, key, value, key_cache, value_cache, slots, tables, lengths, scale -> the attention op's
+# output: a decode step's whole attention in one call (`paged_decode` in decode_attention.cpp).
+FusedDecode = Callable[..., torch.Tensor]
+
+
+def fused_for(kernel: DecodeKernel | None) -> FusedDecode | None:
+    """The library's whole decode-step op where `kernel` is the library's kernel (`load` gave it),
+    else None (IPEX's kernel, or another one a caller put in its place)."""
+    if kernel is None or not hasattr(torch.ops.tierserve, "decode_attention"):
+        return None
+    if kernel is not torch.ops.tierserve.decode_attention:
+        return None
+    op: FusedDecode = torch.ops.tierserve.paged_decode
+    return op
+
+
 @dataclass(frozen=True)
 class Loaded:
     """The kernel, or None and why not."""

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tierserve.worker.kernels.decode_attention import DTYPES, DecodeKernel
+from tierserve.worker.kernels.decode_attention import DTYPES, DecodeKernel, FusedDecode, fused_for
 from tierserve.worker.kernels.ipex_internals import (
     PagedAttentionOps,
     attention_op_replaced,
@@ -93,6 +93,7 @@ class BlockPool:
         self.shape = shape
         self.num_blocks = num_blocks
         self.decode_kernel = decode_kernel if shape.dtype in DTYPES else None
+        self.fused_decode = fused_for(self.decode_kernel)
         block = (num_blocks, shape.kv_heads, BLOCK_SIZE, shape.head_dim)
         # Allocated, not written: the OS backs a block's pages when a key is first stored there.
         self.keys = [torch.empty(block, dtype=shape.dtype) for _ in range(shape.layers)]
@@ -150,6 +151,8 @@ class _Step:
     tables: torch.Tensor  # [decode rows, most blocks] int32, each row's blocks
     lengths: torch.Tensor  # [decode rows] int32, each row's positions after this forward
     longest: int
+    # A decode-only step's whole attention op in one call, where tierserve's kernel attends.
+    fused: FusedDecode | None = None
 
 
 def empty_past(num_layers: int, batch: int) -> tuple[tuple[torch.Tensor, ...], ...]:
@@ -314,6 +317,7 @@ def _step_of(
         tables=tables,
         lengths=torch.tensor(lengths, dtype=torch.int32),
         longest=max(lengths, default=0),
+        fused=pool.fused_decode if chunk is None else None,
     )
 
 
@@ -339,6 +343,12 @@ def _paged_attention(
     if step is None or step.thread != threading.get_ident():
         # Another thread's forward while a paged step runs: never attend over the wrong cache.
         raise RuntimeError("IPEX's attention op was called outside the paged step that replaced it")
+    if step.fused is not None:
+        # A dozen torch calls from Python below cost about 60 us a layer; this is one.
+        out = step.fused(
+            query, key, value, key_cache, value_cache, step.slots, step.tables, step.lengths, 1.0 / scale_attn
+        )
+        return out, None, key_cache, value_cache, beam_idx
     batch, new, heads, head_dim = (int(n) for n in query.shape)
     kv_heads, tokens = int(key.shape[2]), batch * new
     step.ops.reshape_and_cache(
