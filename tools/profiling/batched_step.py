@@ -64,10 +64,17 @@ def ipex_layout_step(model: Any, prompt_cache: Any, length: int, batch: int) -> 
 
 
 def paged_step(
-    model: Any, ids: torch.Tensor, batch: int, steps: int, kernel: DecodeKernel | None
+    model: Any,
+    ids: torch.Tensor,
+    batch: int,
+    steps: int,
+    kernel: DecodeKernel | None,
+    pool: BlockPool | None = None,
 ) -> Callable[[], None]:
+    """A decode step of `batch` rows over copies of `ids`' cache, with room for `steps` steps
+    (in `pool` if given, which must have that room)."""
     length = int(ids.shape[1])
-    pool = BlockPool(cache_shape(model), batch * (-(-(length + steps) // 16) + 1), kernel)
+    pool = pool or BlockPool(cache_shape(model), batch * (-(-(length + steps) // 16) + 1), kernel)
     rows = [PagedRow() for _ in range(batch)]
     for row in rows:
         paged_forward(model.trace_graph, pool, [row], ids, torch.arange(length).unsqueeze(0))

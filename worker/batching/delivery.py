@@ -4,8 +4,9 @@ A batch step makes a token for every row. Handed to the event loop one by one, e
 the loop thread, which then takes the GIL from the model thread while that is still pushing the
 step's other rows, and the loop's sending competes with the next forward for the worker's cores.
 On an AMX Xeon with 2 cores, a bf16 worker serving 8 streams through the router spent 2.1 ms a
-step pushing 8 rows and 21.7 ms in the forward, against 0.7 and 19.5 ms for the same engine
-driven in-process. So a step's tokens travel together: one hand-over per step and publisher.
+step pushing 8 rows, against 0.7 ms for the same engine driven in-process
+(docs/benchmarks/batch-step-host-time-2026-12-04-xeon-amx.md). So a step's tokens travel
+together: one hand-over per step and publisher.
 """
 
 from __future__ import annotations
