@@ -465,6 +465,24 @@ def test_a_publisher_gets_a_steps_tokens_together_and_each_requests_tokens_befor
     assert max(publisher.handovers) > 1  # rows decoding together hand their tokens over together
 
 
+def test_each_forwards_tokens_are_handed_over_before_the_next_forward(
+    engine: Engine, batch: BatchEngine
+) -> None:
+    """A request alone: its prefill's first token goes out before the decode step that follows
+    the prefill in the same loop iteration (else its TTFT would include a step)."""
+    publisher = RecordingPublisher()
+    request = params(PROMPTS[1], 6)
+    outcome = batch.submit(
+        batch.engine.prepare(request),
+        request,
+        lambda _: None,
+        lambda: False,
+        time.perf_counter(),
+        publisher=publisher,
+    ).future.result(timeout=120)
+    assert publisher.handovers == [1] * outcome.generated_tokens
+
+
 def test_the_outbox_holds_tokens_until_flushed_and_keeps_their_order_per_publisher() -> None:
     first, second = RecordingPublisher(), RecordingPublisher()
     outbox = StepOutbox()

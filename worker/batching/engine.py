@@ -323,7 +323,6 @@ class BatchEngine:
                     self._guarded(partial(self._prefill_step, prefilling), "prefill", prefilling, False)
                 if self._running:
                     self._guarded(self._decode_step, "batched decode", None, True)
-            self._outbox.flush()
 
     def _guarded(
         self, forward: Callable[[], None], what: str, prefilling: _Sequence | None, carries_rows: bool
@@ -333,6 +332,9 @@ class BatchEngine:
         try:
             with torch.inference_mode(), self._run_context():
                 forward()
+            # Each forward's tokens go out before the next forward: a prompt's first token must
+            # not wait for the decode step that may follow its prefill in the same iteration.
+            self._outbox.flush()
         except Exception as error:
             log.exception("%s forward failed", what)
             if prefilling is not None:
