@@ -219,7 +219,7 @@ def test_another_decode_kernel_is_not_fused() -> None:
 def test_a_kernel_that_cannot_be_built_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(decode_attention, "SOURCE", broken)
+    monkeypatch.setattr(decode_attention, "SOURCES", (broken,))
     loaded = decode_attention._load(tmp_path / "cache")
     assert loaded.kernel is None and "the build failed" in loaded.reason and "error" in loaded.reason
     assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("build-*"))

@@ -35,7 +35,9 @@ from tierserve.domain.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cpp")
+# One library: the decode-attention ops and the int8 weight-only linear (`woq_int8.cpp`, defined
+# only where the CPU has AVX512_BF16; `linears.tierserve_int8_kernel`).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cpp", "woq_int8.cpp"))
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 # The dtypes the kernel computes (accumulating in float32); others take IPEX's kernel.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -104,8 +106,9 @@ def _load(cache_dir: Path) -> Loaded:
 
 
 def _digest() -> str:
-    """Of what the library depends on: the source, the flags, torch and this CPU's instructions."""
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_flags()]
+    """Of what the library depends on: the sources, the flags, torch and this CPU's instructions."""
+    sources = [source.read_bytes() for source in SOURCES]
+    parts = [*sources, " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_flags()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -132,11 +135,11 @@ def _build(library: Path) -> None:
         script = (
             "import sys\n"
             "from torch.utils import cpp_extension\n"
-            "cpp_extension.load(name=sys.argv[1], sources=[sys.argv[2]], extra_cflags=sys.argv[4:],"
+            "cpp_extension.load(name=sys.argv[1], sources=sys.argv[2].split(','), extra_cflags=sys.argv[4:],"
             " extra_ldflags=['-fopenmp'], build_directory=sys.argv[3], is_python_module=False)\n"
         )
         done = subprocess.run(
-            [sys.executable, "-c", script, name, str(SOURCE), build, *FLAGS],
+            [sys.executable, "-c", script, name, ",".join(map(str, SOURCES)), build, *FLAGS],
             env=env,
             capture_output=True,
             text=True,

@@ -1,7 +1,8 @@
 """Linear modules that run stored quantized weights on PyTorch's own CPU kernels (no bias).
 
-- `Int8WoqLinear`: `aten._weight_int8pack_mm`, int8 weights with one scale per output channel,
-  float activations.
+- `Int8WoqLinear`: int8 weights with one scale per output channel, float activations; with
+  bfloat16 activations on tierserve's kernel (`woq_int8.cpp`) where the CPU has AVX512_BF16, else
+  `aten._weight_int8pack_mm`.
 - `Int4WoqLinear`: `aten._weight_int4pack_mm_for_cpu`, 4-bit weights with a scale and zero
   point per group of input channels, float activations.
 - `DynamicInt8Linear`: fbgemm's `quantized::linear_dynamic`, int8 weights per output channel,
@@ -17,15 +18,42 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tierserve.worker.kernels import decode_attention
+
 # The largest |weight level| fbgemm's int16 pair sums take with 8-bit activations: 2 x 255 x 64 < 32767.
 _INT16_SAFE_LEVELS = 64
 # Group sizes `_weight_int4pack_mm_for_cpu` accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def tierserve_int8_kernel() -> Any | None:
+    """tierserve's int8 weight-only kernel (`woq_int8.cpp`, built with the decode-attention
+    library), or None where the library has no such op (no AVX512_BF16) or could not be built."""
+    decode_attention.load(decode_attention.default_dir())
+    if not hasattr(torch.ops.tierserve, "int8_woq_linear"):
+        return None
+    return torch.ops.tierserve.int8_woq_linear
+
+
+def int8_kernel_name(activations: torch.dtype) -> str:
+    """Which kernel an `Int8WoqLinear` at `activations` runs on this machine."""
+    if activations == torch.bfloat16 and tierserve_int8_kernel() is not None:
+        return "tierserve int8_woq_linear (VDPBF16PS)"
+    return "aten._weight_int8pack_mm"
+
+
+def pack_for_dot_products(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [N/16, K/2, 16, 2]: each pair of input channels of 16 output channels side
+    by side, the layout VDPBF16PS multiplies (`woq_int8.cpp`). The same bytes, reordered."""
+    n, k = (int(s) for s in qweight.shape)
+    return qweight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 class Int8WoqLinear(nn.Module):
-    """y = x @ (qweight * scales).T via aten._weight_int8pack_mm, computed at `activations`
-    (its fast path wants bfloat16) and returned at `output` (default: the same)."""
+    """y = x @ (qweight * scales).T, computed at `activations` and returned at `output` (default:
+    the same). With bfloat16 activations on tierserve's kernel where it is built (one pass over
+    the weights whatever the rows), else on aten._weight_int8pack_mm (its fast path wants
+    bfloat16). The scales are rounded to `activations` either way, as aten takes them."""
 
     def __init__(
         self,
@@ -38,12 +66,23 @@ class Int8WoqLinear(nn.Module):
         self.out_features, self.in_features = (int(s) for s in qweight.shape)
         self.activations = activations
         self.output = output or activations
-        self.register_buffer("weight", qweight.contiguous())
-        self.register_buffer("scales", scales.to(activations).contiguous())
+        kernel = tierserve_int8_kernel() if activations == torch.bfloat16 else None
+        fits = self.out_features % 16 == 0 and self.in_features % 2 == 0
+        # Fixed here, not per call: the traced graph keeps one path.
+        self.kernel = kernel if fits else None
+        if self.kernel is not None:
+            self.register_buffer("weight", pack_for_dot_products(qweight.contiguous()))
+            self.register_buffer("scales", scales.to(activations).float().contiguous())
+        else:
+            self.register_buffer("weight", qweight.contiguous())
+            self.register_buffer("scales", scales.to(activations).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.activations).contiguous()
-        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        if self.kernel is not None:
+            y: torch.Tensor = self.kernel(flat, self.weight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(self.output)
 
 

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from tierserve.worker.kernels.ipex_int8_linear import IpexInt8WoqLinear, rows_independent
-from tierserve.worker.kernels.linears import DenseLinear, DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
+from tierserve.worker.kernels.linears import (
+    DenseLinear,
+    DynamicInt8Linear,
+    Int4WoqLinear,
+    Int8WoqLinear,
+    int8_kernel_name,
+)
 from tierserve.worker.kernels.quantizers import INT7_LEVELS, Bits
 
 log = logging.getLogger(__name__)
@@ -20,7 +26,7 @@ _DYNAMIC_INT8 = (
     "per-token dynamic int8 activations (each token on its own range)"
 )
 
-_IPEX_INT8 = "IPEX's weight-only int8 per-channel kernel where rows stay independent (else aten's)"
+_IPEX_INT8 = "IPEX's weight-only int8 per-channel kernel where rows stay independent (else Int8WoqLinear's)"
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class NativeScheme:
     # (clipped to the least error) and the lm_head runs its 8-bit weights as two halves
     # (`DynamicInt8Linear`). With VNNI (int32 sums) every dynamic weight keeps 8 bits.
     int16_sums: bool = True
-    # With dynamic_layers: down_proj still weight-only (`_weight_int8pack_mm`, bfloat16 inputs):
+    # With dynamic_layers: down_proj still weight-only (`Int8WoqLinear`, bfloat16 inputs):
     # its input, silu(gate) * up, is the hardest activation to put in int8. Same stored weights.
     down_weight_only: bool = False
     # That weight-only down_proj on IPEX's kernel (`ipex_int8_linear`), which takes a prompt
@@ -61,10 +67,10 @@ class NativeScheme:
 
     def describe(self) -> str:
         act = str(self.activations).removeprefix("torch.")
-        layers = _describe_format(self.bits, self.group_size)
+        layers = _describe_format(self.bits, self.group_size, self.activations)
         if self.bits == 8 and self.dynamic_layers:
             layers = _DYNAMIC_INT8
-        head = _describe_format(self.head_bits, self.group_size)
+        head = _describe_format(self.head_bits, self.group_size, self.activations)
         if self.head_bits == 8 and (self.head_dynamic or self.dynamic_layers):
             head = _DYNAMIC_INT8
         if self.int16_sums and self.dynamic_layers:
@@ -73,17 +79,17 @@ class NativeScheme:
             head = head.replace("int8 per-channel weights", "int8 per-channel weights as two 7-bit halves")
         down = ""
         if self.bits == 8 and self.dynamic_layers and self.down_weight_only:
-            kernel = _IPEX_INT8 if self.down_on_ipex else _describe_format(8, 0)
+            kernel = _IPEX_INT8 if self.down_on_ipex else _describe_format(8, 0, torch.bfloat16)
             down = f"; down_proj {kernel} (weight-only, bfloat16 inputs)"
         cache = "; batch KV cache bfloat16" if self.kv_cache_bf16 else ""
         return f"layers {layers}{down}; lm_head {head}; {act} activations{cache}"
 
 
-def _describe_format(bits: Bits, group_size: int) -> str:
+def _describe_format(bits: Bits, group_size: int, activations: torch.dtype) -> str:
     if bits == 4:
         return f"aten._weight_int4pack_mm_for_cpu int4 group {group_size} asymmetric"
     if bits == 8:
-        return "aten._weight_int8pack_mm int8 per-channel symmetric"
+        return f"{int8_kernel_name(activations)} int8 per-channel symmetric"
     return "unquantized linear"
 
 

@@ -71,13 +71,17 @@ class WoqTier(PathTier):
             return "dynamic-int8"
         return "weight-only"
 
+    def native_activations(self) -> torch.dtype:
+        """The native path's activation dtype: float32 only where the recipe asks for FP32."""
+        return torch.float32 if self.recipe.lowp_mode == "FP32" else torch.bfloat16
+
     def native_scheme(self, model_config: Any) -> NativeScheme:
         """How the native path stores and runs this recipe's linears."""
         return NativeScheme(
             bits=self.bits,
             group_size=self.group_size(model_config),
             head_bits=self.native_head_bits,
-            activations=torch.float32 if self.recipe.lowp_mode == "FP32" else torch.bfloat16,
+            activations=self.native_activations(),
             head_dynamic=self.native_scheme_head() == "dynamic-int8",
             dynamic_layers=self.recipe.lowp_mode == "INT8",
             # Without VNNI fbgemm sums u8 x s8 products in int16: 7-bit weights there (NativeScheme).
