@@ -24,7 +24,7 @@ from tierserve.worker.accuracy import tier_log_probs
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import packed_weights, smoothing
-from tierserve.worker.kernels.linears import DynamicInt8Linear, Int8WoqLinear
+from tierserve.worker.kernels.linears import DynamicInt8Linear, Int8WoqLinear, int8_kernel_name
 from tierserve.worker.kernels.paged_kv import cache_shape
 from tierserve.worker.kernels.quantizers import INT7_LEVELS, quantize_int8
 from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
@@ -281,7 +281,11 @@ def test_dynamic_load_describes_and_generates(dynamic: tuple[Path, list[str], Lo
         and "per-token dynamic int8 activations (each token on its own range)" in loaded.kernel
     )
     isa = CpuIsa.detect()
-    down = "IPEX's weight-only int8 per-channel kernel" if isa.ipex_woq_fast else "aten._weight_int8pack_mm"
+    down = (
+        "IPEX's weight-only int8 per-channel kernel"
+        if isa.ipex_woq_fast
+        else int8_kernel_name(torch.bfloat16)
+    )
     assert f"down_proj {down}" in loaded.kernel and "(weight-only, bfloat16 inputs)" in loaded.kernel
     assert ("batch KV cache bfloat16" in loaded.kernel) == isa.ipex_bf16
     assert cache_shape(loaded.model).dtype == (torch.bfloat16 if isa.ipex_bf16 else torch.float32)

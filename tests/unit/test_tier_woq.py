@@ -27,7 +27,12 @@ from tierserve.worker.accuracy import tier_log_probs
 from tierserve.worker.engine import Engine, TokenEvent
 from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import ipex_internals, packed_weights
-from tierserve.worker.kernels.linears import DynamicInt8Linear, Int4WoqLinear, Int8WoqLinear
+from tierserve.worker.kernels.linears import (
+    DynamicInt8Linear,
+    Int4WoqLinear,
+    Int8WoqLinear,
+    dynamic_int8_kernel_name,
+)
 from tierserve.worker.kernels.quantizers import quantize_int4, quantize_int4_float_zero, quantize_int8
 from tierserve.worker.kernels.scheme import NativeScheme, make_linear
 from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
@@ -226,7 +231,8 @@ def test_native_int8_lowp_int8_runs_every_layer_with_dynamic_activations(tiny_mo
     tier = tier_for("int8-woq", TierRecipe(lowp_mode="INT8"))
     tier.check(smollm_like_config())
     scheme = tier.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128))
-    assert scheme.dynamic_layers and scheme.describe().startswith("layers fbgemm quantized::linear_dynamic")
+    kernel = "fbgemm quantized::linear_dynamic" if scheme.int16_sums else dynamic_int8_kernel_name()
+    assert scheme.dynamic_layers and scheme.describe().startswith(f"layers {kernel} int8 per-channel")
     assert tier.recipe_key() != tier_for("int8-woq").recipe_key()
     tensors = packed_weights.quantize_model(load_hf_model(tiny_model_dir)[0], scheme, lambda message: None)
     linear = make_linear(tensors, "layers.0.o", 8, scheme)
@@ -238,7 +244,7 @@ def test_lm_head_runs_dynamic_int8_only_by_default(lowp_mode: str, dynamic: bool
     tier = tier_for("int8-woq", TierRecipe(lowp_mode=lowp_mode))  # type: ignore[arg-type]
     scheme = tier.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128))
     assert scheme.head_dynamic is dynamic
-    assert ("quantized::linear_dynamic" in scheme.describe()) is dynamic
+    assert ("per-token dynamic int8 activations" in scheme.describe()) is dynamic
 
 
 @pytest.mark.parametrize("name", ["int8-woq", "int4-woq"])
@@ -246,7 +252,7 @@ def test_auto_keeps_the_lm_head_weight_only_without_vnni(name: str) -> None:
     """Without VNNI fbgemm's activations have 7 bits (+1.3% perplexity for int4-woq on a Zen 3)."""
     tier = tier_for(name, TierRecipe(), AVX2_ONLY)
     scheme = tier.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128))
-    assert not scheme.head_dynamic and "quantized::linear_dynamic" not in scheme.describe()
+    assert not scheme.head_dynamic and "per-token dynamic int8" not in scheme.describe()
     assert tier.recipe_key() != tier_for(name, TierRecipe(), ZEN4).recipe_key()
     with_int8 = tier_for(name.replace("int4", "int8"), TierRecipe(lowp_mode="INT8"), AVX2_ONLY)
     assert with_int8.native_scheme(LlamaConfig(hidden_size=64, intermediate_size=128)).head_dynamic
@@ -295,7 +301,7 @@ def generate(loaded: LoadedModel, sampling: SamplingParams, tokens: int = 6) -> 
 def test_loaded_model_says_what_runs(loaded: LoadedModel) -> None:
     assert loaded.kernel.startswith("native:")
     # Default lowp_mode AUTO: the lm_head runs fbgemm's dynamic int8 linear on both tiers.
-    assert "lm_head fbgemm quantized::linear_dynamic" in loaded.kernel
+    assert f"lm_head {dynamic_int8_kernel_name()}" in loaded.kernel
     assert loaded.backend.startswith(f"torch {torch.__version__} native")
     assert loaded.context_tokens == TINY_CONTEXT_TOKENS
     assert loaded.dtype == torch.bfloat16

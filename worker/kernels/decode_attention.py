@@ -35,9 +35,11 @@ from tierserve.domain.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# One library: the decode-attention ops and the int8 weight-only linear (`woq_int8.cpp`, defined
-# only where the CPU has AVX512_BF16; `linears.tierserve_int8_kernel`).
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cpp", "woq_int8.cpp"))
+# One library: the decode-attention ops and two int8 linears, each defined only where the CPU has
+# its instructions: weight-only (`woq_int8.cpp`, AVX512_BF16) and dynamic (`dynamic_int8.cpp`,
+# AVX512_VNNI); `linears.tierserve_int8_kernel` and `tierserve_dynamic_int8_kernel`.
+_SOURCE_NAMES = ("decode_attention.cpp", "woq_int8.cpp", "dynamic_int8.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in _SOURCE_NAMES)
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 # The dtypes the kernel computes (accumulating in float32); others take IPEX's kernel.
 DTYPES = (torch.float32, torch.bfloat16)

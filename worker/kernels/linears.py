@@ -5,8 +5,9 @@
   `aten._weight_int8pack_mm`.
 - `Int4WoqLinear`: `aten._weight_int4pack_mm_for_cpu`, 4-bit weights with a scale and zero
   point per group of input channels, float activations.
-- `DynamicInt8Linear`: fbgemm's `quantized::linear_dynamic`, int8 weights per output channel,
-  activations quantized to 8 bits per token (each on its own range) at run time.
+- `DynamicInt8Linear`: int8 weights per output channel, activations quantized to 8 bits per
+  token (each on its own range) at run time; on tierserve's kernel (`dynamic_int8.cpp`) where the
+  CPU has AVX512_VNNI, else fbgemm's `quantized::linear_dynamic`.
 - `DenseLinear`: an unquantized matrix at the activation dtype.
 """
 
@@ -120,8 +121,38 @@ def _per_token_linear_dynamic() -> Any:
     return torch.jit.script(linear)
 
 
+def tierserve_dynamic_int8_kernel() -> Any | None:
+    """tierserve's dynamic int8 kernel (`dynamic_int8.cpp`), or None where the library has no such
+    op (no AVX512_VNNI) or could not be built."""
+    decode_attention.load(decode_attention.default_dir())
+    if not hasattr(torch.ops.tierserve, "int8_dynamic_linear"):
+        return None
+    return torch.ops.tierserve.int8_dynamic_linear
+
+
+def dynamic_int8_kernel_name() -> str:
+    """Which kernel a `DynamicInt8Linear` runs on this machine (where its shape fits)."""
+    if tierserve_dynamic_int8_kernel() is not None:
+        return "tierserve int8_dynamic_linear (VPDPBUSD)"
+    return "fbgemm quantized::linear_dynamic"
+
+
+def _row_sums(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W 1 for W = qweight * scales: each row's shift, undone after the product."""
+    return (qweight.float() * scales.float()[:, None]).sum(dim=1)
+
+
+def pack_for_vnni(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [N/16, K/4, 16, 4]: four input channels of 16 output channels side by side,
+    the layout VPDPBUSD multiplies (`dynamic_int8.cpp`). The same bytes, reordered."""
+    n, k = (int(s) for s in qweight.shape)
+    return qweight.reshape(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
 class DynamicInt8Linear(nn.Module):
-    """y = x @ (qweight * scales).T with x quantized per token to 8-bit int at run time (fbgemm).
+    """y = x @ (qweight * scales).T with x quantized per token to 8-bit int at run time: on
+    tierserve's kernel where the CPU has VNNI (`dynamic_int8.cpp`: the quantization and the
+    product in one call, the weights read once for all rows), else on fbgemm.
 
     `int16_sums`: the CPU lacks VNNI, so fbgemm sums pairs of u8 x s8 products in int16, which
     8-bit activations and weights beyond ±64 can saturate. Such weights then run as two halves
@@ -132,6 +163,16 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, int16_sums: bool) -> None:
         super().__init__()
         self.out_features, self.in_features = (int(s) for s in qweight.shape)
+        fits = self.out_features % 16 == 0 and self.in_features % 4 == 0
+        # Fixed here, not per call: the traced graph keeps one path.
+        self.kernel = tierserve_dynamic_int8_kernel() if fits and not int16_sums else None
+        self.split = False
+        if self.kernel is not None:
+            self.register_buffer("weight_sums", _row_sums(qweight, scales))
+            self.register_buffer("weight", pack_for_vnni(qweight.contiguous()))
+            self.register_buffer("column_sums", qweight.to(torch.int32).sum(dim=1).to(torch.int32))
+            self.register_buffer("scales", scales.float().contiguous())
+            return
         self.split = int16_sums and int(qweight.abs().max()) > _INT16_SAFE_LEVELS
         if self.split:
             high = torch.div(qweight.to(torch.int16), 2, rounding_mode="floor")
@@ -141,15 +182,17 @@ class DynamicInt8Linear(nn.Module):
             qweight.contiguous(), scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
         )
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        # The whole output's row sums (both halves' when split), for undoing each row's shift.
-        self.register_buffer("weight_sums", (qweight.float() * scales.float()[:, None]).sum(dim=1))
+        self.register_buffer("weight_sums", _row_sums(qweight, scales))  # both halves' when split
         anchor = torch.zeros(1, self.in_features)
         anchor[0, 0], anchor[0, -1] = 1.0, -1.0
         self.register_buffer("anchor", anchor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        y: torch.Tensor = _per_token_linear_dynamic()(flat, self.packed, self.anchor, self.weight_sums)
+        if self.kernel is not None:
+            y: torch.Tensor = self.kernel(flat, self.weight, self.column_sums, self.scales, self.weight_sums)
+        else:
+            y = _per_token_linear_dynamic()(flat, self.packed, self.anchor, self.weight_sums)
         if self.split:
             y = y[:, : self.out_features] + y[:, self.out_features :]
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

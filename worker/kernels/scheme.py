@@ -15,16 +15,21 @@ from tierserve.worker.kernels.linears import (
     DynamicInt8Linear,
     Int4WoqLinear,
     Int8WoqLinear,
+    dynamic_int8_kernel_name,
     int8_kernel_name,
 )
 from tierserve.worker.kernels.quantizers import INT7_LEVELS, Bits
 
 log = logging.getLogger(__name__)
 
-_DYNAMIC_INT8 = (
-    "fbgemm quantized::linear_dynamic int8 per-channel weights, "
-    "per-token dynamic int8 activations (each token on its own range)"
-)
+
+def _dynamic_int8(int16_sums: bool) -> str:
+    """How dynamic int8 layers run: fbgemm where it sums in int16 (no VNNI; `DynamicInt8Linear`)."""
+    kernel = "fbgemm quantized::linear_dynamic" if int16_sums else dynamic_int8_kernel_name()
+    return (
+        f"{kernel} int8 per-channel weights, per-token dynamic int8 activations (each token on its own range)"
+    )
+
 
 _IPEX_INT8 = "IPEX's weight-only int8 per-channel kernel where rows stay independent (else Int8WoqLinear's)"
 
@@ -68,14 +73,15 @@ class NativeScheme:
     def describe(self) -> str:
         act = str(self.activations).removeprefix("torch.")
         layers = _describe_format(self.bits, self.group_size, self.activations)
+        dynamic = _dynamic_int8(self.int16_sums)
         if self.bits == 8 and self.dynamic_layers:
-            layers = _DYNAMIC_INT8
+            layers = dynamic
         head = _describe_format(self.head_bits, self.group_size, self.activations)
         if self.head_bits == 8 and (self.head_dynamic or self.dynamic_layers):
-            head = _DYNAMIC_INT8
+            head = dynamic
         if self.int16_sums and self.dynamic_layers:
             layers = layers.replace("int8 per-channel weights", "7-bit per-channel weights (clipped)")
-        if self.int16_sums and head == _DYNAMIC_INT8:
+        if self.int16_sums and head == dynamic:
             head = head.replace("int8 per-channel weights", "int8 per-channel weights as two 7-bit halves")
         down = ""
         if self.bits == 8 and self.dynamic_layers and self.down_weight_only:

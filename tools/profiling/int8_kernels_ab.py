@@ -1,0 +1,111 @@
+"""A tier's batch step and prompt chunk with tierserve's int8 kernels (`woq_int8.cpp`,
+`dynamic_int8.cpp`) against the same tier on PyTorch's and fbgemm's (the kernels they replace),
+side by side in one process, rounds interleaved so that the machine's drift hits both alike.
+A diagnostic for issue 15's scaling on CPUs without AMX, not a benchmark of record.
+
+    .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int8-sq --out ab.json
+
+Both models come from the tier's one artifact (the stored weights do not depend on the kernel).
+Each round times, for each model in turn, a decode step at 1, 8 and 16 rows over caches of
+`--length` positions (median of `--steps`) and a prompt chunk of `--chunk` tokens prefilled
+through the batch's path; the table gives each figure's median over `--rounds` rounds, and the
+ratios `throughput_ceiling.py` would derive from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from batched_step import paged_step
+from prefill_paths import median_ms
+
+from tierserve.domain.config import default_config
+from tierserve.domain.textsets import calibration_path
+from tierserve.worker.isa import CpuIsa
+from tierserve.worker.kernels import decode_attention, linears
+from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, cache_shape, paged_forward
+from tierserve.worker.preparation import prepare_tier
+from tierserve.worker.tiers import TierContext, make_tier
+
+ROWS = (1, 8, 16)
+
+
+def without_library_int8(load: Callable[[], Any]) -> Any:
+    """What `load` gives with tierserve's two int8 kernels unavailable (aten's and fbgemm's then)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linears, "tierserve_int8_kernel", lambda: None)
+        patch.setattr(linears, "tierserve_dynamic_int8_kernel", lambda: None)
+        return load()
+
+
+def chunk_forward(model: Any, kernel: Any, tokens: int) -> Callable[[], None]:
+    """One prompt chunk of `tokens` tokens through the batch's path, from an empty cache."""
+    ids = torch.randint(100, 20000, (1, tokens), generator=torch.Generator().manual_seed(1))
+    pool = BlockPool(cache_shape(model), blocks_for(tokens) + 1, kernel)
+
+    def run() -> None:
+        row = PagedRow()
+        paged_forward(model.trace_graph, pool, [row], ids, torch.arange(tokens).unsqueeze(0))
+        pool.release(row)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tier", default="int8-sq")
+    parser.add_argument("--length", type=int, default=201, help="cached positions per row")
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    config = default_config([0, 1])
+    prepared = prepare_tier(config, args.tier)
+    context = TierContext(
+        recipe=config.recipe(args.tier), isa=CpuIsa.detect(), calibration_file=calibration_path(config.data)
+    )
+    other = without_library_int8(
+        lambda: make_tier(args.tier, context).load(prepared.model_dir, prepared.artifact_dir)
+    )
+    models = {"tierserve": prepared.loaded, "aten/fbgemm": other}
+    kernels = {name: loaded.kernel for name, loaded in models.items()}
+    attention = decode_attention.load(decode_attention.default_dir()).kernel
+    ids = torch.randint(100, 20000, (1, args.length), generator=torch.Generator().manual_seed(0))
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    with torch.inference_mode():
+        runs = {}
+        for name, loaded in models.items():
+            with loaded.run_context():
+                runs[name] = {
+                    **{f"step {rows}": paged_step(loaded.model, ids, rows, 200, attention) for rows in ROWS},
+                    f"chunk {args.chunk}": chunk_forward(loaded.model, attention, args.chunk),
+                }
+        for round_ in range(args.rounds):
+            for name, loaded in models.items():
+                with loaded.run_context():
+                    for what, run in runs[name].items():
+                        repeats = args.steps if what.startswith("step") else 3
+                        times[name].setdefault(what, []).append(median_ms(run, repeats))
+            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    medians = {name: {what: statistics.median(v) for what, v in t.items()} for name, t in times.items()}
+    report = {"tier": args.tier, "length": args.length, "kernels": kernels, "median_ms": medians}
+    print(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    whats = list(next(iter(medians.values())))
+    print("| kernels | " + " | ".join(f"{w} ms" for w in whats) + " | 8-row step vs 1 | 16 vs 1 |")
+    print("|---|" + "---:|" * (len(whats) + 2))
+    for name, m in medians.items():
+        cells = " | ".join(f"{m[w]:.2f}" for w in whats)
+        print(f"| {name} | {cells} | {m['step 8'] / m['step 1']:.2f}x | {m['step 16'] / m['step 1']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
