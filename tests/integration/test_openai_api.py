@@ -382,7 +382,10 @@ def test_models_list_the_tiers_and_metrics_count_http(pool: ApiPool) -> None:
     assert [m.id for m in models.data] == [MODEL]
     tiers = {t["tier"]: t for t in tierserve_extra(models.data[0])["tiers"]}
     assert set(tiers) == {"fp32", "bf16", "int8-sq"}
-    assert tiers["fp32"]["accuracy"]["perplexity_delta_pct"] == 0.0 and tiers["fp32"]["accuracy"]["measured"]
+    # The reference's card: its float32 graph against transformers' float32 model, so the change
+    # is rounding (on a Zen 4 +0.0001% at KL 4e-9 over the test's 381 tokens), never a loss.
+    reference = tiers["fp32"]["accuracy"]
+    assert abs(reference["perplexity_delta_pct"]) < 0.001 and reference["measured"]
     assert tiers["bf16"]["workers"][0]["health"] == "serving"
     assert tiers["int8-sq"]["workers"][0]["health"] != "serving"
     samples = pool.metrics("router")

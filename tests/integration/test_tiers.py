@@ -7,6 +7,7 @@ import pytest
 from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc, worker_pb2
 
 from tests.integration.conftest import LivePool
+from tierserve.domain.quality import effective_loss
 from tierserve.domain.tiers import REFERENCE_TIER, TIER_NAMES
 
 pytestmark = pytest.mark.integration
@@ -57,7 +58,9 @@ def test_accuracy_tolerance_is_compared_with_the_measured_perplexity_change(live
     request = generate_pb2.GenerateRequest(prompt="The capital of France is", max_new_tokens=4)
     request.max_quality_loss_pct = 0.0
     summary = list(stub.Generate(request, timeout=300))[-1].summary
-    assert measured[summary.tier].perplexity_delta_pct <= 0.0
+    # Judged as the router judges it (`domain.quality`): the reference's loss is 0 by definition,
+    # though its card may show float32 rounding (+0.0001%); another tier's change must be <= 0.
+    assert effective_loss(summary.tier, measured[summary.tier].perplexity_delta_pct) <= 0.0
     # A tolerance below the largest measured loss refuses that tier when pinned.
     lossiest = max(measured, key=lambda tier: measured[tier].perplexity_delta_pct)
     loss = measured[lossiest].perplexity_delta_pct
