@@ -120,6 +120,13 @@ def test_greedy_agreement_compares_each_prompt_with_its_one_at_a_time_text() -> 
     assert not greedy_agreement([alone], [off, off_again])["reference_consistent"]
 
 
+def test_a_weight_only_tier_on_tierserves_kernels_says_what_still_grows() -> None:
+    kernel = "native: layers tierserve int8_woq_linear (VDPBF16PS) int8 per-channel symmetric; lm_head ..."
+    note = scaling_note("int8-woq", 2.6, TierWorkers(kernel=kernel, batching_enabled=True))
+    assert note is not None and "2.60x" in note and "read once" in note and "What would lift it" in note
+    assert scaling_note("int8-woq", 3.2, TierWorkers(kernel=kernel, batching_enabled=True)) is None
+
+
 def test_a_weight_only_tier_below_3x_says_why_from_its_kernel() -> None:
     native = TierWorkers(kernel=NATIVE_INT4, batching_enabled=True)
     note = scaling_note("int4-woq", 2.1, native)
