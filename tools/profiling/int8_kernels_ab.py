@@ -20,8 +20,8 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
-import pytest
 import torch
 from batched_step import paged_step
 from prefill_paths import median_ms
@@ -39,9 +39,8 @@ ROWS = (1, 8, 16)
 
 def without_library_int8(load: Callable[[], Any]) -> Any:
     """What `load` gives with tierserve's two int8 kernels unavailable (aten's and fbgemm's then)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(linears, "tierserve_int8_kernel", lambda: None)
-        patch.setattr(linears, "tierserve_dynamic_int8_kernel", lambda: None)
+    unavailable = {"tierserve_int8_kernel": lambda: None, "tierserve_dynamic_int8_kernel": lambda: None}
+    with mock.patch.multiple(linears, **unavailable):
         return load()
 
 

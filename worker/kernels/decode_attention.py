@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # AVX512_VNNI); `linears.tierserve_int8_kernel` and `tierserve_dynamic_int8_kernel`.
 _SOURCE_NAMES = ("decode_attention.cpp", "woq_int8.cpp", "dynamic_int8.cpp")
 SOURCES = tuple(Path(__file__).with_name(name) for name in _SOURCE_NAMES)
+# Included by the sources: part of the digest, not compiled on their own.
+HEADERS = (Path(__file__).with_name("tiles.h"),)
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 # The dtypes the kernel computes (accumulating in float32); others take IPEX's kernel.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -109,7 +111,7 @@ def _load(cache_dir: Path) -> Loaded:
 
 def _digest() -> str:
     """Of what the library depends on: the sources, the flags, torch and this CPU's instructions."""
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     parts = [*sources, " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_flags()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "tiles.h"
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
@@ -86,7 +88,8 @@ __attribute__((noinline)) void finish_row(const int32_t* sums, int64_t channels,
 // Packed weights: [N / 16][K / 4][16][4] int8, four input channels of 16 output channels side by
 // side, VPDPBUSD's layout (`pack_for_vnni` in linears.py).
 template <int kR, int kB>
-void tile(const int8_t* packed, int64_t quads, const uint8_t* levels, int64_t level_stride,
+struct Tile {
+  static void run(const int8_t* packed, int64_t quads, const uint8_t* levels, int64_t level_stride,
           const RowRange* ranges, const int32_t* col_sums, const float* scales, const float* weight_sums,
           float* y, int64_t y_stride) {
   __m512i acc[kR][kB];
@@ -109,28 +112,7 @@ void tile(const int8_t* packed, int64_t quads, const uint8_t* levels, int64_t le
     finish_row(sums, kB * kLanes, ranges[r], col_sums, scales, weight_sums, y + r * y_stride);
   }
 }
-
-using Tile = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, const RowRange*, const int32_t*,
-                      const float*, const float*, float*, int64_t);
-
-template <int kR>
-Tile tile_for_blocks(int64_t blocks) {
-  switch (blocks) {
-    case 1: return &tile<kR, 1>;
-    case 2: return &tile<kR, 2>;
-    case 3: return &tile<kR, 3>;
-    default: return &tile<kR, 4>;
-  }
-}
-
-Tile tile_for(int64_t rows, int64_t blocks) {
-  switch (rows) {
-    case 1: return tile_for_blocks<1>(blocks);
-    case 2: return tile_for_blocks<2>(blocks);
-    case 3: return tile_for_blocks<3>(blocks);
-    default: return tile_for_blocks<4>(blocks);
-  }
-}
+};
 
 at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& col_sums,
                                const at::Tensor& scales, const at::Tensor& weight_sums) {
@@ -175,7 +157,7 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
       const int64_t channel = first_block * kLanes;
       for (int64_t row = 0; row < rows; row += kRows) {
         const int64_t tile_rows = std::min(kRows, rows - row);
-        tile_for(tile_rows, blocks)(w_data + first_block * quads * 64, quads, levels.data() + row * in_features,
+        tierserve_tiles::tile_for<Tile>(tile_rows, blocks)(w_data + first_block * quads * 64, quads, levels.data() + row * in_features,
                                     in_features, ranges.data() + row, cs.data_ptr<int32_t>() + channel,
                                     sc.data_ptr<float>() + channel, ws.data_ptr<float>() + channel,
                                     y_data + row * out_features + channel, out_features);

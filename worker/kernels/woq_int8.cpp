@@ -18,6 +18,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "tiles.h"
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
@@ -49,7 +51,8 @@ void widen(const int8_t* packed, int64_t pairs, int64_t blocks, __m512i* out) {
 
 // kR rows x kB blocks of 16 channels over the widened weights, scaled and rounded to bf16.
 template <int kR, int kB>
-void tile(const __m512i* widened, int64_t pairs, const c10::BFloat16* x, int64_t x_stride,
+struct Tile {
+  static void run(const __m512i* widened, int64_t pairs, const c10::BFloat16* x, int64_t x_stride,
           const float* scales, c10::BFloat16* y, int64_t y_stride) {
   __m512 acc[kR][kB];
   for (int r = 0; r < kR; ++r)
@@ -73,28 +76,7 @@ void tile(const __m512i* widened, int64_t pairs, const c10::BFloat16* x, int64_t
     }
   }
 }
-
-using Tile = void (*)(const __m512i*, int64_t, const c10::BFloat16*, int64_t, const float*, c10::BFloat16*,
-                      int64_t);
-
-template <int kR>
-Tile tile_for_blocks(int64_t blocks) {
-  switch (blocks) {
-    case 1: return &tile<kR, 1>;
-    case 2: return &tile<kR, 2>;
-    case 3: return &tile<kR, 3>;
-    default: return &tile<kR, 4>;
-  }
-}
-
-Tile tile_for(int64_t rows, int64_t blocks) {
-  switch (rows) {
-    case 1: return tile_for_blocks<1>(blocks);
-    case 2: return tile_for_blocks<2>(blocks);
-    case 3: return tile_for_blocks<3>(blocks);
-    default: return tile_for_blocks<4>(blocks);
-  }
-}
+};
 
 at::Tensor int8_woq_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_woq_linear: x must be 2-D bfloat16");
@@ -131,7 +113,7 @@ at::Tensor int8_woq_linear(const at::Tensor& x, const at::Tensor& packed, const 
       const int64_t channel = first_block * kLanes;
       for (int64_t row = 0; row < rows; row += kRows) {
         const int64_t tile_rows = std::min(kRows, rows - row);
-        tile_for(tile_rows, blocks)(widened.data(), pairs, x_data + row * in_features, in_features,
+        tierserve_tiles::tile_for<Tile>(tile_rows, blocks)(widened.data(), pairs, x_data + row * in_features, in_features,
                                     s_data + channel, y_data + row * out_features + channel, out_features);
       }
     }
