@@ -53,9 +53,10 @@ def load_and_warm_up(config: TierserveConfig, state: WorkerState) -> tuple[Engin
     engine = Engine(loaded, config.limits.max_context_tokens)
     load_ms = (time.perf_counter() - started) * 1e3
     log.info(
-        "loaded %s tier from %s in %.0f ms (%s)",
+        "loaded %s tier from %s (artifact %s) in %.0f ms (%s)",
         state.config.tier,
         prepared.model_dir,
+        prepared.artifact_dir,
         load_ms,
         loaded.kernel,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,15 @@ from rich.progress import TaskID
 from tierserve_client import Client, ClientOptions, RetryPolicy
 from tierserve_client.v1 import generate_pb2
 
-from tierserve.cli.render import kernels_table, print_token, summary_table, top_table, workers_table
+from tierserve.cli.render import (
+    cache_table,
+    kernels_table,
+    mib,
+    print_token,
+    summary_table,
+    top_table,
+    workers_table,
+)
 from tierserve.domain.config import ConfigError, TierserveConfig, config_to_toml, default_config, load_config
 from tierserve.domain.errors import StartupError
 from tierserve.ops.capacity import PlanningError
@@ -324,6 +333,35 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace, console: Console) -> int:
+    from tierserve.worker.cache import in_use, prune, survey
+
+    config = _load(args.config)
+    cache_dir = config.model.resolved_cache_dir()
+    with console.status("working out what this config's pool uses (hashing the model)"):
+        entries = survey(cache_dir, in_use(config))
+    if args.json:
+        for entry in entries:
+            record = {"path": str(entry.path), "kind": entry.kind.value, "size_bytes": entry.size_bytes}
+            print(json.dumps({**record, "used": entry.kept, "why": entry.reason}))
+        return 0
+    console.print(cache_table(cache_dir, entries))
+    stale = [entry for entry in entries if not entry.kept]
+    reclaimable = sum(entry.size_bytes for entry in stale)
+    if args.cache_command == "list" or args.dry_run:
+        verb = "would free" if args.cache_command == "prune" else "`tierserve cache prune` frees"
+        console.print(f"{len(stale)} not used by this config; {verb} {mib(reclaimable)}")
+        return 0
+    outcomes = prune(cache_dir, entries)
+    freed = sum(entry.size_bytes for entry, skipped in outcomes if skipped is None)
+    for entry, skipped in outcomes:
+        if skipped is not None:
+            console.print(f"[yellow]kept[/] {escape(str(entry.path))}: {escape(skipped)}")
+    deleted = sum(skipped is None for _, skipped in outcomes)
+    console.print(f"deleted {deleted} of {len(outcomes)}; freed {mib(freed)}")
+    return 0 if deleted == len(outcomes) else 1
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     print(config_to_toml(_load(args.config)))
     return 0
@@ -589,6 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs.set_defaults(run=cmd_certs)
 
+    cache = commands.add_parser(
+        "cache", help="list the cached artifacts, kernels and models; prune what this config does not use"
+    )
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    listing = with_config(cache_commands.add_parser("list", help="what the cache holds, and what is in use"))
+    listing.add_argument("--json", action="store_true", help="one JSON object per entry instead of a table")
+    listing.set_defaults(run=cmd_cache, dry_run=True)
+    pruning = with_config(
+        cache_commands.add_parser(
+            "prune",
+            help="delete the artifacts, kernel builds and model conversions this config's pool would not "
+            "load (after an upgrade); builds in progress are skipped",
+        )
+    )
+    pruning.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    pruning.set_defaults(run=cmd_cache, json=False)
+
     config = with_config(commands.add_parser("config", help="print the effective config as TOML"))
     config.set_defaults(run=cmd_config)
 
@@ -801,7 +856,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    to_stderr = args.command not in ("generate", "workers", "config", "model", "quantize", "plan", "top")
+    to_stderr = args.command not in (
+        "generate",
+        "workers",
+        "config",
+        "model",
+        "quantize",
+        "plan",
+        "top",
+        "cache",
+    )
     stream = sys.stderr if to_stderr else sys.stdout
     # Logs and pipes get wide tables rather than columns folded at 80 characters.
     console = Console(stderr=to_stderr, width=None if stream.isatty() else NON_TTY_WIDTH)

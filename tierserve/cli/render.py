@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -10,6 +12,9 @@ from rich.text import Text
 from tierserve_client.v1 import generate_pb2, router_pb2, worker_pb2
 
 from tierserve.domain.cores import format_cpu_list
+
+if TYPE_CHECKING:  # the worker package imports torch; the CLI's other commands need not
+    from tierserve.worker.cache import CacheEntry
 
 
 def ms(microseconds: float) -> str:
@@ -199,4 +204,18 @@ def top_table(stats: router_pb2.PoolStats) -> Table:
             batch_cell(worker),
             kv_cell(worker),
         )
+    return table
+
+
+def mib(size_bytes: int) -> str:
+    return f"{size_bytes / (1 << 20):,.1f} MiB"
+
+
+def cache_table(cache_dir: Path, entries: list[CacheEntry]) -> Table:
+    table = Table(title=f"tierserve cache {cache_dir}", title_justify="left")
+    for column in ("kind", "name", "size", "used", "why"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for entry in entries:
+        used = Text("yes", style="green") if entry.kept else Text("no", style="yellow")
+        table.add_row(entry.kind.value, entry.path.name, mib(entry.size_bytes), used, entry.reason)
     return table

@@ -32,3 +32,20 @@ def exclusive(lock_path: Path, on_wait: Callable[[], None] = lambda: None) -> It
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def exclusive_if_free(lock_path: Path) -> Iterator[bool]:
+    """Hold lock_path's lock if no other process does; yields whether this one holds it. Never
+    waits: for work that can be skipped when someone else is busy with the same thing."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -55,12 +55,10 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     gguf = default_gguf_file()
     with console.status("hashing the default model file"):
-        digest = file_sha256(gguf)[:16]
-    models_dir = config.resolved_cache_dir() / "models"
-    target = models_dir / f"smollm2-135m-instruct-{digest}-c{CONVERSION_VERSION}"
+        target = default_model_folder(config, gguf)
     if (target / COMPLETE_MARKER).is_file():
         return target
-    with exclusive(models_dir / f".{target.name}.lock"):
+    with exclusive(target.parent / f".{target.name}.lock"):
         if (target / COMPLETE_MARKER).is_file():
             return target
         if target.exists():
@@ -68,6 +66,13 @@ def prepare_model(config: ModelConfig, console: Console | None = None) -> Path:
             shutil.rmtree(target)
         _convert_gguf(gguf, target, console)
     return target
+
+
+def default_model_folder(config: ModelConfig, gguf: Path | None = None) -> Path:
+    """Where the default model's conversion is (or would be) kept: named by the packaged file's
+    content and the conversion's version, so a new package or converter gets a folder of its own."""
+    digest = file_sha256(gguf or default_gguf_file())[:16]
+    return config.resolved_cache_dir() / "models" / f"smollm2-135m-instruct-{digest}-c{CONVERSION_VERSION}"
 
 
 def _align_special_tokens(tokenizer: Any, config: Any) -> None:

@@ -42,6 +42,7 @@ _SOURCE_NAMES = ("decode_attention.cpp", "woq_int8.cpp", "dynamic_int8.cpp")
 SOURCES = tuple(Path(__file__).with_name(name) for name in _SOURCE_NAMES)
 # Included by the sources: part of the digest, not compiled on their own.
 HEADERS = (Path(__file__).with_name("tiles.h"),)
+LIBRARY_PREFIX = "tierserve_decode_attention_"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 # The dtypes the kernel computes (accumulating in float32); others take IPEX's kernel.
 DTYPES = (torch.float32, torch.bfloat16)
@@ -96,8 +97,13 @@ def load(cache_dir: Path) -> Loaded:
         return _loaded[0]
 
 
+def library_name() -> str:
+    """The file name this source, torch and CPU give the library in the kernel cache."""
+    return f"{LIBRARY_PREFIX}{_digest()}.so"
+
+
 def _load(cache_dir: Path) -> Loaded:
-    library = cache_dir / f"tierserve_decode_attention_{_digest()}.so"
+    library = cache_dir / library_name()
     try:
         if not library.exists():
             log.info("building tierserve's decode-attention kernel for this CPU into %s", library)
