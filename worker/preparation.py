@@ -21,6 +21,7 @@ from tierserve.worker.accuracy import (
 from tierserve.worker.artifacts import ArtifactStore, ProgressSink
 from tierserve.worker.batching.startup import decode_kernel_for, unbatchable
 from tierserve.worker.isa import CpuIsa
+from tierserve.worker.kernels import decode_attention
 from tierserve.worker.tiers import LoadedModel, TierContext, make_tier
 
 # What a card was scored through (`PreparedTier.scored_through`).
@@ -76,8 +77,13 @@ def prepare_tier(
     # And on the path it is scored through: a batch's attention rounds otherwise than IPEX's, and
     # its KV cache may be kept in another dtype (int8-sq's bfloat16).
     scoring = f"batched, {batching.decode_attention} decode attention" if batching.enabled else "generate"
+    # And on the kernel library's sources (its name carries their digest): the quantized linears
+    # and the decode attention compute there, so a change to them is measured again, though the
+    # stored weights stay valid.
+    kernels = decode_attention.library_name()
     eval_digest = (
-        f"{fingerprint(eval_texts)}:{config.data.eval_tokens}:{config.data.eval_chunk_tokens}:{scoring}"
+        f"{fingerprint(eval_texts)}:{config.data.eval_tokens}:{config.data.eval_chunk_tokens}:{scoring}:"
+        f"{kernels}"
     )
     artifact = store.ensure(tier, model_dir, eval_digest, measure, progress)
     loaded = artifact.loaded

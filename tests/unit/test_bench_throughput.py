@@ -125,6 +125,9 @@ def test_a_weight_only_tier_on_tierserves_kernels_says_what_still_grows() -> Non
     note = scaling_note("int8-woq", 2.6, TierWorkers(kernel=kernel, batching_enabled=True))
     assert note is not None and "2.60x" in note and "read once" in note and "What would lift it" in note
     assert scaling_note("int8-woq", 3.2, TierWorkers(kernel=kernel, batching_enabled=True)) is None
+    int4 = "native: layers tierserve int4_woq_linear (VDPBF16PS) int4 group 32 asymmetric; lm_head ..."
+    note = scaling_note("int4-woq", 2.4, TierWorkers(kernel=int4, batching_enabled=True))
+    assert note is not None and "2.40x" in note and "four rows in registers" in note
 
 
 def test_a_weight_only_tier_below_3x_says_why_from_its_kernel() -> None:

@@ -32,6 +32,7 @@ from tierserve.worker.kernels.linears import (
     Int4WoqLinear,
     Int8WoqLinear,
     dynamic_int8_kernel_name,
+    int4_kernel_name,
 )
 from tierserve.worker.kernels.quantizers import quantize_int4, quantize_int4_float_zero, quantize_int8
 from tierserve.worker.kernels.scheme import NativeScheme, make_linear
@@ -309,7 +310,9 @@ def test_loaded_model_says_what_runs(loaded: LoadedModel) -> None:
 
 def test_int4_kernel_names_its_group() -> None:
     scheme = NativeScheme(bits=4, group_size=32, head_bits=8, activations=torch.bfloat16)
-    assert "_weight_int4pack_mm_for_cpu int4 group 32" in scheme.describe()
+    assert f"{int4_kernel_name(torch.bfloat16)} int4 group 32" in scheme.describe()
+    on_float32 = NativeScheme(bits=4, group_size=32, head_bits=8, activations=torch.float32)
+    assert "aten._weight_int4pack_mm_for_cpu int4 group 32" in on_float32.describe()
 
 
 def test_generates_greedy_and_sampled(loaded: LoadedModel) -> None:

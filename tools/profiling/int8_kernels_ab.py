@@ -1,9 +1,11 @@
-"""A tier's batch step and prompt chunk with tierserve's int8 kernels (`woq_int8.cpp`,
-`dynamic_int8.cpp`) against the same tier on PyTorch's and fbgemm's (the kernels they replace),
+"""A tier's batch step and prompt chunk with tierserve's quantized-linear kernels (`woq_int8.cpp`,
+`woq_int4.cpp`, `dynamic_int8.cpp`) against the same tier on PyTorch's and fbgemm's (the kernels
+they replace),
 side by side in one process, rounds interleaved so that the machine's drift hits both alike.
 A diagnostic for issue 15's scaling on CPUs without AMX, not a benchmark of record.
 
     .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int8-sq --out ab.json
+    .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int4-woq --without int4 --out ab.json
 
 Both models come from the tier's one artifact (the stored weights do not depend on the kernel).
 Each round times, for each model in turn, a decode step at 1, 8 and 16 rows over caches of
@@ -37,9 +39,16 @@ from tierserve.worker.tiers import TierContext, make_tier
 ROWS = (1, 8, 16)
 
 
-def without_library_int8(load: Callable[[], Any]) -> Any:
-    """What `load` gives with tierserve's two int8 kernels unavailable (aten's and fbgemm's then)."""
-    unavailable = {"tierserve_int8_kernel": lambda: None, "tierserve_dynamic_int8_kernel": lambda: None}
+KERNEL_GETTERS = {
+    "int8": "tierserve_int8_kernel",
+    "int4": "tierserve_int4_kernel",
+    "dynamic": "tierserve_dynamic_int8_kernel",
+}
+
+
+def without_library_int8(load: Callable[[], Any], kernels: tuple[str, ...] = tuple(KERNEL_GETTERS)) -> Any:
+    """What `load` gives with tierserve's `kernels` unavailable (aten's and fbgemm's then)."""
+    unavailable = {KERNEL_GETTERS[kernel]: lambda: None for kernel in kernels}
     with mock.patch.multiple(linears, **unavailable):
         return load()
 
@@ -65,16 +74,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--without",
+        default=",".join(KERNEL_GETTERS),
+        help=f"the kernels the second model goes without, of {', '.join(KERNEL_GETTERS)} (default all)",
+    )
     args = parser.parse_args()
     config = default_config([0, 1])
     prepared = prepare_tier(config, args.tier)
     context = TierContext(
         recipe=config.recipe(args.tier), isa=CpuIsa.detect(), calibration_file=calibration_path(config.data)
     )
+    without = tuple(args.without.split(","))
     other = without_library_int8(
-        lambda: make_tier(args.tier, context).load(prepared.model_dir, prepared.artifact_dir)
+        lambda: make_tier(args.tier, context).load(prepared.model_dir, prepared.artifact_dir), without
     )
-    models = {"tierserve": prepared.loaded, "aten/fbgemm": other}
+    models = {"tierserve": prepared.loaded, f"without {args.without}": other}
     kernels = {name: loaded.kernel for name, loaded in models.items()}
     attention = decode_attention.load(decode_attention.default_dir()).kernel
     ids = torch.randint(100, 20000, (1, args.length), generator=torch.Generator().manual_seed(0))
@@ -95,7 +110,13 @@ def main() -> None:
                         times[name].setdefault(what, []).append(median_ms(run, repeats))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     medians = {name: {what: statistics.median(v) for what, v in t.items()} for name, t in times.items()}
-    report = {"tier": args.tier, "length": args.length, "kernels": kernels, "median_ms": medians}
+    report = {
+        "tier": args.tier,
+        "length": args.length,
+        "without": without,
+        "kernels": kernels,
+        "median_ms": medians,
+    }
     print(json.dumps(report, indent=2))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     whats = list(next(iter(medians.values())))

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # One library: the decode-attention ops and two int8 linears, each defined only where the CPU has
 # its instructions: weight-only (`woq_int8.cpp`, AVX512_BF16) and dynamic (`dynamic_int8.cpp`,
 # AVX512_VNNI); `linears.tierserve_int8_kernel` and `tierserve_dynamic_int8_kernel`.
-_SOURCE_NAMES = ("decode_attention.cpp", "woq_int8.cpp", "dynamic_int8.cpp")
+_SOURCE_NAMES = ("decode_attention.cpp", "woq_int8.cpp", "woq_int4.cpp", "dynamic_int8.cpp")
 SOURCES = tuple(Path(__file__).with_name(name) for name in _SOURCE_NAMES)
 # Included by the sources: part of the digest, not compiled on their own.
 HEADERS = (Path(__file__).with_name("tiles.h"),)

@@ -3,8 +3,9 @@
 - `Int8WoqLinear`: int8 weights with one scale per output channel, float activations; with
   bfloat16 activations on tierserve's kernel (`woq_int8.cpp`) where the CPU has AVX512_BF16, else
   `aten._weight_int8pack_mm`.
-- `Int4WoqLinear`: `aten._weight_int4pack_mm_for_cpu`, 4-bit weights with a scale and zero
-  point per group of input channels, float activations.
+- `Int4WoqLinear`: 4-bit weights with a scale and zero point per group of input channels, float
+  activations; with bfloat16 activations on tierserve's kernel (`woq_int4.cpp`) where the CPU has
+  AVX512_BF16, else `aten._weight_int4pack_mm_for_cpu`.
 - `DynamicInt8Linear`: int8 weights per output channel, activations quantized to 8 bits per
   token (each on its own range) at run time; on tierserve's kernel (`dynamic_int8.cpp`) where the
   CPU has AVX512_VNNI, else fbgemm's `quantized::linear_dynamic`.
@@ -27,20 +28,28 @@ _INT16_SAFE_LEVELS = 64
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
-def tierserve_int8_kernel() -> Any | None:
-    """tierserve's int8 weight-only kernel (`woq_int8.cpp`, built with the decode-attention
-    library), or None where the library has no such op (no AVX512_BF16) or could not be built."""
+def _library_op(name: str) -> Any | None:
+    """`torch.ops.tierserve.<name>` from the library built with the decode-attention kernel, or
+    None where the library has no such op (this CPU lacks its instructions) or could not be built."""
     decode_attention.load(decode_attention.default_dir())
-    if not hasattr(torch.ops.tierserve, "int8_woq_linear"):
-        return None
-    return torch.ops.tierserve.int8_woq_linear
+    return getattr(torch.ops.tierserve, name) if hasattr(torch.ops.tierserve, name) else None
+
+
+def tierserve_int8_kernel() -> Any | None:
+    """tierserve's int8 weight-only kernel (`woq_int8.cpp`; AVX512_BF16), or None."""
+    return _library_op("int8_woq_linear")
+
+
+def _weight_only_kernel_name(activations: torch.dtype, kernel: Any | None, ours: str, aten: str) -> str:
+    return ours if activations == torch.bfloat16 and kernel is not None else aten
 
 
 def int8_kernel_name(activations: torch.dtype) -> str:
     """Which kernel an `Int8WoqLinear` at `activations` runs on this machine."""
-    if activations == torch.bfloat16 and tierserve_int8_kernel() is not None:
-        return "tierserve int8_woq_linear (VDPBF16PS)"
-    return "aten._weight_int8pack_mm"
+    kernel = tierserve_int8_kernel()
+    return _weight_only_kernel_name(
+        activations, kernel, "tierserve int8_woq_linear (VDPBF16PS)", "aten._weight_int8pack_mm"
+    )
 
 
 def pack_for_dot_products(qweight: torch.Tensor) -> torch.Tensor:
@@ -122,12 +131,8 @@ def _per_token_linear_dynamic() -> Any:
 
 
 def tierserve_dynamic_int8_kernel() -> Any | None:
-    """tierserve's dynamic int8 kernel (`dynamic_int8.cpp`), or None where the library has no such
-    op (no AVX512_VNNI) or could not be built."""
-    decode_attention.load(decode_attention.default_dir())
-    if not hasattr(torch.ops.tierserve, "int8_dynamic_linear"):
-        return None
-    return torch.ops.tierserve.int8_dynamic_linear
+    """tierserve's dynamic int8 kernel (`dynamic_int8.cpp`; AVX512_VNNI), or None."""
+    return _library_op("int8_dynamic_linear")
 
 
 def dynamic_int8_kernel_name() -> str:
@@ -205,8 +210,43 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(nibbles.shape[0], -1).contiguous()
 
 
+def tierserve_int4_kernel() -> Any | None:
+    """tierserve's int4 weight-only kernel (`woq_int4.cpp`; AVX512_BF16), or None."""
+    return _library_op("int4_woq_linear")
+
+
+def int4_kernel_name(activations: torch.dtype) -> str:
+    """Which kernel an `Int4WoqLinear` at `activations` runs on this machine."""
+    kernel = tierserve_int4_kernel()
+    return _weight_only_kernel_name(
+        activations, kernel, "tierserve int4_woq_linear (VDPBF16PS)", "aten._weight_int4pack_mm_for_cpu"
+    )
+
+
+def pack_int4_for_dot_products(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] (a byte: input channels 2p and 2p + 1 of one output channel) ->
+    [N/16, K/4, 32] (`woq_int4.cpp`): for 16 output channels and input channels 4m..4m + 3, byte
+    2c + i holds channel c's level at input 4m + i (low nibble) and at 4m + 2 + i (high)."""
+    levels = unpack_nibbles(nibbles).to(torch.uint8)
+    n, k = (int(s) for s in levels.shape)
+    quads = levels.reshape(n // 16, 16, k // 4, 2, 2)  # [block, c, m, which pair, i]
+    bytes_ = quads[:, :, :, 0, :] | (quads[:, :, :, 1, :] << 4)  # [block, c, m, i]
+    return bytes_.permute(0, 2, 1, 3).reshape(n // 16, k // 4, 32).contiguous()
+
+
+def pack_int4_scales_for_blocks(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """[groups, N, 2] (scale, zero) -> [N/16, groups, 2, 16]: per block of 16 output channels, a
+    group's scales then zeros in one 64-byte line, in the order the block's weights are read."""
+    groups, n, _ = (int(s) for s in scales_and_zeros.shape)
+    return scales_and_zeros.reshape(groups, n // 16, 16, 2).permute(1, 0, 3, 2).contiguous()
+
+
 class Int4WoqLinear(nn.Module):
-    """y = x @ dequant(q).T via aten._weight_int4pack_mm_for_cpu, group-wise scales and zeros."""
+    """y = x @ dequant(q).T, dequant(q) = (q - 8) * scale + zero per group of input channels. With
+    bfloat16 activations on tierserve's kernel where it is built (levels unpacked in registers,
+    each unpacked register used for up to four rows; scales and zeros in bfloat16 beside their
+    block), else on aten._weight_int4pack_mm_for_cpu.
+    The scales and zeros are rounded to `activations` either way, as aten takes them."""
 
     def __init__(
         self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, activations: torch.dtype
@@ -216,15 +256,27 @@ class Int4WoqLinear(nn.Module):
         self.in_features = int(nibbles.shape[1]) * 2
         self.group_size = group_size
         self.activations = activations
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
-        self.register_buffer("weight", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(activations).contiguous())
+        kernel = tierserve_int4_kernel() if activations == torch.bfloat16 else None
+        fits = self.out_features % 16 == 0 and self.in_features % group_size == 0 and group_size % 4 == 0
+        # Fixed here, not per call: the traced graph keeps one path.
+        self.kernel = kernel if fits else None
+        rounded = scales_and_zeros.to(activations)
+        if self.kernel is not None:
+            self.register_buffer("weight", pack_int4_for_dot_products(nibbles.contiguous()))
+            self.register_buffer("scales_and_zeros", pack_int4_scales_for_blocks(rounded.bfloat16()))
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles), 1)
+            self.register_buffer("weight", packed)
+            self.register_buffer("scales_and_zeros", rounded.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.activations).contiguous()
-        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.weight, self.group_size, self.scales_and_zeros
-        )
+        if self.kernel is not None:
+            y: torch.Tensor = self.kernel(flat, self.weight, self.scales_and_zeros, self.group_size)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self.weight, self.group_size, self.scales_and_zeros
+            )
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -16,6 +16,7 @@ from tierserve.worker.kernels.linears import (
     Int4WoqLinear,
     Int8WoqLinear,
     dynamic_int8_kernel_name,
+    int4_kernel_name,
     int8_kernel_name,
 )
 from tierserve.worker.kernels.quantizers import INT7_LEVELS, Bits
@@ -93,7 +94,7 @@ class NativeScheme:
 
 def _describe_format(bits: Bits, group_size: int, activations: torch.dtype) -> str:
     if bits == 4:
-        return f"aten._weight_int4pack_mm_for_cpu int4 group {group_size} asymmetric"
+        return f"{int4_kernel_name(activations)} int4 group {group_size} asymmetric"
     if bits == 8:
         return f"{int8_kernel_name(activations)} int8 per-channel symmetric"
     return "unquantized linear"

@@ -12,7 +12,7 @@ import torch
 from tierserve.domain.config import ConfigError
 from tierserve.worker.kernels import packed_weights
 from tierserve.worker.kernels.ipex_internals import SUPPORTED_ARCHITECTURES, require_supported_ipex
-from tierserve.worker.kernels.linears import INT4_GROUP_SIZES, int8_kernel_name
+from tierserve.worker.kernels.linears import INT4_GROUP_SIZES, int4_kernel_name, int8_kernel_name
 from tierserve.worker.kernels.native_model import build_native_model
 from tierserve.worker.tiers.base import KernelPath, LoadedModel, Progress, bf16_autocast, cpu_capability
 from tierserve.worker.tiers.loading import load_hf_model
@@ -31,16 +31,27 @@ class NativeWoq(KernelPath):
 
     def key(self) -> dict[str, Any]:
         tier = self.tier
-        return {
-            # The packed layout and the lm_head width, so a change to either rebuilds the artifact.
-            "native_format": f"{packed_weights.ARTIFACT_FORMAT} lm_head {tier.native_head_bits} bits",
-            # The card depends on how the head runs, though its stored weights do not.
-            "native_head": tier.native_scheme_head(),
-            "native_dynamic_layers": tier.recipe.lowp_mode == "INT8",
-            # Which kernel the int8 weight-only layers take here (the head's, at least): the card
-            # is scored through it.
-            "native_int8_kernel": int8_kernel_name(tier.native_activations()),
-        } | self._int16_sums_key()
+        return (
+            {
+                # The packed layout and the lm_head width, so a change to either rebuilds the artifact.
+                "native_format": f"{packed_weights.ARTIFACT_FORMAT} lm_head {tier.native_head_bits} bits",
+                # The card depends on how the head runs, though its stored weights do not.
+                "native_head": tier.native_scheme_head(),
+                "native_dynamic_layers": tier.recipe.lowp_mode == "INT8",
+                # Which kernel the int8 weight-only layers take here (the head's, at least): the card
+                # is scored through it.
+                "native_int8_kernel": int8_kernel_name(tier.native_activations()),
+            }
+            | self._int4_kernel_key()
+            | self._int16_sums_key()
+        )
+
+    def _int4_kernel_key(self) -> dict[str, str]:
+        """Which kernel the int4 layers take here; only 4-bit tiers, so that the others' artifacts
+        stay valid."""
+        if self.tier.bits != 4:
+            return {}
+        return {"native_int4_kernel": int4_kernel_name(self.tier.native_activations())}
 
     def _int16_sums_key(self) -> dict[str, str]:
         """Without VNNI, dynamic int8 layers store 7-bit weights and the head runs in two halves."""

@@ -187,11 +187,12 @@ def scaling_note(tier: str, ratio: float | None, workers: TierWorkers) -> str | 
             "cost grows with the batch instead of staying that of reading the weights once, which is "
             'what makes batching pay for bf16 (../shared/FACTS.md, "Batched decode").' + lift
         )
-    if "tierserve int8_woq_linear" in workers.kernel:
+    if "tierserve int8_woq_linear" in workers.kernel or "tierserve int4_woq_linear" in workers.kernel:
         return (
-            f"{head} Its linear layers run tierserve's weight-only kernels, which widen each block of "
-            "weights once per step and multiply it with every row, so the weights are read once "
-            "whatever the batch. What still grows with the rows: the bfloat16 products themselves "
+            f"{head} Its linear layers run tierserve's weight-only kernels, which widen the weights to "
+            "bfloat16 once per call (int8) or once per four rows in registers (int4) and multiply them "
+            "with every row, so the weights are read once whatever the batch. What still grows with "
+            "the rows: the bfloat16 products themselves "
             "(VDPBF16PS, without AMX), attention, and each prompt's prefill, which no stream shares "
             "(tools/profiling/throughput_ceiling.py bounds the ratio from these measured parts). What "
             "would lift it: AMX tiles for the products (an AMX Xeon), or int8 products of activations "
