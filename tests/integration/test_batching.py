@@ -40,8 +40,10 @@ REQUESTS = [
     ("Write a short poem about the wind over the hills, the rain on the rooftops and the light", 36),
     ("The weather today is", 20),
 ]
-# Characters of a bf16 batched text that must equal the text alone where bf16 rounds by batch.
+# Where bf16 rounds by batch: characters of a batched text that must equal the text alone, and
+# how many of the texts must (the others must still share their first word).
 LEADING_CHARACTERS = 16
+LEADING_AGREEING = 6
 
 
 def _generate(address: str, prompt: str, max_new_tokens: int) -> str:
@@ -92,13 +94,22 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch_of_8(live_pool: LivePool, 
 
     # Where bf16 computes in bf16 (the "ipex" path: AVX512_BF16, AMX), a row's rounding depends on
     # the batch's shape, and on a Zen 4 half these texts parted from the text alone after 10 to 20
-    # tokens: there the leading words must agree (a broken cache parts at once); elsewhere, all.
+    # tokens, one after 4 (" there was a young" alone, "... a king" in a batch). There a broken
+    # cache, which parts every text at once, is told from a near-tie by the leading words: each
+    # text's first word, and most texts' first LEADING_CHARACTERS. Elsewhere every text is equal.
     rounds_by_batch = tier == "bf16" and not info.kernel.startswith("native")
-    for (prompt, _), one, many in zip(REQUESTS, alone, together, strict=True):
-        message = f"{tier}: {prompt!r} alone {one!r}, in the batch {many!r}"
-        if rounds_by_batch:
-            assert many[:LEADING_CHARACTERS] == one[:LEADING_CHARACTERS], message
-        else:
+    pairs = [
+        (f"{tier}: {prompt!r} alone {one!r}, in the batch {many!r}", one, many)
+        for (prompt, _), one, many in zip(REQUESTS, alone, together, strict=True)
+    ]
+    if rounds_by_batch:
+        for message, one, many in pairs:
+            assert many.split()[:1] == one.split()[:1], message
+        leading = [m for m, one, many in pairs if many[:LEADING_CHARACTERS] == one[:LEADING_CHARACTERS]]
+        parted = "\n".join(m for m, *_ in pairs if m not in leading)
+        assert len(leading) >= LEADING_AGREEING, f"{len(leading)} of {len(pairs)} agree; parted:\n{parted}"
+    else:
+        for message, one, many in pairs:
             assert many == one, message
     assert most_running >= 4, f"the worker never decoded more than {most_running} streams together"
     after = _describe(address)

@@ -3,6 +3,7 @@ against transformers, and the engine's per-sequence semantics with requests join
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -258,7 +259,10 @@ def test_a_request_joins_only_while_the_step_stays_within_every_per_token_budget
         assert max(seen_running) == 2
 
 
-def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine: Engine) -> None:
+def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tierserve.worker.batching.engine")
     with batch_engine(engine, max_batch=8, kv_cache_tokens=4096) as batch:
         # Prefills measured at 10 s per prompt token: any newcomer's prefill would cost the running
         # request far more than its 1 s per token allows over its 12 tokens (the tight request's
@@ -284,6 +288,10 @@ def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(engine:
         assert max(seen_running) == 1 and newcomer.sequence.admitted_at >= tight_done[0]
         # Counted once, however many steps it waited, under its reason.
         assert batch.occupancy().holds == {reason: int(reason == HOLD_REASONS[3]) for reason in HOLD_REASONS}
+        # And said once, with the request, when it is admitted: a late first token can be explained.
+        said = [r.getMessage() for r in caplog.records if "admitted beside" in r.getMessage()]
+        assert len(said) == 1 and f"request {newcomer.sequence.params.request_id} " in said[0]
+        assert said[0].endswith(f"held for: {HOLD_REASONS[3]}")
 
 
 def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:

@@ -150,6 +150,23 @@ class BatchOccupancy:
 # row's budget (`admission`).
 HOLD_REASONS = ("batch full", "kv cache full", "step over a budget", "prefill over a running budget")
 
+# The holds a router cannot foresee from slots and the KV budget alone: logged per request at INFO
+# (the others at DEBUG), so a request that came later than the router predicted can be explained.
+BUDGET_HOLDS = HOLD_REASONS[2:]
+
+
+def _log_hold(sequence: _Sequence, rows: int) -> None:
+    """Say why a request waited at the head of the queue, once it is admitted."""
+    budget = any(reason in BUDGET_HOLDS for reason in sequence.held_for)
+    log.log(
+        logging.INFO if budget else logging.DEBUG,
+        "request %s admitted beside %d rows after %.0f ms in the queue; held for: %s",
+        sequence.params.request_id,
+        rows,
+        sequence.queue_s * 1e3,
+        ", ".join(sorted(sequence.held_for)),
+    )
+
 
 class BatchEngine:
     """Serves every request of one worker through one batch; thread-safe `submit`."""
@@ -374,6 +391,8 @@ class BatchEngine:
             return None
         heapq.heappop(self._waiting)
         head.admitted_at = time.perf_counter()
+        if head.held_for:
+            _log_hold(head, len(self._members()))
         head.sink.start()
         return head
 
