@@ -19,9 +19,21 @@ from tierserve.domain.requests import GenerationParams
 from tierserve.worker.batching.engine import BatchEngine, BatchLimits
 from tierserve.worker.batching.startup import start_batching
 from tierserve.worker.engine import Engine
+from tierserve.worker.isa import CpuIsa
 from tierserve.worker.kernels import decode_attention
 from tierserve.worker.kernels.decode_attention import DecodeKernel
 from tierserve.worker.tiers.base import make_tier
+
+
+def library_op_or_skip(op: Any, instructions: str) -> Any:
+    """A kernel op of tierserve's library for a test module: skip where the CPU lacks its
+    `instructions` (a `CpuIsa` flag, e.g. "avx512_bf16"), fail where it has them but no op."""
+    if op is None:
+        name = instructions.upper()
+        if getattr(CpuIsa.detect(), instructions):
+            pytest.fail(f"this CPU has {name} but tierserve's kernel library lacks the op")
+        pytest.skip(f"the kernel needs {name}, which this CPU lacks")
+    return op
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

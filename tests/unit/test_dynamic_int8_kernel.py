@@ -7,19 +7,14 @@ from typing import Any
 import pytest
 import torch
 
-from tierserve.worker.isa import CpuIsa
+from tests.unit.conftest import library_op_or_skip
 from tierserve.worker.kernels import linears
 from tierserve.worker.kernels.linears import DynamicInt8Linear, pack_for_vnni, tierserve_dynamic_int8_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel() -> Any:
-    op = tierserve_dynamic_int8_kernel()
-    if op is None:
-        if CpuIsa.detect().avx512_vnni:
-            pytest.fail("this CPU has AVX512_VNNI but the library has no int8_dynamic_linear")
-        pytest.skip("the dynamic int8 kernel needs AVX512_VNNI, which this CPU lacks")
-    return op
+    return library_op_or_skip(tierserve_dynamic_int8_kernel(), "avx512_vnni")
 
 
 def _weights(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

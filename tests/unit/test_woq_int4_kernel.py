@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from tierserve.worker.isa import CpuIsa
+from tests.unit.conftest import library_op_or_skip
 from tierserve.worker.kernels.linears import (
     Int4WoqLinear,
     pack_int4_for_dot_products,
@@ -20,12 +20,7 @@ from tierserve.worker.kernels.quantizers import pack_int4
 
 @pytest.fixture(scope="module")
 def kernel() -> Any:
-    op = tierserve_int4_kernel()
-    if op is None:
-        if CpuIsa.detect().avx512_bf16:
-            pytest.fail("this CPU has AVX512_BF16 but the library has no int4_woq_linear")
-        pytest.skip("the int4 kernel needs AVX512_BF16, which this CPU lacks")
-    return op
+    return library_op_or_skip(tierserve_int4_kernel(), "avx512_bf16")
 
 
 def _case(out_features: int, in_features: int, rows: int, group: int, seed: int = 0) -> dict[str, Any]:

@@ -7,18 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from tierserve.worker.isa import CpuIsa
+from tests.unit.conftest import library_op_or_skip
 from tierserve.worker.kernels.linears import Int8WoqLinear, pack_for_dot_products, tierserve_int8_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel() -> Any:
-    op = tierserve_int8_kernel()
-    if op is None:
-        if CpuIsa.detect().avx512_bf16:
-            pytest.fail("this CPU has AVX512_BF16 but the library has no int8_woq_linear")
-        pytest.skip("the int8 kernel needs AVX512_BF16, which this CPU lacks")
-    return op
+    return library_op_or_skip(tierserve_int8_kernel(), "avx512_bf16")
 
 
 def _case(out_features: int, in_features: int, rows: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,11 +1,12 @@
-"""A tier's batch step and prompt chunk with tierserve's quantized-linear kernels (`woq_int8.cpp`,
-`woq_int4.cpp`, `dynamic_int8.cpp`) against the same tier on PyTorch's and fbgemm's (the kernels
-they replace),
-side by side in one process, rounds interleaved so that the machine's drift hits both alike.
-A diagnostic for issue 15's scaling on CPUs without AMX, not a benchmark of record.
+"""A tier's batch step and prompt chunk with tierserve's linear kernels (`woq_int8.cpp`,
+`woq_int4.cpp`, `dynamic_int8.cpp`, `bf16_linear.cpp`) against the same tier on the kernels they
+replace (PyTorch's and fbgemm's; IPEX's for bf16), side by side in one process, rounds
+interleaved so that the machine's drift hits both alike. A diagnostic for issue 15's scaling on
+CPUs without AMX, not a benchmark of record.
 
     .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int8-sq --out ab.json
     .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int4-woq --without int4 --out ab.json
+    .venv/bin/python tools/profiling/int8_kernels_ab.py --tier bf16 --without bf16 --out ab.json
 
 Both models come from the tier's one artifact (the stored weights do not depend on the kernel).
 Each round times, for each model in turn, a decode step at 1, 8 and 16 rows over caches of
@@ -43,6 +44,7 @@ KERNEL_GETTERS = {
     "int8": "tierserve_int8_kernel",
     "int4": "tierserve_int4_kernel",
     "dynamic": "tierserve_dynamic_int8_kernel",
+    "bf16": "tierserve_bf16_kernel",
 }
 
 

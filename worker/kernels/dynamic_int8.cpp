@@ -13,7 +13,6 @@
 // Integer sums are exact, so a row's result never depends on the rows beside it.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "tiles.h"
@@ -149,21 +148,14 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& packed, co
 
   const int8_t* w_data = pc.data_ptr<int8_t>();
   float* y_data = y.data_ptr<float>();
-  const int64_t chunks = (channel_blocks + kBlocks - 1) / kBlocks;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t first_block = chunk * kBlocks;
-      const int64_t blocks = std::min(kBlocks, channel_blocks - first_block);
-      const int64_t channel = first_block * kLanes;
-      for (int64_t row = 0; row < rows; row += kRows) {
-        const int64_t tile_rows = std::min(kRows, rows - row);
-        tierserve_tiles::tile_for<Tile>(tile_rows, blocks)(w_data + first_block * quads * 64, quads, levels.data() + row * in_features,
-                                    in_features, ranges.data() + row, cs.data_ptr<int32_t>() + channel,
-                                    sc.data_ptr<float>() + channel, ws.data_ptr<float>() + channel,
-                                    y_data + row * out_features + channel, out_features);
-      }
-    }
-  });
+  tierserve_tiles::for_each_tile(
+      channel_blocks, rows, kBlocks, kRows, [&](int64_t first_block, int64_t blocks, int64_t row, int64_t tile_rows) {
+        const int64_t channel = first_block * kLanes;
+        tierserve_tiles::tile_for<Tile>(tile_rows, blocks)(
+            w_data + first_block * quads * 64, quads, levels.data() + row * in_features, in_features,
+            ranges.data() + row, cs.data_ptr<int32_t>() + channel, sc.data_ptr<float>() + channel,
+            ws.data_ptr<float>() + channel, y_data + row * out_features + channel, out_features);
+      });
   return y;
 }
 

@@ -9,6 +9,8 @@
 - `DynamicInt8Linear`: int8 weights per output channel, activations quantized to 8 bits per
   token (each on its own range) at run time; on tierserve's kernel (`dynamic_int8.cpp`) where the
   CPU has AVX512_VNNI, else fbgemm's `quantized::linear_dynamic`.
+- `Bf16Linear`: a bfloat16 matrix and activations on tierserve's kernel (`bf16_linear.cpp`),
+  whose rows do not depend on the batch, where the CPU has AVX512_BF16.
 - `DenseLinear`: an unquantized matrix at the activation dtype.
 """
 
@@ -53,8 +55,9 @@ def int8_kernel_name(activations: torch.dtype) -> str:
 
 
 def pack_for_dot_products(qweight: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] -> [N/16, K/2, 16, 2]: each pair of input channels of 16 output channels side
-    by side, the layout VDPBF16PS multiplies (`woq_int8.cpp`). The same bytes, reordered."""
+    """[N, K] -> [N/16, K/2, 16, 2]: each pair of input channels of 16 output channels side by
+    side, the layout VDPBF16PS multiplies (int8: `woq_int8.cpp`, bfloat16: `bf16_linear.cpp`).
+    The same values, reordered."""
     n, k = (int(s) for s in qweight.shape)
     return qweight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
@@ -293,6 +296,55 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(self.activations), self.weight)
+
+
+def tierserve_bf16_kernel() -> Any | None:
+    """tierserve's bfloat16 linear (`bf16_linear.cpp`; AVX512_BF16), or None."""
+    return _library_op("bf16_linear")
+
+
+BF16_KERNEL_NAME = "tierserve bf16_linear (VDPBF16PS, rows independent)"
+
+
+def bf16_kernel_fits(weight: torch.Tensor) -> bool:
+    """Whether `Bf16Linear` takes a matrix of this shape."""
+    out_features, in_features = (int(s) for s in weight.shape)
+    return out_features % 16 == 0 and in_features % 2 == 0
+
+
+def dense_linear(weight: torch.Tensor, activations: torch.dtype) -> nn.Module:
+    """An unquantized layer: on tierserve's bfloat16 kernel where activations are bfloat16 and the
+    kernel takes the shape, else `DenseLinear`."""
+    kernel = tierserve_bf16_kernel() if activations == torch.bfloat16 else None
+    if kernel is not None and bf16_kernel_fits(weight):
+        return Bf16Linear(weight, kernel)
+    return DenseLinear(weight, activations)
+
+
+def dense_kernel_name(activations: torch.dtype) -> str:
+    """Which kernel `dense_linear` at `activations` runs on this machine."""
+    if activations == torch.bfloat16 and tierserve_bf16_kernel() is not None:
+        return BF16_KERNEL_NAME
+    return "torch linear"
+
+
+class Bf16Linear(nn.Module):
+    """y = x @ weight.T in bfloat16 on tierserve's kernel: each row's sums in one fixed order,
+    whatever rows share the call, so a greedy text made in a batch equals the text made alone.
+    Callers check `tierserve_bf16_kernel()` and `bf16_kernel_fits` first."""
+
+    def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
+        super().__init__()
+        if not bf16_kernel_fits(weight):
+            raise ValueError(f"Bf16Linear takes N % 16 == 0 and even K, not {tuple(weight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self.kernel = kernel
+        self.register_buffer("weight", pack_for_dot_products(weight.bfloat16().contiguous()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y: torch.Tensor = self.kernel(flat, self.weight)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class GateUpSiluMul(nn.Module):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from tierserve.worker.kernels.ipex_int8_linear import IpexInt8WoqLinear, rows_independent
 from tierserve.worker.kernels.linears import (
-    DenseLinear,
     DynamicInt8Linear,
     Int4WoqLinear,
     Int8WoqLinear,
+    dense_kernel_name,
+    dense_linear,
     dynamic_int8_kernel_name,
     int4_kernel_name,
     int8_kernel_name,
@@ -39,7 +39,7 @@ _IPEX_INT8 = "IPEX's weight-only int8 per-channel kernel where rows stay indepen
 class NativeScheme:
     """How the linear layers are stored and run. 16 bits means unquantized (activation dtype)."""
 
-    bits: Literal[4, 8]
+    bits: Bits
     group_size: int  # int4: one of linears.INT4_GROUP_SIZES; int8: 0 (one scale per output channel)
     head_bits: Bits  # lm_head
     activations: torch.dtype  # torch.bfloat16 or torch.float32
@@ -97,7 +97,7 @@ def _describe_format(bits: Bits, group_size: int, activations: torch.dtype) -> s
         return f"{int4_kernel_name(activations)} int4 group {group_size} asymmetric"
     if bits == 8:
         return f"{int8_kernel_name(activations)} int8 per-channel symmetric"
-    return "unquantized linear"
+    return f"{dense_kernel_name(activations)} unquantized"
 
 
 def make_linear(tensors: dict[str, torch.Tensor], name: str, bits: Bits, scheme: NativeScheme) -> nn.Module:
@@ -113,7 +113,7 @@ def make_linear(tensors: dict[str, torch.Tensor], name: str, bits: Bits, scheme:
         return DynamicInt8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.int16_sums)
     if bits == 8:
         return Int8WoqLinear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], scheme.activations)
-    return DenseLinear(tensors[f"{name}.weight"], scheme.activations)
+    return dense_linear(tensors[f"{name}.weight"], scheme.activations)
 
 
 def down_linear(tensors: dict[str, torch.Tensor], name: str, scheme: NativeScheme) -> nn.Module:

@@ -21,7 +21,6 @@
 // result never depends on the batch it is in.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -177,15 +176,8 @@ at::Tensor int4_woq_linear(const at::Tensor& x, const at::Tensor& packed, const 
   c10::BFloat16* y_data = y.data_ptr<c10::BFloat16>();
   std::vector<float> sums(static_cast<size_t>(rows * groups));
   group_sums(x_data, rows, in_features, group_size, sums.data());
-  const int64_t chunks = (channel_blocks + kBlocks - 1) / kBlocks;
-
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t first_block = chunk * kBlocks;
-      const int64_t blocks = std::min(kBlocks, channel_blocks - first_block);
-      const int64_t channel = first_block * kLanes;
-      for (int64_t row = 0; row < rows; row += kRows) {
-        const int64_t tile_rows = std::min(kRows, rows - row);
+  tierserve_tiles::for_each_tile(
+      channel_blocks, rows, kBlocks, kRows, [&](int64_t first_block, int64_t blocks, int64_t row, int64_t tile_rows) {
         const Int4Call call{w_data + first_block * (pairs / 2) * 2 * kLanes,
                             pairs,
                             group_size / 2,
@@ -195,12 +187,10 @@ at::Tensor int4_woq_linear(const at::Tensor& x, const at::Tensor& packed, const 
                             groups,
                             szc.data_ptr<c10::BFloat16>() + first_block * groups * 2 * kLanes,
                             out_features,
-                            y_data + row * out_features + channel,
+                            y_data + row * out_features + first_block * kLanes,
                             out_features};
         tierserve_tiles::tile_for<Int4Tile>(tile_rows, blocks)(call);
-      }
-    }
-  });
+      });
   return y;
 }
 

@@ -14,7 +14,6 @@
 // depends on the batch it is in.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -102,22 +101,20 @@ at::Tensor int8_woq_linear(const at::Tensor& x, const at::Tensor& packed, const 
   const int8_t* w_data = pc.data_ptr<int8_t>();
   const float* s_data = sc.data_ptr<float>();
   c10::BFloat16* y_data = y.data_ptr<c10::BFloat16>();
-  const int64_t chunks = (channel_blocks + kBlocks - 1) / kBlocks;
-
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512i> widened(static_cast<size_t>(pairs * kBlocks));
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t first_block = chunk * kBlocks;
-      const int64_t blocks = std::min(kBlocks, channel_blocks - first_block);
-      widen(w_data + first_block * pairs * 32, pairs, blocks, widened.data());
-      const int64_t channel = first_block * kLanes;
-      for (int64_t row = 0; row < rows; row += kRows) {
-        const int64_t tile_rows = std::min(kRows, rows - row);
-        tierserve_tiles::tile_for<Tile>(tile_rows, blocks)(widened.data(), pairs, x_data + row * in_features, in_features,
-                                    s_data + channel, y_data + row * out_features + channel, out_features);
-      }
-    }
-  });
+  // A thread's widened chunk, reused from chunk to chunk.
+  thread_local std::vector<__m512i> widened;
+  tierserve_tiles::for_each_tile(
+      channel_blocks, rows, kBlocks, kRows,
+      [&](int64_t first_block, int64_t blocks) {
+        widened.resize(static_cast<size_t>(pairs * kBlocks));
+        widen(w_data + first_block * pairs * 32, pairs, blocks, widened.data());
+      },
+      [&](int64_t first_block, int64_t blocks, int64_t row, int64_t tile_rows) {
+        const int64_t channel = first_block * kLanes;
+        tierserve_tiles::tile_for<Tile>(tile_rows, blocks)(widened.data(), pairs, x_data + row * in_features,
+                                                           in_features, s_data + channel,
+                                                           y_data + row * out_features + channel, out_features);
+      });
   return y;
 }
 

@@ -3,29 +3,48 @@
 - "ipex": `ipex.llm.optimize` at bfloat16 under CPU autocast (TorchScript graph,
   oneDNN-prepacked weights). oneDNN prepacks bf16 weights only on CPUs with AVX512 BW/VL/DQ
   or AVX-NE-CONVERT (`CpuIsa.ipex_bf16`).
-- "native", for CPUs where IPEX cannot prepack bf16 (AVX2-only CPUs): the weights rounded to
-  bfloat16, run in IPEX's float32 graph. The model then answers as with bf16 weights (activations
-  stay float32) at float32 speed and memory: PyTorch's own bf16 kernels on such CPUs are slower
-  than float32 (see docs/tiers.md).
+- "native": IPEX's decoder graph with every linear on tierserve's bfloat16 kernel
+  (`kernels/bf16_linear.cpp`, AVX512_BF16), whose rows do not depend on the batch: IPEX's own
+  bf16 linears block their sums by the number of rows, so a greedy text made in a batch parts
+  from the text made alone at near-ties. Without AVX512_BF16 (AVX2-only CPUs): the weights
+  rounded to bfloat16, run in IPEX's float32 graph. The model then answers as with bf16 weights
+  (activations stay float32) at float32 speed and memory: PyTorch's own bf16 kernels on such
+  CPUs are slower than float32 (see docs/tiers.md). A model the native decoder does not take
+  runs on "ipex" where the CPU allows it.
 
-`kernel = "auto"` takes "ipex" where the CPU allows it.
+`kernel = "auto"` takes "native" on CPUs with AVX512_BF16 and no AMX (there as fast as IPEX's
+kernels: docs/benchmarks/bf16-kernel-ab-*), "ipex" on CPUs with AMX (its tiles multiply bf16
+several times faster than AVX-512 does, which prompts feel) and on other CPUs it can run bf16 on,
+and "native" (rounded weights) elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from tierserve.worker.kernels import linears, packed_weights
+from tierserve.worker.kernels.ipex_internals import SUPPORTED_ARCHITECTURES
+from tierserve.worker.kernels.native_model import build_native_model
+from tierserve.worker.kernels.scheme import NativeScheme
 from tierserve.worker.tiers.base import (
     KernelPath,
     LoadedModel,
     PathTier,
+    TierContext,
     bf16_autocast,
+    cpu_capability,
     register_tier,
 )
 from tierserve.worker.tiers.ipex_llm import ipex_optimize
+from tierserve.worker.tiers.loading import load_hf_model
+
+log = logging.getLogger(__name__)
+
+BF16_SCHEME = NativeScheme(bits=16, group_size=0, head_bits=16, activations=torch.bfloat16)
 
 
 class IpexBf16(KernelPath):
@@ -37,14 +56,62 @@ class IpexBf16(KernelPath):
         return loaded
 
 
+def native_decoder_refusal(model_config: Any) -> str | None:
+    """Why IPEX's decoder with tierserve's linears cannot run this model, or None."""
+    architecture = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        return f"the native decoder takes {', '.join(SUPPORTED_ARCHITECTURES)}, not {architecture}"
+    if getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False):
+        return "the native decoder needs linear layers without bias"
+    return None
+
+
 class NativeBf16(KernelPath):
     name: ClassVar[str] = "native"
 
+    def __init__(self, context: TierContext) -> None:
+        self.context = context
+
+    def key(self) -> dict[str, Any]:
+        # Which linears run here: the card is scored through them.
+        linear = linears.BF16_KERNEL_NAME if self.context.isa.avx512_bf16 else "weights rounded, float32"
+        return {"native_bf16_linear": linear}
+
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
+        if not self.context.isa.avx512_bf16:
+            return self._rounded_weights(model_dir)
+        model, tokenizer = load_hf_model(model_dir)
+        refusal = native_decoder_refusal(model.config)
+        if refusal is None and linears.tierserve_bf16_kernel() is None:
+            refusal = "tierserve's bf16 kernel is not built"
+        if refusal is not None:
+            log.warning("bf16: %s; running IPEX's bf16 kernels instead", refusal)
+            return IpexBf16().load(model_dir, artifact_dir)
+        import intel_extension_for_pytorch as ipex
+
+        context_tokens = int(model.config.max_position_embeddings)
+        weights = packed_weights.fused_float_weights(model)
+        tensors = {f"{name}.weight": weight.bfloat16() for name, weight in weights}
+        model = build_native_model(model, tensors, BF16_SCHEME)
+        return LoadedModel(
+            model=model,
+            tokenizer=tokenizer,
+            backend=f"torch {torch.__version__} native kernels + ipex {ipex.__version__} graph",
+            kernel=(
+                f"native: {BF16_SCHEME.describe()}; in IPEX's TorchScript decoder graph (RoPE, attention, "
+                f"RMSNorm); CPU ISA {cpu_capability()}"
+            ),
+            dtype=torch.bfloat16,
+            context_tokens=context_tokens,
+            run_context=bf16_autocast,
+        )
+
+    @staticmethod
+    def _rounded_weights(model_dir: Path) -> LoadedModel:
         loaded = ipex_optimize(model_dir, torch.float32, weights_rounded_to=torch.bfloat16)
         loaded.kernel = (
-            "native: weights rounded to bf16 in the " + loaded.kernel + " (IPEX cannot run bf16 on this CPU: "
-            "no AVX512 BW/VL/DQ or AVX-NE-CONVERT)"
+            "native: weights rounded to bf16 in the " + loaded.kernel + " (this CPU has no AVX512_BF16 "
+            "for bf16 products)"
         )
         return loaded
 
@@ -55,7 +122,9 @@ class Bf16Tier(PathTier):
     recipe_fields = ("kernel",)
 
     def choose_path(self) -> KernelPath:
-        kernel = self.recipe.kernel
-        if kernel == "ipex" or (kernel == "auto" and self.context.isa.ipex_bf16):
+        kernel, isa = self.recipe.kernel, self.context.isa
+        if kernel == "native":
+            return NativeBf16(self.context)
+        if kernel == "ipex" or (isa.ipex_bf16 and (isa.amx or not isa.avx512_bf16)):
             return IpexBf16()
-        return NativeBf16()
+        return NativeBf16(self.context)
