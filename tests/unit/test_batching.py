@@ -291,7 +291,7 @@ def test_a_newcomer_waits_while_its_prefill_would_break_a_running_budget(
         # And said once, with the request, when it is admitted: a late first token can be explained.
         said = [r.getMessage() for r in caplog.records if "admitted beside" in r.getMessage()]
         assert len(said) == 1 and f"request {newcomer.sequence.params.request_id} " in said[0]
-        assert said[0].endswith(f"held for: {HOLD_REASONS[3]}")
+        assert f"held for: {HOLD_REASONS[3]}; step ms by rows: 1: " in said[0]
 
 
 def test_occupancy_shows_the_running_batch(engine: Engine, batch: BatchEngine) -> None:

@@ -155,16 +155,20 @@ HOLD_REASONS = ("batch full", "kv cache full", "step over a budget", "prefill ov
 BUDGET_HOLDS = HOLD_REASONS[2:]
 
 
-def _log_hold(sequence: _Sequence, rows: int) -> None:
-    """Say why a request waited at the head of the queue, once it is admitted."""
+def _log_hold(sequence: _Sequence, rows: int, steps_s: dict[int, float]) -> None:
+    """Say why a request waited at the head of the queue, once it is admitted, with the decode
+    steps by rows its admission predicted from (`StepTimes`): a step measured while another
+    process loaded the memory holds every request after it until a bigger batch runs again."""
     budget = any(reason in BUDGET_HOLDS for reason in sequence.held_for)
+    steps = ", ".join(f"{rows_}: {seconds * 1e3:.1f}" for rows_, seconds in steps_s.items())
     log.log(
         logging.INFO if budget else logging.DEBUG,
-        "request %s admitted beside %d rows after %.0f ms in the queue; held for: %s",
+        "request %s admitted beside %d rows after %.0f ms in the queue; held for: %s; step ms by rows: %s",
         sequence.params.request_id,
         rows,
         sequence.queue_s * 1e3,
         ", ".join(sorted(sequence.held_for)),
+        steps or "none yet",
     )
 
 
@@ -392,7 +396,7 @@ class BatchEngine:
         heapq.heappop(self._waiting)
         head.admitted_at = time.perf_counter()
         if head.held_for:
-            _log_hold(head, len(self._members()))
+            _log_hold(head, len(self._members()), self.step_times.snapshot())
         head.sink.start()
         return head
 

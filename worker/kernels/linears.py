@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +35,7 @@ def _library_op(name: str) -> Any | None:
     """`torch.ops.tierserve.<name>` from the library built with the decode-attention kernel, or
     None where the library has no such op (this CPU lacks its instructions) or could not be built."""
     decode_attention.load(decode_attention.default_dir())
-    return getattr(torch.ops.tierserve, name) if hasattr(torch.ops.tierserve, name) else None
+    return getattr(torch.ops.tierserve, name, None)
 
 
 def tierserve_int8_kernel() -> Any | None:
@@ -42,15 +43,21 @@ def tierserve_int8_kernel() -> Any | None:
     return _library_op("int8_woq_linear")
 
 
-def _weight_only_kernel_name(activations: torch.dtype, kernel: Any | None, ours: str, aten: str) -> str:
-    return ours if activations == torch.bfloat16 and kernel is not None else aten
+def _weight_only_kernel_name(
+    activations: torch.dtype, kernel: Callable[[], Any | None], ours: str, aten: str
+) -> str:
+    """`ours` where bfloat16 activations find tierserve's `kernel`, else `aten` (the library is
+    not loaded for float32 activations, which take aten's kernel either way)."""
+    return ours if activations == torch.bfloat16 and kernel() is not None else aten
 
 
 def int8_kernel_name(activations: torch.dtype) -> str:
     """Which kernel an `Int8WoqLinear` at `activations` runs on this machine."""
-    kernel = tierserve_int8_kernel()
     return _weight_only_kernel_name(
-        activations, kernel, "tierserve int8_woq_linear (VDPBF16PS)", "aten._weight_int8pack_mm"
+        activations,
+        tierserve_int8_kernel,
+        "tierserve int8_woq_linear (VDPBF16PS)",
+        "aten._weight_int8pack_mm",
     )
 
 
@@ -220,9 +227,11 @@ def tierserve_int4_kernel() -> Any | None:
 
 def int4_kernel_name(activations: torch.dtype) -> str:
     """Which kernel an `Int4WoqLinear` at `activations` runs on this machine."""
-    kernel = tierserve_int4_kernel()
     return _weight_only_kernel_name(
-        activations, kernel, "tierserve int4_woq_linear (VDPBF16PS)", "aten._weight_int4pack_mm_for_cpu"
+        activations,
+        tierserve_int4_kernel,
+        "tierserve int4_woq_linear (VDPBF16PS)",
+        "aten._weight_int4pack_mm_for_cpu",
     )
 
 
