@@ -101,3 +101,17 @@ def test_native_path_with_avx512_bf16_runs_every_linear_on_tierserves_kernel(tmp
     ipex_error = (tier_log_probs(ipex, chunk) - reference).abs()
     assert native_error.mean().item() <= 1.5 * ipex_error.mean().item()
     assert native_error.max().item() <= 2 * ipex_error.max().item()
+
+
+def test_a_model_the_native_decoder_does_not_take_runs_on_ipex_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.tiny_model import build_tiny_model_dir
+
+    if not CpuIsa.detect().ipex_bf16:
+        pytest.skip("IPEX's bf16 kernels need AVX512 BW/VL/DQ or AVX-NE-CONVERT, which this CPU lacks")
+    model_dir = build_tiny_model_dir(tmp_path / "model", architecture="Qwen2ForCausalLM")
+    with caplog.at_level("WARNING", logger="tierserve.worker.tiers.bf16"):
+        loaded = make_tier("bf16", TierContext(recipe=TierRecipe(), isa=ZEN4)).load(model_dir, tmp_path)
+    assert loaded.kernel.startswith("ipex.llm.optimize dtype=bfloat16"), loaded.kernel
+    assert any("not Qwen2ForCausalLM" in r.getMessage() for r in caplog.records), caplog.text
