@@ -18,6 +18,17 @@ from tierserve.worker.kernels.linears import GateUpSiluMul
 from tierserve.worker.kernels.scheme import NativeScheme, down_linear, head_linear, make_linear
 
 
+def native_decoder_refusal(model_config: Any) -> str | None:
+    """Why IPEX's decoder with our linears cannot run this model (a phrase that follows "the
+    native ... path"), or None."""
+    architecture = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
+    if architecture not in ipex_internals.SUPPORTED_ARCHITECTURES:
+        return f"supports {', '.join(ipex_internals.SUPPORTED_ARCHITECTURES)}, not {architecture}"
+    if getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False):
+        return "needs linear layers without bias"
+    return None
+
+
 def _layer_linears(
     tensors: dict[str, torch.Tensor], index: int, scheme: NativeScheme, intermediate: int
 ) -> ipex_internals.LayerLinears:

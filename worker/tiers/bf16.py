@@ -27,8 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from tierserve.worker.kernels import linears, packed_weights
-from tierserve.worker.kernels.ipex_internals import SUPPORTED_ARCHITECTURES
-from tierserve.worker.kernels.native_model import build_native_model
+from tierserve.worker.kernels.native_model import build_native_model, native_decoder_refusal
 from tierserve.worker.kernels.scheme import NativeScheme
 from tierserve.worker.tiers.base import (
     KernelPath,
@@ -56,16 +55,6 @@ class IpexBf16(KernelPath):
         return loaded
 
 
-def native_decoder_refusal(model_config: Any) -> str | None:
-    """Why IPEX's decoder with tierserve's linears cannot run this model, or None."""
-    architecture = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        return f"the native decoder takes {', '.join(SUPPORTED_ARCHITECTURES)}, not {architecture}"
-    if getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False):
-        return "the native decoder needs linear layers without bias"
-    return None
-
-
 class NativeBf16(KernelPath):
     name: ClassVar[str] = "native"
 
@@ -83,9 +72,9 @@ class NativeBf16(KernelPath):
         model, tokenizer = load_hf_model(model_dir)
         refusal = native_decoder_refusal(model.config)
         if refusal is None and linears.tierserve_bf16_kernel() is None:
-            refusal = "tierserve's bf16 kernel is not built"
+            refusal = "needs tierserve's bf16 kernel, which is not built"
         if refusal is not None:
-            log.warning("bf16: %s; running IPEX's bf16 kernels instead", refusal)
+            log.warning("bf16: the native path %s; running IPEX's bf16 kernels instead", refusal)
             return IpexBf16().load(model_dir, artifact_dir)
         import intel_extension_for_pytorch as ipex
 

@@ -11,9 +11,9 @@ import torch
 
 from tierserve.domain.config import ConfigError
 from tierserve.worker.kernels import packed_weights
-from tierserve.worker.kernels.ipex_internals import SUPPORTED_ARCHITECTURES, require_supported_ipex
+from tierserve.worker.kernels.ipex_internals import require_supported_ipex
 from tierserve.worker.kernels.linears import INT4_GROUP_SIZES, int4_kernel_name, int8_kernel_name
-from tierserve.worker.kernels.native_model import build_native_model
+from tierserve.worker.kernels.native_model import build_native_model, native_decoder_refusal
 from tierserve.worker.tiers.base import KernelPath, LoadedModel, Progress, bf16_autocast, cpu_capability
 from tierserve.worker.tiers.loading import load_hf_model
 
@@ -76,14 +76,9 @@ class NativeWoq(KernelPath):
                     f"{tier.name}: group_size {group} is not supported by the native int4 kernel "
                     f"(aten._weight_int4pack_mm_for_cpu takes {sizes})"
                 )
-        architecture = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"{tier.name}: the native WOQ kernel path supports "
-                f'{", ".join(SUPPORTED_ARCHITECTURES)}, not {architecture}; set kernel = "ipex"'
-            )
-        if getattr(model_config, "attention_bias", False) or getattr(model_config, "mlp_bias", False):
-            raise ConfigError(f"{tier.name}: the native WOQ kernel path needs linear layers without bias")
+        refusal = native_decoder_refusal(model_config)
+        if refusal is not None:
+            raise ConfigError(f'{tier.name}: the native WOQ kernel path {refusal}; set kernel = "ipex"')
         if tier.recipe.lowp_mode == "INT8" and tier.bits == 4:
             raise ConfigError(
                 f"{tier.name}: lowp_mode INT8 (dynamically quantized activations) with int4 weights needs "
