@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 
 # Greedy, this prompt goes on counting far past any length asked here (checked by `reference`).
 PROMPT = "Count from 1 to 1000, separated by commas: 1, 2, 3, 4, 5,"
-LONG = 400
+# As long as the pool's limit allows, so the tokens a stop saves take seconds even on a fast CPU.
+LONG = 512
 REFERENCE_TOKENS = 48
 # Tokens already made or on their way when the stop reaches the model: the one being computed, and
 # one in transit on each hop (the worker's stream, then the router's relay).
@@ -147,13 +148,13 @@ def test_a_stopped_stream_stops_the_model_within_a_step_and_frees_it_at_once(
     close()
     assert first.HasField("token") and summary.generated_tokens == 4
 
-    # The cancelled one's remaining tokens would take seconds; the next request waited about one step.
+    # The next request waited about one step, far less than the stopped one's remaining tokens would
+    # have taken (their time scales with the CPU's speed, so it bounds the wait relatively).
     remaining_s = (LONG - received) * reference.tpot_s
-    assert remaining_s > 5.0
     step_s = reference.tpot_s
     assert summary.queue_time_us / 1e6 < 3 * step_s + 0.25, f"waited {summary.queue_time_us} us"
-    assert first_token_s < reference.ttft_s + 3 * step_s + 1.0 < remaining_s / 2, (
-        f"first token {first_token_s:.3f} s after the stop"
+    assert first_token_s < min(reference.ttft_s + 3 * step_s + 1.0, remaining_s / 2), (
+        f"first token {first_token_s:.3f} s after the stop; the remaining tokens take {remaining_s:.3f} s"
     )
 
     # Every token the model made: the stopped request's, then the next one's.

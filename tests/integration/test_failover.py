@@ -7,13 +7,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-from tierserve_client.v1 import generate_pb2, router_pb2_grpc
+from tierserve_client.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
 from tests.integration.default_pool import default_model_config, serving_count, stop_pool, worker_pid
 from tests.integration.test_launcher import START_TIMEOUT_S, start_pool, wait_for
@@ -69,21 +69,27 @@ def test_kill_9_mid_stream_loses_no_request(pool: tuple[str, subprocess.Popen[by
     assert streaming.wait(timeout=60), "no stream started"
 
     def mid_stream() -> int:
-        """Requests with tokens streamed and well short of their last: one per worker at most."""
+        """Requests with tokens streamed and well short of their last."""
         return sum(
             isinstance(r, list) and 1 <= len(r) <= NEW_TOKENS - 8 and not r[-1].HasField("summary")
             for r in results
         )
 
-    # The worker with the most requests on it dies at once, when it holds one streaming (every busy
-    # worker is mid-stream) and more queued behind it.
-    deadline = time.monotonic() + 30
+    def victim_streams(workers: Sequence[router_pb2.WorkerStatus]) -> bool:
+        """Whether the busiest worker surely has a request mid-stream: every request in flight is
+        (the workers batch, so the requests on each decode together once past their prompts)."""
+        return mid_stream() == sum(w.in_flight for w in workers)
+
+    # The worker with the most requests on it dies at once, while it streams one of them and has at
+    # least one more.
+    deadline = time.monotonic() + 60
     while True:
         workers = list_workers(address).workers
         busy = max(workers, key=lambda w: w.in_flight)
-        if busy.in_flight >= 2 and mid_stream() == sum(w.in_flight > 0 for w in workers):
+        if busy.in_flight >= 2 and victim_streams(workers):
             break
-        assert time.monotonic() < deadline, "never two streams at once with requests queued"
+        assert any(thread.is_alive() for thread in threads), "every request ended before the kill"
+        assert time.monotonic() < deadline, "never a worker streaming with two requests on it"
         time.sleep(0.005)
     victim = worker_pid(launcher, busy.worker_id)
     psutil.Process(victim).kill()
