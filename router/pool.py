@@ -93,6 +93,14 @@ class WorkerHandle:
         return max(1, int(self.info.batch.max_batch))
 
     @property
+    def worker_steps_us(self) -> dict[int, float]:
+        """The decode step by rows the worker's batch admission decides with, microseconds, as of
+        its last Describe (empty before its first step, or when it does not batch)."""
+        if self.info is None or not self.info.batch.enabled:
+            return {}
+        return {int(rows): float(us) for rows, us in self.info.batch.step_us_by_rows.items()}
+
+    @property
     def has_room(self) -> bool:
         # Up to batch_slots generate together; up to queue_limit wait behind them.
         return self.load.outstanding < self.batch_slots + self.queue_limit
@@ -127,6 +135,7 @@ class WorkerHandle:
             now,
             batch_slots=self.batch_slots,
             token_budget_us=token_budget_ms * 1e3,
+            worker_steps_us=self.worker_steps_us,
         )
         return self.errors.correct(raw)
 

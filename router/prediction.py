@@ -14,10 +14,10 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from tierserve.domain.budgets import breaks_token_budget
+from tierserve.domain.budgets import breaks_token_budget, step_for_rows
 from tierserve.domain.latency import percentile
 from tierserve.router.live import LiveStats
 
@@ -151,13 +151,15 @@ def predict(
     now_s: float = 0.0,
     batch_slots: int = 1,
     token_budget_us: float = 0.0,
+    worker_steps_us: Mapping[int, float] | None = None,
 ) -> Prediction:
     """Wait, TTFT and TPOT for a request of `prompt_tokens` due at `deadline` arriving at this
     worker at `now_s`, with `streams` generating on its cores once it runs (itself included);
     given its `new_tokens`, also how many waiting requests it would make late. A worker that
     batches (`batch_slots` > 1) starts a request at once while it has a free slot and the TPOT
-    at that batch occupancy (`streams`) is within the request's `token_budget_us` (0: none):
-    no wait, unless its prefill would push a running request past that one's own per-token budget:
+    at that batch occupancy (`streams`) is within the request's `token_budget_us` (0: none) and
+    those of the requests ahead of it (judged on the worker's `worker_steps_us` when known): no
+    wait, unless its prefill would push a running request past that one's own per-token budget:
     then it waits for those to finish. Otherwise it waits, as the worker's admission makes it
     (worker/batching/admission.py), until few enough requests run there for its budget."""
     tpot_us, basis = stats.tpot_us(streams)
@@ -166,7 +168,8 @@ def predict(
         return UNKNOWN
     if batch_slots > 1:
         peers = streams - min(load.outstanding + 1, batch_slots)  # busy workers on the same cores
-        slots = budget_slots(stats, batch_slots, peers, token_budget_us)
+        ahead = [t.token_budget_us for t in load.tickets if t.tokens or t.deadline <= deadline]
+        slots = budget_slots(stats, batch_slots, peers, token_budget_us, worker_steps_us, ahead)
         if load.outstanding < slots:
             prefill_us = fit.ttft_us(prompt_tokens)
             queued = queued_prefills(load.tickets, deadline)
@@ -246,17 +249,39 @@ def stalled_budgets(tickets: list[Ticket], prefill_us: float, tpot_us: float, no
     ]
 
 
-def budget_slots(stats: LiveStats, batch_slots: int, peers: int, token_budget_us: float) -> int:
-    """How many requests may run in the batch, a newcomer included, with the TPOT within
-    `token_budget_us` (0: all `batch_slots`); at least 1: a request alone always starts."""
-    if not token_budget_us:
+def budget_slots(
+    stats: LiveStats,
+    batch_slots: int,
+    peers: int,
+    token_budget_us: float,
+    worker_steps_us: Mapping[int, float] | None = None,
+    ahead_budgets_us: Sequence[float] = (),
+) -> int:
+    """How many requests may run in the batch, a newcomer included, with each step within the
+    tightest per-token budget among them: the newcomer's `token_budget_us` and those of the requests
+    that join before it, `ahead_budgets_us` (0: none; no budget at all: all `batch_slots`). At
+    least 1: a request alone always starts. The worker admits one request at a time, so a batch of
+    k is reached only through every size below it: the count stops at the first size over budget.
+
+    The step at each size is the worker's own figure when it publishes them (`worker_steps_us`,
+    what its admission decides with, so the router predicts the holds it makes; while the router
+    used only the TPOTs it measured, a worker held requests for seconds that the router predicted
+    would start at once: docs/benchmarks/routing-batching-side-by-side-2026-12-04-epyc-zen4.md),
+    else the TPOT the router measured with that many streams, and `peers` busy workers, on the
+    worker's cores."""
+    tightest = min((b for b in (token_budget_us, *ahead_budgets_us) if b > 0), default=0.0)
+    if not tightest:
         return batch_slots
-    within = [
-        k
-        for k in range(1, batch_slots + 1)
-        if (tpot := stats.tpot_us(k + peers)[0]) is not None and tpot <= token_budget_us
-    ]
-    return max(within, default=1)
+
+    def step_us(rows: int) -> float | None:
+        if worker_steps_us:
+            return step_for_rows(worker_steps_us, rows)
+        return stats.tpot_us(rows + peers)[0]
+
+    slots = 1
+    while slots < batch_slots and (step := step_us(slots + 1)) is not None and step <= tightest:
+        slots += 1
+    return slots
 
 
 def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:

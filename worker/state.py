@@ -107,6 +107,7 @@ class WorkerState:
             kv_tokens_used=occupancy.kv_tokens_used,
             kv_tokens_budget=occupancy.kv_tokens_budget,
             kv_cache_mb=occupancy.kv_bytes / 2**20,
+            step_us_by_rows={rows: round(s * 1e6) for rows, s in self.batch.step_times.snapshot().items()},
         )
 
     def describe(self) -> worker_pb2.WorkerInfo:

@@ -119,6 +119,9 @@ def test_greedy_text_is_the_same_alone_and_in_a_batch_of_8(live_pool: LivePool, 
     assert most_running >= 4, f"the worker never decoded more than {most_running} streams together"
     after = _describe(address)
     assert (after.batch.running, after.batch.waiting, after.batch.kv_tokens_used) == (0, 0, 0)
+    # The steps its admission decides with, published for the router: one row alone, and batches.
+    steps = dict(after.batch.step_us_by_rows)
+    assert 1 in steps and max(steps) >= 4 and all(us > 0 for us in steps.values()), steps
 
 
 # About 2,000 tokens: eight chunks of 256.

@@ -235,6 +235,30 @@ def test_a_batching_worker_keeps_a_request_waiting_until_the_batch_is_small_enou
     assert predict(stats, load, 2, 80, batch_slots=8, token_budget_us=35_000.0).wait_us == 0
 
 
+def test_a_batching_worker_holds_by_its_own_step_figures_when_it_publishes_them() -> None:
+    stats = LiveStats(alpha=1.0)
+    stats.seed(warm_info())
+    stats.record_token(40_000, streams=1)
+    stats.record_token(60_000, streams=2)  # the router saw 60 ms tokens with two streams
+    # The worker measured a 2-row step of 95 ms (e.g. with another worker busy on its cores): over
+    # an 88 ms budget, so it holds a second request; the router predicts that hold.
+    worker_steps = {1: 40_000.0, 2: 95_000.0}
+    assert budget_slots(stats, 8, 0, 88_000.0) == 2
+    assert budget_slots(stats, 8, 0, 88_000.0, worker_steps) == 1
+    load = WorkerLoad()
+    load.begin(prompt_tokens=40, new_tokens=100).tokens = 90  # 10 tokens left
+    held = predict(stats, load, 2, 80, batch_slots=8, token_budget_us=88_000.0, worker_steps_us=worker_steps)
+    assert held.wait_us == pytest.approx(10 * 40_000)
+    assert predict(stats, load, 2, 80, batch_slots=8, token_budget_us=88_000.0).wait_us == 0
+    # The running request's own tight budget holds a newcomer that has none, as the worker's does.
+    load.tickets[0].token_budget_us = 50_000.0
+    assert predict(stats, load, 2, 80, batch_slots=8, worker_steps_us=worker_steps).wait_us > 0
+    # Sizes are reached one admission at a time: a cheap 4-row step does not skip a costly 2-row one.
+    assert budget_slots(stats, 8, 0, 88_000.0, {1: 40_000.0, 2: 95_000.0, 4: 80_000.0}) == 1
+    # Unmeasured sizes scale from the most rows measured: 3 rows at 3/2 of 2 rows' 50 ms.
+    assert budget_slots(stats, 8, 0, 76_000.0, {1: 40_000.0, 2: 50_000.0}) == 3
+
+
 def test_a_batching_worker_holds_a_newcomer_whose_prefill_would_break_a_running_budget() -> None:
     stats = LiveStats(alpha=1.0)
     stats.seed(warm_info(ttft_us=400_000, prompt_tokens=40))  # prefill: 10 ms per prompt token

@@ -5,9 +5,16 @@ pays for every prompt prefilled while it runs, so the worker admits a newcomer o
 request with a budget can absorb the newcomer's prefill (worker/batching/admission.py), and the
 router predicts the newcomer waits for the requests that cannot (router/prediction.py). One function,
 so that the router's mirror of the rule cannot drift from the rule.
+
+Likewise the step a batch of some rows takes: the worker admits a newcomer only if the bigger batch's
+step stays within the tightest per-token budget in it, predicting the step from its measured steps by
+rows (`step_for_rows`); it publishes those figures (`BatchState.step_us_by_rows`), and the router
+predicts the same hold from them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 def breaks_token_budget(
@@ -22,3 +29,17 @@ def breaks_token_budget(
         return False
     remaining = max(0, max_new_tokens - made)
     return elapsed + stall + remaining * step > budget * (max_new_tokens - 1)
+
+
+def step_for_rows(steps_by_rows: Mapping[int, float], rows: int) -> float | None:
+    """A decode step of `rows` rows from the measured steps by rows: measured, else the most rows
+    measured below scaled by the ratio (no batching gain assumed until measured), else the fewest
+    measured above (a step with fewer rows is no slower). None before any step."""
+    if rows in steps_by_rows:
+        return steps_by_rows[rows]
+    below = [r for r in steps_by_rows if r < rows]
+    if below:
+        known = max(below)
+        return steps_by_rows[known] * rows / known
+    above = [r for r in steps_by_rows if r > rows]
+    return steps_by_rows[min(above)] if above else None

@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from tierserve.domain.budgets import breaks_token_budget
+from tierserve.domain.budgets import breaks_token_budget, step_for_rows
 from tierserve.domain.prefill import PrefillFit, fit_prefill
 
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
@@ -47,18 +47,9 @@ class StepTimes:
             self._by_rows[rows] = seconds if old is None else old + STEP_WEIGHT * (seconds - old)
 
     def predict(self, rows: int) -> float | None:
-        """The step with `rows` rows: measured, else the most rows measured below scaled by the
-        ratio (no batching gain assumed until measured), else the fewest measured above (a step
-        with fewer rows is no slower). None before any step."""
+        """The step with `rows` rows (`domain.budgets.step_for_rows`); None before any step."""
         with self._lock:
-            if rows in self._by_rows:
-                return self._by_rows[rows]
-            below = [r for r in self._by_rows if r < rows]
-            if below:
-                known = max(below)
-                return self._by_rows[known] * rows / known
-            above = [r for r in self._by_rows if r > rows]
-            return self._by_rows[min(above)] if above else None
+            return step_for_rows(self._by_rows, rows)
 
     def snapshot(self) -> dict[int, float]:
         with self._lock:

@@ -307,6 +307,26 @@ class BatchState(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class StepUsByRowsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENABLED_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     WAITING_FIELD_NUMBER: _builtins.int
@@ -314,6 +334,7 @@ class BatchState(_message.Message):
     KV_TOKENS_USED_FIELD_NUMBER: _builtins.int
     KV_TOKENS_BUDGET_FIELD_NUMBER: _builtins.int
     KV_CACHE_MB_FIELD_NUMBER: _builtins.int
+    STEP_US_BY_ROWS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """/ False when the worker serves one request at a time (batching off, or the
     / model's graph cannot be batched; the notices say why).
@@ -330,6 +351,14 @@ class BatchState(_message.Message):
     """/ KV-cache positions the batch may hold."""
     kv_cache_mb: _builtins.float
     """/ Memory of the KV cache now, MiB."""
+    @_builtins.property
+    def step_us_by_rows(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """/ The decode step the worker's admission predicts from, microseconds, by
+        / the rows in the step (running means of measured steps). The worker holds a
+        / request whose joining would make the step exceed the tightest per-token
+        / budget in the batch; the router predicts that hold from these figures.
+        """
+
     def __init__(
         self,
         *,
@@ -340,10 +369,11 @@ class BatchState(_message.Message):
         kv_tokens_used: _builtins.int = ...,
         kv_tokens_budget: _builtins.int = ...,
         kv_cache_mb: _builtins.float = ...,
+        step_us_by_rows: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "kv_cache_mb", b"kv_cache_mb", "kv_tokens_budget", b"kv_tokens_budget", "kv_tokens_used", b"kv_tokens_used", "max_batch", b"max_batch", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "kv_cache_mb", b"kv_cache_mb", "kv_tokens_budget", b"kv_tokens_budget", "kv_tokens_used", b"kv_tokens_used", "max_batch", b"max_batch", "running", b"running", "step_us_by_rows", b"step_us_by_rows", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
