@@ -69,14 +69,18 @@ class NativeBf16(KernelPath):
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         if not self.context.isa.avx512_bf16:
             return self._rounded_weights(model_dir)
-        model, tokenizer = load_hf_model(model_dir)
-        refusal = native_decoder_refusal(model.config)
+        from transformers import AutoConfig
+
+        # Decided from the config alone, so a fallback loads the model once, not twice.
+        refusal = native_decoder_refusal(AutoConfig.from_pretrained(model_dir))
         if refusal is None and linears.tierserve_bf16_kernel() is None:
             refusal = "needs tierserve's bf16 kernel, which is not built"
         if refusal is not None:
             log.warning("bf16: the native path %s; running IPEX's bf16 kernels instead", refusal)
             return IpexBf16().load(model_dir, artifact_dir)
         import intel_extension_for_pytorch as ipex
+
+        model, tokenizer = load_hf_model(model_dir)
 
         context_tokens = int(model.config.max_position_embeddings)
         weights = packed_weights.fused_float_weights(model)
