@@ -2,7 +2,8 @@
 per offered rate and run, the median and 90th percentile of actual over predicted TTFT and TPOT, and
 the requests whose first token came much later than predicted (over 1.5x and 250 ms late).
 
-    .venv/bin/python tools/profiling/routing_prediction_error.py old.json new.json --policy slo
+    .venv/bin/python tools/profiling/routing_prediction_error.py old.json new.json --policy slo \
+        [--json summary.json]
 
 A router that predicts short sends requests where they miss their budgets; one that predicts long
 refuses or steers away requests that would have met them. Prints a markdown table.
@@ -45,19 +46,31 @@ def late(requests: list[dict[str, Any]]) -> int:
     )
 
 
-def row(name: str, result: dict[str, Any]) -> str:
+def summary(name: str, result: dict[str, Any]) -> dict[str, Any]:
     requests = result["requests"]
     ttft = ratios(requests, "ttft_ms", "predicted_ttft_ms")
     tpot = ratios(requests, "tpot_ms", "predicted_tpot_ms")
+    return {
+        "rate_rps": round(float(result["rate_rps"]), 2),
+        "run": name,
+        "ttft_ratio_p50": round(statistics.median(ttft), 3) if ttft else None,
+        "ttft_ratio_p90": round(quantile(ttft, 0.9), 3) if ttft else None,
+        "tpot_ratio_p50": round(statistics.median(tpot), 3) if tpot else None,
+        "tpot_ratio_p90": round(quantile(tpot, 0.9), 3) if tpot else None,
+        "late_first_tokens": late(requests),
+        "requests": len(requests),
+        "full_service_level": round(float(result["service_level_attainment"]), 4),
+    }
 
-    def spread(values: list[float]) -> str:
-        if not values:
-            return "-"
-        return f"{statistics.median(values):.2f} / {quantile(values, 0.9):.2f}"
+
+def row(line: dict[str, Any]) -> str:
+    def spread(kind: str) -> str:
+        p50, p90 = line[f"{kind}_ratio_p50"], line[f"{kind}_ratio_p90"]
+        return "-" if p50 is None else f"{p50:.2f} / {p90:.2f}"
 
     return (
-        f"| {float(result['rate_rps']):.2f} | {name} | {spread(ttft)} | {spread(tpot)} | "
-        f"{late(requests)} of {len(requests)} | {100 * result['service_level_attainment']:.1f}% |"
+        f"| {line['rate_rps']:.2f} | {line['run']} | {spread('ttft')} | {spread('tpot')} | "
+        f"{line['late_first_tokens']} of {line['requests']} | {100 * line['full_service_level']:.1f}% |"
     )
 
 
@@ -67,19 +80,26 @@ def main() -> None:
     )
     parser.add_argument("results", nargs="+", type=Path, help="bench routing JSON files")
     parser.add_argument("--policy", default="slo")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     runs = {path.stem: json.loads(path.read_text())["results"] for path in args.results}
+    rates = sorted({round(float(r["rate_rps"]), 2) for results in runs.values() for r in results})
+    lines = [
+        summary(name, result)
+        for rate in rates
+        for name, results in runs.items()
+        for result in results
+        if result["policy"] == args.policy and round(float(result["rate_rps"]), 2) == rate
+    ]
     print(
         "| req/s | run | TTFT actual / predicted, p50 / p90 | TPOT actual / predicted, p50 / p90 "
         f"| first token > {LATE_RATIO}x and {LATE_MS:.0f} ms late | full service level |"
     )
     print("|---:|---|---:|---:|---:|---:|")
-    rates = sorted({round(float(r["rate_rps"]), 2) for results in runs.values() for r in results})
-    for rate in rates:
-        for name, results in runs.items():
-            for result in results:
-                if result["policy"] == args.policy and round(float(result["rate_rps"]), 2) == rate:
-                    print(row(name, result))
+    for line in lines:
+        print(row(line))
+    if args.json:
+        args.json.write_text(json.dumps({"policy": args.policy, "rows": lines}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
