@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from tierserve.domain.budgets import breaks_token_budget, step_for_rows
+from tierserve.domain.budgets import breaks_token_budget, step_for_rows, tightest_attainable_budget
 from tierserve.domain.latency import percentile
 from tierserve.router.live import LiveStats
 
@@ -258,8 +258,9 @@ def budget_slots(
     ahead_budgets_us: Sequence[float] = (),
 ) -> int:
     """How many requests may run in the batch, a newcomer included, with each step within the
-    tightest per-token budget among them: the newcomer's `token_budget_us` and those of the requests
-    that join before it, `ahead_budgets_us` (0: none; no budget at all: all `batch_slots`). At
+    tightest per-token budget among them that one row's step meets (`tightest_attainable_budget`):
+    the newcomer's `token_budget_us` and those of the requests that join before it,
+    `ahead_budgets_us` (0: none; no budget at all: all `batch_slots`). At
     least 1: a request alone always starts. The worker admits one request at a time, so a batch of
     k is reached only through every size below it: the count stops at the first size over budget.
 
@@ -269,15 +270,15 @@ def budget_slots(
     would start at once: docs/benchmarks/routing-batching-side-by-side-2026-12-04-epyc-zen4.md),
     else the TPOT the router measured with that many streams, and `peers` busy workers, on the
     worker's cores."""
-    tightest = min((b for b in (token_budget_us, *ahead_budgets_us) if b > 0), default=0.0)
-    if not tightest:
-        return batch_slots
 
     def step_us(rows: int) -> float | None:
         if worker_steps_us:
             return step_for_rows(worker_steps_us, rows)
         return stats.tpot_us(rows + peers)[0]
 
+    tightest = tightest_attainable_budget((token_budget_us, *ahead_budgets_us), step_us(1))
+    if not tightest:
+        return batch_slots
     slots = 1
     while slots < batch_slots and (step := step_us(slots + 1)) is not None and step <= tightest:
         slots += 1

@@ -40,6 +40,8 @@ def test_step_times_predict_from_what_was_measured() -> None:
         (3, [0.050, 0.050, 0.050], True),  # three rows unmeasured: 30 ms x 3/2 = 45 ms
         (3, [0.040, 0.0, 0.0], False),  # 45 ms > 40
         (1, [0.001], True),  # alone it always starts, whatever its budget
+        (2, [0.005, 0.0], True),  # a 5 ms budget even one row's 10 ms misses holds nobody back
+        (2, [0.005, 0.020], False),  # but the attainable 20 ms budget beside it does
     ],
 )
 def test_a_request_joins_only_within_the_tightest_budget(

@@ -6,8 +6,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tierserve.domain.budgets import breaks_token_budget
-from tierserve.router.prediction import Ticket, stalled_budgets
-from tierserve.worker.batching.admission import RunningRow, keeps_running_budgets
+from tierserve.router.live import LiveStats
+from tierserve.router.prediction import Ticket, budget_slots, stalled_budgets
+from tierserve.worker.batching.admission import RunningRow, StepTimes, keeps_running_budgets, within_budgets
 
 
 def test_a_stall_breaks_a_budget_only_past_its_slack() -> None:
@@ -50,3 +51,22 @@ def test_the_router_predicts_the_wait_exactly_when_the_worker_would_hold_the_new
     )
     router_predicts_wait = bool(stalled_budgets([ticket], stall_ms * 1e3, step_ms * 1e3, now_s=100.0))
     assert worker_admits != router_predicts_wait
+
+
+@given(
+    steps_ms=st.lists(st.integers(1, 120), min_size=1, max_size=4),
+    newcomer_ms=st.integers(0, 150),
+    running_ms=st.integers(0, 150),
+)
+def test_the_router_predicts_the_workers_step_hold_from_its_step_figures(
+    steps_ms: list[int], newcomer_ms: int, running_ms: int
+) -> None:
+    """With one request running, the worker lets a newcomer join exactly when the router, given
+    the worker's published steps, counts a second slot (budgets no row count meets hold nobody)."""
+    steps = StepTimes()
+    for rows, ms in enumerate(steps_ms, start=1):
+        steps.record(rows, ms / 1e3)
+    joins = within_budgets(steps, 2, [newcomer_ms / 1e3, running_ms / 1e3])
+    published = {rows: s * 1e6 for rows, s in steps.snapshot().items()}
+    slots = budget_slots(LiveStats(), 8, 0, newcomer_ms * 1e3, published, [running_ms * 1e3])
+    assert joins == (slots >= 2)

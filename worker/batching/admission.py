@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from tierserve.domain.budgets import breaks_token_budget, step_for_rows
+from tierserve.domain.budgets import breaks_token_budget, step_for_rows, tightest_attainable_budget
 from tierserve.domain.prefill import PrefillFit, fit_prefill
 
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
@@ -58,8 +58,9 @@ class StepTimes:
 
 def within_budgets(steps: StepTimes, rows_after: int, budgets_s: list[float]) -> bool:
     """Whether a batch of `rows_after` rows keeps its step within every per-token budget of
-    `budgets_s` (seconds; 0 = no budget). True for one row, and before any step is measured."""
-    tightest = min((budget for budget in budgets_s if budget > 0), default=0.0)
+    `budgets_s` (seconds; 0 = no budget) that one row's step meets (`tightest_attainable_budget`).
+    True for one row, and before any step is measured."""
+    tightest = tightest_attainable_budget(budgets_s, steps.predict(1))
     if not tightest or rows_after <= 1:
         return True
     predicted = steps.predict(rows_after)

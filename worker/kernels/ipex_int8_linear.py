@@ -31,16 +31,8 @@ _PROBE_ROWS = (1, 9, 300)
 
 @functools.cache
 def _bf16_qconfig() -> Any:
-    from intel_extension_for_pytorch.quantization import (
-        WoqLowpMode,
-        WoqWeightDtype,
-        get_weight_only_quant_qconfig_mapping,
-    )
-
-    mapping = get_weight_only_quant_qconfig_mapping(
-        weight_dtype=WoqWeightDtype.INT8, lowp_mode=WoqLowpMode.BF16, group_size=-1
-    )
-    return mapping.global_qconfig
+    """int8 weights per output channel, bfloat16 compute."""
+    return ipex_internals.woq_qconfig(8, "BF16", -1).global_qconfig
 
 
 class IpexInt8WoqLinear(nn.Module):

@@ -229,6 +229,23 @@ def woq_layer_weights(model: Any) -> dict[str, torch.Tensor]:
     return weights
 
 
+def woq_qconfig(bits: int, lowp_mode: str, group_size: int) -> Any:
+    """IPEX's weight-only qconfig mapping (group_size -1: one group per output channel)."""
+    from intel_extension_for_pytorch.quantization import (
+        WoqLowpMode,
+        WoqWeightDtype,
+        get_weight_only_quant_qconfig_mapping,
+    )
+
+    # IPEX's NONE: compute at the activation dtype, which is fp32 for lowp FP32.
+    lowp_modes = {"BF16": WoqLowpMode.BF16, "FP32": WoqLowpMode.NONE, "INT8": WoqLowpMode.INT8}
+    return get_weight_only_quant_qconfig_mapping(
+        weight_dtype=WoqWeightDtype.INT4 if bits == 4 else WoqWeightDtype.INT8,
+        lowp_mode=lowp_modes[lowp_mode],
+        group_size=group_size,
+    )
+
+
 def _linear_shell(out_features: int, in_features: int, qconfig: Any) -> nn.Linear:
     """A weightless nn.Linear carrying a weight-only qconfig: what IPEX's constructors read."""
     shell = nn.Linear(in_features, out_features, bias=False, device="meta")

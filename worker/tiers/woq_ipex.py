@@ -112,7 +112,7 @@ class IpexWoq(KernelPath):
         tier.check(model.config)
         context_tokens = int(model.config.max_position_embeddings)
         settings = self.settings(model.config)
-        qconfig = _qconfig(tier.bits, settings["lowp_mode"], settings["group_size"])
+        qconfig = ipex_internals.woq_qconfig(tier.bits, settings["lowp_mode"], settings["group_size"])
         dtype = torch.float32 if settings["dtype"] == "float32" else torch.bfloat16
         group = settings["group_size"]
         weights = f"INT{tier.bits} {'per-channel' if group == -1 else f'group {group}'}"
@@ -178,27 +178,10 @@ class IpexWoq(KernelPath):
         )
 
 
-def _qconfig(bits: int, lowp_mode: str, group_size: int) -> Any:
-    """IPEX's weight-only qconfig mapping (group_size -1: one group per output channel)."""
-    from intel_extension_for_pytorch.quantization import (
-        WoqLowpMode,
-        WoqWeightDtype,
-        get_weight_only_quant_qconfig_mapping,
-    )
-
-    # IPEX's NONE: compute at the activation dtype, which is fp32 for lowp FP32.
-    lowp_modes = {"BF16": WoqLowpMode.BF16, "FP32": WoqLowpMode.NONE, "INT8": WoqLowpMode.INT8}
-    return get_weight_only_quant_qconfig_mapping(
-        weight_dtype=WoqWeightDtype.INT4 if bits == 4 else WoqWeightDtype.INT8,
-        lowp_mode=lowp_modes[lowp_mode],
-        group_size=group_size,
-    )
-
-
 def _exact_int4_linears(model: Any, group_size: int, lowp_mode: str) -> tuple[dict[str, Any], Any]:
     """IPEX weight-only linears for the float `model`: every decoder linear int4 with exact zero
     points (by its path in IPEX's lowered model), and the lm_head int8 per output channel."""
-    layer_qconfig = _qconfig(4, lowp_mode, group_size).global_qconfig
+    layer_qconfig = ipex_internals.woq_qconfig(4, lowp_mode, group_size).global_qconfig
     layers = {}
     for path, weight in ipex_internals.woq_layer_weights(model).items():
         # -1 (IPEX's per output channel) is one group as wide as the row.
@@ -212,6 +195,6 @@ def _exact_int4_linears(model: Any, group_size: int, lowp_mode: str) -> tuple[di
             qconfig=layer_qconfig,
         )
     lm_head = ipex_internals.woq_linear_from_float(
-        model.lm_head.weight, _qconfig(8, lowp_mode, -1).global_qconfig
+        model.lm_head.weight, ipex_internals.woq_qconfig(8, lowp_mode, -1).global_qconfig
     )
     return layers, lm_head
