@@ -17,7 +17,12 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from tierserve.domain.budgets import breaks_token_budget, step_for_rows, tightest_attainable_budget
+from tierserve.domain.budgets import (
+    attainable,
+    breaks_token_budget,
+    step_for_rows,
+    tightest_attainable_budget,
+)
 from tierserve.domain.latency import percentile
 from tierserve.router.live import LiveStats
 
@@ -175,7 +180,8 @@ def predict(
             queued = queued_prefills(load.tickets, deadline)
             queued_us = sum(fit.ttft_us(t.prompt_tokens) for t in queued)
             behind = f"; behind {len(queued)} queued prefills" if queued else ""
-            held_by = stalled_budgets(load.tickets, prefill_us, tpot_us, now_s)
+            one_row_us = batch_step_us(stats, worker_steps_us, peers, 1)
+            held_by = stalled_budgets(load.tickets, prefill_us, tpot_us, now_s, one_row_us)
             if not held_by:
                 return Prediction(queued_us, queued_us + prefill_us, tpot_us, basis + behind)
             # The worker holds it until the rows its prefill would push past their budgets finish.
@@ -231,14 +237,18 @@ def batch_wait_us(
     return now
 
 
-def stalled_budgets(tickets: list[Ticket], prefill_us: float, tpot_us: float, now_s: float) -> list[Ticket]:
-    """The running tickets whose per-token budget a newcomer's prefill would break: their time since
-    the first token, the stall and their remaining tokens at `tpot_us` exceed their budget times
-    their gaps (the worker's rule, shared: domain/budgets.py)."""
+def stalled_budgets(
+    tickets: list[Ticket], prefill_us: float, tpot_us: float, now_s: float, one_row_us: float | None = None
+) -> list[Ticket]:
+    """The running tickets whose `attainable` per-token budget (one row's step, `one_row_us`, meets
+    it) a newcomer's prefill would break: their time since the first token, the stall and their
+    remaining tokens at `tpot_us` exceed their budget times their gaps (the worker's rule, shared:
+    domain/budgets.py)."""
     return [
         ticket
         for ticket in tickets
-        if breaks_token_budget(
+        if attainable(ticket.token_budget_us, one_row_us)
+        and breaks_token_budget(
             ticket.token_budget_us,
             ticket.tokens,
             ticket.new_tokens,
@@ -270,19 +280,30 @@ def budget_slots(
     would start at once: docs/benchmarks/routing-batching-side-by-side-2026-12-04-epyc-zen4.md),
     else the TPOT the router measured with that many streams, and `peers` busy workers, on the
     worker's cores."""
-
-    def step_us(rows: int) -> float | None:
-        if worker_steps_us:
-            return step_for_rows(worker_steps_us, rows)
-        return stats.tpot_us(rows + peers)[0]
-
-    tightest = tightest_attainable_budget((token_budget_us, *ahead_budgets_us), step_us(1))
+    tightest = tightest_attainable_budget(
+        (token_budget_us, *ahead_budgets_us), batch_step_us(stats, worker_steps_us, peers, 1)
+    )
     if not tightest:
         return batch_slots
     slots = 1
-    while slots < batch_slots and (step := step_us(slots + 1)) is not None and step <= tightest:
+    while (
+        slots < batch_slots
+        and (step := batch_step_us(stats, worker_steps_us, peers, slots + 1)) is not None
+        and step <= tightest
+    ):
         slots += 1
     return slots
+
+
+def batch_step_us(
+    stats: LiveStats, worker_steps_us: Mapping[int, float] | None, peers: int, rows: int
+) -> float | None:
+    """A step of `rows` rows on a batching worker: from the worker's own step figures when it
+    publishes them, else the TPOT the router measured with that many streams and `peers` busy
+    workers on its cores."""
+    if worker_steps_us:
+        return step_for_rows(worker_steps_us, rows)
+    return stats.tpot_us(rows + peers)[0]
 
 
 def next_free_us(stats: LiveStats, load: WorkerLoad, streams: int) -> float:

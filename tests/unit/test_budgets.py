@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from tierserve.domain.budgets import breaks_token_budget
+from tierserve.domain.budgets import attainable, breaks_token_budget
 from tierserve.router.live import LiveStats
 from tierserve.router.prediction import Ticket, budget_slots, stalled_budgets
 from tierserve.worker.batching.admission import RunningRow, StepTimes, keeps_running_budgets, within_budgets
@@ -31,16 +31,24 @@ def test_no_budget_no_first_token_or_one_token_is_never_broken() -> None:
     elapsed_ms=st.integers(0, 5000),
     stall_ms=st.integers(0, 5000),
     step_ms=st.integers(1, 200),
+    one_row_ms=st.one_of(st.none(), st.integers(1, 200)),
 )
 def test_the_router_predicts_the_wait_exactly_when_the_worker_would_hold_the_newcomer(
-    budget_ms: int, made: int, max_new_tokens: int, elapsed_ms: int, stall_ms: int, step_ms: int
+    budget_ms: int,
+    made: int,
+    max_new_tokens: int,
+    elapsed_ms: int,
+    stall_ms: int,
+    step_ms: int,
+    one_row_ms: int | None,
 ) -> None:
     # Not on the boundary itself, where seconds and microseconds may round apart.
     assume(
         elapsed_ms + stall_ms + max(0, max_new_tokens - made) * step_ms != budget_ms * (max_new_tokens - 1)
     )
     row = RunningRow(budget_ms / 1e3, made, max_new_tokens, elapsed_ms / 1e3)
-    worker_admits = keeps_running_budgets([row], step_ms / 1e3, stall_ms / 1e3)
+    one_row_s = None if one_row_ms is None else one_row_ms / 1e3
+    worker_admits = keeps_running_budgets([row], step_ms / 1e3, stall_ms / 1e3, one_row_s)
     ticket = Ticket(
         prompt_tokens=8,
         new_tokens=max_new_tokens,
@@ -49,8 +57,18 @@ def test_the_router_predicts_the_wait_exactly_when_the_worker_would_hold_the_new
         token_budget_us=budget_ms * 1e3,
         first_token_at=100.0 - elapsed_ms / 1e3,
     )
-    router_predicts_wait = bool(stalled_budgets([ticket], stall_ms * 1e3, step_ms * 1e3, now_s=100.0))
+    one_row_us = None if one_row_ms is None else one_row_ms * 1e3
+    router_predicts_wait = bool(stalled_budgets([ticket], stall_ms * 1e3, step_ms * 1e3, 100.0, one_row_us))
     assert worker_admits != router_predicts_wait
+
+
+def test_a_row_whose_budget_one_rows_step_misses_holds_no_newcomer_for_its_prefill() -> None:
+    # 20 ms a token over 9 gaps; 4 made in 60 ms: a 61 ms stall at 10 ms steps breaks it.
+    row = RunningRow(0.020, made=4, max_new_tokens=10, elapsed_s=0.060)
+    assert not keeps_running_budgets([row], 0.010, 0.061, one_row_step_s=0.010)
+    # On a worker whose one-row step is 40 ms that budget is lost already: it holds nobody.
+    assert keeps_running_budgets([row], 0.045, 0.061, one_row_step_s=0.040)
+    assert not attainable(20, 40) and attainable(20, 20) and attainable(20, None) and not attainable(0, None)
 
 
 @given(

@@ -45,13 +45,16 @@ def step_for_rows(steps_by_rows: Mapping[int, float], rows: int) -> float | None
     return steps_by_rows[min(above)] if above else None
 
 
+def attainable(budget: float, one_row_step: float | None) -> bool:
+    """Whether a per-token budget can be met at all: positive and no less than a step of one row
+    (unknown before any step: then every budget counts)."""
+    return budget > 0 and (one_row_step is None or budget >= one_row_step)
+
+
 def tightest_attainable_budget(budgets: Iterable[float], one_row_step: float | None) -> float:
-    """The per-token budget a batch's step must stay within: the tightest positive budget that a
-    step of one row meets (0: none). A budget that even one row's step exceeds is lost whatever
-    the batch, so it holds nobody (in a Zen 4 routing run a tight request sent best-effort to fp32,
-    running alone, held a loose request that a batch of 5 would have met for 3.3 s, and every
-    request queued behind that). Every budget counts before any step is known."""
-    positive = [budget for budget in budgets if budget > 0]
-    if one_row_step is not None:
-        positive = [budget for budget in positive if budget >= one_row_step]
-    return min(positive, default=0.0)
+    """The per-token budget a batch's step must stay within: the tightest `attainable` budget (0:
+    none). A budget that even one row's step exceeds is lost whatever the batch, so it holds nobody
+    back, neither by the bigger batch's step nor by a newcomer's prefill stall (in a Zen 4 routing
+    run a tight request sent best-effort to fp32, running alone, held a loose request that a batch
+    of 5 would have met for 3.3 s, and every request queued behind that)."""
+    return min((budget for budget in budgets if attainable(budget, one_row_step)), default=0.0)

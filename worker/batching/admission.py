@@ -24,7 +24,12 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from tierserve.domain.budgets import breaks_token_budget, step_for_rows, tightest_attainable_budget
+from tierserve.domain.budgets import (
+    attainable,
+    breaks_token_budget,
+    step_for_rows,
+    tightest_attainable_budget,
+)
 from tierserve.domain.prefill import PrefillFit, fit_prefill
 
 # Weight of the newest step in a row count's running mean: steps change slowly as the cache grows.
@@ -107,14 +112,20 @@ class RunningRow:
     elapsed_s: float  # since its first token
 
 
-def keeps_running_budgets(rows: list[RunningRow], step_after_s: float | None, stall_s: float) -> bool:
-    """Whether every row with a budget stays within it on average if a newcomer's prefill
-    (`stall_s`) holds it now and every remaining step takes `step_after_s`: the row's time so
-    far, the stall and its remaining gaps must fit in its budget times all its gaps (taking
-    max_new_tokens as its length). True before any step is measured."""
+def keeps_running_budgets(
+    rows: list[RunningRow], step_after_s: float | None, stall_s: float, one_row_step_s: float | None = None
+) -> bool:
+    """Whether every row with an `attainable` budget (one row's step, `one_row_step_s`, meets it)
+    stays within it on average if a newcomer's prefill (`stall_s`) holds it now and every remaining
+    step takes `step_after_s`: the row's time so far, the stall and its remaining gaps must fit in
+    its budget times all its gaps (taking max_new_tokens as its length). True before any step is
+    measured."""
     if step_after_s is None:
         return True
     return not any(
-        breaks_token_budget(row.budget_s, row.made, row.max_new_tokens, row.elapsed_s, stall_s, step_after_s)
+        attainable(row.budget_s, one_row_step_s)
+        and breaks_token_budget(
+            row.budget_s, row.made, row.max_new_tokens, row.elapsed_s, stall_s, step_after_s
+        )
         for row in rows
     )

@@ -414,6 +414,7 @@ class BatchEngine:
             [s.running_row(time.perf_counter()) for s in self._running],
             self.step_times.predict(len(members) + 1),
             self.prefill_times.predict(head.prompt.prompt_tokens, self.limits.prefill_chunk_tokens),
+            self.step_times.predict(1),
         ):
             return HOLD_REASONS[3]
         return None
