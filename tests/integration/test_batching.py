@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from tierserve_client.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from tests.integration.conftest import LivePool
 from tests.integration.default_pool import default_model_config
 from tests.integration.test_launcher import start_pool
+from tierserve.domain.budgets import step_for_rows
 from tierserve.rpc.calls import list_workers
 from tierserve.worker.isa import CpuIsa
 
@@ -206,12 +207,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_streams_decode(chunkin
     assert long.text == alone.text
 
 
-def test_a_request_waits_rather_than_join_a_batch_that_would_break_its_per_token_budget(
-    live_pool: LivePool,
-) -> None:
-    """1 ms per token: no step of two rows meets it, so the request waits for the running stream
-    to finish and then runs alone (a request alone always starts), instead of slowing both."""
-    address = live_pool.worker_addresses()["fp32-0"]
+def _beside_a_running_stream(
+    address: str, token_budget: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """Token arrival times of a 48-token stream, and of an 8-token request sent with the per-token
+    budget `token_budget()` (ms, computed then) once the stream has made a few decode steps."""
     first_arrivals: list[float] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(_timed, address, REQUESTS[0][0], 48, first_arrivals)
@@ -219,9 +219,42 @@ def test_a_request_waits_rather_than_join_a_batch_that_would_break_its_per_token
             time.sleep(0.01)
         sent_at = time.perf_counter()
         tight_arrivals: list[float] = []
-        tight = _timed(address, REQUESTS[1][0], 8, tight_arrivals, token_budget_ms=1.0)
+        tight = _timed(address, REQUESTS[1][0], 8, tight_arrivals, token_budget_ms=token_budget())
         first_summary = first.result(timeout=600)
     assert sent_at < first_arrivals[-1], "the first stream ended before the second was sent"
     assert tight.generated_tokens > 0 and first_summary.generated_tokens > 4
+    return first_arrivals, tight_arrivals
+
+
+def test_a_request_waits_rather_than_join_a_batch_that_would_break_its_per_token_budget(
+    live_pool: LivePool,
+) -> None:
+    """A budget between the worker's own one-row and two-row steps (as it publishes them): one row
+    meets it and two do not, so the request waits for the running stream to finish and then runs
+    alone, instead of slowing both."""
+    address = live_pool.worker_addresses()["fp32-0"]
+    steps: dict[int, float] = {}
+
+    def between_one_and_two_rows() -> float:
+        steps.update(_describe(address).batch.step_us_by_rows)
+        one, two = step_for_rows(steps, 1), step_for_rows(steps, 2)
+        assert one and two, f"the worker published no steps: {steps}"
+        return (one + two) / 2 / 1e3
+
+    first_arrivals, tight_arrivals = _beside_a_running_stream(address, between_one_and_two_rows)
+    one, two = step_for_rows(steps, 1) or 0.0, step_for_rows(steps, 2) or 0.0
+    if two < 1.2 * one:
+        # The running means move a few percent from step to step: a narrower gap cannot be told.
+        pytest.skip(
+            f"two rows step {two / 1e3:.1f} ms, one row {one / 1e3:.1f} ms: too close to place a budget"
+        )
     # Its first token came only after the running stream's last one.
     assert tight_arrivals[0] > first_arrivals[-1]
+
+
+def test_a_budget_even_one_row_misses_holds_nobody(live_pool: LivePool) -> None:
+    """1 ms per token: no step meets it, so waiting cannot save it; the request joins the running
+    stream at once (it used to wait for the batch to empty, and every request behind it too)."""
+    address = live_pool.worker_addresses()["fp32-0"]
+    first_arrivals, tight_arrivals = _beside_a_running_stream(address, lambda: 1.0)
+    assert tight_arrivals[0] < first_arrivals[-1]
