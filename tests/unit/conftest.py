@@ -62,9 +62,15 @@ def tierserve_kernel() -> DecodeKernel:
 def batch_engine(engine: Engine, **limits: Any) -> BatchEngine:
     """A batch engine stepping in its own thread, with the decode kernel a worker's batch uses and,
     unless `limits` say otherwise, prompt chunks packed with the rows' tokens as a worker packs
-    them: where the model computes in bf16, not where it computes in float32 (exact text)."""
-    limits.setdefault("packed_prefill", not computes_in_float32(engine))
+    them (`packs_prompts`)."""
+    limits.setdefault("packed_prefill", packs_prompts(engine))
     return BatchEngine(engine, BatchLimits(**limits), decode_kernel=tierserve_kernel())
+
+
+def packs_prompts(engine: Engine) -> bool:
+    """Whether a worker packs a prompt's chunks with the running rows' tokens: where the model
+    computes in bf16, and in float32 (exact text) only where every linear keeps rows independent."""
+    return not computes_in_float32(engine) or engine.loaded.rows_independent
 
 
 def computes_in_float32(engine: Engine) -> bool:

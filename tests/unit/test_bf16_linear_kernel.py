@@ -81,6 +81,6 @@ def test_dense_linear_takes_the_kernel_for_bf16_where_it_fits(kernel: Any) -> No
     assert torch.equal(y.reshape(5, 96), kernel(x, pack_for_dot_products(weight)))
     # 90 output channels: not whole registers of 16; float32 activations: the kernel takes bf16.
     assert isinstance(dense_linear(weight[:90], torch.bfloat16), DenseLinear)
-    assert isinstance(dense_linear(weight, torch.float32), DenseLinear)
+    assert not isinstance(dense_linear(weight, torch.float32), Bf16Linear)
     with pytest.raises(ValueError, match="N % 16"):
         Bf16Linear(weight[:90], kernel)

@@ -1,7 +1,7 @@
 """A prompt chunk and the running rows' next tokens in one forward, on tiny random models through
 the real tier recipes: the packed forward gives each part the logits it gets in a forward of its
 own, the batch engine packs a joining prompt's chunks with the running rows' steps, and a worker
-packs only where a batch is not held to the exact text alone."""
+packs where a batch is not held to the exact text alone or its linears keep rows independent."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.unit.conftest import batch_engine, computes_in_float32, started_batching
+from tests.unit.conftest import batch_engine, packs_prompts, started_batching
 from tierserve.domain.config import BatchingConfig
 from tierserve.domain.requests import GenerationParams, SamplingParams
 from tierserve.worker.batching import engine as engine_module
@@ -122,10 +122,10 @@ def test_the_batch_engine_packs_a_joining_prompts_chunks_with_the_rows_steps(
     assert (running_outcome.generated_tokens, running_outcome.finish_reason) == (40, FinishReason.LENGTH)
 
 
-def test_a_worker_packs_only_where_its_batch_is_not_held_to_the_exact_text(engine: Engine) -> None:
+def test_a_worker_packs_only_where_packing_keeps_the_exact_text(engine: Engine) -> None:
     with started_batching(engine, BatchingConfig(max_batch=2, prefill_chunk_tokens=64)) as (batch, reason):
         assert batch is not None, reason
-        assert batch.limits.packed_prefill == (not computes_in_float32(engine))
+        assert batch.limits.packed_prefill == packs_prompts(engine)
         packed = "a prompt's forwards packed with the running rows' next tokens"
         assert (packed in reason) == batch.limits.packed_prefill, reason
         assert "logits at a prompt's last position only" in reason
@@ -209,3 +209,24 @@ def test_a_failed_chunk_of_its_own_fails_only_its_request(
             long.future.result(timeout=120)
         outcome = running.future.result(timeout=120)
     assert (outcome.generated_tokens, outcome.finish_reason) == (30, FinishReason.LENGTH)
+
+
+def test_only_fp32s_native_path_keeps_rows_independent(llama_dir: Path) -> None:
+    """Its linears (tierserve's fp32 kernel) give a row the same bits whatever shares the call, so
+    an fp32 worker on it packs prompts and still holds its batch to the exact text alone; on
+    IPEX's kernels it does not pack."""
+    from tierserve.domain.config import TierRecipe
+    from tierserve.worker.kernels.linears import tierserve_fp32_kernel
+    from tierserve.worker.tiers import TierContext
+
+    if tierserve_fp32_kernel() is None:
+        pytest.skip("the fp32 kernel needs AVX-512F, which this CPU lacks")
+    native = make_tier("fp32", TierContext(recipe=TierRecipe(kernel="native"))).load(llama_dir, llama_dir)
+    ipex = make_tier("fp32", TierContext(recipe=TierRecipe(kernel="ipex"))).load(llama_dir, llama_dir)
+    assert native.rows_independent and not ipex.rows_independent
+    with started_batching(Engine(native), BatchingConfig(max_batch=4, prefill_chunk_tokens=64)) as (
+        batch,
+        reason,
+    ):
+        assert batch is not None and batch.limits.packed_prefill, reason
+        assert "a prompt's forwards packed with the running rows' next tokens" in reason

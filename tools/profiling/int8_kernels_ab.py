@@ -1,16 +1,18 @@
 """A tier's batch step and prompt chunk with tierserve's linear kernels (`woq_int8.cpp`,
-`woq_int4.cpp`, `dynamic_int8.cpp`, `bf16_linear.cpp`) against the same tier on the kernels they
-replace (PyTorch's and fbgemm's; IPEX's for bf16), side by side in one process, rounds
-interleaved so that the machine's drift hits both alike. A diagnostic for issue 15's scaling on
-CPUs without AMX, not a benchmark of record.
+`woq_int4.cpp`, `dynamic_int8.cpp`, `bf16_linear.cpp`, `fp32_linear.cpp`) against the same tier on
+the kernels they replace (PyTorch's and fbgemm's; IPEX's for bf16 and fp32), side by side in one
+process, rounds interleaved so that the machine's drift hits both alike. A diagnostic for issue
+15's scaling on CPUs without AMX, not a benchmark of record.
 
     .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int8-sq --out ab.json
     .venv/bin/python tools/profiling/int8_kernels_ab.py --tier int4-woq --without int4 --out ab.json
     .venv/bin/python tools/profiling/int8_kernels_ab.py --tier bf16 --without bf16 --out ab.json
+    .venv/bin/python tools/profiling/int8_kernels_ab.py --tier fp32 --without fp32 --rows 1,2,4,8,16 \
+        --out ab.json
 
 Both models come from the tier's one artifact (the stored weights do not depend on the kernel).
 Each round times, for each model in turn, a decode step at 1, 8 and 16 rows over caches of
-`--length` positions (median of `--steps`) and a prompt chunk of `--chunk` tokens prefilled
+`--length` positions (median of `--steps`; rows `--rows`) and a prompt chunk of `--chunk` tokens prefilled
 through the batch's path; the table gives each figure's median over `--rounds` rounds, and the
 ratios `throughput_ceiling.py` would derive from them.
 """
@@ -37,14 +39,12 @@ from tierserve.worker.kernels.paged_kv import BlockPool, PagedRow, blocks_for, c
 from tierserve.worker.preparation import prepare_tier
 from tierserve.worker.tiers import TierContext, make_tier
 
-ROWS = (1, 8, 16)
-
-
 KERNEL_GETTERS = {
     "int8": "tierserve_int8_kernel",
     "int4": "tierserve_int4_kernel",
     "dynamic": "tierserve_dynamic_int8_kernel",
     "bf16": "tierserve_bf16_kernel",
+    "fp32": "tierserve_fp32_kernel",
 }
 
 
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rows", default="1,8,16", help="the batch sizes stepped (1, 8 and 16 among them)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--without",
@@ -82,6 +83,7 @@ def main() -> None:
         help=f"the kernels the second model goes without, of {', '.join(KERNEL_GETTERS)} (default all)",
     )
     args = parser.parse_args()
+    rows_stepped = [int(rows) for rows in args.rows.split(",")]
     config = default_config([0, 1])
     prepared = prepare_tier(config, args.tier)
     context = TierContext(
@@ -101,7 +103,10 @@ def main() -> None:
         for name, loaded in models.items():
             with loaded.run_context():
                 runs[name] = {
-                    **{f"step {rows}": paged_step(loaded.model, ids, rows, 200, attention) for rows in ROWS},
+                    **{
+                        f"step {rows}": paged_step(loaded.model, ids, rows, 200, attention)
+                        for rows in rows_stepped
+                    },
                     f"chunk {args.chunk}": chunk_forward(loaded.model, attention, args.chunk),
                 }
         for round_ in range(args.rounds):

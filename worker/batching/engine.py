@@ -9,8 +9,9 @@ running row packed as one sequence, sampling each row's next token with that row
 After its last chunk the prefilling request samples its first token and becomes a row. So a long
 prompt holds the running streams for one chunk per step, not for the whole prompt, and they make a
 token in that step too. Decode reads the weights once per step for the whole batch, which is why a
-batch costs little more per step than one stream. Where a row must get the same bits as alone
-(`BatchLimits.packed_prefill` off), the chunk runs alone and the rows' decode forward after it.
+batch costs little more per step than one stream. Where a row must get the same bits as alone and
+the linears could change them (`BatchLimits.packed_prefill` off), the chunk runs alone and the
+rows' decode forward after it.
 
 Every forward, chunk or decode step, goes through the tier's traced graph with its attention over
 a paged cache (`kernels.paged_kv`): each request owns blocks of one pool, so joining and leaving
@@ -68,8 +69,8 @@ class BatchLimits:
     # Most prompt tokens one step prefills; None: a whole prompt in one forward.
     prefill_chunk_tokens: int | None = 256
     # A prompt chunk and the running rows' next tokens in one forward (the weights read once for
-    # both). Off where a row must get the same bits in a batch as alone: a linear may round a row
-    # differently in a product of hundreds of rows (float32's lm_head by 4e-5 over 40 rows).
+    # both). Off where a row must get the same bits in a batch as alone and a linear may round a
+    # row differently in a product of hundreds of rows (IPEX's float32 lm_head by 4e-5 over 40 rows).
     packed_prefill: bool = True
 
 

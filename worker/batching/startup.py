@@ -23,9 +23,10 @@ divergence per token must stay within `PAGED_MAX_KL` (rounding is thousandths of
 over the wrong positions is nats). (int8-sq's dynamic linears quantize each row on its own range, so its rows
 are independent of their neighbours: `kernels.linears.DynamicInt8Linear`.)
 
-Where texts are held exactly to the one-request path, a prompt's forwards run alone; elsewhere
-they are packed with the running rows' next tokens (`BatchLimits.packed_prefill`), since a linear
-may round a row differently in a product of hundreds of rows.
+Where texts are held exactly to the one-request path, a prompt's forwards run alone, since a linear
+may round a row differently in a product of hundreds of rows; elsewhere, and where every linear
+keeps rows independent (`LoadedModel.rows_independent`: fp32's native path), they are packed with
+the running rows' next tokens (`BatchLimits.packed_prefill`).
 
 Chunked prefill is checked on the longer prompt split into two chunks (the second attends over the
 first's paged cache). On fp32 and bf16 strictly: its greedy tokens must all equal those made alone,
@@ -103,8 +104,9 @@ def start_batching(
         max_batch=config.max_batch,
         kv_cache_tokens=config.kv_cache_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
-        # Rows held to the exact text alone decode in a forward of their own (see BatchLimits).
-        packed_prefill=not exact,
+        # Rows held to the exact text alone decode in a forward of their own (see BatchLimits),
+        # unless every linear keeps rows independent.
+        packed_prefill=not exact or engine.loaded.rows_independent,
     )
     decode_kernel, decode_note = decode_kernel_for(config, kernel_dir)
     needed = _CHECK_TOKENS if exact else _QUANTIZED_PREFIX_TOKENS

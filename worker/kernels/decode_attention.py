@@ -37,14 +37,15 @@ log = logging.getLogger(__name__)
 
 # One library: the decode-attention ops and the linears, each defined only where the CPU has its
 # instructions: weight-only int8 and int4 (`woq_int8.cpp`, `woq_int4.cpp`) and bfloat16
-# (`bf16_linear.cpp`) with AVX512_BF16, dynamic int8 (`dynamic_int8.cpp`) with AVX512_VNNI; see
-# `linears`.
+# (`bf16_linear.cpp`) with AVX512_BF16, dynamic int8 (`dynamic_int8.cpp`) with AVX512_VNNI, float32
+# (`fp32_linear.cpp`) with AVX-512F; see `linears`.
 _SOURCE_NAMES = (
     "decode_attention.cpp",
     "woq_int8.cpp",
     "woq_int4.cpp",
     "dynamic_int8.cpp",
     "bf16_linear.cpp",
+    "fp32_linear.cpp",
 )
 SOURCES = tuple(Path(__file__).with_name(name) for name in _SOURCE_NAMES)
 # Included by the sources: part of the digest, not compiled on their own.

@@ -11,6 +11,7 @@
   CPU has AVX512_VNNI, else fbgemm's `quantized::linear_dynamic`.
 - `Bf16Linear`: a bfloat16 matrix and activations on tierserve's kernel (`bf16_linear.cpp`),
   whose rows do not depend on the batch, where the CPU has AVX512_BF16.
+- `Fp32Linear`: the same in float32 (`fp32_linear.cpp`) where the CPU has AVX-512F.
 - `DenseLinear`: an unquantized matrix at the activation dtype.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -321,39 +323,95 @@ def bf16_kernel_fits(weight: torch.Tensor) -> bool:
     return out_features % 16 == 0 and in_features % 2 == 0
 
 
+def tierserve_fp32_kernel() -> Any | None:
+    """tierserve's float32 linear (`fp32_linear.cpp`; AVX-512F), or None."""
+    return _library_op("fp32_linear")
+
+
+FP32_KERNEL_NAME = "tierserve fp32_linear (AVX-512 FMA, rows independent)"
+
+
+def fp32_kernel_fits(weight: torch.Tensor) -> bool:
+    """Whether `Fp32Linear` takes a matrix of this shape."""
+    return int(weight.shape[0]) % 16 == 0
+
+
+def _dense_kernel(activations: torch.dtype) -> tuple[Any | None, str]:
+    """tierserve's kernel for unquantized layers at `activations` on this machine (or None), and its name."""
+    if activations == torch.bfloat16:
+        return tierserve_bf16_kernel(), BF16_KERNEL_NAME
+    if activations == torch.float32:
+        return tierserve_fp32_kernel(), FP32_KERNEL_NAME
+    return None, ""
+
+
 def dense_linear(weight: torch.Tensor, activations: torch.dtype) -> nn.Module:
-    """An unquantized layer: on tierserve's bfloat16 kernel where activations are bfloat16 and the
-    kernel takes the shape, else `DenseLinear`."""
-    kernel = tierserve_bf16_kernel() if activations == torch.bfloat16 else None
-    if kernel is not None and bf16_kernel_fits(weight):
+    """An unquantized layer: on tierserve's bfloat16 or float32 kernel where this CPU has it and it
+    takes the shape, else `DenseLinear`."""
+    kernel, _ = _dense_kernel(activations)
+    if kernel is not None and activations == torch.bfloat16 and bf16_kernel_fits(weight):
         return Bf16Linear(weight, kernel)
+    if kernel is not None and activations == torch.float32 and fp32_kernel_fits(weight):
+        return Fp32Linear(weight, kernel)
     return DenseLinear(weight, activations)
 
 
 def dense_kernel_name(activations: torch.dtype) -> str:
     """Which kernel `dense_linear` at `activations` runs on this machine."""
-    if activations == torch.bfloat16 and tierserve_bf16_kernel() is not None:
-        return BF16_KERNEL_NAME
-    return "torch linear"
+    kernel, name = _dense_kernel(activations)
+    return name if kernel is not None else "torch linear"
 
 
-class Bf16Linear(nn.Module):
-    """y = x @ weight.T in bfloat16 on tierserve's kernel: each row's sums in one fixed order,
-    whatever rows share the call, so a greedy text made in a batch equals the text made alone.
-    Callers check `tierserve_bf16_kernel()` and `bf16_kernel_fits` first."""
+def pack_for_fp32_lanes(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float32 -> [N / 16, K, 16]: each input channel's weights of 16 output channels side
+    by side, one AVX-512 register (`fp32_linear.cpp`)."""
+    out_features, in_features = (int(s) for s in weight.shape)
+    return weight.reshape(out_features // 16, 16, in_features).transpose(1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """How one of tierserve's dense kernels takes its matrix."""
+
+    dtype: torch.dtype
+    shape_rule: str
+    fits: Callable[[torch.Tensor], bool]
+    pack: Callable[[torch.Tensor], torch.Tensor]
+
+
+class _RowsIndependentLinear(nn.Module):
+    """y = x @ weight.T at the layout's dtype on one of tierserve's dense kernels: each row's sums
+    in one fixed order, whatever rows share the call, so a greedy text made in a batch equals the
+    text made alone. Callers check the kernel is built and the layout `fits` the matrix first."""
+
+    layout: ClassVar[DenseLayout]
 
     def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
         super().__init__()
-        if not bf16_kernel_fits(weight):
-            raise ValueError(f"Bf16Linear takes N % 16 == 0 and even K, not {tuple(weight.shape)}")
+        if not self.layout.fits(weight):
+            shape = tuple(weight.shape)
+            raise ValueError(f"{type(self).__name__} takes {self.layout.shape_rule}, not {shape}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
         self.kernel = kernel
-        self.register_buffer("weight", pack_for_dot_products(weight.bfloat16().contiguous()))
+        self.register_buffer("weight", self.layout.pack(weight.to(self.layout.dtype).contiguous()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        flat = x.reshape(-1, self.in_features).to(self.layout.dtype).contiguous()
         y: torch.Tensor = self.kernel(flat, self.weight)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Bf16Linear(_RowsIndependentLinear):
+    """bfloat16 on `bf16_linear.cpp` (VDPBF16PS)."""
+
+    layout = DenseLayout(torch.bfloat16, "N % 16 == 0 and even K", bf16_kernel_fits, pack_for_dot_products)
+
+
+class Fp32Linear(_RowsIndependentLinear):
+    """float32 on `fp32_linear.cpp` (AVX-512 FMA), the weights read once per call for up to six
+    rows at a time."""
+
+    layout = DenseLayout(torch.float32, "N % 16 == 0", fp32_kernel_fits, pack_for_fp32_lanes)
 
 
 class GateUpSiluMul(nn.Module):

@@ -1,5 +1,5 @@
 // What the linear kernels (woq_int8.cpp, woq_int4.cpp, dynamic_int8.cpp, bf16_linear.cpp) share:
-// the walk over a call's tiles, and the dispatch to Tile<kR, kB>::run for 1-4 rows and 1-4
+// the walk over a call's tiles, and the dispatch to Tile<kR, kB>::run for 1-kMaxRows rows and 1-4
 // blocks of 16 channels. The shapes are template arguments so that each instantiation keeps its
 // accumulators in registers.
 #pragma once
@@ -21,14 +21,13 @@ auto for_blocks(int64_t blocks) -> decltype(&Tile<kR, 1>::run) {
   }
 }
 
-template <template <int, int> class Tile>
+// Rows beyond kMaxRows take the kMaxRows tile (the caller walks rows kMaxRows at a time).
+template <template <int, int> class Tile, int kMaxRows = 4>
 auto tile_for(int64_t rows, int64_t blocks) -> decltype(&Tile<1, 1>::run) {
-  switch (rows) {
-    case 1: return for_blocks<Tile, 1>(blocks);
-    case 2: return for_blocks<Tile, 2>(blocks);
-    case 3: return for_blocks<Tile, 3>(blocks);
-    default: return for_blocks<Tile, 4>(blocks);
+  if constexpr (kMaxRows > 1) {
+    if (rows < kMaxRows) return tile_for<Tile, kMaxRows - 1>(rows, blocks);
   }
+  return for_blocks<Tile, kMaxRows>(blocks);
 }
 
 // Every tile of a call: the output channels in chunks of `chunk_blocks` blocks, split over the

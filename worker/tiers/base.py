@@ -50,6 +50,10 @@ class LoadedModel:
     context_tokens: int
     # Entered around every forward pass (e.g. bf16 autocast).
     run_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    # Every linear gives a row the same bits whatever rows share the call (tierserve's dense
+    # kernels), so a batch may pack a prompt's tokens with the running rows' and still give each
+    # the text it would get alone.
+    rows_independent: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,24 +26,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from tierserve.worker.kernels import linears, packed_weights
-from tierserve.worker.kernels.native_model import build_native_model, native_decoder_refusal
-from tierserve.worker.kernels.scheme import NativeScheme
+from tierserve.worker.kernels import linears
 from tierserve.worker.tiers.base import (
     KernelPath,
     LoadedModel,
     PathTier,
     TierContext,
     bf16_autocast,
-    cpu_capability,
     register_tier,
 )
 from tierserve.worker.tiers.ipex_llm import ipex_optimize
-from tierserve.worker.tiers.loading import load_hf_model
+from tierserve.worker.tiers.native_dense import dense_refusal, load_native_dense
 
 log = logging.getLogger(__name__)
-
-BF16_SCHEME = NativeScheme(bits=16, group_size=0, head_bits=16, activations=torch.bfloat16)
 
 
 class IpexBf16(KernelPath):
@@ -69,35 +64,11 @@ class NativeBf16(KernelPath):
     def load(self, model_dir: Path, artifact_dir: Path) -> LoadedModel:
         if not self.context.isa.avx512_bf16:
             return self._rounded_weights(model_dir)
-        from transformers import AutoConfig
-
-        # Decided from the config alone, so a fallback loads the model once, not twice.
-        refusal = native_decoder_refusal(AutoConfig.from_pretrained(model_dir))
-        if refusal is None and linears.tierserve_bf16_kernel() is None:
-            refusal = "needs tierserve's bf16 kernel, which is not built"
+        refusal = dense_refusal(model_dir, linears.tierserve_bf16_kernel(), "tierserve's bf16 kernel")
         if refusal is not None:
             log.warning("bf16: the native path %s; running IPEX's bf16 kernels instead", refusal)
             return IpexBf16().load(model_dir, artifact_dir)
-        import intel_extension_for_pytorch as ipex
-
-        model, tokenizer = load_hf_model(model_dir)
-
-        context_tokens = int(model.config.max_position_embeddings)
-        weights = packed_weights.fused_float_weights(model)
-        tensors = {f"{name}.weight": weight.bfloat16() for name, weight in weights}
-        model = build_native_model(model, tensors, BF16_SCHEME)
-        return LoadedModel(
-            model=model,
-            tokenizer=tokenizer,
-            backend=f"torch {torch.__version__} native kernels + ipex {ipex.__version__} graph",
-            kernel=(
-                f"native: {BF16_SCHEME.describe()}; in IPEX's TorchScript decoder graph (RoPE, attention, "
-                f"RMSNorm); CPU ISA {cpu_capability()}"
-            ),
-            dtype=torch.bfloat16,
-            context_tokens=context_tokens,
-            run_context=bf16_autocast,
-        )
+        return load_native_dense(model_dir, torch.bfloat16, run_context=bf16_autocast)
 
     @staticmethod
     def _rounded_weights(model_dir: Path) -> LoadedModel:
