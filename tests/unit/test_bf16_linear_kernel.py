@@ -32,7 +32,7 @@ def _case(out_features: int, in_features: int, rows: int, seed: int = 0) -> tupl
 
 # 960 x 576: a qkv (15 chunks of 64 channels); 80: a last chunk of one block; 48: less than a chunk.
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (576, 1536), (80, 64), (48, 34)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, 37])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 7, 9, 37])
 def test_the_kernel_equals_the_float_product_rounded_once(
     kernel: Any, out_features: int, in_features: int, rows: int
 ) -> None:
@@ -52,7 +52,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel: Any) -> Non
     x[5] *= 300  # an outlier row: it must not change its neighbours' bits
     packed = pack_for_dot_products(weight)
     together = kernel(x, packed)
-    for rows in (1, 2, 3, 5, 8, 16):
+    for rows in (1, 2, 3, 5, 6, 7, 8, 16):
         assert torch.equal(kernel(x[:rows], packed), together[:rows])
     alone = torch.cat([kernel(x[i : i + 1], packed) for i in range(37)])
     assert torch.equal(alone, together)

@@ -40,7 +40,16 @@ GROUPS = {
         "ipex::reshape_and_cache",
         "torch_ipex::masked_multihead_self_attention",
     ),
-    "linears and lm_head": ("ipex_prepack::", "torch_ipex::tpp_", "aten::mm", "aten::addmm"),
+    "linears and lm_head": (
+        "ipex_prepack::",
+        "torch_ipex::tpp_",
+        "aten::mm",
+        "aten::addmm",
+        "tierserve::bf16_linear",
+        "tierserve::fp32_linear",
+        "tierserve::int8_",
+        "tierserve::int4_",
+    ),
 }
 
 
