@@ -153,6 +153,10 @@ def test_list_workers_reports_descriptions_and_health(live_pool: LivePool) -> No
             # tierserve's row-independent bf16 kernel in IPEX's graph (docs/tiers.md).
             assert "native kernels + ipex" in info.backend, info.backend
             assert info.kernel.startswith("native: layers tierserve bf16_linear"), info.kernel
+        elif info.tier == "fp32" and isa.avx512:
+            # tierserve's row-independent fp32 kernel in IPEX's graph (docs/tiers.md).
+            assert "native kernels + ipex" in info.backend, info.backend
+            assert info.kernel.startswith("native: layers tierserve fp32_linear"), info.kernel
         elif info.tier in ("fp32", "bf16"):
             assert info.backend.startswith("ipex") and "ipex.llm.optimize" in info.kernel
         if info.tier == "fp32" or (info.tier == "bf16" and not CpuIsa.detect().ipex_bf16):
