@@ -8,7 +8,7 @@ one of two kernel paths.
   lm_head given its own copy of the tied embedding so that oneDNN runs it too.
 
 `kernel = "auto"` takes "native" on CPUs with AVX-512F: on a Zen 4 core the decode step's linears
-took half the time of oneDNN's for 1-4 rows (docs/benchmarks/fp32-kernel-*); not yet measured on
+took 1.4-2.2x less time than oneDNN's for 1-4 rows (docs/benchmarks/fp32-kernel-*); not measured on
 an AMX Xeon, where `kernel = "ipex"` forces IPEX's. Elsewhere, and for a model the native decoder
 does not take, "ipex".
 """
